@@ -1,0 +1,90 @@
+"""The backtest's picture and printed table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from forecaster.backtest import BacktestResult
+
+POLICIES = ("predictive", "reactive", "oracle")
+
+
+def plot_report(result: BacktestResult, path: Path) -> None:
+    """Demand with the forecast band, then ready replicas of the three policies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = result.simulation.decisions
+    s = result.summary
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(13, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
+    horizon = s["horizon_steps"]
+    top.fill_between(
+        d["timestamp"], d["lower"], d["upper"], step="post", color="tab:blue", alpha=0.2,
+        label=f"80% interval, {horizon} steps ahead",
+    )
+    top.step(d["timestamp"], d["demand"], where="post", color="black", lw=0.8, label="demand")
+    top.step(
+        d["timestamp"], d["forecast"], where="post", color="tab:blue", lw=0.9,
+        label=f"planned load (q{s['quantile']:g}" + (", floored)" if s["reactive_floor"] else ")"),
+    )
+    top.set_ylabel("load")
+    top.set_title(
+        f"{s['trace']}: model {s['model']}, target {s['target']:g}/replica, "
+        f"start-up {s['startup_seconds'] // 60} min, step {s['step_seconds'] // 60} min"
+    )
+    top.legend(loc="upper left", fontsize=8)
+    colors = {"replicas": "tab:blue", "reactive_replicas": "tab:red", "oracle_replicas": "black"}
+    series = (
+        ("replicas", "predictive"),
+        ("reactive_replicas", "reactive HPA"),
+        ("oracle_replicas", "oracle"),
+    )
+    for column, label in series:
+        score = s["policies"][label.split()[0]]
+        bottom.step(
+            d["timestamp"], d[column], where="post", color=colors[column], lw=0.9,
+            label=f"{label}: under-provisioned {score['under_provisioned_share']:.1%}, "
+            f"replica-hours x{score['replica_hours_vs_oracle']:.2f}",
+        )
+    bottom.set_ylabel("ready replicas")
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _cost(value: Any) -> str:
+    return "unreachable" if value is None else f"{value:.2f}"
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per trace and policy, aligned for a terminal."""
+    header = (
+        f"{'trace':<34} {'policy':<10} {'under%':>7} {'unserved%':>9} {'rh/oracle':>9} "
+        f"{'cost@5%':>11} {'cost@1%':>11} {'MASE':>6} {'cov80':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        fc = s["forecast"]
+        for policy in POLICIES:
+            p = s["policies"][policy]
+            cost = p["cost_to_hold_slo"]
+            accuracy = (
+                f"{fc['mase']:>6.2f} {fc['coverage_80']:>6.1%}"
+                if policy == "predictive" and fc["mase"] is not None
+                else f"{'':>6} {'':>6}"
+            )
+            lines.append(
+                f"{s['trace'][:34]:<34} {policy:<10} {p['under_provisioned_share']:>7.1%} "
+                f"{p['unserved_share']:>9.2%} {p['replica_hours_vs_oracle']:>9.2f} "
+                f"{_cost(cost['5%']):>11} {_cost(cost['1%']):>11} "
+                f"{accuracy}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""Replay a trace decision by decision, with no look-ahead, for predictive and reactive scaling.
+
+Time on the grid: interval t is [t, t + step). The decision made at the end of t sees the
+grid up to and including t; its capacity is ready L = ceil(startup / step) intervals later,
+in interval u = t + 1 + L. Models are refitted on a schedule anchored at the evaluation
+start; a refit at the start of interval tau sees the grid before tau.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from forecaster.errors import InsufficientHistoryError, InvalidInputError
+from forecaster.models import fit_with_fallback
+from forecaster.policy import HpaState, ScalingPolicy, hpa_step, oracle_replicas, planned_load
+from forecaster.series import RegularSeries
+
+BAND_QUANTILES = (0.1, 0.9)
+
+
+@dataclass(frozen=True)
+class BacktestConfig:
+    """What to replay and how; durations are pandas Timedeltas."""
+
+    target: float
+    step: pd.Timedelta = pd.Timedelta("5min")
+    startup: pd.Timedelta = pd.Timedelta("5min")
+    eval_start: pd.Timestamp | None = None
+    eval_days: float = 4.0
+    refit: pd.Timedelta = pd.Timedelta("1h")
+    model: str = "holt_winters"
+    quantile: float = 0.9
+    reactive_floor: bool = True
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    stabilization: pd.Timedelta = pd.Timedelta("5min")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.quantile < 1.0:
+            raise InvalidInputError("quantile", f"must be in (0, 1), got {self.quantile}")
+        if self.startup < pd.Timedelta(0):
+            raise InvalidInputError("startup", f"must not be negative, got {self.startup}")
+        if self.refit < self.step or self.refit % self.step != pd.Timedelta(0):
+            raise InvalidInputError(
+                "refit", f"must be a whole number of steps ({self.step}), got {self.refit}"
+            )
+        if self.eval_start is None and not self.eval_days > 0:
+            raise InvalidInputError("eval-days", f"must be positive, got {self.eval_days}")
+
+    @property
+    def lead_steps(self) -> int:
+        return math.ceil(self.startup / self.step)
+
+    def policy(self) -> ScalingPolicy:
+        return ScalingPolicy(
+            target_per_replica=self.target,
+            min_replicas=self.min_replicas,
+            max_replicas=self.max_replicas,
+            stabilization_steps=max(1, math.ceil(self.stabilization / self.step)),
+            reactive_floor=self.reactive_floor,
+        )
+
+
+@dataclass
+class Simulation:
+    """Per evaluated interval decisions, per origin forecasts, and how fitting went."""
+
+    decisions: pd.DataFrame
+    forecasts: pd.DataFrame
+    planned_reactive: np.ndarray
+    eval_start: pd.Timestamp
+    history_demand: pd.Series
+    refits: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    fit_seconds: list[float] = field(default_factory=list)
+
+
+def evaluation_start(grid: RegularSeries, config: BacktestConfig) -> int:
+    """Position of the first evaluated interval; an off-grid --eval-start rounds up."""
+    index = grid.demand.index
+    if config.eval_start is not None:
+        start = pd.Timestamp(config.eval_start)
+        start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
+        start = start.ceil(config.step)
+        position = int(index.searchsorted(start))
+        if position >= len(index):
+            raise InvalidInputError(
+                "eval-start",
+                f"{start.isoformat()} is after the trace's last interval {index[-1].isoformat()}",
+            )
+        return position
+    steps = math.ceil(pd.Timedelta(days=config.eval_days) / config.step)
+    return max(0, len(index) - steps)
+
+
+def simulate(
+    grid: RegularSeries,
+    config: BacktestConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> Simulation:
+    """Run every decision from 1 + L steps before the evaluation start to the end."""
+    lead = config.lead_steps
+    start = evaluation_start(grid, config)
+    first = start - 1 - lead
+    if first < 1:
+        raise InsufficientHistoryError(
+            "the backtest (history before the evaluation start)", needed=2 + lead, available=start
+        )
+    index = grid.demand.index
+    filled = grid.filled.to_numpy()
+    n = len(index)
+    last = n - 2 - lead
+    if last < start - 1 - lead:
+        raise InvalidInputError("eval-start", "leaves no interval to evaluate")
+    refit_steps = int(config.refit / config.step)
+    policy = config.policy()
+    quantiles = tuple(sorted({*BAND_QUANTILES, config.quantile}))
+    horizon = 1 + lead
+
+    sim = Simulation(
+        decisions=pd.DataFrame(),
+        forecasts=pd.DataFrame(),
+        planned_reactive=np.array([]),
+        eval_start=index[start],
+        history_demand=grid.demand.iloc[:start],
+    )
+    predictive, reactive = HpaState(), HpaState()
+    model = None
+    fitted_at = None
+    seen = 0  # grid positions [0, seen) are folded into the model
+    count = last - first + 1
+    rows = {
+        key: np.full(count, np.nan)
+        for key in ("forecast", "mean", "lower", "upper", "replicas", "reactive", "reactive_plan")
+    }
+    fc_mean = np.full((count, horizon), np.nan)
+    fc_lower = np.full((count, horizon), np.nan)
+    fc_upper = np.full((count, horizon), np.nan)
+    model_names: list[str] = []
+    for i, t in enumerate(range(first, last + 1)):
+        refit_at = start + ((t + 1 - start) // refit_steps) * refit_steps
+        if refit_at != fitted_at:
+            began = time.perf_counter()
+            history = grid.filled.iloc[:refit_at]
+            fit = fit_with_fallback(config.model, history, config.step)
+            sim.fit_seconds.append(time.perf_counter() - began)
+            sim.refits += 1
+            if fit.fell_back:
+                sim.fallbacks[fit.model.name] = sim.fallbacks.get(fit.model.name, 0) + 1
+            model, fitted_at, seen = fit.model, refit_at, refit_at
+        assert model is not None
+        if seen <= t:
+            model.update(grid.filled.iloc[seen : t + 1])
+            seen = t + 1
+        forecast = model.predict(horizon, quantiles)
+        model_names.append(forecast.model)
+        plan = planned_load(
+            float(forecast.quantile(config.quantile)[lead]), float(filled[t]), config.reactive_floor
+        )
+        predictive = hpa_step(predictive, plan, policy)
+        reactive = hpa_step(reactive, float(filled[t]), policy)
+        rows["forecast"][i] = plan
+        rows["mean"][i] = forecast.mean[lead]
+        rows["lower"][i] = forecast.quantile(BAND_QUANTILES[0])[lead]
+        rows["upper"][i] = forecast.quantile(BAND_QUANTILES[1])[lead]
+        rows["replicas"][i] = predictive.replicas if predictive.replicas is not None else np.nan
+        rows["reactive"][i] = reactive.replicas if reactive.replicas is not None else np.nan
+        rows["reactive_plan"][i] = filled[t]
+        fc_mean[i], fc_lower[i] = forecast.mean, forecast.quantile(BAND_QUANTILES[0])
+        fc_upper[i] = forecast.quantile(BAND_QUANTILES[1])
+        if progress is not None:
+            progress(i + 1, count)
+
+    # Decision i (made at the end of t = first + i) is ready in u = t + 1 + L, from u = start.
+    ready = index[first + 1 + lead : last + 2 + lead]
+    demand = grid.demand.to_numpy()[first + 1 + lead : last + 2 + lead]
+    target = config.target
+    sim.decisions = pd.DataFrame(
+        {
+            "timestamp": ready,
+            "demand": demand,
+            "forecast": rows["forecast"],
+            "replicas": rows["replicas"],
+            "reactive_replicas": rows["reactive"],
+            "oracle_replicas": [
+                oracle_replicas(d, target) if np.isfinite(d) else np.nan for d in demand
+            ],
+            "forecast_mean": rows["mean"],
+            "lower": rows["lower"],
+            "upper": rows["upper"],
+        }
+    )
+    sim.planned_reactive = rows["reactive_plan"]
+    origins = index[first : last + 1]
+    steps = np.arange(1, horizon + 1)
+    sim.forecasts = pd.DataFrame(
+        {
+            "origin": np.repeat(origins, horizon),
+            "timestamp": np.repeat(origins, horizon) + np.tile(steps, count) * config.step,
+            "step_ahead": np.tile(steps, count),
+            "yhat": fc_mean.ravel(),
+            "lower": fc_lower.ravel(),
+            "upper": fc_upper.ravel(),
+            "model": np.repeat(model_names, horizon),
+        }
+    )
+    return sim

@@ -1,0 +1,181 @@
+"""The `forecaster` command: argument parsing and error reporting only; work lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from forecaster.durations import parse_duration
+from forecaster.errors import ForecasterError, InsufficientHistoryError, InvalidInputError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def pin_math_threads() -> None:
+    """One BLAS/OpenMP thread here and in child processes: with two on a 2-core machine,
+    scikit-learn fits were seen to stall for minutes."""
+    from threadpoolctl import threadpool_limits
+
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+    threadpool_limits(limits=1)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, shown only once a run has taken `delay` seconds."""
+
+    def __init__(self, label: str, delay: float = 2.0, width: int = 30) -> None:
+        self.label, self.delay, self.width = label, delay, width
+        self.began = time.monotonic()
+        self.shown = False
+        self.last_draw = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.began < self.delay or (now - self.last_draw < 0.2 and done < total):
+            return
+        self.last_draw, self.shown = now, True
+        filled = int(self.width * done / max(total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {now - self.began:.0f}s")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _duration(field: str) -> argparse._ActionType:
+    def parse(text: str) -> pd.Timedelta:
+        try:
+            return pd.Timedelta(seconds=parse_duration(text, field))
+        except InvalidInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = "duration"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def _quantile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return value
+
+
+def _timestamp(text: str) -> pd.Timestamp:
+    try:
+        value = pd.Timestamp(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time (e.g. 2024-05-01T00:00Z)"
+        ) from None
+    return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")
+
+
+def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from forecaster.models import MODEL_FACTORIES
+
+    p = sub.add_parser(
+        "backtest",
+        help="replay a CSV trace: predictive vs reactive scaling",
+        description="Replay a timestamp,value CSV decision by decision (no look-ahead) and "
+        "compare predictive scaling with a reactive HPA and a perfect-foresight oracle.",
+    )
+    p.add_argument("input", type=Path, help="CSV with columns timestamp,value")
+    p.add_argument("--target", type=_positive_float, required=True,
+                   help="load one replica handles (the HPA target value)")
+    p.add_argument("--step", type=_duration("step"), default=pd.Timedelta("5min"),
+                   help="grid step (default 5m)")
+    p.add_argument("--startup", type=_duration("startup"), default=pd.Timedelta("5min"),
+                   help="pod start-up time, the lead time (default 5m)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--eval-start", type=_timestamp, default=None,
+                      help="first evaluated interval (ISO-8601); off-grid rounds up")
+    when.add_argument("--eval-days", type=_positive_float, default=4.0,
+                      help="evaluate the last N days (default 4)")
+    p.add_argument("--refit", type=_duration("refit"), default=pd.Timedelta("1h"),
+                   help="refit interval, anchored at the evaluation start (default 1h)")
+    p.add_argument("--model", default="holt_winters", choices=sorted(MODEL_FACTORIES),
+                   help="forecasting model (default holt_winters)")
+    p.add_argument("--quantile", type=_quantile, default=0.9,
+                   help="demand quantile to plan for (default 0.9)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="do not floor the planned load at the current demand")
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default out/backtest/<input name>)")
+    p.set_defaults(handler=_run_backtest)
+
+
+def _run_backtest(args: argparse.Namespace) -> int:
+    from forecaster.backtest import BacktestConfig, run_backtest, write_outputs
+    from forecaster.backtest.report import format_table
+    from forecaster.series import read_csv, to_grid
+
+    config = BacktestConfig(
+        target=args.target,
+        step=args.step,
+        startup=args.startup,
+        eval_start=args.eval_start,
+        eval_days=args.eval_days,
+        refit=args.refit,
+        model=args.model,
+        quantile=args.quantile,
+        reactive_floor=not args.no_floor,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+    )
+    grid = to_grid(read_csv(args.input), config.step)
+    out = args.out or Path("out") / "backtest" / args.input.stem
+    result = run_backtest(grid, config, name=args.input.stem, progress=ProgressBar("backtest"))
+    write_outputs(result, out)
+    print(format_table([result.summary]))
+    print(f"\nwrote {out}/decisions.csv, forecasts.csv, summary.json, report.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forecaster", description="Predictive autoscaling for Kubernetes, served to KEDA."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_backtest(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    pin_math_threads()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (InvalidInputError, InsufficientHistoryError) as exc:
+        print(f"forecaster: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ForecasterError as exc:
+        print(f"forecaster: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Baselines: repeat the last value, or the value one season ago. Always available as fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period
+
+RESIDUAL_WINDOW = pd.Timedelta(days=7)
+
+
+def _last_finite(values: np.ndarray) -> float:
+    finite = np.flatnonzero(np.isfinite(values))
+    return float(values[finite[-1]]) if finite.size else float("nan")
+
+
+class Naive(ForecastModel):
+    """Repeat the last observation; the fallback of last resort (needs 2 observed steps)."""
+
+    name = "naive"
+
+    def min_history(self) -> int:
+        return 2
+
+    def _fit(self, values: np.ndarray) -> None:
+        window = max(2, int(RESIDUAL_WINDOW / self.step))
+        tail = values[-window:]
+        self.history_ = values.copy()
+        diffs = tail[1:] - tail[:-1]
+        self.errors_ = diffs[np.isfinite(diffs)]
+
+    def _update(self, values: np.ndarray) -> None:
+        self.history_ = np.concatenate([self.history_, values])
+
+    def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        level = _last_finite(self.history_)
+        # A random walk's h-step error grows like sqrt(h): scale the one-step errors.
+        scale = np.sqrt(np.arange(1, horizon + 1))[:, None]
+        return np.full(horizon, level), scale * self.errors_[None, :]
+
+
+class SeasonalNaive(ForecastModel):
+    """Repeat the value one week ago when two weeks of history exist, else one day ago.
+
+    Where the lagged value is missing (a long gap), the daily lag stands in, then the last
+    observation; the forecast's `notes` do not change, the errors come from the same lags.
+    """
+
+    name = "seasonal_naive"
+
+    def __init__(self, step: pd.Timedelta) -> None:
+        super().__init__(step)
+        self.daily = seasonal_period(self.step, DAY)
+        self.weekly = seasonal_period(self.step, WEEK)
+
+    def min_history(self) -> int:
+        return (self.daily or self.weekly or 1) + 1
+
+    def _fit(self, values: np.ndarray) -> None:
+        observed = int(np.isfinite(values).sum())
+        use_weekly = self.weekly is not None and observed >= 2 * self.weekly
+        lag = self.weekly if use_weekly else (self.daily or self.weekly)
+        self.lag_: int = lag or 1
+        self.history_ = values.copy()
+        window = max(self.lag_ + 2, int(RESIDUAL_WINDOW / self.step) + self.lag_)
+        tail = values[-window:]
+        diffs = tail[self.lag_ :] - tail[: -self.lag_]
+        self.errors_ = diffs[np.isfinite(diffs)]
+        if self.errors_.size == 0:
+            self.errors_ = np.zeros(1)
+
+    def _update(self, values: np.ndarray) -> None:
+        keep = 2 * (self.weekly or self.daily or 1) + len(values)
+        self.history_ = np.concatenate([self.history_[-keep:], values])
+
+    def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.history_)
+        mean = np.empty(horizon)
+        last = _last_finite(self.history_)
+        for k in range(1, horizon + 1):
+            mean[k - 1] = self._lagged(n, k, last)
+        # Within one season every step ahead is a one-season-ahead forecast: same errors.
+        seasons = np.ceil(np.arange(1, horizon + 1) / self.lag_)
+        return mean, np.sqrt(seasons)[:, None] * self.errors_[None, :]
+
+    def _lagged(self, n: int, k: int, fallback: float) -> float:
+        for lag in (self.lag_, self.daily):
+            if lag is None:
+                continue
+            back = lag * int(np.ceil(k / lag))
+            index = n - 1 + k - back
+            if 0 <= index < n and np.isfinite(self.history_[index]):
+                return float(self.history_[index])
+        return fallback

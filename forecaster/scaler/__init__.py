@@ -1,0 +1,1 @@
+"""The KEDA external scaler: the gRPC servicer and server over the engine."""

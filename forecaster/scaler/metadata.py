@@ -1,0 +1,299 @@
+"""KEDA trigger metadata (``scalerMetadata``, every value a string) parsed into a TriggerSpec.
+
+A ScaledObject trigger looks like::
+
+    triggers:
+      - type: external
+        metadata:
+          scalerAddress: forecaster.autoscaling:9090
+          serverAddress: http://prometheus.monitoring:9090
+          query: sum(rate(http_requests_total{service="web"}[2m]))
+          targetValue: "50"
+          historyWindow: 14d
+          step: 5m
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import reprlib
+import zoneinfo
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from forecaster.durations import format_duration, parse_duration
+from forecaster.errors import InvalidInputError
+
+__all__ = [
+    "AUTO_MODEL",
+    "IGNORED_KEDA_KEYS",
+    "METADATA_KEYS",
+    "TriggerSpec",
+    "default_metric_name",
+    "parse_trigger_metadata",
+]
+
+AUTO_MODEL = "auto"
+"""The model value that lets backtests pick; always accepted besides the known models."""
+
+METADATA_KEYS: Mapping[str, str] = {
+    "serverAddress": "server_address",
+    "query": "query",
+    "targetValue": "target_value",
+    "startupSeconds": "startup_seconds",
+    "quantile": "quantile",
+    "historyWindow": "history_window_seconds",
+    "step": "step_seconds",
+    "model": "model",
+    "activationValue": "activation_value",
+    "metricName": "metric_name",
+    "timeZone": "time_zone",
+}
+"""Each metadata key this scaler reads, and the TriggerSpec field it fills."""
+
+IGNORED_KEDA_KEYS = frozenset({"scalerAddress", "enableTLS", "unsafeSsl"})
+"""Keys KEDA itself reads from the same trigger; skipped silently, as is any ``*FromEnv`` key."""
+
+MIN_STEPS_IN_HISTORY = 10
+MIN_QUANTILE = 0.5
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,12}")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_CREDENTIALS = re.compile(r"(?<=//)[^/@]*@")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    """One forecast target as a KEDA trigger describes it; build it with parse_trigger_metadata.
+
+    >>> spec, unknown = parse_trigger_metadata(
+    ...     {"serverAddress": "http://prometheus:9090", "query": "up", "targetValue": "10"},
+    ...     known_models=["seasonal_naive"],
+    ... )
+    >>> spec.step_seconds, spec.metric_name
+    (300, 'fc-8a2ffca1845a')
+    """
+
+    server_address: str
+    query: str
+    target_value: float
+    startup_seconds: int = 300
+    quantile: float = 0.9
+    history_window_seconds: int = 14 * 86_400
+    step_seconds: int = 300
+    model: str = AUTO_MODEL
+    activation_value: float = 0.0
+    metric_name: str | None = None
+    time_zone: str = "UTC"
+
+    @property
+    def effective_metric_name(self) -> str:
+        """The metric name KEDA sees: the given one, or the stable default."""
+        return self.metric_name or default_metric_name(self.server_address, self.query)
+
+
+def default_metric_name(server_address: str, query: str) -> str:
+    """A metric name stable across restarts: "fc-" and 12 hex digits of a hash of both inputs."""
+    digest = hashlib.sha256(f"{server_address}\n{query}".encode()).hexdigest()
+    return f"fc-{digest[:12]}"
+
+
+def parse_trigger_metadata(
+    metadata: Mapping[str, str], *, known_models: Collection[str]
+) -> tuple[TriggerSpec, list[str]]:
+    """Validate KEDA trigger metadata; return the spec and the sorted keys nobody reads.
+
+    Raises InvalidInputError naming the metadata key at the first rule broken.
+    """
+    values = {key: _string_value(key, metadata[key]) for key in METADATA_KEYS if key in metadata}
+    unknown = sorted(
+        key
+        for key in metadata
+        if key not in METADATA_KEYS and key not in IGNORED_KEDA_KEYS and not key.endswith("FromEnv")
+    )
+
+    server_address = _server_address(_required(values, metadata, "serverAddress"))
+    query = _required(values, metadata, "query")
+    target_value = _target_value(_required(values, metadata, "targetValue"))
+    history = _optional(
+        values, "historyWindow", _positive_duration, TriggerSpec.history_window_seconds
+    )
+    step = _optional(values, "step", _positive_duration, TriggerSpec.step_seconds)
+    if history < MIN_STEPS_IN_HISTORY * step:
+        raise InvalidInputError(
+            "historyWindow",
+            f"must hold at least {MIN_STEPS_IN_HISTORY} steps: historyWindow is "
+            f"{format_duration(history)!r} and step is {format_duration(step)!r}, so raise "
+            f"historyWindow to at least {format_duration(MIN_STEPS_IN_HISTORY * step)!r} "
+            f"or lower step",
+        )
+    spec = TriggerSpec(
+        server_address=server_address,
+        query=query,
+        target_value=target_value,
+        startup_seconds=_optional(
+            values, "startupSeconds", _startup_seconds, TriggerSpec.startup_seconds
+        ),
+        quantile=_optional(values, "quantile", _quantile, TriggerSpec.quantile),
+        history_window_seconds=history,
+        step_seconds=step,
+        model=_model(values.get("model", TriggerSpec.model), known_models),
+        activation_value=_optional(
+            values, "activationValue", _activation_value, TriggerSpec.activation_value
+        ),
+        metric_name=_optional(
+            values, "metricName", _metric_name, default_metric_name(server_address, query)
+        ),
+        time_zone=_optional(values, "timeZone", _time_zone, TriggerSpec.time_zone),
+    )
+    return spec, unknown
+
+
+def _optional(
+    values: Mapping[str, str], key: str, parse: Callable[[str, str], _T], default: _T
+) -> _T:
+    return parse(values[key], key) if key in values else default
+
+
+def _string_value(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(
+            key,
+            f"must be a string, as KEDA sends every metadata value; "
+            f"got {reprlib.repr(value)} ({type(value).__name__}): quote it",
+        )
+    return value.strip()
+
+
+def _required(values: Mapping[str, str], metadata: Mapping[str, str], key: str) -> str:
+    if key not in values:
+        near = [other for other in metadata if other.lower() == key.lower()]
+        hint = f" (found {reprlib.repr(near[0])}: keys are case-sensitive)" if near else ""
+        raise InvalidInputError(key, f"is required: add it to the trigger's metadata{hint}")
+    if not values[key]:
+        raise InvalidInputError(key, "is required and must not be empty or blank")
+    return values[key]
+
+
+def _server_address(text: str) -> str:
+    # Credentials are masked before the address is quoted: errors end up in logs and events.
+    shown = reprlib.repr(_CREDENTIALS.sub("***@", text))
+    form = "http(s)://host[:port][/path], such as 'http://prometheus.monitoring:9090'"
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port or a broken IPv6 literal
+        valid = False
+    if not valid:
+        raise InvalidInputError("serverAddress", f"must be {form}; got {shown}")
+    if "@" in parts.netloc:
+        raise InvalidInputError(
+            "serverAddress",
+            f"must not carry user:password@ credentials; got {shown}: "
+            f"put credentials in a TriggerAuthentication instead",
+        )
+    if parts.query or parts.fragment or any(char.isspace() for char in text):
+        raise InvalidInputError(
+            "serverAddress", f"must be {form}, with no query, fragment or spaces; got {shown}"
+        )
+    # One canonical form, so "http://p:9090/" and "http://p:9090" name the same metric.
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _number(text: str, key: str) -> float:
+    value = float(text) if _NUMBER.fullmatch(text) else math.nan
+    if not math.isfinite(value):
+        raise InvalidInputError(
+            key, f"must be a finite decimal number such as '50' or '0.5'; got {reprlib.repr(text)}"
+        )
+    return value
+
+
+def _target_value(text: str) -> float:
+    value = _number(text, "targetValue")
+    if value <= 0:
+        raise InvalidInputError(
+            "targetValue",
+            f"must be > 0: it is the metric value one replica handles; got {reprlib.repr(text)}",
+        )
+    return value
+
+
+def _startup_seconds(text: str, key: str) -> int:
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise InvalidInputError(
+            key,
+            f"must be a whole number of seconds such as '300', with no unit; "
+            f"got {reprlib.repr(text)}",
+        )
+    value = int(text)
+    if value < 0:
+        raise InvalidInputError(
+            key, f"must be >= 0: the seconds a new replica needs to serve; got {reprlib.repr(text)}"
+        )
+    return value
+
+
+def _quantile(text: str, key: str) -> float:
+    value = _number(text, key)
+    if not MIN_QUANTILE <= value < 1:
+        raise InvalidInputError(
+            key,
+            f"must be in [0.5, 1): the forecast quantile to provision for, such as '0.9'; "
+            f"got {reprlib.repr(text)}",
+        )
+    return value
+
+
+def _positive_duration(text: str, key: str) -> int:
+    seconds = parse_duration(text, key)
+    if seconds < 1:
+        raise InvalidInputError(key, f"must be at least 1s; got {reprlib.repr(text)}")
+    return seconds
+
+
+def _model(text: str, known_models: Collection[str]) -> str:
+    allowed = sorted({AUTO_MODEL, *known_models})
+    if text not in allowed:
+        raise InvalidInputError(
+            "model", f"must be one of {', '.join(allowed)}; got {reprlib.repr(text)}"
+        )
+    return text
+
+
+def _activation_value(text: str, key: str) -> float:
+    value = _number(text, key)
+    if value < 0:
+        raise InvalidInputError(
+            key,
+            f"must be >= 0: above it the target counts as active; got {reprlib.repr(text)}",
+        )
+    return value
+
+
+def _time_zone(text: str, key: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidInputError(
+            key,
+            f"must be an IANA time zone such as 'UTC' or 'Europe/Paris'; got {reprlib.repr(text)}",
+        ) from exc
+    return text
+
+
+def _metric_name(text: str, key: str) -> str:
+    if not _METRIC_NAME.fullmatch(text):
+        raise InvalidInputError(
+            key,
+            f"must be letters, digits, '_' or '-' only, or left out for a stable default; "
+            f"got {reprlib.repr(text)}",
+        )
+    return text

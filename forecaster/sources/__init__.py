@@ -1,0 +1,1 @@
+"""Where history comes from: Prometheus, a CSV file, a replayed trace."""
