@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 
@@ -82,12 +83,13 @@ def _quantile(text: str) -> float:
 
 
 def _timestamp(text: str) -> pd.Timestamp:
+    message = f"{text!r} is not an ISO-8601 time (e.g. 2024-05-01T00:00Z)"
     try:
         value = pd.Timestamp(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO-8601 time (e.g. 2024-05-01T00:00Z)"
-        ) from None
+        raise argparse.ArgumentTypeError(message) from None
+    if pd.isna(value):  # "", "NaT" and "nan" give NaT rather than an error
+        raise argparse.ArgumentTypeError(message)
     return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")
 
 
@@ -154,12 +156,50 @@ def _run_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="run the KEDA external scaler (gRPC) and the HTTP API",
+        description="Start the engine, the gRPC external scaler and the HTTP API. Settings come "
+        "from --config (or FORECASTER_CONFIG), then FORECASTER_* variables, then these flags.",
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
+    p.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from forecaster.config import load_settings
+    from forecaster.service import Service, run_until_signalled
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host}
+    settings = load_settings(args.config, overrides=overrides)
+    run_until_signalled(Service(settings))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forecaster", description="Predictive autoscaling for Kubernetes, served to KEDA."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_backtest(sub)
+    _add_serve(sub)
     return parser
 
 

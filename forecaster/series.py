@@ -1,8 +1,9 @@
 """Raw observations in, a regular UTC time grid out: parsing, validation, resampling, gaps.
 
 Every value on the grid is known at the end of its interval: short gaps are filled by holding
-the last observation (never from later points), so a grid cut at time t equals the full grid up
-to t. That property is what keeps forecasts and backtests free of look-ahead.
+the last observation (never from later points), so a grid cut after an observation at time t
+equals the full grid up to t. That property is what keeps forecasts and backtests free of
+look-ahead. (Inside a gap, whether the gap is long is only known later: see `known_at_end`.)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RegularSeries:
     step: pd.Timedelta
     gaps: tuple[Gap, ...]
     held_steps: int
+    max_fill_steps: int = DEFAULT_MAX_FILL_STEPS
 
     @property
     def steps_per_day(self) -> int:
@@ -52,7 +54,8 @@ def read_csv(path: str | Path) -> pd.Series:
     """Read a `timestamp,value` CSV of raw observations; raise naming the line on bad input."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide 'timestamp'.
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise InvalidInputError("input", f"cannot read {str(path)!r}: {exc.strerror}") from exc
     return parse_csv_text(text)
@@ -186,30 +189,120 @@ def to_grid(
         last = last.tz_localize("UTC") if last.tzinfo is None else last.tz_convert("UTC")
         full = pd.date_range(demand.index[0], last.floor(rule), freq=rule)
         demand = demand.reindex(full)
+    # pandas 3 defaults to microseconds; the grid (and the models' step check) is in ns.
+    demand.index = pd.DatetimeIndex(demand.index).as_unit("ns")
     demand.index.name = "timestamp"
     demand = demand.rename("demand")
-    missing = demand.isna().to_numpy()
-    run_ids = np.cumsum(~missing)
-    filled = demand.copy()
-    gaps: list[Gap] = []
-    held = 0
-    if missing.any():
-        starts = np.flatnonzero(missing & ~np.r_[False, missing[:-1]])
-        ends = np.flatnonzero(missing & ~np.r_[missing[1:], False])
-        holdable = np.zeros_like(missing)
-        for first, last_i in zip(starts, ends, strict=True):
-            length = int(last_i - first + 1)
-            if length <= max_fill_steps and first > 0:
-                holdable[first : last_i + 1] = True
-                held += length
-            else:
-                gaps.append(Gap(demand.index[int(first)], demand.index[int(last_i)], length))
-        held_values = demand.groupby(run_ids).transform("first").to_numpy()
-        values = filled.to_numpy(copy=True)
-        values[holdable] = held_values[holdable]
-        filled = pd.Series(values, index=demand.index, name="filled")
-    else:
-        filled = filled.rename("filled")
+    values = demand.to_numpy(dtype=float)
+    held_values = hold_short_gaps(values, max_fill_steps)
+    filled = pd.Series(held_values, index=demand.index, name="filled")
+    held = int(np.isnan(values).sum() - np.isnan(held_values).sum())
+    still_missing = np.isnan(held_values)
+    starts = np.flatnonzero(still_missing & ~np.r_[False, still_missing[:-1]])
+    ends = np.flatnonzero(still_missing & ~np.r_[still_missing[1:], False])
+    gaps = [
+        Gap(demand.index[int(a)], demand.index[int(b)], int(b - a + 1))
+        for a, b in zip(starts, ends, strict=True)
+    ]
     return RegularSeries(
-        demand=demand, filled=filled, step=rule, gaps=tuple(gaps), held_steps=held
+        demand=demand,
+        filled=filled,
+        step=rule,
+        gaps=tuple(gaps),
+        held_steps=held,
+        max_fill_steps=max_fill_steps,
     )
+
+
+def known_at_end(grid: RegularSeries) -> pd.Series:
+    """The value each interval has when it ends, before later points are seen.
+
+    Equal to `grid.filled` except inside a long gap, whose first `max_fill_steps` intervals
+    are held: at their end nobody knows yet that the gap will turn out long.
+    """
+    return grid.demand.ffill(limit=grid.max_fill_steps).rename("filled")
+
+
+class GridBuffer:
+    """A trailing window of a regular grid, kept as a bare float array with an implicit index.
+
+    The engine keeps one per target: a pandas Series per target would cost several times the
+    memory for 1,000 targets. Appends follow the same rules as `to_grid`: points land in the
+    epoch-aligned bin that holds them, short gaps hold the last value, long gaps stay NaN.
+    """
+
+    def __init__(
+        self, step: pd.Timedelta, window: pd.Timedelta, max_fill_steps: int = DEFAULT_MAX_FILL_STEPS
+    ) -> None:
+        self.step = pd.Timedelta(step)
+        self.capacity = max(1, int(window / self.step))
+        self.max_fill_steps = max_fill_steps
+        self.start: pd.Timestamp | None = None
+        self.values = np.empty(0)
+
+    def __len__(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def last(self) -> pd.Timestamp | None:
+        """Start of the newest bin held, or None when empty."""
+        if self.start is None or not self.values.size:
+            return None
+        return self.start + (self.values.size - 1) * self.step
+
+    def observed(self) -> int:
+        return int(np.isfinite(self.values).sum())
+
+    def extend(self, points: pd.Series) -> pd.Series:
+        """Add raw points newer than the last bin; return the bins added, as a grid series."""
+        if points.empty:
+            return pd.Series(dtype=float)
+        bins = pd.DatetimeIndex(points.index).floor(self.step)
+        means = points.groupby(bins).mean()
+        last = self.last
+        if last is not None:
+            means = means[means.index > last]
+            if means.empty:
+                return pd.Series(dtype=float)
+        first = means.index[0] if last is None else last + self.step
+        count = int((means.index[-1] - first) / self.step) + 1
+        added = np.full(count, np.nan)
+        positions = ((pd.DatetimeIndex(means.index) - first) / self.step).astype(int)
+        added[np.asarray(positions)] = means.to_numpy(dtype=float)
+        previous = self.values[-self.max_fill_steps - 1 :] if self.values.size else np.empty(0)
+        joined = hold_short_gaps(np.concatenate([previous, added]), self.max_fill_steps)
+        added = joined[previous.size :]
+        if self.start is None:
+            self.start = first
+        self.values = np.concatenate([self.values, added])
+        overflow = self.values.size - self.capacity
+        if overflow > 0:
+            self.values = self.values[overflow:]
+            self.start = self.start + overflow * self.step
+        index = pd.date_range(first, periods=count, freq=self.step)
+        return pd.Series(added, index=index)
+
+    def series(self) -> pd.Series:
+        """The whole window as a grid series (a copy)."""
+        if self.start is None:
+            return pd.Series(dtype=float)
+        index = pd.date_range(self.start, periods=self.values.size, freq=self.step)
+        return pd.Series(self.values.copy(), index=index)
+
+
+def hold_short_gaps(values: np.ndarray, max_fill_steps: int) -> np.ndarray:
+    """Fill runs of at most `max_fill_steps` NaN with the value before them (a copy).
+
+    Runs at the start (nothing before them) or longer than the limit stay NaN. Only earlier
+    values are used, so filling a prefix of a series gives a prefix of the filled series.
+    """
+    out = values.copy()
+    missing = ~np.isfinite(out)
+    if not missing.any():
+        return out
+    starts = np.flatnonzero(missing & ~np.r_[False, missing[:-1]])
+    ends = np.flatnonzero(missing & ~np.r_[missing[1:], False])
+    for first, last in zip(starts, ends, strict=True):
+        if first > 0 and last - first + 1 <= max_fill_steps:
+            out[first : last + 1] = out[first - 1]
+    return out

@@ -1,0 +1,62 @@
+"""The HTTP interface: a Flask app factory, served in-process by waitress beside the engine."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, cast
+
+from flask import Flask, Response, jsonify
+from waitress.server import create_server
+
+from forecaster.config import Settings
+from forecaster.engine import Engine
+from forecaster.targets import TargetResolver
+
+HTTP_THREADS = 8
+LOOP_SLICE_SECONDS = 0.2
+
+
+def create_app(settings: Settings, engine: Engine, resolver: TargetResolver) -> Flask:
+    """The Flask app for one engine; no global state, so tests build as many as they like."""
+    app = Flask("forecaster")
+    app.config["SETTINGS"] = settings
+    app.extensions["forecaster.engine"] = engine
+    app.extensions["forecaster.resolver"] = resolver
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        return jsonify(status="ok"), 200
+
+    return app
+
+
+class HttpServer:
+    """waitress in a thread of this process, beside the engine, with a clean stop.
+
+    waitress's own run() only ends on a signal; here the loop polls in short slices and
+    checks a flag, so stop() never closes sockets under a running loop.
+    """
+
+    def __init__(self, app: Flask, host: str, port: int, threads: int = HTTP_THREADS) -> None:
+        # waitress's stubs type the server as a union without the attributes used here.
+        self._server = cast(
+            Any, create_server(app, host=host, port=port, threads=threads, ident="forecaster")
+        )
+        self.port = int(self._server.effective_port)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            self._server.asyncore.loop(
+                timeout=LOOP_SLICE_SECONDS, map=self._server._map, count=1
+            )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._server.task_dispatcher.shutdown()
+        self._server.close()

@@ -1,0 +1,288 @@
+"""Service settings, read and validated in one place: a YAML file, then environment, then flags.
+
+A config file (every key optional)::
+
+    grpcPort: 50051
+    httpPort: 8080
+    refreshInterval: 30s        # pull new points this often
+    refitInterval: 1h           # refit each target's model this often
+    targetIdleTimeout: 1h       # drop targets no scaler request asked about for this long
+    fitWorkers: 2               # processes that fit models
+    prometheus:                 # the servers scaler requests may name, with their credentials
+      - url: http://prometheus.monitoring:9090
+        bearerTokenFile: /var/run/secrets/prometheus/token   # or bearerTokenEnv, basicAuth
+        headers: {X-Scope-OrgID: team-a}
+        caFile: /etc/prometheus-ca/ca.crt                     # or insecureSkipVerify: true
+        timeout: 10s
+    defaults: {step: 5m, historyWindow: 14d}                  # trigger metadata defaults
+    targets:                                                  # forecast before KEDA first asks
+      - {namespace: shop, name: web, metadata: {serverAddress: ..., query: ..., targetValue: "50"}}
+    tls: {certFile: /tls/tls.crt, keyFile: /tls/tls.key, clientCAFile: /tls/ca.crt}
+    apiToken: {file: /var/run/secrets/api/token}              # or env: NAME
+"""
+
+from __future__ import annotations
+
+import os
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forecaster.durations import parse_duration
+from forecaster.errors import InvalidInputError
+from forecaster.sources.prometheus import PrometheusServerConfig
+
+ENV_PREFIX = "FORECASTER_"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the background loop paces its work."""
+
+    refresh_seconds: float = 30.0
+    refit_seconds: float = 3600.0
+    idle_seconds: float = 3600.0
+    fit_workers: int = 2
+    io_workers: int = 8
+    first_value_wait_seconds: float = 3.0
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ConfiguredTarget:
+    """A target the operator lists, forecast from start-up on."""
+
+    namespace: str
+    name: str
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Settings:
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    servers: tuple[PrometheusServerConfig, ...] = ()
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    targets: tuple[ConfiguredTarget, ...] = ()
+    grpc_port: int = 50051
+    http_port: int = 8080
+    host: str = "0.0.0.0"
+    tls: TlsSettings | None = None
+    api_token: str | None = None
+    demo: bool = False
+
+    def __repr__(self) -> str:
+        token = None if self.api_token is None else "***"
+        return (
+            f"Settings(engine={self.engine!r}, servers={self.servers!r}, "
+            f"targets={len(self.targets)}, grpc_port={self.grpc_port}, "
+            f"http_port={self.http_port}, tls={self.tls is not None}, api_token={token!r})"
+        )
+
+
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from a YAML file, then FORECASTER_* environment variables, then `overrides`
+    (the command line's flags, which win); every value validated here."""
+    env = os.environ if env is None else env
+    path = path or (Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None)
+    raw: dict[str, Any] = _read_yaml(path) if path else {}
+    for key, env_name in (
+        ("grpcPort", "GRPC_PORT"),
+        ("httpPort", "HTTP_PORT"),
+        ("refreshInterval", "REFRESH_INTERVAL"),
+        ("refitInterval", "REFIT_INTERVAL"),
+        ("targetIdleTimeout", "TARGET_IDLE_TIMEOUT"),
+        ("fitWorkers", "FIT_WORKERS"),
+    ):
+        if f"{ENV_PREFIX}{env_name}" in env:
+            raw[key] = env[f"{ENV_PREFIX}{env_name}"]
+    if f"{ENV_PREFIX}API_TOKEN_FILE" in env:
+        raw["apiToken"] = {"file": env[f"{ENV_PREFIX}API_TOKEN_FILE"]}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    return _build(raw, env)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidInputError("config", f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise InvalidInputError("config", f"{str(path)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInputError("config", f"{str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+KNOWN_KEYS = {
+    "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
+    "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo",
+}
+
+
+def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise InvalidInputError(
+            unknown[0], f"is not a setting; known settings are {', '.join(sorted(KNOWN_KEYS))}"
+        )
+    engine = EngineSettings(
+        refresh_seconds=_seconds(raw, "refreshInterval", 30),
+        refit_seconds=_seconds(raw, "refitInterval", 3600),
+        idle_seconds=_seconds(raw, "targetIdleTimeout", 3600),
+        fit_workers=_int(raw, "fitWorkers", 2, low=1, high=64),
+    )
+    servers = tuple(
+        _server(item, f"prometheus[{i}]", env)
+        for i, item in enumerate(_list(raw, "prometheus"))
+    )
+    urls = [server.url for server in servers]
+    if len(set(urls)) != len(urls):
+        raise InvalidInputError("prometheus", "lists the same url twice")
+    defaults = _string_map(raw.get("defaults") or {}, "defaults")
+    targets = tuple(_target(item, f"targets[{i}]") for i, item in enumerate(_list(raw, "targets")))
+    settings = Settings(
+        engine=engine,
+        servers=servers,
+        defaults=defaults,
+        targets=targets,
+        grpc_port=_int(raw, "grpcPort", 50051, low=0, high=65535),
+        http_port=_int(raw, "httpPort", 8080, low=0, high=65535),
+        host=str(raw.get("host", "0.0.0.0")),
+        tls=_tls(raw.get("tls")),
+        api_token=_secret(raw.get("apiToken"), "apiToken", env),
+        demo=bool(raw.get("demo", False)),
+    )
+    return settings
+
+
+def with_overrides(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, **changes)
+
+
+def _seconds(raw: Mapping[str, Any], key: str, default: float) -> float:
+    value = raw.get(key)
+    if value is None:
+        return float(default)
+    seconds = parse_duration(str(value), key)
+    if seconds <= 0:
+        raise InvalidInputError(key, f"must be longer than 0s, got {value!r}")
+    return float(seconds)
+
+
+def _int(raw: Mapping[str, Any], key: str, default: int, *, low: int, high: int) -> int:
+    value = raw.get(key, default)
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise InvalidInputError(key, f"must be a whole number, got {reprlib.repr(value)}") from None
+    if not low <= number <= high:
+        raise InvalidInputError(key, f"must be between {low} and {high}, got {number}")
+    return number
+
+
+def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
+    value = raw.get(key) or []
+    if not isinstance(value, list):
+        raise InvalidInputError(key, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _string_map(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise InvalidInputError(where, f"must be a mapping, got {type(value).__name__}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _target(item: Any, where: str) -> ConfiguredTarget:
+    if not isinstance(item, dict):
+        raise InvalidInputError(where, "must be a mapping with namespace, name and metadata")
+    for key in ("namespace", "name", "metadata"):
+        if key not in item:
+            raise InvalidInputError(f"{where}.{key}", "is required")
+    return ConfiguredTarget(
+        namespace=str(item["namespace"]),
+        name=str(item["name"]),
+        metadata=_string_map(item["metadata"], f"{where}.metadata"),
+    )
+
+
+def _secret(value: Any, where: str, env: Mapping[str, str]) -> str | None:
+    """A secret given as {file: PATH} or {env: NAME}; never inline in the file."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1 or not ({"file", "env"} & set(value)):
+        raise InvalidInputError(where, "must be {file: PATH} or {env: NAME}")
+    if "file" in value:
+        try:
+            return Path(value["file"]).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise InvalidInputError(
+                f"{where}.file", f"cannot read {value['file']!r}: {exc.strerror}"
+            ) from exc
+    name = str(value["env"])
+    if name not in env:
+        raise InvalidInputError(f"{where}.env", f"environment variable {name!r} is not set")
+    return env[name]
+
+
+def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerConfig:
+    if not isinstance(item, dict) or "url" not in item:
+        raise InvalidInputError(f"{where}.url", "is required")
+    token = None
+    if "bearerTokenEnv" in item:
+        token = _secret({"env": item["bearerTokenEnv"]}, f"{where}.bearerTokenEnv", env)
+    basic = None
+    if "basicAuth" in item:
+        auth = item["basicAuth"]
+        if not isinstance(auth, dict) or "username" not in auth:
+            raise InvalidInputError(f"{where}.basicAuth", "needs username and passwordFile/Env")
+        password_source = {k: v for k, v in auth.items() if k in ("file", "env")}
+        if "passwordFile" in auth:
+            password_source = {"file": auth["passwordFile"]}
+        elif "passwordEnv" in auth:
+            password_source = {"env": auth["passwordEnv"]}
+        password = _secret(password_source, f"{where}.basicAuth.password", env)
+        basic = (str(auth["username"]), password or "")
+    try:
+        return PrometheusServerConfig(
+            url=str(item["url"]),
+            bearer_token=token,
+            bearer_token_file=item.get("bearerTokenFile"),
+            basic_auth=basic,
+            headers=_string_map(item.get("headers") or {}, f"{where}.headers"),
+            ca_file=item.get("caFile"),
+            insecure_skip_verify=bool(item.get("insecureSkipVerify", False)),
+            timeout_seconds=float(parse_duration(str(item.get("timeout", "10s")), "timeout")),
+            retries=int(item.get("retries", 2)),
+        )
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{where}.{exc.field}", exc.reason) from exc
+
+
+def _tls(value: Any) -> TlsSettings | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "certFile" not in value or "keyFile" not in value:
+        raise InvalidInputError("tls", "needs certFile and keyFile (and optionally clientCAFile)")
+    for key in ("certFile", "keyFile", "clientCAFile"):
+        if key in value and not Path(value[key]).is_file():
+            raise InvalidInputError(f"tls.{key}", f"{value[key]!r} is not a readable file")
+    return TlsSettings(value["certFile"], value["keyFile"], value.get("clientCAFile"))

@@ -1,0 +1,415 @@
+"""The live targets: background refreshes and refits, and the latest forecast of each.
+
+Requests never fit and never wait on a fit: each target publishes an immutable `Snapshot`
+that readers take without a lock. A loop thread schedules refreshes (new points and the
+current value, on an I/O thread pool) and refits (in worker processes, so a fit never holds
+up the process that answers requests). A fit that fails keeps the last good model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from forecaster.config import EngineSettings
+from forecaster.errors import (
+    ForecasterError,
+    NotReadyError,
+    SourceError,
+    SourceUnavailableError,
+    UnknownTargetError,
+)
+from forecaster.models import FallbackFit, Forecast, ForecastModel, fit_with_fallback
+from forecaster.policy import planned_load
+from forecaster.scaler.metadata import TriggerSpec
+from forecaster.series import GridBuffer
+from forecaster.sources import HistorySource
+
+log = logging.getLogger(__name__)
+
+BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)
+LOOP_PERIOD_SECONDS = 0.5
+
+Mode = Literal["forecast", "reactive"]
+
+
+@dataclass(frozen=True)
+class PlannedLoad:
+    """The load to plan for and the numbers behind it."""
+
+    value: float
+    current: float
+    forecast: float | None  # the quantile forecast for the interval new pods will serve
+    peak_over_lead: float | None  # the highest quantile forecast up to that interval
+    quantile: float
+    horizon_steps: int
+    mode: Mode
+
+    @property
+    def floored(self) -> bool:
+        return self.forecast is not None and self.current > self.forecast
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a target knows at one moment; replaced whole, never mutated."""
+
+    current_value: float | None = None
+    current_time: float | None = None  # when the current value was read (epoch seconds)
+    forecast: Forecast | None = None
+    model: str | None = None
+    fitted_at: float | None = None
+    planned: PlannedLoad | None = None
+    last_error: str | None = None
+    history_points: int = 0
+
+
+@dataclass
+class Target:
+    """One forecast target; mutable parts change only under `lock`, in the engine's threads."""
+
+    target_id: str
+    spec: TriggerSpec
+    source: HistorySource
+    configured: bool = False
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    last_requested: float = 0.0
+    next_refresh: float = 0.0
+    next_refit: float = math.inf
+    refreshing: bool = False
+    fit_pending: bool = False
+    fits: int = 0
+    fit_failures: int = 0
+    fallbacks: int = 0
+    refresh_failures: int = 0
+    fit_seconds: list[float] = field(default_factory=list)
+    first_value: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        step = pd.Timedelta(seconds=self.spec.step_seconds)
+        self.buffer = GridBuffer(step, pd.Timedelta(seconds=self.spec.history_window_seconds))
+        self.model: ForecastModel | None = None
+
+    @property
+    def step(self) -> pd.Timedelta:
+        return self.buffer.step
+
+    @property
+    def lead_steps(self) -> int:
+        return math.ceil(self.spec.startup_seconds / self.spec.step_seconds)
+
+
+def freshness_limit(settings: EngineSettings, spec: TriggerSpec) -> float:
+    """Seconds a forecast stays usable after its newest data: max(2 x refresh, 2 x step)."""
+    return max(2 * settings.refresh_seconds, 2 * spec.step_seconds)
+
+
+def _pin_worker_threads() -> None:
+    import os
+
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
+def fit_job(model: str, step_seconds: int, start: pd.Timestamp, values: np.ndarray) -> FallbackFit:
+    """Runs in a worker process: fit on a grid given as start + values (cheap to pickle)."""
+    step = pd.Timedelta(seconds=step_seconds)
+    index = pd.date_range(start, periods=len(values), freq=step)
+    return fit_with_fallback(model, pd.Series(values, index=index), step)
+
+
+class Engine:
+    """Keeps every target's latest forecast fresh; answers reads from published snapshots.
+
+    >>> engine = Engine(EngineSettings(), clock=time.time)          # doctest: +SKIP
+    >>> engine.start()                                              # doctest: +SKIP
+    >>> engine.ensure_target("shop/web/fc-1", spec, source)         # doctest: +SKIP
+    >>> engine.serve("shop/web/fc-1").value                         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        fit_pool: Executor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._targets: dict[str, Target] = {}
+        self._registry_lock = threading.Lock()
+        self._io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="refresh")
+        self._fits = fit_pool or ProcessPoolExecutor(
+            settings.fit_workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_pin_worker_threads,
+        )
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self.started_at = clock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background loop (idempotent)."""
+        if self._loop is None:
+            self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._loop.start()
+
+    def stop(self) -> None:
+        """Stop the loop and the pools; in-flight fits are abandoned."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=5)
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self._fits.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(LOOP_PERIOD_SECONDS):
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("engine loop pass failed")
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def ensure_target(
+        self, target_id: str, spec: TriggerSpec, source: HistorySource, *, configured: bool = False
+    ) -> Target:
+        """The target for this id, created (or replaced, when its spec changed) as needed.
+
+        A new target is refreshed at once in the background; its first fit follows.
+        """
+        now = self.clock()
+        target = self._targets.get(target_id)
+        if target is not None and target.spec == spec:
+            target.last_requested = now
+            return target
+        with self._registry_lock:
+            target = self._targets.get(target_id)
+            if target is None or target.spec != spec:
+                if target is not None:
+                    log.info("target %s changed its trigger; starting a new series", target_id)
+                target = Target(target_id, spec, source, configured=configured)
+                target.last_requested = now
+                self._targets[target_id] = target
+                log.info("new target %s: serving the current value until its first fit", target_id)
+                self._submit_refresh(target)
+            return target
+
+    def get(self, target_id: str) -> Target:
+        try:
+            return self._targets[target_id]
+        except KeyError:
+            raise UnknownTargetError(target_id) from None
+
+    def targets(self) -> Iterator[Target]:
+        return iter(list(self._targets.values()))
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    # -- reads (never block on fits) ---------------------------------------------------------
+
+    def serve(self, target_id: str) -> PlannedLoad:
+        """The load to plan for now; NotReadyError when there is no fresh data to stand on."""
+        target = self.get(target_id)
+        snapshot = target.snapshot
+        if snapshot.current_value is None:
+            target.first_value.wait(self.settings.first_value_wait_seconds)
+            snapshot = target.snapshot
+        if snapshot.current_value is None or snapshot.planned is None:
+            reason = f": {snapshot.last_error}" if snapshot.last_error else ""
+            raise NotReadyError(
+                f"no data yet for target {target_id}{reason}",
+                retry_after_seconds=self.settings.refresh_seconds,
+            )
+        age = self.age(snapshot)
+        limit = freshness_limit(self.settings, target.spec)
+        if age > limit:
+            reason = f"; last error: {snapshot.last_error}" if snapshot.last_error else ""
+            raise NotReadyError(
+                f"data for target {target_id} is {age:.0f}s old, over the {limit:.0f}s "
+                f"freshness limit{reason}",
+                retry_after_seconds=self.settings.refresh_seconds,
+            )
+        return snapshot.planned
+
+    def is_active(self, target_id: str) -> bool:
+        """Active when the current load or the forecast up to the lead time exceeds the
+        activation value, so a workload can wake from zero before its traffic arrives."""
+        planned = self.serve(target_id)
+        activation = self.get(target_id).spec.activation_value
+        peak = max(planned.current, planned.peak_over_lead or 0.0, planned.value)
+        return peak > activation
+
+    def age(self, snapshot: Snapshot) -> float:
+        if snapshot.current_time is None:
+            return math.inf
+        return max(0.0, self.clock() - snapshot.current_time)
+
+    # -- background work ---------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One pass: drop idle targets, start due refreshes and refits."""
+        now = self.clock()
+        for target in list(self._targets.values()):
+            if not target.configured and now - target.last_requested > self.settings.idle_seconds:
+                with self._registry_lock:
+                    if self._targets.get(target.target_id) is target:
+                        del self._targets[target.target_id]
+                log.info("dropped target %s: not asked about for %.0fs", target.target_id,
+                         now - target.last_requested)
+                continue
+            if not target.refreshing and now >= target.next_refresh:
+                self._submit_refresh(target)
+            if not target.fit_pending and now >= target.next_refit and len(target.buffer):
+                self._submit_fit(target)
+
+    def _submit_refresh(self, target: Target) -> None:
+        target.refreshing = True
+        target.next_refresh = self.clock() + self.settings.refresh_seconds
+        self._io.submit(self._refresh, target)
+
+    def _refresh(self, target: Target) -> None:
+        try:
+            with target.lock:
+                self._refresh_locked(target)
+        except Exception:
+            log.exception("refresh of %s failed unexpectedly", target.target_id)
+        finally:
+            target.refreshing = False
+        if target.model is None and not target.fit_pending and len(target.buffer):
+            self._submit_fit(target)
+
+    def _refresh_locked(self, target: Target) -> None:
+        spec, now = target.spec, self.clock()
+        step = spec.step_seconds
+        end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
+        last = target.buffer.last
+        start = (
+            end - pd.Timedelta(seconds=spec.history_window_seconds - step)
+            if last is None
+            else (last + target.step).to_pydatetime()
+        )
+        try:
+            points = pd.Series(dtype=float)
+            if start <= end:
+                try:
+                    points = target.source.query_range(spec.query, start, end, step)
+                except SourceError:
+                    if last is None:
+                        raise
+                    # No new points in an incremental window: the instant query below decides.
+            stamp, value = target.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
+        except (SourceError, SourceUnavailableError) as exc:
+            target.refresh_failures += 1
+            target.snapshot = replace(target.snapshot, last_error=str(exc))
+            log.warning("refresh of %s failed: %s", target.target_id, exc)
+            return
+        added = target.buffer.extend(points)
+        if target.model is not None and not added.empty:
+            try:
+                target.model.update(added)
+            except ForecasterError as exc:
+                log.warning("update of %s failed, refitting: %s", target.target_id, exc)
+                target.model = None
+        self._publish(target, current=(stamp.timestamp(), value))
+        target.first_value.set()
+
+    def _submit_fit(self, target: Target) -> None:
+        target.fit_pending = True
+        series = target.buffer.series()
+        began = time.perf_counter()
+        future = self._fits.submit(
+            fit_job, target.spec.model, target.spec.step_seconds, series.index[0], series.to_numpy()
+        )
+        future.add_done_callback(lambda done: self._fitted(target, done, began))
+
+    def _fitted(self, target: Target, future: Future[FallbackFit], began: float) -> None:
+        seconds = time.perf_counter() - began
+        now = self.clock()
+        with target.lock:
+            target.fit_pending = False
+            target.next_refit = now + self.settings.refit_seconds
+            try:
+                fit = future.result()
+            except Exception as exc:  # a worker crash or a model bug: keep the last good model
+                target.fit_failures += 1
+                target.snapshot = replace(target.snapshot, last_error=f"fit failed: {exc}")
+                log.warning("fit of %s failed; keeping the last good model: %s",
+                            target.target_id, exc)
+                return
+            target.fits += 1
+            target.fit_seconds = [*target.fit_seconds[-19:], seconds]
+            if fit.fell_back:
+                target.fallbacks += 1
+                log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
+                         "; ".join(f"{m}: {why}" for m, why in fit.failures))
+            model = fit.model
+            newer = target.buffer.series()
+            newer = newer[newer.index > model.last_timestamp_]
+            try:
+                model.update(newer)
+            except ForecasterError as exc:
+                target.fit_failures += 1
+                log.warning("fitted model of %s could not catch up: %s", target.target_id, exc)
+                return
+            target.model = model
+            target.snapshot = replace(target.snapshot, fitted_at=now, model=model.name)
+            current = target.snapshot.current_value
+            if current is not None and target.snapshot.current_time is not None:
+                self._publish(target, current=(target.snapshot.current_time, current))
+
+    def _publish(self, target: Target, current: tuple[float, float]) -> None:
+        """Predict from the model (if any) and swap in a new snapshot."""
+        spec = target.spec
+        horizon = 1 + target.lead_steps
+        forecast = None
+        if target.model is not None:
+            quantiles = sorted({*BAND_QUANTILES, spec.quantile})
+            forecast = target.model.predict(horizon, quantiles)
+        planned = plan(forecast, current[1], spec.quantile, horizon)
+        target.snapshot = Snapshot(
+            current_value=current[1],
+            current_time=current[0],
+            forecast=forecast,
+            model=target.snapshot.model,
+            fitted_at=target.snapshot.fitted_at,
+            planned=planned,
+            last_error=None,
+            history_points=len(target.buffer),
+        )
+
+
+def plan(forecast: Forecast | None, current: float, quantile: float, horizon: int) -> PlannedLoad:
+    """The planned load: the quantile forecast `horizon` steps ahead, at least the current
+    load; with no forecast yet, the current load (reactive)."""
+    if forecast is None:
+        return PlannedLoad(current, current, None, None, quantile, horizon, "reactive")
+    band = forecast.quantile(quantile)
+    ahead = float(band[horizon - 1])
+    return PlannedLoad(
+        value=planned_load(ahead, current, reactive_floor=True),
+        current=current,
+        forecast=ahead,
+        peak_over_lead=float(np.max(band[:horizon])),
+        quantile=quantile,
+        horizon_steps=horizon,
+        mode="forecast",
+    )

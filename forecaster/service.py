@@ -1,0 +1,77 @@
+"""Wires one engine to both interfaces (gRPC scaler, HTTP API) and runs them until a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from types import FrameType
+
+from forecaster.config import Settings
+from forecaster.engine import Engine
+from forecaster.scaler.server import create_server, stop_gracefully
+from forecaster.scaler.servicer import ExternalScaler
+from forecaster.sources import HistorySource
+from forecaster.targets import SourceRegistry, TargetResolver
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """The engine, the gRPC scaler and the HTTP server, started and stopped together.
+
+    >>> service = Service(settings)     # doctest: +SKIP
+    >>> service.start(); service.grpc_port, service.http_port   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        source: HistorySource | None = None,
+        fit_pool: Executor | None = None,
+    ) -> None:
+        from forecaster.api import HttpServer, create_app
+
+        self.settings = settings
+        self.engine = Engine(settings.engine, clock=clock, fit_pool=fit_pool)
+        self.sources = SourceRegistry(settings.servers, fixed=source)
+        self.resolver = TargetResolver(self.engine, settings, self.sources)
+        self.servicer = ExternalScaler(self.engine, self.resolver)
+        self.grpc_server, self.grpc_port, self.health = create_server(
+            f"{settings.host}:{settings.grpc_port}", self.servicer, tls=settings.tls
+        )
+        self.app = create_app(settings, self.engine, self.resolver)
+        self.http_server = HttpServer(self.app, settings.host, settings.http_port)
+        self.http_port = self.http_server.port
+
+    def start(self) -> None:
+        self.engine.start()
+        self.resolver.register_configured()
+        self.grpc_server.start()
+        self.http_server.start()
+        log.info("serving gRPC on port %d and HTTP on port %d", self.grpc_port, self.http_port)
+
+    def stop(self) -> None:
+        stop_gracefully(self.grpc_server, self.servicer, self.health)
+        self.http_server.stop()
+        self.engine.stop()
+
+
+def run_until_signalled(service: Service) -> None:
+    """Start, then stop gracefully on SIGTERM (Kubernetes) or SIGINT (Ctrl-C)."""
+    done = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    service.start()
+    done.wait()
+    service.stop()

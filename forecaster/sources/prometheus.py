@@ -1,0 +1,462 @@
+"""History from Prometheus (or Thanos / Mimir / any PromQL HTTP API), one series per query.
+
+Built on `prometheus-api-client`; its exceptions and `requests`' stop here and leave as
+`SourceError` (the server answered, but not with one clean series) or `SourceUnavailableError`
+(it could not be reached after the retries). Credentials never reach a message, repr or log line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+import re
+import reprlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests.auth import AuthBase, HTTPBasicAuth
+from urllib3.util.retry import Retry
+
+from forecaster.errors import InvalidInputError, SourceError, SourceUnavailableError
+
+__all__ = ["MAX_POINTS_PER_REQUEST", "PrometheusServerConfig", "PrometheusSource"]
+
+_LOG = logging.getLogger(__name__)
+
+# Prometheus refuses a range query whose (end - start) / step exceeds 11,000.
+MAX_POINTS_PER_REQUEST = 11_000
+
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_BACKOFF_SECONDS = 0.25
+_BACKOFF_CAP_SECONDS = 2.0
+_SENSITIVE_HEADER = re.compile(r"auth|token|secret|key|cookie|password|credential", re.IGNORECASE)
+_CLIENT_ERROR = re.compile(r"^HTTP Status Code (\d+) \((.*)\)$", re.DOTALL)
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\"()]+")
+
+_short = reprlib.Repr()
+_short.maxstring = 200
+_short.maxother = 200
+_short.maxlist = 5
+_short.maxdict = 8
+
+
+@dataclass(frozen=True)
+class PrometheusServerConfig:
+    """Where a Prometheus-compatible API lives and how to authenticate to it.
+
+    At most one of `bearer_token`, `bearer_token_file` and `basic_auth` may be set; a token
+    file is re-read at every request, so a rotated (e.g. projected service-account) token works::
+
+        PrometheusServerConfig(
+            url="https://mimir.example/prometheus",
+            bearer_token_file="/var/run/secrets/tokens/prometheus",
+            headers={"X-Scope-OrgID": "team-a"},
+        )
+    """
+
+    url: str
+    bearer_token: str | None = None
+    bearer_token_file: str | None = None
+    basic_auth: tuple[str, str] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    timeout_seconds: float = 10.0
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInputError("url", f"must be an http(s) URL with a host, got {self.url!r}")
+        if parts.username is not None or parts.password is not None:
+            # Said without echoing the URL: it holds the credentials.
+            raise InvalidInputError("url", "must not embed credentials; use basic_auth instead")
+        if parts.query or parts.fragment:
+            raise InvalidInputError("url", f"must not have a query or fragment, got {self.url!r}")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        given = [
+            name
+            for name in ("bearer_token", "bearer_token_file", "basic_auth")
+            if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            raise InvalidInputError(given[1], f"set only one of {', '.join(given)}")
+        if self.bearer_token is not None and not self.bearer_token.strip():
+            raise InvalidInputError("bearer_token", "must not be empty")
+        if self.basic_auth is not None and (
+            len(self.basic_auth) != 2 or not all(isinstance(p, str) for p in self.basic_auth)
+        ):
+            raise InvalidInputError("basic_auth", "must be a (username, password) pair of strings")
+        headers = dict(self.headers)
+        for name, value in headers.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise InvalidInputError("headers", f"names and values must be strings: {name!r}")
+            if given and name.lower() == "authorization":
+                raise InvalidInputError("headers", f"Authorization conflicts with {given[0]}")
+        object.__setattr__(self, "headers", MappingProxyType(headers))
+        if self.ca_file is not None and self.insecure_skip_verify:
+            raise InvalidInputError("insecure_skip_verify", "conflicts with ca_file; set one")
+        if not (isinstance(self.timeout_seconds, int | float) and self.timeout_seconds > 0):
+            raise InvalidInputError(
+                "timeout_seconds", f"must be a positive number, got {self.timeout_seconds!r}"
+            )
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise InvalidInputError("retries", f"must be an integer >= 0, got {self.retries!r}")
+
+    def __repr__(self) -> str:
+        # Secrets are masked, never shown: this repr ends up in logs and error reports.
+        headers = {
+            name: "***" if _SENSITIVE_HEADER.search(name) else value
+            for name, value in self.headers.items()
+        }
+        basic = None if self.basic_auth is None else (self.basic_auth[0], "***")
+        token = None if self.bearer_token is None else "***"
+        return (
+            f"PrometheusServerConfig(url={self.url!r}, bearer_token={token!r}, "
+            f"bearer_token_file={self.bearer_token_file!r}, basic_auth={basic!r}, "
+            f"headers={headers!r}, ca_file={self.ca_file!r}, "
+            f"insecure_skip_verify={self.insecure_skip_verify!r}, "
+            f"timeout_seconds={self.timeout_seconds!r}, retries={self.retries!r})"
+        )
+
+
+class _BearerAuth(AuthBase):
+    """Sets `Authorization: Bearer`, reading the token file at each request (rotation)."""
+
+    def __init__(self, token: str | None, token_file: str | None) -> None:
+        self._token = token
+        self._token_file = token_file
+
+    def __repr__(self) -> str:
+        return f"_BearerAuth(token_file={self._token_file!r})"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        token = self._token
+        if self._token_file is not None:
+            try:
+                with open(self._token_file, encoding="utf-8") as handle:
+                    token = handle.read().strip()
+            except OSError as exc:
+                raise InvalidInputError(
+                    "bearer_token_file", f"cannot read {self._token_file!r}: {exc.strerror}"
+                ) from exc
+            if not token:
+                raise InvalidInputError("bearer_token_file", f"{self._token_file!r} is empty")
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
+
+
+def _auth(server: PrometheusServerConfig) -> AuthBase | None:
+    if server.basic_auth is not None:
+        return HTTPBasicAuth(*server.basic_auth)
+    if server.bearer_token is not None or server.bearer_token_file is not None:
+        return _BearerAuth(server.bearer_token, server.bearer_token_file)
+    return None
+
+
+def _utc(value: datetime, name: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidInputError(name, f"must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInputError(name, f"must be timezone-aware (UTC), got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+def _label_set(metric: Mapping[str, str]) -> str:
+    name = metric.get("__name__", "")
+    labels = ", ".join(f'{k}="{v}"' for k, v in sorted(metric.items()) if k != "__name__")
+    return f"{name}{{{labels}}}"
+
+
+def _transport_reason(exc: requests.RequestException) -> str:
+    # requests' messages hold host, path and PromQL, never headers or auth; keep the root cause.
+    errno = _ERRNO.search(str(exc))
+    detail = errno.group(0) if errno else _short.repr(str(exc))
+    return f"{type(exc).__name__}: {detail}"
+
+
+def _format_number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _prometheus_message(body: str) -> str:
+    """Prometheus's own `error` text from the client exception's repr of the response body."""
+    try:
+        raw = ast.literal_eval(body)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    except (ValueError, SyntaxError):
+        text = body
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return _short.repr(text)
+    if isinstance(payload, dict) and "error" in payload:
+        return f"{payload.get('errorType', 'error')}: {payload['error']}"
+    return _short.repr(text)
+
+
+class PrometheusSource:
+    """Reads one series per PromQL query, over as many requests as the 11,000-point limit needs.
+
+    The query must return exactly one series (aggregate with `sum(...)` or `sum by (...)`);
+    NaN or infinite values are refused, because a scaler must not act on them::
+
+        with PrometheusSource(PrometheusServerConfig(url="http://prometheus:9090")) as source:
+            history = source.query_range(
+                'sum(rate(http_requests_total{job="api"}[5m]))', start, end, step_seconds=60
+            )
+    """
+
+    def __init__(self, server: PrometheusServerConfig) -> None:
+        self.server = server
+        session = requests.Session()
+        if server.ca_file is not None:
+            session.verify = server.ca_file
+        elif server.insecure_skip_verify:
+            session.verify = False
+        # No transport-level retries: attempts, backoff and error mapping are ours (_call).
+        self._client = PrometheusConnect(
+            url=server.url,
+            headers=dict(server.headers),
+            retry=Retry(0, read=False),  # requests' own default: read timeouts stay Timeouts
+            auth=_auth(server),
+            session=session,
+            timeout=server.timeout_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"PrometheusSource(server={self.server!r})"
+
+    def close(self) -> None:
+        """Release the HTTP connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def query_range(
+        self, query: str, start: datetime, end: datetime, step_seconds: int
+    ) -> pd.Series:
+        """Evaluate `query` at start, start + step, ... <= end; one float64 series, UTC index.
+
+        `start` is rounded up to a whole second (Prometheus's grid); the window is split into
+        requests of at most 11,000 points on that same grid, so no point is lost or repeated.
+        """
+        query = self._check_query(query)
+        if isinstance(step_seconds, bool) or not isinstance(step_seconds, int) or step_seconds < 1:
+            raise InvalidInputError(
+                "step_seconds", f"must be an integer >= 1, got {step_seconds!r}"
+            )
+        first = math.ceil(_utc(start, "start").timestamp())
+        last_allowed = _utc(end, "end").timestamp()
+        if last_allowed < first:
+            raise InvalidInputError(
+                "end", f"must be at or after start rounded up to a second ({start!r}), got {end!r}"
+            )
+        points = int((last_allowed - first) // step_seconds) + 1
+        chunk = MAX_POINTS_PER_REQUEST * step_seconds
+        _LOG.debug(
+            "query_range %r on %s: %d points of %d s in %d request(s)",
+            query,
+            self.server.url,
+            points,
+            step_seconds,
+            math.ceil(points / MAX_POINTS_PER_REQUEST),
+        )
+        series_seen: dict[str, Mapping[str, str]] = {}
+        stamps: list[float] = []
+        values: list[str] = []
+        for chunk_start in range(first, first + points * step_seconds, chunk):
+            chunk_end = min(chunk_start + chunk - step_seconds, first + (points - 1) * step_seconds)
+            result = self._call(
+                query,
+                partial(
+                    self._client.custom_query_range,
+                    query=query,
+                    start_time=datetime.fromtimestamp(chunk_start, UTC),
+                    end_time=datetime.fromtimestamp(chunk_end, UTC),
+                    step=str(step_seconds),
+                    params={"timeout": f"{self.server.timeout_seconds:g}"},
+                ),
+            )
+            for item in self._as_series_list(query, result):
+                series_seen.setdefault(_label_set(item.get("metric", {})), item.get("metric", {}))
+                for stamp, value in item.get("values", []):
+                    stamps.append(float(stamp))
+                    values.append(value)
+        self._one_series(query, list(series_seen.values()))
+        # Prometheus timestamps are seconds with millisecond precision; go through integer ms
+        # so that float rounding never moves a point off the grid.
+        millis = np.round(np.asarray(stamps, dtype="float64") * 1000.0).astype("int64")
+        index = pd.DatetimeIndex(
+            pd.to_datetime(millis, unit="ms", utc=True), name="timestamp"
+        ).as_unit("ns")
+        array = self._finite(query, stamps, values)
+        series = pd.Series(array, index=index, name=query)
+        if not (series.index.is_monotonic_increasing and series.index.is_unique):
+            raise SourceError(
+                f"Prometheus at {self.server.url} returned timestamps out of order or repeated "
+                f"for query {query!r}",
+                query=query,
+            )
+        return series
+
+    def query_instant(self, query: str, at: datetime | None = None) -> tuple[datetime, float]:
+        """Evaluate `query` once (at `at`, or the server's now): its timestamp and value."""
+        query = self._check_query(query)
+        params = {"timeout": f"{self.server.timeout_seconds:g}"}
+        if at is not None:
+            params["time"] = f"{_utc(at, 'at').timestamp():.3f}"
+        result = self._call(query, partial(self._client.custom_query, query=query, params=params))
+        if (
+            isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict)
+        ):  # a scalar (or string) result is [time, "value"], not a list of series
+            stamp, value = result
+        else:
+            items = self._as_series_list(query, result)
+            self._one_series(query, [item.get("metric", {}) for item in items])
+            try:
+                stamp, value = items[0]["value"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SourceError(
+                    f"Prometheus at {self.server.url} answered query {query!r} with a "
+                    f"{'range' if 'values' in items[0] else 'malformed'} result, not an instant "
+                    f"vector: {_short.repr(items[0])}",
+                    query=query,
+                ) from exc
+        number = self._finite(query, [float(stamp)], [value])[0]
+        return datetime.fromtimestamp(float(stamp), UTC), float(number)
+
+    @staticmethod
+    def _check_query(query: str) -> str:
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError("query", f"must be a non-empty PromQL string, got {query!r}")
+        return query
+
+    def _call(self, query: str, request: Callable[[], Any]) -> Any:
+        """One API call, retried on transport errors and 5xx; errors mapped to ours."""
+        attempts = self.server.retries + 1
+        reason = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                return request()
+            except PrometheusApiClientException as exc:
+                match = _CLIENT_ERROR.match(str(exc))
+                status = int(match.group(1)) if match else 0
+                message = _prometheus_message(match.group(2)) if match else _short.repr(str(exc))
+                if status not in _RETRYABLE_STATUS:
+                    raise SourceError(
+                        f"Prometheus at {self.server.url} rejected query {query!r} "
+                        f"(HTTP {status}): {message}",
+                        query=query,
+                    ) from exc
+                reason = f"HTTP {status}: {message}"
+                last_exc: Exception = exc
+            except requests.Timeout as exc:
+                reason = f"no answer within {self.server.timeout_seconds} s"
+                last_exc = exc
+            except requests.JSONDecodeError as exc:
+                raise SourceError(
+                    f"{self.server.url} did not answer query {query!r} like a Prometheus API "
+                    f"(a 200 without JSON); check the URL and its path prefix",
+                    query=query,
+                ) from exc
+            except requests.RequestException as exc:
+                reason = _transport_reason(exc)
+                last_exc = exc
+            except (KeyError, TypeError) as exc:
+                raise SourceError(
+                    f"{self.server.url} answered query {query!r} without data.result; "
+                    f"check the URL and its path prefix",
+                    query=query,
+                ) from exc
+            if attempt < attempts:
+                delay = min(_BACKOFF_SECONDS * 2 ** (attempt - 1), _BACKOFF_CAP_SECONDS)
+                _LOG.warning(
+                    "Prometheus at %s failed (attempt %d of %d, retrying in %.2f s): %s",
+                    self.server.url,
+                    attempt,
+                    attempts,
+                    delay,
+                    reason,
+                )
+                time.sleep(delay)
+        raise SourceUnavailableError(
+            f"Prometheus at {self.server.url} is unavailable after {attempts} attempt(s) "
+            f"(timeout {self.server.timeout_seconds} s each): {reason}",
+            server=self.server.url,
+        ) from last_exc
+
+    def _as_series_list(self, query: str, result: Any) -> list[dict[str, Any]]:
+        if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            raise SourceError(
+                f"Prometheus at {self.server.url} answered query {query!r} with an unexpected "
+                f"result: {_short.repr(result)}",
+                query=query,
+            )
+        return result
+
+    def _one_series(self, query: str, metrics: list[Mapping[str, str]]) -> None:
+        if not metrics:
+            raise SourceError(
+                f"query {query!r} returned no data from Prometheus at {self.server.url}: check "
+                f"the metric name and label matchers, and that the window holds samples",
+                query=query,
+            )
+        if len(metrics) > 1:
+            labels = _short.repr([_label_set(m) for m in metrics])
+            raise SourceError(
+                f"query {query!r} returned {len(metrics)} series, expected one: aggregate it, "
+                f"e.g. sum({query}) or sum by (...) with a matcher; series: {labels}",
+                query=query,
+            )
+
+    @staticmethod
+    def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
+        try:
+            array = np.asarray(values, dtype="float64")
+        except (TypeError, ValueError) as exc:
+            raise SourceError(
+                f"query {query!r} returned a non-numeric value: {_short.repr(values)}",
+                query=query,
+            ) from exc
+        bad = np.flatnonzero(~np.isfinite(array))
+        if bad.size:
+            first = int(bad[0])
+            raise SourceError(
+                f"query {query!r} returned {_format_number(float(array[first]))} at "
+                f"{_iso(stamps[first])} "
+                f"({bad.size} non-finite value(s) in all); a scaler must not act on NaN or "
+                f"Inf: guard the query, e.g. divide with a non-zero denominator",
+                query=query,
+            )
+        return array

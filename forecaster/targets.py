@@ -1,0 +1,113 @@
+"""From a scaler request's trigger (namespace, name, metadata) to a registered engine target.
+
+Credentials stay with the servers the operator configured: KEDA passes no auth to an external
+scaler, so a request may only name a configured Prometheus URL. With none configured (a demo),
+any address is used, without credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+
+from forecaster.config import Settings
+from forecaster.engine import Engine, Target
+from forecaster.errors import InvalidInputError
+from forecaster.models import MODEL_FACTORIES
+from forecaster.scaler.metadata import TriggerSpec, parse_trigger_metadata
+from forecaster.sources import HistorySource
+from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
+
+log = logging.getLogger(__name__)
+
+PARSE_CACHE_SIZE = 20_000
+
+ParseKey = tuple[str, str, frozenset[tuple[str, str]]]
+
+
+class SourceRegistry:
+    """One client per Prometheus server, only for the servers the operator allows."""
+
+    def __init__(
+        self, servers: tuple[PrometheusServerConfig, ...], *, fixed: HistorySource | None = None
+    ) -> None:
+        self._configured = {server.url: server for server in servers}
+        self._fixed = fixed
+        self._clients: dict[str, HistorySource] = {}
+        self._lock = threading.Lock()
+
+    def for_address(self, address: str) -> HistorySource:
+        """The client for `address`; InvalidInputError if it is not a configured server."""
+        if self._fixed is not None:
+            return self._fixed
+        url = address.rstrip("/")
+        client = self._clients.get(url)
+        if client is not None:
+            return client
+        if self._configured and url not in self._configured:
+            allowed = ", ".join(sorted(self._configured))
+            raise InvalidInputError(
+                "serverAddress",
+                f"{url!r} is not a configured Prometheus server; configured: {allowed}",
+            )
+        with self._lock:
+            if url not in self._clients:
+                server = self._configured.get(url) or PrometheusServerConfig(url=url)
+                self._clients[url] = PrometheusSource(server)
+            return self._clients[url]
+
+
+def target_id(namespace: str, name: str, metric_name: str) -> str:
+    """`namespace/name/metricName`, the id a ScaledObject's trigger maps to."""
+    return f"{namespace}/{name}/{metric_name}"
+
+
+class TargetResolver:
+    """Parses trigger metadata (with the configured defaults under it), checks the server, and
+    registers the target with the engine. Parsed metadata is cached: KEDA repeats it verbatim
+    on every poll, and the hot path must not re-validate it each time."""
+
+    def __init__(self, engine: Engine, settings: Settings, sources: SourceRegistry) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.sources = sources
+        self._parsed: OrderedDict[ParseKey, tuple[str, TriggerSpec]] = OrderedDict()
+        self._warned: set[str] = set()
+
+    def resolve(self, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
+        key = (namespace, name, frozenset(metadata.items()))
+        cached = self._parsed.get(key)
+        if cached is None:
+            cached = self._parse(namespace, name, metadata)
+            self._parsed[key] = cached
+            if len(self._parsed) > PARSE_CACHE_SIZE:
+                self._parsed.popitem(last=False)
+        tid, spec = cached
+        return self.engine.ensure_target(tid, spec, self.sources.for_address(spec.server_address))
+
+    def _parse(
+        self, namespace: str, name: str, metadata: Mapping[str, str]
+    ) -> tuple[str, TriggerSpec]:
+        if not namespace:
+            raise InvalidInputError("scaledObjectRef.namespace", "is required")
+        if not name:
+            raise InvalidInputError("scaledObjectRef.name", "is required")
+        merged = {**self.settings.defaults, **metadata}
+        spec, unknown = parse_trigger_metadata(merged, known_models=MODEL_FACTORIES)
+        tid = target_id(namespace, name, spec.effective_metric_name)
+        self.sources.for_address(spec.server_address)  # reject unconfigured servers early
+        if unknown and tid not in self._warned:
+            self._warned.add(tid)
+            log.warning("target %s: ignoring unknown metadata keys %s", tid, ", ".join(unknown))
+        return tid, spec
+
+    def register_configured(self) -> list[Target]:
+        """Register the targets listed in the config file, so they are warm before KEDA asks."""
+        targets = []
+        for configured in self.settings.targets:
+            tid, spec = self._parse(configured.namespace, configured.name, configured.metadata)
+            source = self.sources.for_address(spec.server_address)
+            targets.append(self.engine.ensure_target(tid, spec, source, configured=True))
+        return targets

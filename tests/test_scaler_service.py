@@ -1,0 +1,372 @@
+"""The live path end to end: a real Prometheus, the real service, a real gRPC client calling in
+KEDA's order (GetMetricSpec, GetMetrics with the metric name, IsActive)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from forecaster.config import EngineSettings, Settings
+from forecaster.models import fit_with_fallback
+from forecaster.scaler.generated import externalscaler_pb2 as pb
+from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
+from forecaster.series import to_grid
+from forecaster.service import Service
+from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
+from tests.prometheus_server import PrometheusServer, backfill, load_trace, write_openmetrics
+
+TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
+STEP = 300
+SECRET = "s3cr3t-token-do-not-log"
+
+
+def _live_trace(now: datetime) -> pd.Series:
+    """The trace placed so that it runs from 14 days ago to 2 hours ahead, sampled each minute
+    by holding each 5-minute value: instant queries keep finding a sample however long the
+    session runs, and range queries on the 5-minute grid return the trace's own values."""
+    trace = load_trace(TRACE)
+    grid = trace.resample("5min").mean().ffill()
+    end = pd.Timestamp(now).floor("5min") + pd.Timedelta(hours=2)
+    grid.index = grid.index - grid.index[-1] + end
+    minutes = pd.date_range(grid.index[0], end + pd.Timedelta(minutes=4), freq="1min")
+    return grid.reindex(minutes, method="ffill")
+
+
+@pytest.fixture(scope="module")
+def live_blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("live")
+    series = _live_trace(datetime.now(UTC))
+    files = [root / name for name in ("web.om", "multi_a.om", "multi_b.om", "nan.om")]
+    write_openmetrics(series, "web_requests", files[0], {"job": "web"})
+    write_openmetrics(series, "multi_requests", files[1], {"instance": "a"})
+    write_openmetrics(series / 2, "multi_requests", files[2], {"instance": "b"})
+    write_openmetrics(series * np.nan, "nan_requests", files[3], {"job": "nan"})
+    backfill(files, root / "blocks")
+    return root / "blocks"
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(
+    live_blocks: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
+    with PrometheusServer(
+        blocks_dir=live_blocks, workdir=tmp_path_factory.mktemp("live-prom")
+    ) as server:
+        yield server
+
+
+class Clock:
+    """Real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def _settings(url: str, **engine: float) -> Settings:
+    return Settings(
+        engine=EngineSettings(
+            refresh_seconds=engine.get("refresh_seconds", 1.0),
+            refit_seconds=3600.0,
+            fit_workers=1,
+            first_value_wait_seconds=10.0,
+        ),
+        servers=(PrometheusServerConfig(url=url, bearer_token=SECRET, timeout_seconds=2.0,
+                                        retries=1),),
+        grpc_port=0,
+        http_port=0,
+        host="127.0.0.1",
+    )
+
+
+@pytest.fixture
+def make_service() -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def make(settings: Settings, **kwargs: object) -> Service:
+        service = Service(settings, **kwargs)  # type: ignore[arg-type]
+        service.start()
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+def _stub(service: Service) -> Iterator[pb_grpc.ExternalScalerStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        yield pb_grpc.ExternalScalerStub(channel)
+
+
+@pytest.fixture
+def service(live_prometheus: PrometheusServer, make_service: Callable[..., Service]) -> Service:
+    return make_service(_settings(live_prometheus.url))
+
+
+@pytest.fixture
+def stub(service: Service) -> Iterator[pb_grpc.ExternalScalerStub]:
+    yield from _stub(service)
+
+
+def _ref(url: str, **metadata: str) -> pb.ScaledObjectRef:
+    base = {
+        "serverAddress": url,
+        "query": 'sum(web_requests{job="web"})',
+        "targetValue": "16.7",
+        "model": "holt_winters",
+        "startupSeconds": "300",
+        "scalerAddress": "forecaster.autoscaling:50051",  # KEDA's own key, ignored
+    }
+    base.update(metadata)
+    return pb.ScaledObjectRef(name="web", namespace="shop", scalerMetadata=base)
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
+
+
+def _expected_planned(url: str, query: str, model: str, quantile: float, horizon: int) -> float:
+    """The planned load computed directly: same history from Prometheus, same model, same rule."""
+    now = time.time()
+    end = datetime.fromtimestamp(math.floor(now / STEP) * STEP, UTC)
+    with PrometheusSource(PrometheusServerConfig(url=url)) as source:
+        history = source.query_range(query, end - timedelta(days=14) + timedelta(seconds=STEP),
+                                     end, STEP)
+        _, current = source.query_instant(query, datetime.fromtimestamp(now, UTC))
+    grid = to_grid(history, pd.Timedelta(seconds=STEP))
+    fitted = fit_with_fallback(model, grid.filled, pd.Timedelta(seconds=STEP)).model
+    ahead = float(fitted.predict(horizon, [quantile]).quantile(quantile)[horizon - 1])
+    return max(ahead, current)
+
+
+def test_keda_call_order_serves_the_planned_load(
+    service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
+) -> None:
+    ref = _ref(live_prometheus.url)
+    spec = stub.GetMetricSpec(ref, timeout=10)
+    (metric,) = spec.metricSpecs
+    assert metric.targetSizeFloat == pytest.approx(16.7)
+    assert metric.targetSize == 17
+    target_id = f"shop/web/{metric.metricName}"
+    _wait_for(lambda: service.engine.get(target_id).snapshot.forecast is not None)
+
+    for _ in range(3):  # a 5-minute boundary may pass between the two computations: retry
+        response = stub.GetMetrics(
+            pb.GetMetricsRequest(scaledObjectRef=ref, metricName=metric.metricName), timeout=10
+        )
+        expected = _expected_planned(
+            live_prometheus.url, 'sum(web_requests{job="web"})', "holt_winters", 0.9, 2
+        )
+        (value,) = response.metricValues
+        if value.metricValueFloat == pytest.approx(expected, rel=1e-9):
+            break
+    assert value.metricName == metric.metricName
+    assert value.metricValueFloat == pytest.approx(expected, rel=1e-9)
+    assert value.metricValue == math.ceil(value.metricValueFloat)
+    planned = service.engine.serve(target_id)
+    assert planned.mode == "forecast"
+    assert planned.value >= planned.current  # the reactive floor
+
+    assert stub.IsActive(ref, timeout=10).result is True
+    quiet = _ref(live_prometheus.url, activationValue="1000000")
+    assert stub.IsActive(quiet, timeout=10).result is False
+
+
+def test_default_metric_name_is_stable_across_restarts(
+    live_prometheus: PrometheusServer, make_service: Callable[..., Service]
+) -> None:
+    names = []
+    for _ in range(2):
+        service = make_service(_settings(live_prometheus.url))
+        for stub in _stub(service):
+            names.append(stub.GetMetricSpec(_ref(live_prometheus.url), timeout=10)
+                         .metricSpecs[0].metricName)
+        service.stop()
+    digest = hashlib.sha256(
+        f"{live_prometheus.url}\nsum(web_requests{{job=\"web\"}})".encode()
+    ).hexdigest()
+    assert names == [f"fc-{digest[:12]}"] * 2
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"serverAddress": None}, "serverAddress"),
+        ({"query": None}, "query"),
+        ({"targetValue": None}, "targetValue"),
+        ({"targetValue": "-3"}, "targetValue"),
+        ({"targetValue": "lots"}, "targetValue"),
+        ({"quantile": "0.3"}, "quantile"),
+        ({"quantile": "1"}, "quantile"),
+        ({"startupSeconds": "soon"}, "startupSeconds"),
+        ({"historyWindow": "2 weeks"}, "historyWindow"),
+        ({"step": "0"}, "step"),
+        ({"model": "prophet"}, "model"),
+        ({"activationValue": "-1"}, "activationValue"),
+        ({"timeZone": "Mars/Olympus"}, "timeZone"),
+        ({"metricName": "bad name!"}, "metricName"),
+    ],
+)
+def test_bad_metadata_is_invalid_argument_naming_the_key(
+    stub: pb_grpc.ExternalScalerStub,
+    live_prometheus: PrometheusServer,
+    change: dict[str, str | None],
+    key: str,
+) -> None:
+    ref = _ref(live_prometheus.url)
+    for name, value in change.items():
+        if value is None:
+            del ref.scalerMetadata[name]
+        else:
+            ref.scalerMetadata[name] = value
+    for call in (
+        lambda: stub.GetMetricSpec(ref, timeout=10),
+        lambda: stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName="x"),
+                                timeout=10),
+        lambda: stub.IsActive(ref, timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert key in caught.value.details()
+
+
+def test_unconfigured_server_address_is_refused(
+    stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
+) -> None:
+    ref = _ref("http://127.0.0.1:1")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetMetricSpec(ref, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "serverAddress" in caught.value.details()
+    assert "not a configured Prometheus server" in caught.value.details()
+
+
+def test_wrong_metric_name_is_invalid_argument(
+    stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
+) -> None:
+    ref = _ref(live_prometheus.url)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName="s0-other"),
+                        timeout=10)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "metricName" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("multi_requests", ["sum("]),  # several series: says to aggregate
+        ('absent_requests{job="none"}', ["absent_requests"]),  # none: names the query
+        ('sum(nan_requests{job="nan"})', ["NaN"]),
+    ],
+)
+def test_unusable_query_results_are_unavailable_with_the_reason(
+    stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer, query: str,
+    words: list[str],
+) -> None:
+    ref = _ref(live_prometheus.url, query=query)
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=20)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    for word in words:
+        assert word in caught.value.details()
+
+
+def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailable(
+    live_blocks: Path,
+    make_service: Callable[..., Service],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # A server of this test's own, over the same data, that it may stop.
+    own = PrometheusServer(blocks_dir=live_blocks, workdir=tmp_path / "own")
+    with own:
+        clock = Clock()
+        service = make_service(_settings(own.url), clock=clock)
+        for stub in _stub(service):
+            ref = _ref(own.url)
+            name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+            target = service.engine.get(f"shop/web/{name}")
+            _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
+            request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
+            before = stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
+
+            own.stop()
+            failures = target.refresh_failures
+            _wait_for(lambda: target.refresh_failures > failures, timeout=30)  # noqa: B023
+            still = stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
+            assert still == before  # the last good forecast, while fresh
+
+            clock.offset = 2 * STEP + 1  # past max(2 x refresh, 2 x step)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetMetrics(request, timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "freshness" in caught.value.details()
+            assert SECRET not in caught.value.details()
+    assert "refresh of" in caplog.text  # the failure was logged ...
+    assert SECRET not in caplog.text  # ... without the credentials
+
+
+def test_new_target_answers_reactively_until_its_first_fit(
+    live_prometheus: PrometheusServer, make_service: Callable[..., Service]
+) -> None:
+    # The only fit worker is kept busy, so the new target has no model yet.
+    busy = ThreadPoolExecutor(1)
+    busy.submit(time.sleep, 30)
+    service = make_service(_settings(live_prometheus.url), fit_pool=busy)
+    try:
+        for stub in _stub(service):
+            ref = _ref(live_prometheus.url)
+            name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+            value = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
+                                    timeout=15).metricValues[0]
+            with PrometheusSource(PrometheusServerConfig(url=live_prometheus.url)) as source:
+                _, current = source.query_instant('sum(web_requests{job="web"})')
+            assert value.metricValueFloat == pytest.approx(current)
+            assert service.engine.serve(f"shop/web/{name}").mode == "reactive"
+    finally:
+        busy.shutdown(wait=False, cancel_futures=True)
+
+
+def test_stream_is_active_sends_at_once_and_ends_when_the_client_goes(
+    service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
+) -> None:
+    stream = stub.StreamIsActive(_ref(live_prometheus.url), timeout=30)
+    began = time.monotonic()
+    first = next(stream)
+    assert first.result is True
+    assert time.monotonic() - began < 15
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as caught:
+        next(stream)
+    assert caught.value.code() is grpc.StatusCode.CANCELLED
+
+
+def test_health_service_reports_serving(service: Service) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "externalscaler.ExternalScaler"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
