@@ -13,11 +13,12 @@ import math
 import multiprocessing
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,33 @@ BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)
 LOOP_PERIOD_SECONDS = 0.5
 
 Mode = Literal["forecast", "reactive"]
+ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
+
+
+class EngineListener(Protocol):
+    """Told of background work as it finishes (the service's metrics implement this)."""
+
+    def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None: ...
+
+    def refresh_finished(self, target_id: str, ok: bool) -> None: ...
+
+
+class _NoListener:
+    def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None:
+        pass
+
+    def refresh_finished(self, target_id: str, ok: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How the decision-horizon forecasts of the last ACCURACY_WINDOW intervals fared."""
+
+    scored: int
+    mae: float | None
+    coverage_80: float | None
+    last_abs_error: float | None
 
 
 @dataclass(frozen=True)
@@ -94,6 +122,10 @@ class Target:
     fallbacks: int = 0
     refresh_failures: int = 0
     fit_seconds: list[float] = field(default_factory=list)
+    pending: dict[pd.Timestamp, tuple[float, float, float]] = field(default_factory=dict)
+    errors: deque[tuple[float, bool]] = field(
+        default_factory=lambda: deque(maxlen=ACCURACY_WINDOW)
+    )
     first_value: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -109,6 +141,28 @@ class Target:
     @property
     def lead_steps(self) -> int:
         return math.ceil(self.spec.startup_seconds / self.spec.step_seconds)
+
+    def accuracy(self) -> Accuracy:
+        errors = list(self.errors)
+        if not errors:
+            return Accuracy(0, None, None, None)
+        return Accuracy(
+            scored=len(errors),
+            mae=float(np.mean([e for e, _ in errors])),
+            coverage_80=float(np.mean([inside for _, inside in errors])),
+            last_abs_error=errors[-1][0],
+        )
+
+    def score_arrivals(self, added: pd.Series) -> None:
+        """Score the decision-horizon forecasts made for bins that have now arrived."""
+        for timestamp, actual in added.items():
+            made = self.pending.pop(pd.Timestamp(timestamp), None)  # type: ignore[arg-type]
+            if made is not None and np.isfinite(actual):
+                mean, low, high = made
+                self.errors.append((abs(float(actual) - mean), low <= actual <= high))
+        if self.pending and len(added):
+            newest = added.index[-1]
+            self.pending = {t: v for t, v in self.pending.items() if t > newest}
 
 
 def freshness_limit(settings: EngineSettings, spec: TriggerSpec) -> float:
@@ -148,9 +202,11 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         fit_pool: Executor | None = None,
+        listener: EngineListener | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.listener: EngineListener = listener or _NoListener()
         self._targets: dict[str, Target] = {}
         self._registry_lock = threading.Lock()
         self._io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="refresh")
@@ -321,8 +377,11 @@ class Engine:
             target.refresh_failures += 1
             target.snapshot = replace(target.snapshot, last_error=str(exc))
             log.warning("refresh of %s failed: %s", target.target_id, exc)
+            self.listener.refresh_finished(target.target_id, False)
             return
+        self.listener.refresh_finished(target.target_id, True)
         added = target.buffer.extend(points)
+        target.score_arrivals(added)
         if target.model is not None and not added.empty:
             try:
                 target.model.update(added)
@@ -351,12 +410,14 @@ class Engine:
                 fit = future.result()
             except Exception as exc:  # a worker crash or a model bug: keep the last good model
                 target.fit_failures += 1
+                self.listener.fit_finished(target.target_id, seconds, False, False)
                 target.snapshot = replace(target.snapshot, last_error=f"fit failed: {exc}")
                 log.warning("fit of %s failed; keeping the last good model: %s",
                             target.target_id, exc)
                 return
             target.fits += 1
             target.fit_seconds = [*target.fit_seconds[-19:], seconds]
+            self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
             if fit.fell_back:
                 target.fallbacks += 1
                 log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
@@ -384,6 +445,11 @@ class Engine:
         if target.model is not None:
             quantiles = sorted({*BAND_QUANTILES, spec.quantile})
             forecast = target.model.predict(horizon, quantiles)
+            target.pending[forecast.timestamps[-1]] = (
+                float(forecast.mean[-1]),
+                float(forecast.quantile(0.1)[-1]),
+                float(forecast.quantile(0.9)[-1]),
+            )
         planned = plan(forecast, current[1], spec.quantile, horizon)
         target.snapshot = Snapshot(
             current_value=current[1],

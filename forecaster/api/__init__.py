@@ -27,6 +27,10 @@ def create_app(settings: Settings, engine: Engine, resolver: TargetResolver) -> 
     def healthz() -> tuple[Response, int]:
         return jsonify(status="ok"), 200
 
+    from forecaster.api import pages, routes
+
+    app.register_blueprint(routes.blueprint)
+    app.register_blueprint(pages.blueprint)
     return app
 
 
