@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+HTTP_PORT ?= 8080
+GRPC_PORT ?= 50051
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
@@ -15,9 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# The service on its embedded default: the bundled traces replayed as live targets.
 run: $(STAMP)
-	$(VENV)/bin/forecaster backtest data/aws_elb_request_count_8c0756.csv --target 16.70 \
-		--eval-start 2014-04-20T00:40Z --out out/backtest/aws_elb_request_count_8c0756
+	$(VENV)/bin/forecaster serve --demo --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
 # Debian's prometheus package gives a real server and promtool for the tests.
 prometheus:

@@ -168,6 +168,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
     p.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--demo", action="store_true",
+                   help="serve the bundled traces, replayed as live targets (no Prometheus)")
+    p.add_argument("--demo-data", type=Path, default=None,
+                   help="folder of timestamp,value CSV traces for --demo (default: data/)")
     p.set_defaults(handler=_run_serve)
 
 
@@ -182,7 +186,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host}
     settings = load_settings(args.config, overrides=overrides)
-    run_until_signalled(Service(settings))
+    source = None
+    if args.demo:
+        from forecaster.demo import demo_setup
+
+        settings, source = demo_setup(settings, args.demo_data)
+    run_until_signalled(Service(settings, source=source))
     return 0
 
 
