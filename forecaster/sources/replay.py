@@ -89,7 +89,8 @@ class ReplaySource:
         traces = {}
         for path in sorted(folder.glob("*.csv")):
             raw = read_csv(path)
-            median_step = pd.Timedelta(np.median(np.diff(pd.DatetimeIndex(raw.index).asi8)), unit="ns")
+            steps = np.diff(pd.DatetimeIndex(raw.index).asi8)
+            median_step = pd.Timedelta(float(np.median(steps)), unit="ns")
             if median_step <= pd.Timedelta(max_step):
                 traces[path.stem] = raw
         return cls(traces, clock=clock)
