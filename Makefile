@@ -9,7 +9,7 @@ export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: run test lint backtest bench proto prometheus clean
+.PHONY: run test test-deps lint backtest bench proto image clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,21 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/forecaster serve --demo --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
-# Debian's prometheus package gives a real server and promtool for the tests.
-prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+# Debian's packages the tests need: a real Prometheus with promtool, and headless Chromium to
+# render the page. Installed only when missing (as root, or with sudo).
+APT_PACKAGES := prometheus chromium fonts-dejavu-core
+test-deps:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	fi
 
-test: $(STAMP) prometheus
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -43,6 +50,11 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	PYTHON=$(PY) scripts/gen_proto.sh
+
+# The container image (Docker with BuildKit; no engine runs here or in CI: see docs/deploy.md).
+IMAGE ?= forecaster:dev
+image:
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

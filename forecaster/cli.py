@@ -195,6 +195,68 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export",
+        help="write a PromQL series from Prometheus as the CSV that backtest reads",
+        description="Evaluate one PromQL query over a time range and write timestamp,value CSV "
+        "(ISO-8601 UTC, strictly increasing, values as given) to --out or stdout.",
+    )
+    p.add_argument("--server", required=True, help="Prometheus URL, e.g. http://prometheus:9090")
+    p.add_argument("--query", required=True, help="PromQL returning one series (aggregate it)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--start", type=_timestamp, default=None, help="first point (ISO-8601)")
+    when.add_argument("--days", type=_positive_float, default=14.0,
+                      help="export the N days before --end (default 14)")
+    p.add_argument("--end", type=_timestamp, default=None,
+                   help="last point (ISO-8601; default now, floored to the step)")
+    p.add_argument("--step", type=_duration("step"), default=pd.Timedelta("1min"),
+                   help="resolution (default 1m)")
+    p.add_argument("--out", type=Path, default=None, help="CSV file to write (default stdout)")
+    p.add_argument("--bearer-token-file", default=None, help="file holding a bearer token")
+    p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra HTTP header, e.g. X-Scope-OrgID=team-a (repeatable)")
+    p.add_argument("--ca-file", default=None, help="CA bundle to verify an https server")
+    p.add_argument("--insecure-skip-verify", action="store_true",
+                   help="do not verify the server's TLS certificate")
+    p.add_argument("--timeout", type=_duration("timeout"), default=pd.Timedelta("30s"),
+                   help="per-request timeout (default 30s)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from forecaster import export
+
+    server = export.export_server(
+        args.server,
+        bearer_token_file=args.bearer_token_file,
+        headers=[export.parse_header(text) for text in args.header],
+        ca_file=args.ca_file,
+        insecure_skip_verify=args.insecure_skip_verify,
+        timeout_seconds=args.timeout.total_seconds(),
+    )
+    step = int(args.step.total_seconds())
+    start, end = export.export_window(
+        step_seconds=step,
+        now=datetime.now(UTC),
+        start=None if args.start is None else args.start.to_pydatetime(),
+        end=None if args.end is None else args.end.to_pydatetime(),
+        days=args.days,
+    )
+    if args.out is not None:
+        export.check_output_path(args.out)
+    series = export.fetch_series(server, args.query, start, end, step)
+    if args.out is None:
+        export.write_csv(series, sys.stdout)
+        sys.stdout.flush()
+    else:
+        export.write_csv_file(series, args.out)
+    print(export.summary(series, str(args.out or "stdout")), file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
 
@@ -209,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_backtest(sub)
     _add_serve(sub)
+    _add_export(sub)
     return parser
 
 

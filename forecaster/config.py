@@ -8,6 +8,7 @@ A config file (every key optional)::
     refitInterval: 1h           # refit each target's model this often
     targetIdleTimeout: 1h       # drop targets no scaler request asked about for this long
     fitWorkers: 2               # processes that fit models
+    dryRun: false               # true: forecast and publish decisions, serve KEDA the current load
     prometheus:                 # the servers scaler requests may name, with their credentials
       - url: http://prometheus.monitoring:9090
         bearerTokenFile: /var/run/secrets/prometheus/token   # or bearerTokenEnv, basicAuth
@@ -49,6 +50,7 @@ class EngineSettings:
     fit_workers: int = 2
     io_workers: int = 8
     first_value_wait_seconds: float = 3.0
+    dry_run: bool = False  # serve the reactive value to KEDA; forecasts are still published
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ def load_settings(
         ("refitInterval", "REFIT_INTERVAL"),
         ("targetIdleTimeout", "TARGET_IDLE_TIMEOUT"),
         ("fitWorkers", "FIT_WORKERS"),
+        ("dryRun", "DRY_RUN"),
     ):
         if f"{ENV_PREFIX}{env_name}" in env:
             raw[key] = env[f"{ENV_PREFIX}{env_name}"]
@@ -133,7 +136,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 KNOWN_KEYS = {
     "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
-    "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo",
+    "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo", "dryRun",
 }
 
 
@@ -148,16 +151,24 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         refit_seconds=_seconds(raw, "refitInterval", 3600),
         idle_seconds=_seconds(raw, "targetIdleTimeout", 3600),
         fit_workers=_int(raw, "fitWorkers", 2, low=1, high=64),
+        dry_run=_bool(raw.get("dryRun", False), "dryRun"),
     )
     servers = tuple(
         _server(item, f"prometheus[{i}]", env)
         for i, item in enumerate(_list(raw, "prometheus"))
     )
-    urls = [server.url for server in servers]
-    if len(set(urls)) != len(urls):
-        raise InvalidInputError("prometheus", "lists the same url twice")
+    first: dict[str, int] = {}
+    for i, server in enumerate(servers):
+        if server.url in first:
+            raise InvalidInputError(
+                f"prometheus[{i}].url",
+                f"{server.url!r} is already prometheus[{first[server.url]}]; list a server once",
+            )
+        first[server.url] = i
     defaults = _string_map(raw.get("defaults") or {}, "defaults")
     targets = tuple(_target(item, f"targets[{i}]") for i, item in enumerate(_list(raw, "targets")))
+    for i, target in enumerate(targets):
+        _check_target(target, f"targets[{i}]", defaults, servers)
     settings = Settings(
         engine=engine,
         servers=servers,
@@ -168,7 +179,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         host=str(raw.get("host", "0.0.0.0")),
         tls=_tls(raw.get("tls")),
         api_token=_secret(raw.get("apiToken"), "apiToken", env),
-        demo=bool(raw.get("demo", False)),
+        demo=_bool(raw.get("demo", False), "demo"),
     )
     return settings
 
@@ -187,15 +198,37 @@ def _seconds(raw: Mapping[str, Any], key: str, default: float) -> float:
     return float(seconds)
 
 
-def _int(raw: Mapping[str, Any], key: str, default: int, *, low: int, high: int) -> int:
+def _int(
+    raw: Mapping[str, Any], key: str, default: int, *, low: int, high: int, where: str = ""
+) -> int:
     value = raw.get(key, default)
+    name = f"{where}.{key}" if where else key
     try:
         number = int(str(value))
     except ValueError:
-        raise InvalidInputError(key, f"must be a whole number, got {reprlib.repr(value)}") from None
+        reason = f"must be a whole number, got {reprlib.repr(value)}"
+        raise InvalidInputError(name, reason) from None
     if not low <= number <= high:
-        raise InvalidInputError(key, f"must be between {low} and {high}, got {number}")
+        raise InvalidInputError(name, f"must be between {low} and {high}, got {number}")
     return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    # bool("false") is True: a quoted "false" must not turn insecureSkipVerify on.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InvalidInputError(where, f"must be true or false, got {reprlib.repr(value)}")
+
+
+def _known_keys(value: Mapping[str, Any], where: str, known: tuple[str, ...]) -> None:
+    # A misspelt key must not be ignored: "clientCaFile" would silently turn mutual TLS off.
+    unknown = sorted(str(key) for key in value if key not in known)
+    if unknown:
+        raise InvalidInputError(
+            f"{where}.{unknown[0]}", f"is not a setting here; known: {', '.join(known)}"
+        )
 
 
 def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
@@ -214,6 +247,7 @@ def _string_map(value: Any, where: str) -> dict[str, str]:
 def _target(item: Any, where: str) -> ConfiguredTarget:
     if not isinstance(item, dict):
         raise InvalidInputError(where, "must be a mapping with namespace, name and metadata")
+    _known_keys(item, where, ("namespace", "name", "metadata"))
     for key in ("namespace", "name", "metadata"):
         if key not in item:
             raise InvalidInputError(f"{where}.{key}", "is required")
@@ -224,6 +258,35 @@ def _target(item: Any, where: str) -> ConfiguredTarget:
     )
 
 
+def _check_target(
+    target: ConfiguredTarget,
+    where: str,
+    defaults: Mapping[str, str],
+    servers: tuple[PrometheusServerConfig, ...],
+) -> None:
+    """Parse a configured target as start-up will, so a bad one fails here, naming its path."""
+    from forecaster.models import MODEL_FACTORIES
+    from forecaster.scaler.metadata import parse_trigger_metadata
+
+    for key in ("namespace", "name"):
+        if not getattr(target, key):
+            raise InvalidInputError(f"{where}.{key}", "must not be empty")
+    try:
+        spec, _ = parse_trigger_metadata({**defaults, **target.metadata},
+                                         known_models=MODEL_FACTORIES)
+    except InvalidInputError as exc:
+        from_defaults = exc.field in defaults and exc.field not in target.metadata
+        origin = "defaults" if from_defaults else f"{where}.metadata"
+        raise InvalidInputError(f"{origin}.{exc.field}", exc.reason) from exc
+    urls = sorted(server.url for server in servers)
+    if urls and spec.server_address not in urls:
+        raise InvalidInputError(
+            f"{where}.metadata.serverAddress",
+            f"{spec.server_address!r} is not a configured Prometheus server; "
+            f"configured: {', '.join(urls)}",
+        )
+
+
 def _secret(value: Any, where: str, env: Mapping[str, str]) -> str | None:
     """A secret given as {file: PATH} or {env: NAME}; never inline in the file."""
     if value is None:
@@ -231,50 +294,80 @@ def _secret(value: Any, where: str, env: Mapping[str, str]) -> str | None:
     if not isinstance(value, dict) or len(value) != 1 or not ({"file", "env"} & set(value)):
         raise InvalidInputError(where, "must be {file: PATH} or {env: NAME}")
     if "file" in value:
-        try:
-            return Path(value["file"]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise InvalidInputError(
-                f"{where}.file", f"cannot read {value['file']!r}: {exc.strerror}"
-            ) from exc
-    name = str(value["env"])
-    if name not in env:
-        raise InvalidInputError(f"{where}.env", f"environment variable {name!r} is not set")
-    return env[name]
+        return _file_secret(value["file"], f"{where}.file")
+    return _env_secret(value["env"], f"{where}.env", env)
+
+
+def _file_secret(path: Any, where: str) -> str:
+    try:
+        secret = Path(str(path)).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InvalidInputError(where, f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    if not secret:
+        raise InvalidInputError(where, f"{str(path)!r} is empty")
+    return secret
+
+
+def _env_secret(name: Any, where: str, env: Mapping[str, str]) -> str:
+    if str(name) not in env:
+        raise InvalidInputError(where, f"environment variable {str(name)!r} is not set")
+    return env[str(name)]
+
+
+SERVER_KEYS = (
+    "url", "bearerTokenFile", "bearerTokenEnv", "basicAuth", "headers", "caFile",
+    "insecureSkipVerify", "timeout", "retries",
+)
+# PrometheusServerConfig's field names, as the config file spells them.
+_SERVER_FIELDS = {
+    "bearer_token": "bearerTokenEnv", "bearer_token_file": "bearerTokenFile",
+    "basic_auth": "basicAuth", "ca_file": "caFile", "insecure_skip_verify": "insecureSkipVerify",
+    "timeout_seconds": "timeout",
+}
 
 
 def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerConfig:
     if not isinstance(item, dict) or "url" not in item:
         raise InvalidInputError(f"{where}.url", "is required")
+    _known_keys(item, where, SERVER_KEYS)
     token = None
     if "bearerTokenEnv" in item:
-        token = _secret({"env": item["bearerTokenEnv"]}, f"{where}.bearerTokenEnv", env)
+        token = _env_secret(item["bearerTokenEnv"], f"{where}.bearerTokenEnv", env)
+    if "bearerTokenFile" in item:
+        # Checked now so a wrong path fails at start-up; still re-read at each request.
+        _file_secret(item["bearerTokenFile"], f"{where}.bearerTokenFile")
     basic = None
     if "basicAuth" in item:
         auth = item["basicAuth"]
         if not isinstance(auth, dict) or "username" not in auth:
             raise InvalidInputError(f"{where}.basicAuth", "needs username and passwordFile/Env")
-        password_source = {k: v for k, v in auth.items() if k in ("file", "env")}
+        _known_keys(auth, f"{where}.basicAuth", ("username", "passwordFile", "passwordEnv"))
         if "passwordFile" in auth:
-            password_source = {"file": auth["passwordFile"]}
+            password = _file_secret(auth["passwordFile"], f"{where}.basicAuth.passwordFile")
         elif "passwordEnv" in auth:
-            password_source = {"env": auth["passwordEnv"]}
-        password = _secret(password_source, f"{where}.basicAuth.password", env)
-        basic = (str(auth["username"]), password or "")
+            password = _env_secret(auth["passwordEnv"], f"{where}.basicAuth.passwordEnv", env)
+        else:
+            raise InvalidInputError(f"{where}.basicAuth", "needs passwordFile or passwordEnv")
+        basic = (str(auth["username"]), password)
+    headers = _string_map(item.get("headers") or {}, f"{where}.headers")
+    timeout = parse_duration(str(item.get("timeout", "10s")), f"{where}.timeout")
+    retries = _int(item, "retries", 2, low=0, high=10, where=where)
+    skip_verify = _bool(item.get("insecureSkipVerify", False), f"{where}.insecureSkipVerify")
     try:
         return PrometheusServerConfig(
             url=str(item["url"]),
             bearer_token=token,
             bearer_token_file=item.get("bearerTokenFile"),
             basic_auth=basic,
-            headers=_string_map(item.get("headers") or {}, f"{where}.headers"),
+            headers=headers,
             ca_file=item.get("caFile"),
-            insecure_skip_verify=bool(item.get("insecureSkipVerify", False)),
-            timeout_seconds=float(parse_duration(str(item.get("timeout", "10s")), "timeout")),
-            retries=int(item.get("retries", 2)),
+            insecure_skip_verify=skip_verify,
+            timeout_seconds=float(timeout),
+            retries=retries,
         )
     except InvalidInputError as exc:
-        raise InvalidInputError(f"{where}.{exc.field}", exc.reason) from exc
+        field_name = _SERVER_FIELDS.get(exc.field, exc.field)
+        raise InvalidInputError(f"{where}.{field_name}", exc.reason) from exc
 
 
 def _tls(value: Any) -> TlsSettings | None:
@@ -282,6 +375,7 @@ def _tls(value: Any) -> TlsSettings | None:
         return None
     if not isinstance(value, dict) or "certFile" not in value or "keyFile" not in value:
         raise InvalidInputError("tls", "needs certFile and keyFile (and optionally clientCAFile)")
+    _known_keys(value, "tls", ("certFile", "keyFile", "clientCAFile"))
     for key in ("certFile", "keyFile", "clientCAFile"):
         if key in value and not Path(value[key]).is_file():
             raise InvalidInputError(f"tls.{key}", f"{value[key]!r} is not a readable file")

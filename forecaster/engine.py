@@ -8,13 +8,15 @@ up the process that answers requests). A fit that fails keeps the last good mode
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import multiprocessing
+import pickle
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)
 LOOP_PERIOD_SECONDS = 0.5
 
-Mode = Literal["forecast", "reactive"]
+Mode = Literal["forecast", "reactive", "dry_run"]
 ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
 
 
@@ -180,11 +182,34 @@ def _pin_worker_threads() -> None:
     threadpool_limits(limits=1)
 
 
-def fit_job(model: str, step_seconds: int, start: pd.Timestamp, values: np.ndarray) -> FallbackFit:
-    """Runs in a worker process: fit on a grid given as start + values (cheap to pickle)."""
-    step = pd.Timedelta(seconds=step_seconds)
-    index = pd.date_range(start, periods=len(values), freq=step)
-    return fit_with_fallback(model, pd.Series(values, index=index), step)
+@dataclass(frozen=True)
+class FitRequest:
+    """What a worker process needs to fit one target: the grid as start + values (cheap to
+    pickle), and the model it replaces, pickled under the target's lock so that it is a
+    consistent copy (it may carry a model selection that is costly to redo)."""
+
+    model: str
+    step_seconds: int
+    start: pd.Timestamp
+    values: np.ndarray
+    quantile: float
+    horizon: int
+    previous: bytes | None
+
+
+def fit_job(request: FitRequest) -> FallbackFit:
+    """Runs in a worker process."""
+    step = pd.Timedelta(seconds=request.step_seconds)
+    index = pd.date_range(request.start, periods=len(request.values), freq=step)
+    previous = pickle.loads(request.previous) if request.previous is not None else None
+    return fit_with_fallback(
+        request.model,
+        pd.Series(request.values, index=index),
+        step,
+        quantile=request.quantile,
+        horizon=request.horizon,
+        previous=previous,
+    )
 
 
 class Engine:
@@ -232,8 +257,13 @@ class Engine:
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=5)
+        # A fit in flight would hold up the exit (Kubernetes sends SIGTERM at any time): end the
+        # worker processes too. The pool keeps them in a private attribute.
+        workers = list((getattr(self._fits, "_processes", None) or {}).values())
         self._io.shutdown(wait=False, cancel_futures=True)
         self._fits.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.terminate()
 
     def _run(self) -> None:
         while not self._stop.wait(LOOP_PERIOD_SECONDS):
@@ -261,7 +291,8 @@ class Engine:
             if target is None or target.spec != spec:
                 if target is not None:
                     log.info("target %s changed its trigger; starting a new series", target_id)
-                target = Target(target_id, spec, source, configured=configured)
+                keep = configured or (target is not None and target.configured)
+                target = Target(target_id, spec, source, configured=keep)
                 target.last_requested = now
                 self._targets[target_id] = target
                 log.info("new target %s: serving the current value until its first fit", target_id)
@@ -304,6 +335,9 @@ class Engine:
                 f"freshness limit{reason}",
                 retry_after_seconds=self.settings.refresh_seconds,
             )
+        if self.settings.dry_run:
+            # The decision stays published (REST, /metrics); KEDA gets the reactive value.
+            return replace(snapshot.planned, value=snapshot.planned.current, mode="dry_run")
         return snapshot.planned
 
     def is_active(self, target_id: str) -> bool:
@@ -313,6 +347,25 @@ class Engine:
         activation = self.get(target_id).spec.activation_value
         peak = max(planned.current, planned.peak_over_lead or 0.0, planned.value)
         return peak > activation
+
+    def touch(self, target_id: str) -> None:
+        """Count a read (e.g. KEDA's metrics-api over REST) as activity, so the target stays."""
+        self.get(target_id).last_requested = self.clock()
+
+    def predict(
+        self, target_id: str, horizon: int, quantiles: Sequence[float]
+    ) -> tuple[Snapshot, Forecast]:
+        """A forecast of any horizon from the target's current model (never a fit): the model
+        is copied under the lock, then predicts outside it."""
+        target = self.get(target_id)
+        with target.lock:
+            snapshot, model = target.snapshot, copy.deepcopy(target.model)
+        if model is None:
+            raise NotReadyError(
+                f"target {target_id} has no fitted model yet",
+                retry_after_seconds=self.settings.refresh_seconds,
+            )
+        return snapshot, model.predict(horizon, quantiles)
 
     def age(self, snapshot: Snapshot) -> float:
         if snapshot.current_time is None:
@@ -344,8 +397,10 @@ class Engine:
 
     def _refresh(self, target: Target) -> None:
         try:
-            with target.lock:
-                self._refresh_locked(target)
+            fetched = self._fetch(target)
+            if fetched is not None:
+                with target.lock:  # held only to fold in and publish, never during a query
+                    self._apply(target, *fetched)
         except Exception:
             log.exception("refresh of %s failed unexpectedly", target.target_id)
         finally:
@@ -353,7 +408,12 @@ class Engine:
         if target.model is None and not target.fit_pending and len(target.buffer):
             self._submit_fit(target)
 
-    def _refresh_locked(self, target: Target) -> None:
+    def _fetch(self, target: Target) -> tuple[pd.Series, tuple[float, float]] | None:
+        """New grid points since the last refresh, and the current value; None on failure.
+
+        Only this target's refresh extends its buffer, and refreshes of one target never
+        overlap, so reading `buffer.last` here needs no lock.
+        """
         spec, now = target.spec, self.clock()
         step = spec.step_seconds
         end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
@@ -378,8 +438,11 @@ class Engine:
             target.snapshot = replace(target.snapshot, last_error=str(exc))
             log.warning("refresh of %s failed: %s", target.target_id, exc)
             self.listener.refresh_finished(target.target_id, False)
-            return
+            return None
         self.listener.refresh_finished(target.target_id, True)
+        return points, (stamp.timestamp(), value)
+
+    def _apply(self, target: Target, points: pd.Series, current: tuple[float, float]) -> None:
         added = target.buffer.extend(points)
         target.score_arrivals(added)
         if target.model is not None and not added.empty:
@@ -388,16 +451,26 @@ class Engine:
             except ForecasterError as exc:
                 log.warning("update of %s failed, refitting: %s", target.target_id, exc)
                 target.model = None
-        self._publish(target, current=(stamp.timestamp(), value))
+        self._publish(target, current=current)
         target.first_value.set()
 
     def _submit_fit(self, target: Target) -> None:
-        target.fit_pending = True
-        series = target.buffer.series()
+        with target.lock:
+            if target.fit_pending:  # the loop and a refresh may both ask
+                return
+            target.fit_pending = True
+            series = target.buffer.series()
+            request = FitRequest(
+                model=target.spec.model,
+                step_seconds=target.spec.step_seconds,
+                start=series.index[0],
+                values=series.to_numpy(),
+                quantile=target.spec.quantile,
+                horizon=1 + target.lead_steps,
+                previous=pickle.dumps(target.model) if target.model is not None else None,
+            )
         began = time.perf_counter()
-        future = self._fits.submit(
-            fit_job, target.spec.model, target.spec.step_seconds, series.index[0], series.to_numpy()
-        )
+        future = self._fits.submit(fit_job, request)
         future.add_done_callback(lambda done: self._fitted(target, done, began))
 
     def _fitted(self, target: Target, future: Future[FallbackFit], began: float) -> None:
@@ -415,9 +488,7 @@ class Engine:
                 log.warning("fit of %s failed; keeping the last good model: %s",
                             target.target_id, exc)
                 return
-            target.fits += 1
             target.fit_seconds = [*target.fit_seconds[-19:], seconds]
-            self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
             if fit.fell_back:
                 target.fallbacks += 1
                 log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
@@ -429,8 +500,11 @@ class Engine:
                 model.update(newer)
             except ForecasterError as exc:
                 target.fit_failures += 1
+                self.listener.fit_finished(target.target_id, seconds, False, fit.fell_back)
                 log.warning("fitted model of %s could not catch up: %s", target.target_id, exc)
                 return
+            target.fits += 1
+            self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
             target.model = model
             target.snapshot = replace(target.snapshot, fitted_at=now, model=model.name)
             current = target.snapshot.current_value

@@ -10,12 +10,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from types import FrameType
 
+from prometheus_client import CollectorRegistry
+
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.scaler.server import create_server, stop_gracefully
 from forecaster.scaler.servicer import ExternalScaler
 from forecaster.sources import HistorySource
 from forecaster.targets import SourceRegistry, TargetResolver
+from forecaster.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +41,32 @@ class Service:
         from forecaster.api import HttpServer, create_app
 
         self.settings = settings
-        self.engine = Engine(settings.engine, clock=clock, fit_pool=fit_pool)
+        self.registry = CollectorRegistry()
+        self.telemetry = Telemetry(self.registry)
+        self.engine = Engine(
+            settings.engine, clock=clock, fit_pool=fit_pool, listener=self.telemetry
+        )
+        self.telemetry.track(self.engine)
         self.sources = SourceRegistry(settings.servers, fixed=source)
         self.resolver = TargetResolver(self.engine, settings, self.sources)
-        self.servicer = ExternalScaler(self.engine, self.resolver)
+        self.servicer = ExternalScaler(
+            self.engine, self.resolver, on_request=self.telemetry.grpc_request
+        )
         self.grpc_server, self.grpc_port, self.health = create_server(
             f"{settings.host}:{settings.grpc_port}", self.servicer, tls=settings.tls
         )
         self.app = create_app(settings, self.engine, self.resolver)
+        self.app.extensions["forecaster.telemetry"] = self.telemetry
         self.http_server = HttpServer(self.app, settings.host, settings.http_port)
         self.http_port = self.http_server.port
 
     def start(self) -> None:
+        try:
+            self.resolver.register_configured()
+        except Exception:
+            self.engine.stop()
+            raise
         self.engine.start()
-        self.resolver.register_configured()
         self.grpc_server.start()
         self.http_server.start()
         log.info("serving gRPC on port %d and HTTP on port %d", self.grpc_port, self.http_port)

@@ -103,6 +103,13 @@ class TargetResolver:
             log.warning("target %s: ignoring unknown metadata keys %s", tid, ", ".join(unknown))
         return tid, spec
 
+    def configured_ids(self) -> list[str]:
+        """The target ids of the config file's targets."""
+        return [
+            self._parse(configured.namespace, configured.name, configured.metadata)[0]
+            for configured in self.settings.targets
+        ]
+
     def register_configured(self) -> list[Target]:
         """Register the targets listed in the config file, so they are warm before KEDA asks."""
         targets = []

@@ -370,3 +370,26 @@ def test_health_service_reports_serving(service: Service) -> None:
         for name in ("", "externalscaler.ExternalScaler"):
             answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_dry_run_serves_the_current_load_and_keeps_the_decision(
+    live_prometheus: PrometheusServer, make_service: Callable[..., Service]
+) -> None:
+    base = _settings(live_prometheus.url)
+    settings = Settings(
+        engine=EngineSettings(refresh_seconds=1.0, fit_workers=1, first_value_wait_seconds=10.0,
+                              dry_run=True),
+        servers=base.servers, grpc_port=0, http_port=0, host="127.0.0.1",
+    )
+    service = make_service(settings)
+    for stub in _stub(service):
+        ref = _ref(live_prometheus.url)
+        name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+        target = service.engine.get(f"shop/web/{name}")
+        _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
+        served = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
+                                 timeout=10).metricValues[0].metricValueFloat
+        decision = target.snapshot.planned
+        assert decision is not None and decision.mode == "forecast"
+        assert served == pytest.approx(decision.current)
+        assert service.engine.serve(target.target_id).mode == "dry_run"

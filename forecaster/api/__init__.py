@@ -6,20 +6,25 @@ import threading
 from typing import Any, cast
 
 from flask import Flask, Response, jsonify
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
+from forecaster.api.auth import require_bearer_token
+from forecaster.api.errors import register_error_handlers
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.targets import TargetResolver
 
 HTTP_THREADS = 8
 LOOP_SLICE_SECONDS = 0.2
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 def create_app(settings: Settings, engine: Engine, resolver: TargetResolver) -> Flask:
     """The Flask app for one engine; no global state, so tests build as many as they like."""
     app = Flask("forecaster")
     app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413
     app.extensions["forecaster.engine"] = engine
     app.extensions["forecaster.resolver"] = resolver
 
@@ -31,6 +36,8 @@ def create_app(settings: Settings, engine: Engine, resolver: TargetResolver) -> 
 
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(pages.blueprint)
+    register_error_handlers(app)
+    require_bearer_token(app, settings.api_token)
     return app
 
 
@@ -63,4 +70,9 @@ class HttpServer:
         self._stopping.set()
         self._thread.join(timeout=5)
         self._server.task_dispatcher.shutdown()
+        # Connections still open (a client's keep-alive, or a close not yet read) would leak
+        # their sockets: the loop that would have closed them has stopped.
+        for dispatcher in list(self._server._map.values()):
+            if isinstance(dispatcher, HTTPChannel):
+                dispatcher.close()
         self._server.close()

@@ -2,6 +2,280 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+import base64
+import hashlib
+import math
+from dataclasses import dataclass
+
+from flask import Blueprint, Response, current_app, render_template_string, request, url_for
+from flask.sansio.blueprints import BlueprintSetupState
+from prometheus_client.exposition import choose_encoder
+
+from forecaster.api.errors import error_response
+from forecaster.engine import Engine, Target, freshness_limit
+from forecaster.errors import UnknownTargetError
+from forecaster.plots import PlotCache
+from forecaster.targets import target_id
+from forecaster.telemetry import Telemetry, planned_replicas, target_labels
 
 blueprint = Blueprint("pages", __name__)
+
+ENGINE_KEY = "forecaster.engine"
+TELEMETRY_KEY = "forecaster.telemetry"
+PLOTS_KEY = "forecaster.plots"
+REFRESH_SECONDS = 30
+
+# Marks each plot loaded or failed (and says so on the page); allowed by its hash alone.
+_SCRIPT = (
+    "window.addEventListener('load',function(){"
+    "document.querySelectorAll('img.plot').forEach(function(img){"
+    "var ok=img.complete&&img.naturalWidth>0;"
+    "img.dataset.state=ok?'loaded':'failed';"
+    "if(!ok){img.insertAdjacentText('afterend','plot unavailable');}"
+    "});document.body.dataset.ready='1';});"
+)
+_STYLE = """
+body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;padding:16px 24px;
+max-width:1200px;color:#1d1d1f;background:#fafafa}
+h1{font-size:20px;margin:0 0 4px}
+p.meta{color:#666;margin:0 0 16px}
+table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:20px}
+th,td{text-align:left;padding:6px 10px;border-bottom:1px solid #e5e5e5;vertical-align:top}
+th{background:#f0f0f0;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
+.fresh{background:#dff3e3;color:#1b5e20}.stale{background:#fde2e1;color:#b71c1c}
+.waiting{background:#eee;color:#555}.reactive{background:#fff3cd;color:#7a5b00}
+.forecast{background:#e3ecf9;color:#1f4e79}
+code{font-size:12px;color:#444;word-break:break-all}
+section.target{background:#fff;border:1px solid #e5e5e5;border-radius:6px;padding:12px;
+margin-bottom:16px}
+section.target h2{font-size:15px;margin:0 0 6px}
+img.plot{max-width:100%;height:auto;display:block}
+.error{color:#b71c1c}
+.empty{padding:24px;background:#fff;border:1px dashed #ccc;border-radius:6px;color:#555}
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Nothing loads from elsewhere, and only this page's own script and style run: a name that
+# slipped through escaping still could not execute.
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; img-src 'self'; script-src {_csp_hash(_SCRIPT)}; "
+    f"style-src {_csp_hash(_STYLE)}; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="{{ refresh }}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>forecaster</title>
+<style>{{ style|safe }}</style>
+</head>
+<body>
+<h1>forecaster</h1>
+<p class="meta">{{ rows|length }} target{{ '' if rows|length == 1 else 's' }}
+{%- if dry_run %} · <strong>dry run</strong>: KEDA is served the current load{% endif %}
+ · refreshes every {{ refresh }} s · <a href="metrics">/metrics</a></p>
+{% if not rows %}
+<div class="empty" id="no-targets">No targets yet. A target appears when KEDA first asks about
+a ScaledObject whose trigger names this scaler, or when it is listed under <code>targets</code>
+in the config file.</div>
+{% else %}
+<table id="targets">
+<thead><tr><th>target</th><th>model</th><th>mode</th><th>data</th>
+<th>current</th><th>planned load</th><th>planned replicas</th><th>accuracy</th></tr></thead>
+<tbody>
+{% for row in rows %}
+<tr class="target-row" data-target="{{ row.target_id }}">
+<td><a href="#{{ row.anchor }}">{{ row.namespace }}/{{ row.name }}</a><br>
+<code>{{ row.metric }}</code></td>
+<td>{{ row.model }}{% if row.requested != row.model %}<br><small>asked: {{ row.requested }}
+</small>{% endif %}</td>
+<td><span class="badge {{ row.mode }}">{{ row.mode }}</span></td>
+<td><span class="badge {{ row.freshness }}">{{ row.freshness }}</span>
+{%- if row.age is not none %}<br><small>{{ row.age }} old</small>{% endif %}</td>
+<td class="num">{{ row.current }}</td>
+<td class="num">{{ row.planned }}</td>
+<td class="num">{{ row.replicas }}<br><small>at {{ row.target_value }} each</small></td>
+<td>{{ row.accuracy }}</td>
+</tr>
+{% endfor %}
+</tbody>
+</table>
+{% for row in rows %}
+<section class="target" id="{{ row.anchor }}">
+<h2>{{ row.target_id }}</h2>
+<p><code>{{ row.query }}</code></p>
+{% if row.error %}<p class="error">{{ row.error }}</p>{% endif %}
+<img class="plot" src="{{ row.plot_url }}" width="900" height="560"
+alt="load, forecast and planned replicas of {{ row.target_id }}">
+</section>
+{% endfor %}
+{% endif %}
+<script>{{ script|safe }}</script>
+</body>
+</html>
+"""
+
+
+@dataclass(frozen=True)
+class _Row:
+    target_id: str
+    anchor: str
+    namespace: str
+    name: str
+    metric: str
+    query: str
+    model: str
+    requested: str
+    mode: str
+    freshness: str
+    age: str | None
+    current: str
+    planned: str
+    replicas: str
+    target_value: str
+    accuracy: str
+    error: str | None
+    plot_url: str
+
+
+@blueprint.record_once
+def _setup(state: BlueprintSetupState) -> None:
+    state.app.extensions.setdefault(PLOTS_KEY, PlotCache())
+
+
+@blueprint.after_app_request
+def _count_request(response: Response) -> Response:
+    """Count every HTTP request of the app (REST routes included) by route rule and status."""
+    telemetry: Telemetry | None = current_app.extensions.get(TELEMETRY_KEY)
+    if telemetry is not None:
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        telemetry.http_request(request.method, rule, response.status_code)
+    return response
+
+
+def _engine() -> Engine:
+    engine: Engine = current_app.extensions[ENGINE_KEY]
+    return engine
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    telemetry: Telemetry | None = current_app.extensions.get(TELEMETRY_KEY)
+    if telemetry is None:
+        return error_response(404, "metrics are not enabled: the app has no Telemetry")
+    # The format the scraper asks for: OpenMetrics for Prometheus, the text format otherwise.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encode(telemetry.registry), content_type=content_type)
+
+
+# `path:` for the name: KEDA names never hold a slash, but a target registered from a config
+# file may, and its plot should still load.
+@blueprint.get("/api/v1/targets/<namespace>/<path:name>/<metric>/plot.png")
+def plot(namespace: str, name: str, metric: str) -> Response:
+    """The plot as part of the REST API (behind the API token when one is set)."""
+    return _plot(namespace, name, metric)
+
+
+@blueprint.get("/targets/<namespace>/<path:name>/<metric>/plot.png")
+def page_plot(namespace: str, name: str, metric: str) -> Response:
+    """The same plot for the page's <img> tags, open like the page: a browser sends no token."""
+    return _plot(namespace, name, metric)
+
+
+def _plot(namespace: str, name: str, metric: str) -> Response:
+    try:
+        target = _engine().get(target_id(namespace, name, metric))
+    except UnknownTargetError as exc:
+        return error_response(404, str(exc))
+    cache: PlotCache = current_app.extensions[PLOTS_KEY]
+    response = Response(cache.png(target), mimetype="image/png")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@blueprint.get("/")
+def index() -> Response:
+    engine = _engine()
+    targets = sorted(engine.targets(), key=lambda target: target.target_id)
+    rows = [_row(engine, target, index) for index, target in enumerate(targets)]
+    html = render_template_string(  # autoescaped: a template from a string always is
+        _PAGE,
+        rows=rows,
+        refresh=REFRESH_SECONDS,
+        dry_run=bool(getattr(engine.settings, "dry_run", False)),
+        style=_STYLE,
+        script=_SCRIPT,
+    )
+    response = Response(html, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _row(engine: Engine, target: Target, index: int) -> _Row:
+    snapshot, spec = target.snapshot, target.spec
+    namespace, name, metric = target_labels(target.target_id)
+    planned = snapshot.planned
+    age = engine.age(snapshot)
+    if planned is None:
+        freshness = "waiting"
+    elif age <= freshness_limit(engine.settings, spec):
+        freshness = "fresh"
+    else:
+        freshness = "stale"
+    accuracy = target.accuracy()
+    if accuracy.scored:
+        coverage = accuracy.coverage_80 or 0.0
+        accuracy_text = (
+            f"MAE {_number(accuracy.mae)} · 80% band held {coverage:.0%} "
+            f"(last {accuracy.scored})"
+        )
+    else:
+        accuracy_text = "not scored yet"
+
+    return _Row(
+        target_id=target.target_id,
+        anchor=f"target-{index}",
+        namespace=namespace,
+        name=name,
+        metric=metric,
+        query=spec.query,
+        model=snapshot.model or "none",
+        requested=spec.model,
+        mode=planned.mode if planned is not None else "waiting",
+        freshness=freshness,
+        age=_duration(age) if math.isfinite(age) else None,
+        current=_number(snapshot.current_value),
+        planned=_number(planned.value if planned is not None else None),
+        replicas=(
+            str(planned_replicas(planned.value, spec.target_value)) if planned is not None
+            else "–"
+        ),
+        target_value=_number(spec.target_value),
+        accuracy=accuracy_text,
+        error=snapshot.last_error,
+        plot_url=url_for(".page_plot", namespace=namespace, name=name, metric=metric),
+    )

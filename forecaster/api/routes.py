@@ -1,7 +1,389 @@
-"""The REST API under /api/v1 (JSON in, JSON out, one error shape)."""
+"""The REST API under /api/v1 (JSON in, JSON out, one error shape), plus /readyz and
+/openapi.json.
+
+A target's id is `namespace/name/metricName`; URLs carry it as three path segments:
+`/api/v1/targets/<namespace>/<name>/<metric>/...`. Reads come from the engine's published
+snapshots and never wait on a fit; the two kinds of heavier work (an ad-hoc fit, a forecast
+longer than the snapshot's) run in the request, each kind at most N at a time (503 past that).
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import json
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
+
+from forecaster.api import inputs, render
+from forecaster.api.errors import Busy, Unprocessable
+from forecaster.api.openapi import openapi_document
+from forecaster.config import Settings
+from forecaster.engine import Engine, Snapshot, Target, freshness_limit
+from forecaster.errors import (
+    ForecasterError,
+    InvalidInputError,
+    NotReadyError,
+    UnknownTargetError,
+)
+from forecaster.models import Forecast, fit_with_fallback
+from forecaster.policy import HpaState, ScalingPolicy, hpa_step, recommend
+from forecaster.series import to_grid
+from forecaster.sources import HistorySource
+from forecaster.targets import TargetResolver, target_id
 
 blueprint = Blueprint("api", __name__)
+
+# `path:` for the name, as for the plots: KEDA names never hold a slash, a configured one may.
+TARGET = "/api/v1/targets/<namespace>/<path:name>/<metric>"
+ADHOC_SLOTS = 2  # ad-hoc fits at once
+FORECAST_SLOTS = 2  # forecasts beyond the snapshot at once
+BUSY_RETRY_AFTER_SECONDS = 5
+CACHE_ENTRIES = 64
+FIT_HORIZON = 2  # what the engine fits for; longer horizons are predicted from that fit
+MAX_REPLICAS = 100_000
+
+
+class ForecastCache:
+    """Long forecasts per (target, horizon, quantiles), valid while the snapshot they were
+    computed with is still the target's published one (snapshots are replaced, never mutated)."""
+
+    def __init__(self, size: int = CACHE_ENTRIES) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[Any, ...], tuple[Snapshot, Forecast]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...], snapshot: Snapshot) -> Forecast | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] is not snapshot:
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: tuple[Any, ...], snapshot: Snapshot, forecast: Forecast) -> None:
+        with self._lock:
+            self._entries[key] = (snapshot, forecast)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+
+@dataclass
+class ApiState:
+    """Per-app limits and caches (no module-level state: tests build many apps)."""
+
+    adhoc_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(ADHOC_SLOTS)
+    )
+    forecast_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(FORECAST_SLOTS)
+    )
+    cache: ForecastCache = field(default_factory=ForecastCache)
+    configured_ids: tuple[str, ...] | None = None
+
+
+@blueprint.record_once
+def _setup(state: BlueprintSetupState) -> None:
+    state.app.extensions["forecaster.api"] = ApiState()
+
+
+def _engine() -> Engine:
+    engine: Engine = current_app.extensions["forecaster.engine"]
+    return engine
+
+
+def _resolver() -> TargetResolver:
+    resolver: TargetResolver = current_app.extensions["forecaster.resolver"]
+    return resolver
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.config["SETTINGS"]
+    return settings
+
+
+def _state() -> ApiState:
+    state: ApiState = current_app.extensions["forecaster.api"]
+    return state
+
+
+def _target(namespace: str, name: str, metric: str) -> Target:
+    return _engine().get(target_id(namespace, name, metric))
+
+
+# -- probes and the description ------------------------------------------------------------
+
+
+@blueprint.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """200 once every configured target has a first fit, or a current value to serve
+    reactively; 503 (with the first reason) before that."""
+    engine = _engine()
+    ids = _configured_ids()
+    for tid in ids:
+        try:
+            target = engine.get(tid)
+        except UnknownTargetError:
+            raise NotReadyError(
+                f"configured target {tid} is not registered yet", retry_after_seconds=1
+            ) from None
+        if target.model is None and target.snapshot.current_value is None:
+            reason = f": {target.snapshot.last_error}" if target.snapshot.last_error else ""
+            raise NotReadyError(
+                f"configured target {tid} has neither a fitted model nor a current value "
+                f"yet{reason}",
+                retry_after_seconds=engine.settings.refresh_seconds,
+            )
+    return jsonify(status="ready", configuredTargets=len(ids)), 200
+
+
+def _configured_ids() -> tuple[str, ...]:
+    """The ids of the config file's targets; computed once per app (settings never change)."""
+    state = _state()
+    if state.configured_ids is None:
+        state.configured_ids = tuple(dict.fromkeys(_resolver().configured_ids()))
+    return state.configured_ids
+
+
+@blueprint.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3 document of every route this app serves."""
+    return jsonify(openapi_document())
+
+
+# -- targets -------------------------------------------------------------------------------
+
+
+@blueprint.get("/api/v1/targets")
+def list_targets() -> Response:
+    """Every target with its model, freshness, accuracy, mode, fit counters and last error."""
+    engine = _engine()
+    targets = sorted(engine.targets(), key=lambda target: target.target_id)
+    return jsonify(targets=[render.target_status(engine, target) for target in targets])
+
+
+@blueprint.get(TARGET)
+def get_target(namespace: str, name: str, metric: str) -> Response:
+    """One target's status, as in the list."""
+    return jsonify(render.target_status(_engine(), _target(namespace, name, metric)))
+
+
+@blueprint.get(f"{TARGET}/forecast")
+def get_forecast(namespace: str, name: str, metric: str) -> Response:
+    """The forecast per step: `?horizon=N` steps (default: the lead time the scaler plans
+    for) and `?quantiles=0.5,0.9` (default: the published bands)."""
+    target = _target(namespace, name, metric)
+    snapshot = target.snapshot
+    published = snapshot.forecast
+    if published is None:
+        reason = f"; last error: {snapshot.last_error}" if snapshot.last_error else ""
+        raise NotReadyError(
+            f"target {target.target_id} has no fitted model yet and serves its current value "
+            f"reactively{reason}",
+            retry_after_seconds=_engine().settings.refresh_seconds,
+        )
+    horizon = inputs.horizon_param(
+        request.args.get("horizon"), target.spec.step_seconds, published.horizon
+    )
+    quantiles = inputs.quantiles_param(
+        request.args.get("quantiles"), tuple(sorted(published.quantiles))
+    )
+    if horizon <= published.horizon and all(q in published.quantiles for q in quantiles):
+        forecast = published
+    else:
+        snapshot, forecast = _longer_forecast(target, horizon, quantiles)
+    body = render.forecast_json(forecast, horizon, quantiles)
+    engine = _engine()
+    return jsonify(
+        target=target.target_id,
+        fresh=engine.age(snapshot) <= _freshness(target),
+        ageSeconds=inputs.finite(engine.age(snapshot)),
+        **body,
+    )
+
+
+def _freshness(target: Target) -> float:
+    return freshness_limit(_engine().settings, target.spec)
+
+
+def _longer_forecast(
+    target: Target, horizon: int, quantiles: tuple[float, ...]
+) -> tuple[Snapshot, Forecast]:
+    """Predict beyond the snapshot from a copy of the model, taken under the target's lock
+    (the engine updates models in place under it); the prediction itself runs unlocked."""
+    state = _state()
+    key = (target.target_id, horizon, quantiles)
+    snapshot = target.snapshot
+    cached = state.cache.get(key, snapshot)
+    if cached is not None:
+        return snapshot, cached
+    if not state.forecast_slots.acquire(blocking=False):
+        raise Busy(
+            f"{FORECAST_SLOTS} forecasts beyond the published horizon are already running; "
+            f"retry shortly, or ask for the published horizon and quantiles",
+            retry_after=BUSY_RETRY_AFTER_SECONDS,
+        )
+    try:
+        snapshot, forecast = _engine().predict(target.target_id, horizon, quantiles)
+    finally:
+        state.forecast_slots.release()
+    state.cache.put(key, snapshot, forecast)
+    return snapshot, forecast
+
+
+@blueprint.get(f"{TARGET}/decision")
+def get_decision(namespace: str, name: str, metric: str) -> Response:
+    """The load to plan for and the replicas an HPA would choose for it, with the numbers;
+    `minReplicas`, `maxReplicas` and `currentReplicas` show bounds and tolerance applied."""
+    target = _target(namespace, name, metric)
+    args = request.args
+    low = inputs.whole_number(args.get("minReplicas"), "minReplicas", low=0, high=MAX_REPLICAS)
+    high = inputs.whole_number(args.get("maxReplicas"), "maxReplicas", low=1, high=MAX_REPLICAS)
+    current = inputs.whole_number(
+        args.get("currentReplicas"), "currentReplicas", low=0, high=MAX_REPLICAS
+    )
+    low = 1 if low is None else low
+    if high is not None and high < max(1, low):
+        raise InvalidInputError(
+            "maxReplicas", f"must be >= max(1, minReplicas={low}); got {high}"
+        )
+    planned = _engine().serve(target.target_id)  # 503 unless fresh, as for KEDA
+    dry_run = planned.mode == "dry_run"
+    if dry_run and target.snapshot.planned is not None:
+        planned = target.snapshot.planned  # what the forecast plans, though KEDA gets less
+    policy = ScalingPolicy(
+        target_per_replica=target.spec.target_value, min_replicas=low, max_replicas=high
+    )
+    recommendation = recommend(planned.value, current, policy)
+    replicas = hpa_step(HpaState(replicas=current), planned.value, policy).replicas
+    limited_by = None
+    if replicas is not None and replicas > recommendation:
+        limited_by = "minReplicas"
+    elif replicas is not None and replicas < recommendation:
+        limited_by = "maxReplicas"
+    return jsonify(
+        target=target.target_id,
+        **render.planned_json(planned),
+        dryRun=dry_run,
+        startupSeconds=target.spec.startup_seconds,
+        targetValuePerReplica=target.spec.target_value,
+        minReplicas=low,
+        maxReplicas=high,
+        currentReplicas=current,
+        tolerance=policy.tolerance,
+        recommendation=recommendation,
+        replicas=replicas,
+        limitedBy=limited_by,
+    )
+
+
+@blueprint.get(f"{TARGET}/metric")
+def get_metric(namespace: str, name: str, metric: str) -> Response:
+    """The planned load as a KEDA `metrics-api` value. A ScaledObject trigger reads it with::
+
+        - type: metrics-api
+          metadata:
+            url: http://forecaster.autoscaling:8080/api/v1/targets/shop/web/fc-1/metric
+            valueLocation: value        # a GJSON path into this answer
+            targetValue: "50"           # the same targetValue as the forecast target's
+
+    List the target under `targets:` in the config, so it is forecast from start-up; each read
+    counts as activity, like a scaler request. When the data is stale this answers 503, so
+    KEDA's `fallback` applies.
+    """
+    target = _target(namespace, name, metric)
+    engine = _engine()
+    engine.touch(target.target_id)
+    planned = engine.serve(target.target_id)
+    return jsonify(
+        value=planned.value,
+        target=target.spec.target_value,
+        mode=planned.mode,
+        current=planned.current,
+        active=engine.is_active(target.target_id),
+        metricName=target.spec.effective_metric_name,
+    )
+
+
+# -- ad-hoc forecasts ----------------------------------------------------------------------
+
+
+@blueprint.post("/api/v1/forecast")
+def post_forecast() -> Response:
+    """An ad-hoc forecast of inline points or of a query on a configured Prometheus server.
+
+    The fit runs in this request, bounded: at most MAX_POINTS points, and at most ADHOC_SLOTS
+    fits at once (503 with Retry-After past that).
+    """
+    body = _json_body()
+    wanted = inputs.adhoc_request(body)
+    state = _state()
+    if not state.adhoc_slots.acquire(blocking=False):
+        raise Busy(
+            f"{ADHOC_SLOTS} ad-hoc forecasts are already running; retry shortly",
+            retry_after=BUSY_RETRY_AFTER_SECONDS,
+        )
+    try:
+        if wanted.series is not None:
+            history, where = wanted.series, "series"
+        else:
+            history, where = _query_history(wanted), "historyWindow"
+        step = pd.Timedelta(seconds=wanted.step_seconds)
+        try:
+            grid = to_grid(history, step)
+            # Models that tune themselves to a quantile (auto, gbm_quantile) get the highest
+            # one asked for, as the scaler gives them the one it provisions for.
+            quantile = max(wanted.quantiles) if max(wanted.quantiles) >= 0.5 else 0.9
+            fit = fit_with_fallback(
+                wanted.model, grid.filled, step, quantile=quantile, horizon=FIT_HORIZON
+            )
+        except InvalidInputError:
+            raise
+        except ForecasterError as exc:  # too little history for any model, even the fallbacks
+            raise Unprocessable(f"{exc}", field=where) from exc
+        forecast = fit.model.predict(wanted.horizon, wanted.quantiles)
+    finally:
+        state.adhoc_slots.release()
+    return jsonify(
+        requestedModel=wanted.model,
+        fellBack=fit.fell_back,
+        failures=[{"model": model, "reason": reason} for model, reason in fit.failures],
+        historyPoints=int(grid.filled.notna().sum()),
+        **render.forecast_json(forecast, wanted.horizon, wanted.quantiles),
+    )
+
+
+def _json_body() -> Any:
+    data = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 from Flask
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputError("body", f"must be a JSON object: {exc}") from None
+
+
+def _adhoc_source(address: str) -> HistorySource:
+    """Only servers the operator configured; an ad-hoc query never goes anywhere else."""
+    settings = _settings()
+    if not settings.servers and not settings.demo:
+        raise InvalidInputError(
+            "serverAddress",
+            "no Prometheus servers are configured, and ad-hoc queries only go to servers "
+            "listed under 'prometheus:' in the config; send the points inline as 'series'",
+        )
+    return _resolver().sources.for_address(address)
+
+
+def _query_history(wanted: inputs.AdhocRequest) -> pd.Series:
+    source = _adhoc_source(wanted.server_address or "")
+    step = wanted.step_seconds
+    now = _engine().clock()
+    end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
+    start = end - timedelta(seconds=(wanted.history_steps - 1) * step)
+    return source.query_range(wanted.query or "", start, end, step)

@@ -46,13 +46,17 @@ def run_backtest(
     demand = d["demand"].to_numpy()[scored]
     oracle = d["oracle_replicas"].to_numpy()[scored]
     step_hours = config.step / pd.Timedelta(hours=1)
+    # A missing planned load (inside a long gap) leaves an HPA where it was: hold the last one,
+    # as hpa_step does, rather than let one NaN make every multiplier's cost NaN.
+    planned_predictive = d["forecast"].ffill().to_numpy()
+    planned_reactive = pd.Series(sim.planned_reactive).ffill().to_numpy()
     policies = {
         "predictive": score_policy(
-            d["forecast"].to_numpy()[scored], d["replicas"].to_numpy()[scored],
+            planned_predictive[scored], d["replicas"].to_numpy()[scored],
             demand, oracle, config.target, step_hours,
         ),
         "reactive": score_policy(
-            sim.planned_reactive[scored], d["reactive_replicas"].to_numpy()[scored],
+            planned_reactive[scored], d["reactive_replicas"].to_numpy()[scored],
             demand, oracle, config.target, step_hours,
         ),
         "oracle": score_policy(demand, oracle, demand, oracle, config.target, step_hours),

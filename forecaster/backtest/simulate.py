@@ -4,6 +4,10 @@ Time on the grid: interval t is [t, t + step). The decision made at the end of t
 grid up to and including t; its capacity is ready L = ceil(startup / step) intervals later,
 in interval u = t + 1 + L. Models are refitted on a schedule anchored at the evaluation
 start; a refit at the start of interval tau sees the grid before tau.
+
+Inside a gap, the full grid knows whether the gap turns out long (NaN) or short (held); a
+decision does not. Decisions and updates use `known_at_end` instead, and a refit's history
+holds a gap still running at the refit as the grid cut there would.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pandas as pd
 from forecaster.errors import InsufficientHistoryError, InvalidInputError
 from forecaster.models import fit_with_fallback
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step, oracle_replicas, planned_load
-from forecaster.series import RegularSeries
+from forecaster.series import RegularSeries, known_at_end
 
 BAND_QUANTILES = (0.1, 0.9)
 
@@ -42,6 +46,8 @@ class BacktestConfig:
     stabilization: pd.Timedelta = pd.Timedelta("5min")
 
     def __post_init__(self) -> None:
+        if self.step <= pd.Timedelta(0):
+            raise InvalidInputError("step", f"must be positive, got {self.step}")
         if not 0.0 < self.quantile < 1.0:
             raise InvalidInputError("quantile", f"must be in (0, 1), got {self.quantile}")
         if self.startup < pd.Timedelta(0):
@@ -113,7 +119,8 @@ def simulate(
             "the backtest (history before the evaluation start)", needed=2 + lead, available=start
         )
     index = grid.demand.index
-    filled = grid.filled.to_numpy()
+    live = known_at_end(grid)
+    filled = live.to_numpy()
     n = len(index)
     last = n - 2 - lead
     if last < start - 1 - lead:
@@ -145,10 +152,17 @@ def simulate(
     model_names: list[str] = []
     for i, t in enumerate(range(first, last + 1)):
         refit_at = start + ((t + 1 - start) // refit_steps) * refit_steps
+        if refit_at < 2:
+            # A schedule point before the trace holds (almost) nothing to fit; a negative one
+            # would even slice from the end. Fit at the first decision instead.
+            refit_at = first + 1
         if refit_at != fitted_at:
             began = time.perf_counter()
-            history = grid.filled.iloc[:refit_at]
-            fit = fit_with_fallback(config.model, history, config.step)
+            history = _history_before(grid, live, refit_at)
+            fit = fit_with_fallback(
+                config.model, history, config.step,
+                quantile=config.quantile, horizon=horizon, previous=model,
+            )
             sim.fit_seconds.append(time.perf_counter() - began)
             sim.refits += 1
             if fit.fell_back:
@@ -156,7 +170,7 @@ def simulate(
             model, fitted_at, seen = fit.model, refit_at, refit_at
         assert model is not None
         if seen <= t:
-            model.update(grid.filled.iloc[seen : t + 1])
+            model.update(live.iloc[seen : t + 1])
             seen = t + 1
         forecast = model.predict(horizon, quantiles)
         model_names.append(forecast.model)
@@ -211,3 +225,14 @@ def simulate(
         }
     )
     return sim
+
+
+def _history_before(grid: RegularSeries, live: pd.Series, end: int) -> pd.Series:
+    """The grid before position `end` as a grid cut there would fill it: a gap still running
+    at `end` is held if it is short so far, even when the full grid knows it turns out long."""
+    history = grid.filled.iloc[:end]
+    missing = grid.demand.iloc[:end].isna().to_numpy()
+    running = int(np.argmin(missing[::-1])) if not missing.all() else len(missing)
+    if 0 < running <= grid.max_fill_steps:
+        history = pd.concat([history.iloc[:-running], live.iloc[end - running : end]])
+    return history

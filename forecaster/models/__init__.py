@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import pandas as pd
 from numpy.linalg import LinAlgError
 
 from forecaster.errors import ForecasterError, InvalidInputError
 from forecaster.models.base import Forecast, ForecastModel
+from forecaster.models.ensemble import Ensemble
 from forecaster.models.ets import HoltWinters
+from forecaster.models.gbm import GradientBoosting
 from forecaster.models.naive import Naive, SeasonalNaive
+from forecaster.models.selection import Auto
+from forecaster.models.transform import Transformed
 
 __all__ = [
     "MODEL_FACTORIES",
@@ -22,24 +27,62 @@ __all__ = [
     "make_model",
 ]
 
-MODEL_FACTORIES: dict[str, Callable[[pd.Timedelta], ForecastModel]] = {
-    "naive": Naive,
-    "seasonal_naive": SeasonalNaive,
-    "holt_winters": HoltWinters,
-    "holt_winters_damped": lambda step: HoltWinters(step, trend=True, damped=True),
+
+
+class ModelFactory(Protocol):
+    """Builds an unfitted model; `quantile` and `horizon` (steps) are what the scaler plans
+    for, used by models that tune themselves to it (`auto`) and ignored by the others."""
+
+    def __call__(self, step: pd.Timedelta, *, quantile: float, horizon: int) -> ForecastModel: ...
+
+
+def _simple(build: Callable[[pd.Timedelta], ForecastModel]) -> ModelFactory:
+    def factory(step: pd.Timedelta, *, quantile: float, horizon: int) -> ForecastModel:
+        return build(step)
+
+    return factory
+
+
+MODEL_FACTORIES: dict[str, ModelFactory] = {
+    "naive": _simple(Naive),
+    "seasonal_naive": _simple(SeasonalNaive),
+    "holt_winters": _simple(HoltWinters),
+    "holt_winters_damped": _simple(lambda step: HoltWinters(step, trend=True, damped=True)),
+    "holt_winters_sqrt": _simple(lambda step: Transformed(step, HoltWinters(step), "sqrt")),
+    "gbm": lambda step, *, quantile, horizon: GradientBoosting(step, horizon=horizon),
+    "gbm_quantile": lambda step, *, quantile, horizon: GradientBoosting(
+        step, horizon=horizon, quantile=quantile
+    ),
+    "ensemble": lambda step, *, quantile, horizon: Ensemble(
+        step,
+        [
+            HoltWinters(step),
+            Transformed(step, HoltWinters(step), "sqrt"),
+            GradientBoosting(step, horizon=horizon),
+        ],
+    ),
+    "auto": lambda step, *, quantile, horizon: Auto(step, quantile=quantile, horizon=horizon),
 }
 
 FALLBACK_CHAIN = ("seasonal_naive", "naive")
+DEFAULT_QUANTILE = 0.9
+DEFAULT_HORIZON = 2
 
 
-def make_model(name: str, step: pd.Timedelta) -> ForecastModel:
-    """A fresh, unfitted model by its registry name."""
+def make_model(
+    name: str,
+    step: pd.Timedelta,
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    horizon: int = DEFAULT_HORIZON,
+) -> ForecastModel:
+    """A fresh, unfitted model by its registry name; see ModelFactory for quantile/horizon."""
     try:
         factory = MODEL_FACTORIES[name]
     except KeyError:
         known = ", ".join(sorted(MODEL_FACTORIES))
         raise InvalidInputError("model", f"unknown model {name!r}; choose one of {known}") from None
-    return factory(step)
+    return factory(step, quantile=quantile, horizon=horizon)
 
 
 @dataclass(frozen=True)
@@ -55,15 +98,28 @@ class FallbackFit:
         return self.model.name != self.requested
 
 
-def fit_with_fallback(name: str, history: pd.Series, step: pd.Timedelta) -> FallbackFit:
+def fit_with_fallback(
+    name: str,
+    history: pd.Series,
+    step: pd.Timedelta,
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    horizon: int = DEFAULT_HORIZON,
+    previous: ForecastModel | None = None,
+) -> FallbackFit:
     """Fit `name`; if it cannot fit (too little history, a library error), the next simpler
-    model in (seasonal_naive, naive) is fitted instead and the failure recorded."""
+    model in (seasonal_naive, naive) is fitted instead and the failure recorded.
+
+    `previous` is the model this fit replaces: what it learned that is costly to relearn (the
+    choice `auto` made, its calibration) is carried over; see ForecastModel.warm_start."""
     chain = [name, *[fallback for fallback in FALLBACK_CHAIN if fallback != name]]
     if name in FALLBACK_CHAIN:
         chain = list(FALLBACK_CHAIN[FALLBACK_CHAIN.index(name) :])
     failures: list[tuple[str, str]] = []
     for candidate in chain:
-        model = make_model(candidate, step)
+        model = make_model(candidate, step, quantile=quantile, horizon=horizon)
+        if previous is not None:
+            model.warm_start(previous)
         try:
             return FallbackFit(model.fit(history), name, tuple(failures))
         except ForecasterError as exc:

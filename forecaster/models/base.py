@@ -93,6 +93,8 @@ class ForecastModel(ABC):
         needed = self.min_history()
         if observed < needed:
             raise InsufficientHistoryError(f"model {self.name!r}", needed, observed)
+        # Where values[0] sits in time, for models with calendar features (hour, weekday).
+        self.fit_start_: pd.Timestamp = pd.Timestamp(history.index[0])
         self._fit(values)
         self.last_timestamp_: pd.Timestamp = pd.Timestamp(history.index[-1])
         return self
@@ -124,6 +126,11 @@ class ForecastModel(ABC):
             for q in qs
         }
         return Forecast(self.last_timestamp_, self.step, mean, bands, self.name)
+
+    def warm_start(self, previous: ForecastModel) -> None:
+        """Before a refit: take over whatever `previous` (the model this one replaces) learned
+        that is costly to relearn, e.g. a model selection. The default takes over nothing."""
+        return None
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "last_timestamp_"):

@@ -1,0 +1,178 @@
+"""Conformal calibration of forecast intervals from out-of-sample errors, per horizon.
+
+A model's own error sample (in-sample residuals, a parametric h-step formula) is often too
+narrow or too wide. Here every forecast is scored when its target arrives: the score is the
+error divided by the model's own spread for that origin and horizon, so the calibrated
+interval keeps the model's shape (wider where the model says it is unsure, e.g. at a high
+level after a log transform) and only its width is set by what actually happened.
+
+>>> model = Calibrated(step, HoltWinters(step), horizon=2).fit(history)   # doctest: +SKIP
+>>> model.update(new_points).predict(2, quantiles=[0.1, 0.9])              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+
+import numpy as np
+import pandas as pd
+
+from forecaster.models.base import ForecastModel
+
+CALIBRATION_WINDOW = pd.Timedelta(days=3)
+SEED_WINDOW = pd.Timedelta(days=1)
+MIN_SCORES = 72
+SPREAD_QUANTILES = (0.1, 0.9)
+
+
+def spread_of(errors: np.ndarray, floor: float) -> np.ndarray:
+    """Half the 10-90% width of each horizon's error sample (h, n) -> (h,), at least `floor`."""
+    if errors.size == 0:
+        return np.full(errors.shape[0], floor)
+    lo, hi = np.quantile(errors, SPREAD_QUANTILES, axis=1)
+    return np.maximum((hi - lo) / 2.0, floor)
+
+
+def resample(sample: np.ndarray, n: int) -> np.ndarray:
+    """n values with (nearly) the same quantiles as `sample`, so samples can share an array."""
+    if len(sample) == n:
+        return np.sort(sample)
+    return np.quantile(sample, np.linspace(0.0, 1.0, n))
+
+
+def scale_floor(values: np.ndarray) -> float:
+    """The smallest spread a forecast may claim: a sliver of the series' typical level."""
+    finite = np.abs(values[np.isfinite(values)])
+    typical = float(finite.mean()) if finite.size else 0.0
+    return 1e-3 * typical + 1e-9
+
+
+class ScoreTracker:
+    """Follows a fitted model through new observations and scores its past forecasts.
+
+    Before each observation is folded in, the forecasts made at the previous `horizon`
+    origins are scored against it; then the model is updated and forecasts again. Scores are
+    (actual - mean) / spread, kept per horizon for the last `window` origins. Only values the
+    model has been given are ever compared, so the scores are out of sample.
+    """
+
+    def __init__(self, model: ForecastModel, horizon: int, window: int, floor: float) -> None:
+        self.model = model
+        self.horizon = horizon
+        self.floor = floor
+        self.scores: list[deque[float]] = [deque(maxlen=window) for _ in range(horizon)]
+        self.pending: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=horizon)
+        self.latest: tuple[np.ndarray, np.ndarray] | None = None
+        self._forecast()
+
+    def _forecast(self) -> None:
+        mean, errors = self.model._predict(self.horizon)
+        self.latest = (mean, errors)
+        self.pending.appendleft((mean, spread_of(errors, self.floor)))
+
+    def observe(self, values: np.ndarray) -> None:
+        for y in values:
+            if np.isfinite(y):
+                for h, (mean, spread) in enumerate(self.pending):
+                    self.scores[h].append(float((y - max(mean[h], 0.0)) / spread[h]))
+            self.model._update(np.array([y]))
+            self._forecast()
+
+    def carry_scores(self, other: ScoreTracker) -> None:
+        """Start from another tracker's scores (same horizons), e.g. after a refit."""
+        for mine, theirs in zip(self.scores, other.scores, strict=False):
+            mine.extend(theirs)
+
+    def calibrated(self, horizon: int, min_scores: int) -> tuple[np.ndarray, np.ndarray]:
+        """The model's mean and errors, with calibrated errors where enough scores exist."""
+        if self.latest is not None and horizon <= self.horizon:
+            mean, errors = self.latest
+            mean, errors = mean[:horizon], errors[:horizon]
+        else:
+            mean, errors = self.model._predict(horizon)
+        ready = [h for h in range(min(horizon, self.horizon)) if len(self.scores[h]) >= min_scores]
+        if not ready:
+            return mean, errors
+        n = min(len(self.scores[h]) for h in ready)
+        spread = spread_of(errors, self.floor)
+        rows = []
+        for h in range(horizon):
+            if h in ready:
+                scores = np.fromiter(self.scores[h], dtype=float)[-n:]
+                rows.append(np.sort(scores) * spread[h])
+            else:
+                # Beyond the calibrated horizons: the model's own sample, widened like the last
+                # calibrated horizon was relative to the model's own spread.
+                ratio = _calibrated_width(self.scores[ready[-1]])
+                rows.append(resample(errors[h], n) * ratio)
+        return mean, np.vstack(rows)
+
+
+def _calibrated_width(scores: deque[float]) -> float:
+    lo, hi = np.quantile(np.fromiter(scores, dtype=float), SPREAD_QUANTILES)
+    return float(hi - lo) / 2.0
+
+
+class Calibrated(ForecastModel):
+    """Any model with conformal per-horizon intervals (see the module docstring).
+
+    `fit` first fits a copy on all but the last `validation` of history and runs it through
+    that stretch to collect out-of-sample scores, then fits the model on everything. Between
+    refits, `update` keeps scoring; `warm_start(previous)` carries the scores over a refit.
+    """
+
+    def __init__(
+        self,
+        step: pd.Timedelta,
+        model: ForecastModel,
+        *,
+        horizon: int = 2,
+        window: pd.Timedelta = CALIBRATION_WINDOW,
+        validation: pd.Timedelta = SEED_WINDOW,
+        min_scores: int = MIN_SCORES,
+    ) -> None:
+        super().__init__(step)
+        self.model = model
+        self.horizon = horizon
+        self.window = pd.Timedelta(window)
+        self.validation = pd.Timedelta(validation)
+        self.min_scores = min_scores
+        self.name = model.name
+
+    def min_history(self) -> int:
+        return self.model.min_history()
+
+    def warm_start(self, previous: ForecastModel) -> None:
+        if isinstance(previous, Calibrated) and hasattr(previous, "tracker_"):
+            self.previous_tracker_: ScoreTracker | None = previous.tracker_
+
+    def _fit(self, values: np.ndarray) -> None:
+        window = max(1, int(self.window / self.step))
+        floor = scale_floor(values)
+        previous = getattr(self, "previous_tracker_", None)
+        if previous is None:
+            held = int(self.validation / self.step)
+            if np.isfinite(values[:-held]).sum() >= self.model.min_history() and held > 0:
+                seed = _clone(self.model)
+                seed.fit_start_ = self.fit_start_
+                seed._fit(values[:-held])
+                previous = ScoreTracker(seed, self.horizon, window, floor)
+                previous.observe(values[-held:])
+        self.model.fit_start_ = self.fit_start_
+        self.model._fit(values)
+        self.tracker_ = ScoreTracker(self.model, self.horizon, window, floor)
+        if previous is not None:
+            self.tracker_.carry_scores(previous)
+        self.previous_tracker_ = None
+
+    def _update(self, values: np.ndarray) -> None:
+        self.tracker_.observe(values)
+
+    def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tracker_.calibrated(horizon, self.min_scores)
+
+
+def _clone(model: ForecastModel) -> ForecastModel:
+    """An independent copy to fit on a shorter history; its fit overwrites any learned state."""
+    return copy.deepcopy(model)

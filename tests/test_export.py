@@ -1,0 +1,249 @@
+"""`forecaster export` against a real Prometheus holding the bundled trace (see
+tests/fixtures_prometheus.py), run as a user runs it: a subprocess, its CSV, its exit code.
+
+The CSV it writes is then fed to `forecaster backtest`, the command it exists for. Bad flags
+are checked in-process through the same `main` (each subprocess costs seconds of imports), and
+once as a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecaster.cli import main
+from forecaster.export import format_value, write_csv
+from tests.prometheus_server import PrometheusServer
+
+QUERY = 'demo_requests{instance="a"}'  # the trace itself; instance "b" holds half of it
+DAYS_TO_EXPORT = 9
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _forecaster(*arguments: str, cwd: Path) -> Run:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "forecaster.cli", *arguments],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=env, check=False,
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def _iso(stamp: pd.Timestamp) -> str:
+    return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.fixture(scope="module")
+def window(demo_trace: pd.Series) -> tuple[pd.Timestamp, pd.Timestamp]:
+    end = demo_trace.index[-1]
+    start = demo_trace.index[demo_trace.index >= end - pd.Timedelta(days=DAYS_TO_EXPORT)][0]
+    return start, end
+
+
+@pytest.fixture(scope="module")
+def exported(
+    prometheus: PrometheusServer,
+    window: tuple[pd.Timestamp, pd.Timestamp],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Run, Path]:
+    folder = tmp_path_factory.mktemp("export")
+    out = folder / "web.csv"
+    start, end = window
+    run = _forecaster(
+        "export", "--server", prometheus.url, "--query", QUERY, "--start", _iso(start),
+        "--end", _iso(end), "--step", "5m", "--out", str(out), cwd=folder,
+    )
+    return run, out
+
+
+def test_export_writes_the_trace_as_timestamp_value_csv(
+    exported: tuple[Run, Path], demo_trace: pd.Series, window: tuple[pd.Timestamp, pd.Timestamp]
+) -> None:
+    run, out = exported
+    assert run.code == 0, run.stderr
+    assert run.stdout == ""  # the CSV went to --out
+    assert "wrote" in run.stderr and str(out) in run.stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "timestamp,value"
+    stamps = [line.split(",")[0] for line in lines[1:]]
+    assert all(stamp.endswith("Z") and "+" not in stamp for stamp in stamps)
+    frame = pd.read_csv(out)
+    index = pd.DatetimeIndex(pd.to_datetime(frame["timestamp"], utc=True, format="ISO8601"))
+    assert index.is_monotonic_increasing and index.is_unique
+    start, end = window
+    expected = demo_trace[start:end]
+    # Every point of the trace is there, with its value as given ...
+    assert expected.index.isin(index).all()
+    # ... and the few 10-minute gaps in the trace are filled the way Prometheus does: with the
+    # sample of the step before (its 5-minute lookback), never with anything made up.
+    reference = expected.reindex(index, method="ffill", limit=1)
+    assert not reference.isna().any()
+    np.testing.assert_array_equal(frame["value"].to_numpy(dtype=float), reference.to_numpy())
+    assert (index[0], index[-1]) == (start, end)
+
+
+def test_export_to_stdout_when_no_out_is_given(
+    exported: tuple[Run, Path], prometheus: PrometheusServer,
+    window: tuple[pd.Timestamp, pd.Timestamp], tmp_path: Path,
+) -> None:
+    _, out = exported
+    end = window[1]
+    run = _forecaster(
+        "export", "--server", prometheus.url, "--query", QUERY, "--days", "0.5", "--end",
+        _iso(end), "--step", "5m", cwd=tmp_path,
+    )
+    assert run.code == 0, run.stderr
+    rows = run.stdout.splitlines()
+    assert rows[0] == "timestamp,value"
+    assert len(rows) == 1 + 12 * 12 + 1  # half a day of 5-minute points, both ends included
+    assert rows[1:] == out.read_text(encoding="utf-8").splitlines()[-len(rows) + 1:]
+    assert list(tmp_path.iterdir()) == []  # nothing written beside
+
+
+def test_exported_csv_round_trips_through_backtest(
+    exported: tuple[Run, Path], tmp_path: Path
+) -> None:
+    _, out = exported
+    run = _forecaster(
+        "backtest", str(out), "--target", "16.7", "--eval-days", "0.5", "--model",
+        "seasonal_naive", "--refit", "6h", "--out", str(tmp_path / "backtest"), cwd=tmp_path,
+    )
+    assert run.code == 0, run.stderr
+    assert any(line.split()[:2] == ["web", "predictive"] for line in run.stdout.splitlines())
+    decisions = pd.read_csv(tmp_path / "backtest" / "decisions.csv")
+    assert len(decisions) == 144  # half a day of 5-minute decisions
+
+
+def test_a_bad_flag_exits_2_naming_it_from_the_command_line(tmp_path: Path) -> None:
+    run = _forecaster(
+        "export", "--server", "http://127.0.0.1:9", "--query", "up", "--step", "5x", cwd=tmp_path
+    )
+    assert run.code == 2
+    assert run.stdout == ""
+    assert "--step" in run.stderr and "'5x'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# case -> (arguments after "export", words the one-line error must contain)
+BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "no-query": (["--server", "{url}"], ["--query", "required"]),
+    "empty-query": (["--server", "{url}", "--query", " "], ["--query", "non-empty"]),
+    "server-scheme": (["--server", "ftp://prometheus:9090", "--query", "up"], ["--server"]),
+    "server-credentials": (
+        ["--server", "http://user:pw@prometheus:9090", "--query", "up"],
+        ["--server", "user:password@"],
+    ),
+    "server-broken": (["--server", "http://[::1", "--query", "up"], ["--server", "IPv6"]),
+    "step-zero": (["--server", "{url}", "--query", "up", "--step", "0"], ["--step"]),
+    "days-negative": (["--server", "{url}", "--query", "up", "--days", "-1"], ["--days", "'-1'"]),
+    "start-garbage": (["--server", "{url}", "--query", "up", "--start", "soon"], ["--start"]),
+    "start-and-days": (
+        ["--server", "{url}", "--query", "up", "--start", "2024-05-01T00:00Z", "--days", "1"],
+        ["--start", "--days", "not allowed"],
+    ),
+    "start-after-end": (
+        ["--server", "{url}", "--query", "up", "--start", "2024-05-02T00:00Z", "--end",
+         "2024-05-01T00:00Z"],
+        ["--start", "--end", "2024-05-02T00:00:00Z"],
+    ),
+    "too-many-points": (
+        ["--server", "{url}", "--query", "up", "--days", "100", "--step", "1s"],
+        ["--step", "raise --step"],
+    ),
+    "header-no-equals": (
+        ["--server", "{url}", "--query", "up", "--header", "X-Scope-OrgID"],
+        ["--header", "NAME=VALUE"],
+    ),
+    "header-twice": (
+        ["--server", "{url}", "--query", "up", "--header", "A=1", "--header", "A=2"],
+        ["--header", "twice"],
+    ),
+    "token-file-missing": (
+        ["--server", "{url}", "--query", "up", "--bearer-token-file", "{tmp}/no-token"],
+        ["--bearer-token-file", "no-token"],
+    ),
+    "ca-and-skip-verify": (
+        ["--server", "{url}", "--query", "up", "--ca-file", "{tmp}/ca.crt",
+         "--insecure-skip-verify"],
+        ["--insecure-skip-verify", "--ca-file"],
+    ),
+    "out-folder-missing": (
+        ["--server", "{url}", "--query", "up", "--out", "{tmp}/no/such/folder/x.csv"],
+        ["--out", "does not exist"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(
+    case: str, prometheus: PrometheusServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "ca.crt").write_text("not checked before the conflict\n")
+    arguments, words = BAD_FLAGS[case]
+    argv = ["export", *(a.replace("{url}", prometheus.url).replace("{tmp}", str(tmp_path))
+                        for a in arguments)]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors leave through SystemExit
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.out == ""
+    lines = captured.err.strip("\n").split("\n")
+    assert len(lines) == 1, captured.err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "user:pw" not in lines[0]  # credentials never echoed
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [("demo_requests", ["2 series", "sum("]), ('absent_metric{job="none"}', ["no data"])],
+    ids=["several-series", "no-series"],
+)
+def test_a_query_without_exactly_one_series_exits_1_saying_why(
+    query: str, words: list[str], prometheus: PrometheusServer,
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    out = tmp_path / "x.csv"
+    code = main(["export", "--server", prometheus.url, "--query", query, "--days", "1",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1
+    for word in words:
+        assert word in captured.err, (word, captured.err)
+    assert not out.exists()  # nothing half-written
+
+
+def test_values_are_written_as_given() -> None:
+    index = pd.DatetimeIndex(
+        [datetime(2024, 5, 1, 0, minute, tzinfo=UTC) for minute in (0, 1, 2, 3)]
+    )
+    series = pd.Series([94.0, 0.1 + 0.2, 1e-7, 123456789.5], index=index)
+    out = io.StringIO()
+    assert write_csv(series, out) == 4
+    assert out.getvalue().splitlines() == [
+        "timestamp,value",
+        "2024-05-01T00:00:00Z,94",
+        "2024-05-01T00:01:00Z,0.30000000000000004",
+        "2024-05-01T00:02:00Z,1e-07",
+        "2024-05-01T00:03:00Z,123456789.5",
+    ]
+    for value in series:
+        assert float(format_value(float(value))) == value

@@ -1,0 +1,507 @@
+"""The Kubernetes manifests under keda/ checked against the code they deploy.
+
+No cluster runs here, so each promise a manifest makes is checked where it can be: the example
+trigger's metadata goes through the real gRPC scaler (started from the ConfigMap's own config,
+over a real Prometheus), the probes' paths and ports are asked of the real HTTP and gRPC
+servers, the metrics-api example's valueLocation is resolved in the real REST answer, the TLS
+example's certificates (made by its own script) carry a real mutual-TLS call, and the TLS and
+metrics-api variants are checked to differ from the default set only where they mean to.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+import requests
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from forecaster.config import Settings, load_settings, with_overrides
+from forecaster.models import MODEL_FACTORIES
+from forecaster.scaler.generated import externalscaler_pb2 as pb
+from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
+from forecaster.scaler.metadata import (
+    IGNORED_KEDA_KEYS,
+    METADATA_KEYS,
+    TriggerSpec,
+    parse_trigger_metadata,
+)
+from forecaster.service import Service
+from tests.prometheus_server import PrometheusServer
+
+ROOT = Path(__file__).parent.parent
+KEDA = ROOT / "keda"
+TLS = KEDA / "examples" / "tls"
+METRICS_API = KEDA / "examples" / "metrics-api"
+YAML_FILES = sorted(KEDA.rglob("*.yaml"))
+TEST_QUERY = "sum(demo_requests)"  # what the test Prometheus holds (tests/fixtures_prometheus.py)
+# KEDA's authentication parameters for the external scaler (keda.sh/docs/2.17/scalers/external).
+KEDA_TLS_PARAMETERS = {"caCert", "tlsClientCert", "tlsClientKey"}
+
+
+# -- reading the manifests -------------------------------------------------------------------
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+
+
+def _resources(folder: Path) -> list[dict[str, Any]]:
+    """The objects a kustomization lists (files and folders, recursively), patches not applied."""
+    kustomization = _docs(folder / "kustomization.yaml")[0]
+    found: list[dict[str, Any]] = []
+    for entry in kustomization.get("resources", []):
+        path = (folder / entry).resolve()
+        found.extend(_resources(path) if path.is_dir() else _docs(path))
+    return found
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(matches) == 1, (kind, name, len(matches))
+    return matches[0]
+
+
+def _config_text(configmap: dict[str, Any]) -> str:
+    (text,) = configmap["data"].values()
+    return str(text)
+
+
+def _trigger(scaled_object: dict[str, Any]) -> dict[str, Any]:
+    (trigger,) = scaled_object["spec"]["triggers"]
+    return dict(trigger)
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+BASE = _resources(KEDA)
+CONFIGMAP = _one(BASE, "ConfigMap", "forecaster-config")
+DEPLOYMENT = _one(BASE, "Deployment", "forecaster")
+SCALED_OBJECT = _one(BASE, "ScaledObject")
+TRIGGER = _trigger(SCALED_OBJECT)
+EXAMPLE_SERVER = TRIGGER["metadata"]["serverAddress"]
+EXAMPLE_QUERY = TRIGGER["metadata"]["query"]
+
+
+def _test_config(text: str, prometheus_url: str) -> str:
+    """The config with the example Prometheus and query swapped for the test server's."""
+    assert EXAMPLE_SERVER in text and EXAMPLE_QUERY in text
+    return text.replace(EXAMPLE_SERVER, prometheus_url).replace(EXAMPLE_QUERY, TEST_QUERY)
+
+
+def _test_metadata(metadata: dict[str, str], prometheus_url: str) -> dict[str, str]:
+    return {**metadata, "serverAddress": prometheus_url, "query": TEST_QUERY}
+
+
+def _spec(settings: Settings, metadata: dict[str, str]) -> TriggerSpec:
+    spec, unknown = parse_trigger_metadata(
+        {**settings.defaults, **metadata}, known_models=MODEL_FACTORIES
+    )
+    assert unknown == []
+    return spec
+
+
+# -- every file --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(KEDA)))
+def test_every_document_names_its_api_version_kind_and_name(path: Path) -> None:
+    docs = _docs(path)
+    assert docs, f"{path} holds no document"
+    for doc in docs:
+        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], doc
+        assert isinstance(doc.get("kind"), str) and doc["kind"], doc
+        if doc["kind"] != "Kustomization":  # a kustomization file needs no name
+            assert isinstance(doc["metadata"]["name"], str) and doc["metadata"]["name"], doc
+
+
+def test_the_default_set_is_forecaster_the_demo_workload_and_its_scaled_object() -> None:
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in BASE)
+    assert kinds == sorted([
+        "Namespace/forecaster", "ServiceAccount/forecaster", "ConfigMap/forecaster-config",
+        "Deployment/forecaster", "Service/forecaster",
+        "Namespace/shop", "Deployment/web", "Service/web", "ScaledObject/web",
+    ])
+    assert not any(d["kind"] in ("Secret", "TriggerAuthentication") for d in BASE)
+
+
+KUSTOMIZATIONS = sorted(p.parent for p in KEDA.rglob("kustomization.yaml"))
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize built in)")
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
+    # On a copy: the TLS example needs the certificates its script makes, kept out of the tree.
+    copy_root = tmp_path / "keda"
+    shutil.copytree(KEDA, copy_root, ignore=shutil.ignore_patterns("certs"))
+    target = copy_root / folder.relative_to(KEDA)
+    if folder == TLS:
+        subprocess.run([str(target / "gen-certs.sh")], check=True, capture_output=True,
+                       timeout=60)
+    built = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d is not None]
+    assert docs
+    if folder == TLS:
+        deployment = _one(docs, "Deployment", "forecaster")
+        assert "grpc" not in _container(deployment)["startupProbe"]
+        assert {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} == {
+            "forecaster-tls", "forecaster-client-tls"
+        }
+        config = _config_text(_one(docs, "ConfigMap", "forecaster-config"))
+        assert yaml.safe_load(config)["tls"]["clientCAFile"]
+
+
+# -- the trigger ---------------------------------------------------------------------------------
+
+
+EXTERNAL_TRIGGERS = {
+    "default": TRIGGER,
+    "tls": _trigger(_one(_docs(TLS / "scaledobject.yaml"), "ScaledObject")),
+}
+
+
+@pytest.mark.parametrize("example", sorted(EXTERNAL_TRIGGERS))
+def test_trigger_metadata_holds_only_keys_the_scaler_reads(example: str) -> None:
+    trigger = EXTERNAL_TRIGGERS[example]
+    assert trigger["type"] == "external"
+    metadata = trigger["metadata"]
+    assert set(metadata) <= set(METADATA_KEYS) | IGNORED_KEDA_KEYS
+    assert all(isinstance(value, str) for value in metadata.values())  # KEDA sends strings
+    host, _, port = metadata["scalerAddress"].rpartition(":")
+    assert host == "forecaster.forecaster.svc.cluster.local" and port == "50051"
+    assert trigger["useCachedMetrics"] is True
+
+
+def test_scaled_object_has_fallback_bounds_and_a_slow_scale_down() -> None:
+    spec = SCALED_OBJECT["spec"]
+    assert spec["scaleTargetRef"]["name"] == "web"
+    assert 1 <= spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    assert spec["fallback"]["failureThreshold"] >= 1
+    scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 300
+
+
+def test_configured_target_is_the_one_the_trigger_asks_about(tmp_path: Path) -> None:
+    """The ConfigMap warms up shop/web before KEDA asks; that only helps if KEDA's trigger
+    resolves to the same target (same namespace, name, metric name and spec)."""
+    settings = load_settings(_write(tmp_path, _config_text(CONFIGMAP)), env={})
+    assert EXAMPLE_SERVER in [server.url for server in settings.servers]  # else refused
+    (target,) = settings.targets
+    assert (target.namespace, target.name) == (
+        SCALED_OBJECT["metadata"]["namespace"], SCALED_OBJECT["metadata"]["name"]
+    )
+    assert _spec(settings, dict(target.metadata)) == _spec(settings, TRIGGER["metadata"])
+
+
+# -- the Deployment against the image and the config -------------------------------------------
+
+
+def test_deployment_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_path: Path) -> None:
+    pod = DEPLOYMENT["spec"]["template"]["spec"]
+    container = _container(DEPLOYMENT)
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    uid = re.findall(r"^USER\s+(\d+)", dockerfile, flags=re.MULTILINE)[-1]
+    assert pod["securityContext"]["runAsUser"] == int(uid)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["tmp"] == "/tmp" and "emptyDir" in volumes["tmp"]
+    # --config names a key of the ConfigMap, under the path that ConfigMap is mounted at.
+    args = container["args"]
+    config_path = Path(args[args.index("--config") + 1])
+    (config_volume,) = [n for n, v in volumes.items() if "configMap" in v]
+    assert volumes[config_volume]["configMap"]["name"] == CONFIGMAP["metadata"]["name"]
+    assert config_path.parent == Path(mounts[config_volume])
+    assert config_path.name in CONFIGMAP["data"]
+    assert args == ["serve", "--config", str(config_path)]
+    (cmd,) = re.findall(r"^CMD\s+(\[.*\])\s*$", dockerfile, flags=re.MULTILINE)
+    assert json.loads(cmd) == args  # the same as the image's default command
+    resources = container["resources"]
+    assert resources["requests"] == {"cpu": "500m", "memory": "512Mi"}
+    assert resources["limits"] == {"memory": "1Gi"}
+
+
+def test_ports_and_probes_point_where_the_config_serves(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, _config_text(CONFIGMAP)), env={})
+    container = _container(DEPLOYMENT)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.http_port, "grpc": settings.grpc_port}
+    assert container["startupProbe"]["grpc"]["port"] == settings.grpc_port
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    service = _one(BASE, "Service", "forecaster")
+    assert {p["name"]: (p["port"], p["targetPort"], p["appProtocol"])
+            for p in service["spec"]["ports"]} == {
+        "http": (8080, "http", "http"), "grpc": (50051, "grpc", "grpc")
+    }
+    selector = service["spec"]["selector"]
+    labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+
+
+# -- the real service, started from the ConfigMap's config -------------------------------------
+
+
+class HeldFits(Executor):
+    """A fit pool that never runs its fits: these tests check interfaces, which answer with the
+    current value until a first fit; a model fit would only take CPU from the other tests."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return Future()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+def _write(folder: Path, text: str, name: str = "config.yaml") -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _start(settings: Settings) -> Service:
+    settings = with_overrides(
+        settings, grpc_port=0, http_port=0, host="127.0.0.1",
+        engine=replace(settings.engine, fit_workers=1, refresh_seconds=1.0),
+    )
+    service = Service(settings, fit_pool=HeldFits())
+    service.start()
+    return service
+
+
+@pytest.fixture(scope="module")
+def service(
+    prometheus: PrometheusServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    folder = tmp_path_factory.mktemp("configmap")
+    text = _test_config(_config_text(CONFIGMAP), prometheus.url)
+    started = _start(load_settings(_write(folder, text), env={}))
+    yield started
+    started.stop()
+
+
+def _until(call: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """call() once it stops raising UNAVAILABLE (the first refresh is still on its way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def _metrics(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef, name: str) -> float:
+    request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
+    (value,) = _until(lambda: stub.GetMetrics(request, timeout=10)).metricValues
+    return float(value.metricValueFloat)
+
+
+def test_example_trigger_is_accepted_by_the_real_scaler(
+    service: Service, prometheus: PrometheusServer
+) -> None:
+    metadata = _test_metadata(TRIGGER["metadata"], prometheus.url)
+    ref = pb.ScaledObjectRef(name=SCALED_OBJECT["metadata"]["name"],
+                             namespace=SCALED_OBJECT["metadata"]["namespace"],
+                             scalerMetadata=metadata)
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.ExternalScalerStub(channel)
+        (spec,) = stub.GetMetricSpec(ref, timeout=10).metricSpecs
+        assert spec.metricName == metadata["metricName"]
+        assert spec.targetSizeFloat == float(metadata["targetValue"])
+        value = _metrics(stub, ref, spec.metricName)
+        assert math.isfinite(value) and value > 0
+        assert stub.IsActive(ref, timeout=10).result is True  # above activationValue "0"
+    # KEDA's trigger landed on the target the ConfigMap registered at start-up: one, not two.
+    assert len(service.engine) == 1
+
+
+@pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
+def test_each_probe_is_answered_by_the_real_server(service: Service, probe: str) -> None:
+    spec = _container(DEPLOYMENT)[probe]
+    if "grpc" in spec:
+        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=spec["grpc"].get("service", "")), timeout=5
+            )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        return
+    path = spec["httpGet"]["path"]
+    routes = {rule.rule for rule in service.app.url_map.iter_rules()}
+    assert path in routes, f"the app serves no {path}"
+    answer = requests.get(f"http://127.0.0.1:{service.http_port}{path}", timeout=5)
+    assert answer.status_code != 404
+    if path == "/healthz":
+        assert answer.status_code == 200
+
+
+def _json_path(document: Any, path: str) -> Any:
+    """The value at a simple GJSON path (dot-separated keys, numeric list indexes)."""
+    for part in path.split("."):
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    return document
+
+
+def test_metrics_api_value_location_resolves_in_the_real_answer(
+    service: Service, prometheus: PrometheusServer
+) -> None:
+    scaled_object = _one(_docs(METRICS_API / "scaledobject.yaml"), "ScaledObject")
+    trigger = _trigger(scaled_object)
+    assert trigger["type"] == "metrics-api"
+    metadata = trigger["metadata"]
+    assert metadata.get("format", "json") == "json"
+    url = urlsplit(metadata["url"])
+    assert (url.hostname, url.port) == ("forecaster.forecaster.svc", 8080)
+    # The URL names a configured target, with the trigger's targetValue.
+    route = re.fullmatch(r"/api/v1/targets/([^/]+)/([^/]+)/([^/]+)/metric", url.path)
+    assert route, url.path
+    namespace, name, metric = route.groups()
+    (target,) = [t for t in service.settings.targets if (t.namespace, t.name) == (namespace, name)]
+    assert target.metadata["metricName"] == metric
+    assert float(target.metadata["targetValue"]) == float(metadata["targetValue"])
+
+    def fetch() -> requests.Response:
+        deadline = time.monotonic() + 30
+        while True:
+            answer = requests.get(f"http://127.0.0.1:{service.http_port}{url.path}", timeout=10)
+            if answer.status_code != 503 or time.monotonic() > deadline:
+                return answer
+            time.sleep(0.2)
+
+    ref = pb.ScaledObjectRef(name=name, namespace=namespace,
+                             scalerMetadata=_test_metadata(TRIGGER["metadata"], prometheus.url))
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.ExternalScalerStub(channel)
+        for _ in range(3):  # a refresh may land between the two reads: retry
+            answer = fetch()
+            assert answer.status_code == 200, answer.text
+            value = _json_path(answer.json(), metadata["valueLocation"])
+            assert isinstance(value, int | float) and math.isfinite(value)
+            if value == pytest.approx(_metrics(stub, ref, metric), rel=1e-9):
+                break
+        assert value == pytest.approx(_metrics(stub, ref, metric), rel=1e-9)
+
+
+# -- the examples differ from the default set only where they mean to -------------------------
+
+
+def _config_patch() -> dict[str, Any]:
+    return _one(_docs(TLS / "config-tls.yaml"), "ConfigMap", CONFIGMAP["metadata"]["name"])
+
+
+def test_tls_example_is_the_default_set_plus_tls() -> None:
+    base = yaml.safe_load(_config_text(CONFIGMAP))
+    with_tls = yaml.safe_load(_config_text(_config_patch()))
+    assert {k: v for k, v in with_tls.items() if k != "tls"} == base
+    expected = copy.deepcopy(SCALED_OBJECT)
+    scaled_object = _one(_docs(TLS / "scaledobject.yaml"), "ScaledObject")
+    expected["spec"]["triggers"][0]["authenticationRef"] = (
+        scaled_object["spec"]["triggers"][0]["authenticationRef"]
+    )
+    assert scaled_object == expected
+    kustomization = _docs(TLS / "kustomization.yaml")[0]
+    assert {"../../forecaster", "../../demo"} <= set(kustomization["resources"])
+
+
+def test_tls_example_wires_secrets_to_keda_and_to_the_config() -> None:
+    kustomization = _docs(TLS / "kustomization.yaml")[0]
+    secrets = {(s["namespace"], s["name"]): {f.split("=")[0] for f in s["files"]}
+               for s in kustomization["secretGenerator"]}
+    # KEDA's side: the TriggerAuthentication the trigger names, in the ScaledObject's namespace.
+    scaled_object = _one(_docs(TLS / "scaledobject.yaml"), "ScaledObject")
+    namespace = scaled_object["metadata"]["namespace"]
+    auth = _one(_docs(TLS / "triggerauthentication.yaml"), "TriggerAuthentication")
+    assert auth["metadata"]["namespace"] == namespace
+    assert _trigger(scaled_object)["authenticationRef"]["name"] == auth["metadata"]["name"]
+    refs = auth["spec"]["secretTargetRef"]
+    assert {r["parameter"] for r in refs} == KEDA_TLS_PARAMETERS
+    for ref in refs:
+        assert ref["key"] in secrets[(namespace, ref["name"])]
+    # forecaster's side: each tls file is a key of the Secret mounted where the config says.
+    tls = yaml.safe_load(_config_text(_config_patch()))["tls"]
+    patch = _one(_docs(TLS / "deployment-tls.yaml"), "Deployment", "forecaster")
+    (mount,) = _container(patch)["volumeMounts"]
+    (volume,) = patch["spec"]["template"]["spec"]["volumes"]
+    assert mount["name"] == volume["name"]
+    keys = secrets[("forecaster", volume["secret"]["secretName"])]
+    assert set(tls) == {"certFile", "keyFile", "clientCAFile"}
+    for path in tls.values():
+        assert Path(path).parent == Path(mount["mountPath"]) and Path(path).name in keys
+
+
+def test_tls_example_carries_a_mutual_tls_call(
+    prometheus: PrometheusServer, tmp_path: Path
+) -> None:
+    """The example's own script makes the certificates; forecaster loads them through the TLS
+    config; a client presenting KEDA's certificate, dialling the scalerAddress name, gets an
+    answer, and one without a certificate does not."""
+    certs = tmp_path / "certs"
+    subprocess.run([str(TLS / "gen-certs.sh"), str(certs)], check=True, capture_output=True,
+                   timeout=60)
+    text = _test_config(_config_text(_config_patch()), prometheus.url)
+    text = text.replace("/etc/forecaster-tls/tls.crt", str(certs / "server.crt"))
+    text = text.replace("/etc/forecaster-tls/tls.key", str(certs / "server.key"))
+    text = text.replace("/etc/forecaster-tls/ca.crt", str(certs / "ca.crt"))
+    settings = load_settings(_write(tmp_path, text), env={})
+    assert settings.tls is not None and settings.tls.client_ca_file is not None
+    scaled_object = _one(_docs(TLS / "scaledobject.yaml"), "ScaledObject")
+    metadata = _test_metadata(_trigger(scaled_object)["metadata"], prometheus.url)
+    server_name = metadata["scalerAddress"].rpartition(":")[0]
+    ref = pb.ScaledObjectRef(name="web", namespace="shop", scalerMetadata=metadata)
+    options = [("grpc.ssl_target_name_override", server_name)]
+    ca = (certs / "ca.crt").read_bytes()
+    service = _start(settings)
+    try:
+        keda = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=(certs / "client.key").read_bytes(),
+            certificate_chain=(certs / "client.crt").read_bytes(),
+        )
+        with grpc.secure_channel(f"127.0.0.1:{service.grpc_port}", keda, options) as channel:
+            (spec,) = pb_grpc.ExternalScalerStub(channel).GetMetricSpec(ref, timeout=10).metricSpecs
+        assert spec.metricName == metadata["metricName"]
+        anonymous = grpc.ssl_channel_credentials(root_certificates=ca)
+        with (
+            grpc.secure_channel(f"127.0.0.1:{service.grpc_port}", anonymous, options) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            pb_grpc.ExternalScalerStub(channel).GetMetricSpec(ref, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        service.stop()
+
+
+def test_metrics_api_example_is_the_default_set_with_its_own_trigger() -> None:
+    kustomization = _docs(METRICS_API / "kustomization.yaml")[0]
+    assert set(kustomization["resources"]) == {
+        "../../forecaster", "../../demo", "scaledobject.yaml"
+    }
+    scaled_object = _one(_docs(METRICS_API / "scaledobject.yaml"), "ScaledObject")
+    expected = copy.deepcopy(SCALED_OBJECT)
+    expected["spec"]["triggers"] = scaled_object["spec"]["triggers"]
+    assert scaled_object == expected
+    trigger = _trigger(scaled_object)
+    assert trigger["metadata"]["valueLocation"] == "value"
+    assert trigger["useCachedMetrics"] is True

@@ -1,0 +1,118 @@
+"""`auto`: selection by rolling-origin validation on the history before the fit time only,
+its schedule (warm start), and the pinball loss it scores by."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecaster.errors import InvalidInputError
+from forecaster.models import fit_with_fallback, make_model
+from forecaster.models.selection import Auto, pinball_loss
+
+STEP = pd.Timedelta("5min")
+DAY = 288
+FAST = ("naive", "seasonal_naive", "holt_winters")
+
+
+def grid_series(values: np.ndarray, start: str = "2024-03-04T00:00Z") -> pd.Series:
+    index = pd.date_range(start, periods=len(values), freq=STEP, unit="ns", name="timestamp")
+    return pd.Series(np.asarray(values, dtype=float), index=index)
+
+
+def daily_cycle(n: int, noise: float = 1.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return 100 + 60 * np.sin(2 * np.pi * t / DAY) + rng.normal(0, noise, n)
+
+
+def random_walk(n: int, start: float, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.maximum(start + np.cumsum(rng.normal(0, 15, n)), 0.0)
+
+
+def test_pinball_loss_matches_its_definition() -> None:
+    actual = np.array([10.0, 20.0, 30.0])
+    predicted = np.array([12.0, 15.0, 30.0])
+    # under-forecast by 5 costs q * 5; over-forecast by 2 costs (1 - q) * 2
+    assert pinball_loss(actual, predicted, 0.9) == pytest.approx((0.1 * 2 + 0.9 * 5) / 3)
+
+
+def test_a_clear_daily_cycle_selects_a_seasonal_model() -> None:
+    model = Auto(STEP, candidates=FAST).fit(grid_series(daily_cycle(5 * DAY)))
+    assert model.selection_.chosen in {"holt_winters", "seasonal_naive"}
+    scores = {s.name: s.pinball for s in model.selection_.scores}
+    assert scores["naive"] is not None
+    assert scores[model.selection_.chosen] < scores["naive"]
+
+
+def test_selection_ignores_everything_after_the_fit_time() -> None:
+    """Two traces share the history before tau and differ after it; the second turns into a
+    random walk, where the last value is the best forecast. Fitted at tau, both choose the
+    same (seasonal) model with the same scores: nothing after tau can reach the choice."""
+    tau = 5 * DAY
+    past = daily_cycle(tau)
+    same_future = daily_cycle(tau + 2 * DAY)
+    other_future = np.r_[past, random_walk(2 * DAY, start=past[-1])]
+    chosen = []
+    for trace in (same_future, other_future):
+        full = grid_series(trace)
+        selection = Auto(STEP, candidates=FAST).fit(full.iloc[:tau]).selection_
+        chosen.append((selection.chosen, [(s.name, s.pinball, s.mae) for s in selection.scores]))
+    assert chosen[0] == chosen[1]  # identical choice and scores (only fit times may differ)
+    assert chosen[0][0] != "naive"
+    # Fitted after the change, on the random walk, naive does win: the test can tell.
+    walk = grid_series(other_future)
+    late = Auto(STEP, candidates=FAST, validation=pd.Timedelta(days=1)).fit(walk)
+    assert late.selection_.chosen == "naive"
+
+
+def test_a_refit_within_the_reselect_interval_keeps_the_choice() -> None:
+    series = grid_series(daily_cycle(6 * DAY, seed=2))
+    first = Auto(STEP, candidates=FAST).fit(series.iloc[: 5 * DAY])
+    first.update(series.iloc[5 * DAY : 5 * DAY + 12])
+    fit = fit_with_fallback(
+        "auto", series.iloc[: 5 * DAY + 12], STEP, quantile=0.9, horizon=2, previous=first
+    )
+    second = fit.model
+    assert isinstance(second, Auto)
+    assert second.selection_ is first.selection_  # not re-run
+    # the calibration scores gathered by update() survive the refit
+    assert len(second.tracker_.scores[0]) >= len(first.tracker_.scores[0])
+    later = Auto(STEP, candidates=FAST)
+    later.warm_start(second)
+    later.fit(series)  # a day after the selection: selects again
+    assert later.selection_.selected_at == series.index[-1]
+
+
+def test_the_forecast_names_auto_and_notes_the_chosen_model() -> None:
+    model = Auto(STEP, candidates=FAST).fit(grid_series(daily_cycle(4 * DAY)))
+    forecast = model.predict(3, [0.1, 0.9])
+    assert forecast.model == "auto"
+    assert f"chosen={model.selection_.chosen}" in forecast.notes
+    assert (forecast.quantile(0.1) <= forecast.quantile(0.9)).all()
+
+
+def test_short_history_skips_validation_and_falls_back_by_preference() -> None:
+    model = Auto(STEP, candidates=FAST).fit(grid_series(daily_cycle(40)))
+    assert model.selection_.scores == ()
+    assert model.model_.name == "naive"  # holt_winters and seasonal_naive need a season
+    assert np.isfinite(model.predict(2, [0.9]).quantile(0.9)).all()
+
+
+def test_make_model_passes_the_planning_quantile_and_horizon() -> None:
+    model = make_model("auto", STEP, quantile=0.95, horizon=4)
+    assert isinstance(model, Auto)
+    assert (model.quantile, model.horizon) == (0.95, 4)
+    # simple models accept and ignore them
+    assert make_model("naive", STEP, quantile=0.95, horizon=4).name == "naive"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"quantile": 1.0}, {"horizon": 0}, {"candidates": ()}, {"candidates": ("auto",)}],
+)
+def test_bad_parameters_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidInputError):
+        Auto(STEP, **kwargs)  # type: ignore[arg-type]

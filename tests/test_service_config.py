@@ -1,0 +1,449 @@
+"""The service as the config file shapes it, against a real Prometheus: configured targets warm
+at start-up, defaults under request metadata, unknown keys, changed triggers, idle targets, the
+server allow-list and the credentials actually sent."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import cast
+
+import grpc
+import pandas as pd
+import pytest
+import yaml
+
+from forecaster.config import ConfiguredTarget, EngineSettings, Settings, load_settings
+from forecaster.scaler.generated import externalscaler_pb2 as pb
+from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
+from forecaster.service import Service
+from forecaster.sources.prometheus import PrometheusServerConfig
+from tests.prometheus_server import PrometheusServer, backfill, load_trace, write_openmetrics
+
+TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
+WEB = 'sum(web_requests{job="web"})'
+CONSTANT = 'sum(constant_requests{job="constant"})'
+CONSTANT_VALUE = 7.0
+TOKEN = "config-bearer-token-0xc0ffee"
+ORG = "team-a"
+
+
+def _held_each_minute(now: datetime, days: int = 3) -> pd.Series:
+    """The trace's last days on a 5-minute grid, ending 2 hours after now and held each minute:
+    instant queries keep finding a sample however long the session runs."""
+    grid = load_trace(TRACE).resample("5min").mean().ffill()
+    grid = grid.iloc[-days * 288 :]
+    end = pd.Timestamp(now).floor("5min") + pd.Timedelta(hours=2)
+    grid.index = grid.index - grid.index[-1] + end
+    minutes = pd.date_range(grid.index[0], end + pd.Timedelta(minutes=4), freq="1min")
+    return grid.reindex(minutes, method="ffill")
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    root = tmp_path_factory.mktemp("service-config")
+    series = _held_each_minute(datetime.now(UTC))
+    files = [root / "web.om", root / "constant.om"]
+    write_openmetrics(series, "web_requests", files[0], {"job": "web"})
+    write_openmetrics(series * 0 + CONSTANT_VALUE, "constant_requests", files[1],
+                      {"job": "constant"})
+    backfill(files, root / "blocks")
+    with PrometheusServer(blocks_dir=root / "blocks", workdir=root / "prom") as server:
+        yield server
+
+
+class RecordingProxy(ThreadingHTTPServer):
+    """Forwards GET requests to Prometheus and records the headers that carry credentials."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Forward)
+        self.upstream = upstream
+        self.seen: list[tuple[str, str | None, str | None]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def requests_for(self, marker: str) -> list[tuple[str, str | None, str | None]]:
+        quoted = urllib.parse.quote_plus(marker)
+        with self.lock:
+            return [seen for seen in self.seen if quoted in seen[0]]
+
+
+class _Forward(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        proxy = cast(RecordingProxy, self.server)
+        with proxy.lock:
+            proxy.seen.append(
+                (self.path, self.headers.get("Authorization"), self.headers.get("X-Scope-OrgID"))
+            )
+        try:
+            with urllib.request.urlopen(proxy.upstream + self.path, timeout=10) as answer:
+                status, body = answer.status, answer.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep test output clean
+
+
+@pytest.fixture(scope="module")
+def proxy(prometheus: PrometheusServer) -> Iterator[RecordingProxy]:
+    server = RecordingProxy(prometheus.url)
+    thread = threading.Thread(target=server.serve_forever, name="proxy", daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+class Clock:
+    """Real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture
+def make_service() -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def make(settings: Settings, **kwargs: object) -> Service:
+        # Fits in a thread: a spawned worker process costs seconds on a small CI machine.
+        service = Service(settings, fit_pool=ThreadPoolExecutor(1), **kwargs)  # type: ignore[arg-type]
+        started.append(service)
+        service.start()
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+def _settings(
+    servers: tuple[PrometheusServerConfig, ...],
+    *,
+    targets: tuple[ConfiguredTarget, ...] = (),
+    defaults: dict[str, str] | None = None,
+    idle_seconds: float = 3600.0,
+) -> Settings:
+    return Settings(
+        engine=EngineSettings(
+            refresh_seconds=2.0,
+            refit_seconds=3600.0,
+            idle_seconds=idle_seconds,
+            fit_workers=1,
+            first_value_wait_seconds=10.0,
+        ),
+        servers=servers,
+        defaults=defaults or {},
+        targets=targets,
+        grpc_port=0,
+        http_port=0,
+        host="127.0.0.1",
+    )
+
+
+def _metadata(url: str, **extra: str) -> dict[str, str]:
+    return {
+        "serverAddress": url,
+        "query": WEB,
+        "targetValue": "16.7",
+        "model": "naive",
+        "historyWindow": "1d",
+        **extra,
+    }
+
+
+def _keda(metadata: dict[str, str]) -> dict[str, str]:
+    """What KEDA sends: the trigger's metadata plus its own keys."""
+    return {**metadata, "scalerAddress": "forecaster.autoscaling:50051"}
+
+
+def _ref(metadata: dict[str, str], name: str = "web") -> pb.ScaledObjectRef:
+    return pb.ScaledObjectRef(namespace="shop", name=name, scalerMetadata=metadata)
+
+
+@pytest.fixture
+def stub_for() -> Iterator[Callable[[Service], pb_grpc.ExternalScalerStub]]:
+    channels: list[grpc.Channel] = []
+
+    def stub(service: Service) -> pb_grpc.ExternalScalerStub:
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        channels.append(channel)
+        return pb_grpc.ExternalScalerStub(channel)
+
+    yield stub
+    for channel in channels:
+        channel.close()
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def _metric_name(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> str:
+    return str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
+
+
+def test_configured_target_is_fitted_at_start_up_and_requests_map_to_it(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+) -> None:
+    metadata = _metadata(prometheus.url, metricName="web-load")
+    configured = ConfiguredTarget("shop", "web", metadata)
+    service = make_service(
+        _settings((PrometheusServerConfig(url=prometheus.url),), targets=(configured,))
+    )
+    # No scaler request yet: the engine knows the target and fits it.
+    (target,) = service.engine.targets()
+    assert target.target_id == "shop/web/web-load"
+    assert target.configured
+    _wait_for(lambda: target.snapshot.forecast is not None)
+    assert target.snapshot.history_points == 288  # 1d of 5m steps
+
+    stub = stub_for(service)
+    ref = _ref(_keda(metadata))
+    assert _metric_name(stub, ref) == "web-load"
+    request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName="web-load")
+    for _ in range(3):  # a refresh may land between the reads: retry
+        before = service.engine.serve(target.target_id).value
+        value = stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
+        if value in (before, service.engine.serve(target.target_id).value):
+            break
+    else:
+        raise AssertionError(f"GetMetrics served {value}, not the engine's planned load")
+    assert len(service.engine) == 1
+    assert service.engine.get("shop/web/web-load") is target  # the warm one, not a new one
+    assert target.fits == 1  # requests never fit
+    assert service.engine.serve(target.target_id).mode == "forecast"
+
+
+def test_defaults_go_under_request_metadata_and_the_request_wins(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+) -> None:
+    defaults = {"step": "10m", "historyWindow": "2d", "model": "naive", "quantile": "0.8"}
+    service = make_service(
+        _settings((PrometheusServerConfig(url=prometheus.url),), defaults=defaults)
+    )
+    stub = stub_for(service)
+    given = {"serverAddress": prometheus.url, "query": WEB, "targetValue": "10"}
+
+    name = _metric_name(stub, _ref({**given, "step": "5m"}, name="web"))
+    spec = service.engine.get(f"shop/web/{name}").spec
+    assert spec.step_seconds == 300  # the request's
+    assert spec.history_window_seconds == 2 * 86_400  # the defaults'
+    assert (spec.model, spec.quantile) == ("naive", 0.8)
+
+    name = _metric_name(stub, _ref(given, name="api"))
+    assert service.engine.get(f"shop/api/{name}").spec.step_seconds == 600  # the default
+
+
+def test_unknown_metadata_keys_are_logged_once_per_target_and_ignored(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="forecaster.targets")
+    service = make_service(_settings((PrometheusServerConfig(url=prometheus.url),)))
+    stub = stub_for(service)
+    plain = _metadata(prometheus.url)
+    keda_own = {
+        "scalerAddress": "forecaster.autoscaling:50051",
+        "enableTLS": "true",
+        "unsafeSsl": "false",
+        "targetValueFromEnv": "TARGET_VALUE",
+    }
+    noisy = {**plain, **keda_own, "lookback": "1h", "Threshold": "5"}
+
+    name = _metric_name(stub, _ref(plain))
+    target = service.engine.get(f"shop/web/{name}")
+    for _ in range(3):
+        assert _metric_name(stub, _ref(noisy)) == name
+        stub.IsActive(_ref(noisy), timeout=10)
+    assert _metric_name(stub, _ref({**noisy, "another": "x"})) == name
+    assert service.engine.get(f"shop/web/{name}") is target  # same spec: same target
+    assert _metric_name(stub, _ref(noisy, name="api")) == name
+
+    warnings = [r.getMessage() for r in caplog.records if "unknown metadata" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # one per target, however often asked
+    assert "shop/web/" in warnings[0] and "shop/api/" in warnings[1]
+    for message in warnings:
+        assert "lookback" in message and "Threshold" in message
+        for key in keda_own:
+            assert key not in message
+
+
+def test_a_changed_trigger_for_the_same_scaled_object_starts_a_new_series(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+) -> None:
+    service = make_service(_settings((PrometheusServerConfig(url=prometheus.url),)))
+    stub = stub_for(service)
+    tid = "shop/web/web-load"
+    base = _metadata(prometheus.url, metricName="web-load")
+    changes: list[tuple[dict[str, str], int, float | None]] = [
+        ({}, 288, None),
+        ({"step": "10m"}, 144, None),  # same window, a coarser grid
+        ({"step": "10m", "historyWindow": "2d"}, 288, None),
+        ({"step": "10m", "historyWindow": "2d", "query": CONSTANT}, 288, CONSTANT_VALUE),
+    ]
+    before = None
+    for change, points, value in changes:
+        metadata = {**base, **change}
+        assert _metric_name(stub, _ref(metadata)) == "web-load"
+        target = service.engine.get(tid)
+        assert target is not before  # replaced, not patched
+        assert target.spec.query == metadata["query"]
+        assert target.spec.step_seconds == (600 if "step" in change else 300)
+        _wait_for(lambda t=target: t.snapshot.current_value is not None)  # type: ignore[misc]
+        assert target.snapshot.history_points == points  # history fetched again on the new grid
+        if value is not None:
+            assert target.snapshot.current_value == value
+            assert (target.buffer.series() == value).all()
+        assert len(service.engine) == 1
+        before = target
+
+
+def test_idle_targets_are_dropped_and_configured_ones_kept(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+) -> None:
+    clock = Clock()
+    configured = ConfiguredTarget("shop", "warm", _metadata(prometheus.url, query=CONSTANT))
+    service = make_service(
+        _settings(
+            (PrometheusServerConfig(url=prometheus.url),), targets=(configured,), idle_seconds=60
+        ),
+        clock=clock,
+    )
+    stub = stub_for(service)
+    asked = _ref(_metadata(prometheus.url), name="asked")
+    forgotten = _ref(_metadata(prometheus.url), name="forgotten")
+    name = _metric_name(stub, asked)
+    _metric_name(stub, forgotten)
+    assert len(service.engine) == 3
+
+    clock.offset = 40  # nothing is idle yet
+    _metric_name(stub, asked)  # asked about again at +40s
+    clock.offset = 80  # forgotten: 80s idle; asked: 40s; warm: configured
+    _wait_for(lambda: len(service.engine) == 2)
+    assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {"asked", "warm"}
+    assert service.engine.get(f"shop/asked/{name}").spec.query == WEB
+
+    clock.offset = 1_000  # long after: only the configured target stays
+    _wait_for(lambda: len(service.engine) == 1)
+    (warm,) = service.engine.targets()
+    assert warm.configured and warm.target_id.startswith("shop/warm/")
+
+
+def test_with_no_servers_configured_any_address_is_used_without_credentials(
+    proxy: RecordingProxy,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+) -> None:
+    service = make_service(_settings(()))
+    stub = stub_for(service)
+    marker = "demo_mode_marker"
+    query = f'sum(web_requests{{job="web"}}) or vector(0) * sum(absent_{marker})'
+    ref = _ref(_keda(_metadata(proxy.url, query=query)))
+    name = _metric_name(stub, ref)
+    response = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
+                               timeout=15)
+    assert response.metricValues[0].metricValueFloat > 0
+    seen = proxy.requests_for(marker)
+    assert seen
+    assert all(authorization is None and org is None for _, authorization, org in seen)
+
+
+@pytest.mark.parametrize("configured_slash", ["", "/"])
+def test_a_configured_url_matches_with_or_without_a_trailing_slash(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+    configured_slash: str,
+) -> None:
+    server = PrometheusServerConfig(url=prometheus.url + configured_slash)
+    service = make_service(_settings((server,)))
+    stub = stub_for(service)
+    names = {_metric_name(stub, _ref(_metadata(prometheus.url + slash))) for slash in ("", "/")}
+    assert len(names) == 1  # one canonical address, one metric
+    assert len(service.engine) == 1
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetMetricSpec(_ref(_metadata("http://127.0.0.1:1")), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "serverAddress" in caught.value.details()
+
+
+def test_the_configured_credentials_are_sent_to_the_server(
+    proxy: RecordingProxy,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{TOKEN}\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "refreshInterval": "1s",
+        "prometheus": [{
+            "url": proxy.url + "/",
+            "bearerTokenFile": str(token_file),
+            "headers": {"X-Scope-OrgID": ORG},
+            "timeout": "5s",
+        }],
+    }))
+    settings = load_settings(
+        config, env={}, overrides={"grpcPort": 0, "httpPort": 0, "host": "127.0.0.1"}
+    )
+    service = make_service(settings)
+    stub = stub_for(service)
+    marker = "credentials_marker"
+    query = f'sum(web_requests{{job="web"}}) or vector(0) * sum(absent_{marker})'
+    ref = _ref(_keda(_metadata(proxy.url, query=query)))
+    name = _metric_name(stub, ref)
+    stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=15)
+
+    seen = proxy.requests_for(marker)
+    assert any("/api/v1/query_range" in path for path, _, _ in seen)
+    assert any("/api/v1/query?" in path for path, _, _ in seen)
+    assert all(auth == f"Bearer {TOKEN}" and org == ORG for _, auth, org in seen)
+
+    # The file is read at each request: a rotated token is sent from the next refresh on.
+    token_file.write_text("rotated-token")
+    _wait_for(lambda: proxy.requests_for(marker)[-1][1] == "Bearer rotated-token", timeout=15)
+    assert TOKEN not in caplog.text
+    assert TOKEN not in repr(settings)
