@@ -116,8 +116,8 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                       help="evaluate the last N days (default 4)")
     p.add_argument("--refit", type=_duration("refit"), default=pd.Timedelta("1h"),
                    help="refit interval, anchored at the evaluation start (default 1h)")
-    p.add_argument("--model", default="holt_winters", choices=sorted(MODEL_FACTORIES),
-                   help="forecasting model (default holt_winters)")
+    p.add_argument("--model", default="auto", choices=sorted(MODEL_FACTORIES),
+                   help="forecasting model (default auto: chosen by backtesting recent history)")
     p.add_argument("--quantile", type=_quantile, default=0.9,
                    help="demand quantile to plan for (default 0.9)")
     p.add_argument("--no-floor", action="store_true",

@@ -128,7 +128,7 @@ class Target:
     errors: deque[tuple[float, bool]] = field(
         default_factory=lambda: deque(maxlen=ACCURACY_WINDOW)
     )
-    first_value: threading.Event = field(default_factory=threading.Event)
+    first_value: threading.Event = field(default_factory=threading.Event)  # first refresh done
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -438,6 +438,7 @@ class Engine:
             target.snapshot = replace(target.snapshot, last_error=str(exc))
             log.warning("refresh of %s failed: %s", target.target_id, exc)
             self.listener.refresh_finished(target.target_id, False)
+            target.first_value.set()  # a request waiting for the first value gets this error now
             return None
         self.listener.refresh_finished(target.target_id, True)
         return points, (stamp.timestamp(), value)

@@ -27,6 +27,7 @@ from forecaster.models import (
     make_model,
 )
 from forecaster.models.ets import HoltWinters
+from forecaster.models.selection import Auto
 
 STEP = pd.Timedelta("5min")
 DAY_STEPS = 288
@@ -57,6 +58,13 @@ def sparse(n: int, seed: int = 0) -> pd.Series:
 def enough(name: str) -> int:
     """History long enough for the model to fit properly: three days, or a day past its need."""
     return max(3 * DAY_STEPS, make_model(name, STEP).min_history() + DAY_STEPS)
+
+
+@pytest.fixture(autouse=True)
+def fast_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract tests fit every model many times: `auto` chooses among three cheap
+    candidates here (the full selection is tested in test_selection and test_backtest)."""
+    monkeypatch.setitem(MODEL_FACTORIES, "auto", Auto.fast)
 
 
 @pytest.fixture(params=MODEL_NAMES)

@@ -91,6 +91,7 @@ def run_backtest(
         "models_used": {str(k): int(v) for k, v in models.items()},
         "fit_seconds_mean": float(np.mean(sim.fit_seconds)) if sim.fit_seconds else 0.0,
         "policies": {key: asdict(score) for key, score in policies.items()},
+        "selections": sim.selections,
         "forecast": accuracy,
     }
     return BacktestResult(sim, _json_safe(summary))
@@ -99,6 +100,8 @@ def run_backtest(
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

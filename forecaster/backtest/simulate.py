@@ -38,7 +38,7 @@ class BacktestConfig:
     eval_start: pd.Timestamp | None = None
     eval_days: float = 4.0
     refit: pd.Timedelta = pd.Timedelta("1h")
-    model: str = "holt_winters"
+    model: str = "auto"
     quantile: float = 0.9
     reactive_floor: bool = True
     min_replicas: int = 1
@@ -85,6 +85,7 @@ class Simulation:
     refits: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
     fit_seconds: list[float] = field(default_factory=list)
+    selections: list[dict[str, object]] = field(default_factory=list)
 
 
 def evaluation_start(grid: RegularSeries, config: BacktestConfig) -> int:
@@ -167,6 +168,7 @@ def simulate(
             sim.refits += 1
             if fit.fell_back:
                 sim.fallbacks[fit.model.name] = sim.fallbacks.get(fit.model.name, 0) + 1
+            _record_selection(sim, model, fit.model)
             model, fitted_at, seen = fit.model, refit_at, refit_at
         assert model is not None
         if seen <= t:
@@ -236,3 +238,13 @@ def _history_before(grid: RegularSeries, live: pd.Series, end: int) -> pd.Series
     if 0 < running <= grid.max_fill_steps:
         history = pd.concat([history.iloc[:-running], live.iloc[end - running : end]])
     return history
+
+
+def _record_selection(sim: Simulation, previous: object, fitted: object) -> None:
+    """Keep each new model selection (`auto`): the choice and every candidate's scores."""
+    selection = getattr(fitted, "selection_", None)
+    if selection is None:
+        return
+    before = getattr(previous, "selection_", None)
+    if before is None or before.selected_at != selection.selected_at:
+        sim.selections.append(selection.as_dict())

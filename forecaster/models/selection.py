@@ -2,10 +2,19 @@
 
 Each candidate is fitted on the history before the validation window, then run through the
 window one observation at a time (update, then forecast), exactly as it would run between
-refits in service. Its forecasts are scored by the pinball loss at the planning quantile
-and lead-time horizon, on intervals calibrated conformally from the candidate's own earlier
-errors in the window (see forecaster.models.calibration). The lowest loss wins; the winner is
-then fitted on all the history and keeps calibrating itself as new observations arrive.
+refits in service. Its forecasts are scored where the scaler uses them: the planned load is
+the forecast at the planning quantile and lead-time horizon, floored by the demand at the
+origin (the policy's reactive floor), and `plan_cost` is what holding an SLO with that plan
+costs: the headroom factor that keeps 95% of the demand under the plan times the plan's
+total, relative to the demand's total (scale-free, lower is better; the backtest's
+cost-to-hold-SLO without the replica rounding). Switching models between selections is
+costly in itself, so the `default` candidate (the ensemble) is kept unless another beats it
+by `margin`. The winner is then fitted on all the history.
+
+Intervals: the winner's own interval is used when its validated 80% coverage lies within
+`coverage_tolerance` of 80%; otherwise it is calibrated conformally from its own errors
+(see forecaster.models.calibration) and keeps calibrating itself as observations arrive.
+Recalibrating an interval that is already right only adds noise to the plan's shape.
 
 Only the history given to `fit` is ever used, so nothing after the fit time can influence
 the choice. Selection is slow next to a refit, so it runs on its own schedule: a refit
@@ -41,9 +50,16 @@ from forecaster.models.calibration import (
 DEFAULT_CANDIDATES = (
     "naive", "seasonal_naive", "holt_winters", "holt_winters_sqrt", "gbm", "ensemble",
 )
+DEFAULT_CHOICE = "ensemble"
+MARGIN = 0.1
+COVERAGE_TOLERANCE = 0.05
+SLO_SHARE = 0.05
+# For tests and demos: three cheap candidates and one day of validation (see Auto.fast).
+FAST_CANDIDATES = ("naive", "seasonal_naive", "holt_winters")
+FAST_VALIDATION = pd.Timedelta(days=1)
 # When no candidate can be validated (too little history), the first of these that fits.
 PREFERENCE = ("holt_winters", "seasonal_naive", "naive")
-VALIDATION = pd.Timedelta(days=2)
+VALIDATION = pd.Timedelta(days=4)
 RESELECT = pd.Timedelta(days=1)
 MIN_VALIDATION_STEPS = 24
 FIT_ERRORS = (ForecasterError, ValueError, ArithmeticError, LinAlgError)
@@ -51,9 +67,13 @@ FIT_ERRORS = (ForecasterError, ValueError, ArithmeticError, LinAlgError)
 
 @dataclass(frozen=True)
 class CandidateScore:
-    """How one candidate did in validation; `pinball` is None when it could not be scored."""
+    """How one candidate did in validation; `plan_cost` is None when it could not be scored.
+
+    `pinball` is the loss of the floored plan at the planning quantile, `coverage_80` that of
+    the candidate's own (uncalibrated) 80% interval."""
 
     name: str
+    plan_cost: float | None
     pinball: float | None
     mae: float | None
     coverage_80: float | None
@@ -71,6 +91,7 @@ class Selection:
     horizon: int
     validation_steps: int
     scores: tuple[CandidateScore, ...]
+    calibrated: bool = True
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -79,8 +100,10 @@ class Selection:
             "quantile": self.quantile,
             "horizon": self.horizon,
             "validation_steps": self.validation_steps,
+            "calibrated": self.calibrated,
             "scores": {
                 s.name: {
+                    "plan_cost": s.plan_cost,
                     "pinball": s.pinball,
                     "mae": s.mae,
                     "coverage_80": s.coverage_80,
@@ -98,18 +121,37 @@ def pinball_loss(actual: np.ndarray, predicted: np.ndarray, quantile: float) -> 
     return float(np.mean(np.maximum(quantile * diff, (quantile - 1.0) * diff)))
 
 
+def plan_cost(actual: np.ndarray, plan: np.ndarray, slo_share: float = SLO_SHARE) -> float:
+    """Capacity needed to keep all but `slo_share` of the intervals' demand under a multiple of
+    `plan`, relative to the total demand: the headroom multiple times sum(plan) / sum(actual).
+    1.0 is a perfect plan, and so is any plan for no demand at all; lower is better; inf when
+    nothing can be scored. `plan` must be positive where there is demand (floor it)."""
+    use = np.isfinite(actual) & np.isfinite(plan)
+    if not use.any():
+        return float("inf")
+    total = float(actual[use].sum())
+    if total <= 0:
+        return 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(actual[use] > 0, actual[use] / plan[use], 0.0)
+    headroom = float(np.quantile(ratio, 1.0 - slo_share))
+    return headroom * float(plan[use].sum()) / total
+
+
 @dataclass
 class _Validation:
     tracker: ScoreTracker
     mean: np.ndarray  # (origins, H)
     spread: np.ndarray
-    raw: np.ndarray  # the model's own quantile at q, as an offset from the mean
+    raw: np.ndarray  # the model's own quantiles (0.1, 0.9, q), as offsets: (3, origins, H)
 
 
 class Auto(ForecastModel):
-    """The candidate with the lowest validated pinball loss, calibrated; see the module doc.
+    """The candidate whose floored plan is cheapest in validation; see the module doc.
 
     `quantile` and `horizon` (steps) are what the scaler plans for: the loss is scored there.
+    For tests, `Auto.fast(step, quantile=..., horizon=...)` is the same with three cheap
+    candidates and one day of validation.
     """
 
     name = "auto"
@@ -129,7 +171,10 @@ class Auto(ForecastModel):
         reselect: pd.Timedelta = RESELECT,
         calibration_window: pd.Timedelta = CALIBRATION_WINDOW,
         min_scores: int = MIN_SCORES,
-        calibrate: bool = True,
+        calibrate: bool | None = None,
+        default: str | None = DEFAULT_CHOICE,
+        margin: float = MARGIN,
+        coverage_tolerance: float = COVERAGE_TOLERANCE,
     ) -> None:
         super().__init__(step)
         if not 0.0 < quantile < 1.0:
@@ -147,7 +192,19 @@ class Auto(ForecastModel):
         self.reselect = pd.Timedelta(reselect)
         self.calibration_window = pd.Timedelta(calibration_window)
         self.min_scores = min_scores
-        self.calibrate = calibrate
+        self.calibrate = calibrate  # None: only when the winner's own interval is off
+        self.default = default
+        self.margin = margin
+        self.coverage_tolerance = coverage_tolerance
+
+    @classmethod
+    def fast(cls, step: pd.Timedelta, *, quantile: float = 0.9, horizon: int = 2) -> Auto:
+        """A cheap `auto` for tests: three fast candidates, one day of validation; a
+        ModelFactory, e.g. monkeypatch.setitem(MODEL_FACTORIES, "auto", Auto.fast)."""
+        return cls(
+            step, quantile=quantile, horizon=horizon, candidates=FAST_CANDIDATES,
+            validation=FAST_VALIDATION,
+        )
 
     def min_history(self) -> int:
         return 2
@@ -197,7 +254,7 @@ class Auto(ForecastModel):
         if model.name in validations:
             self.tracker_.carry_scores(validations[model.name].tracker)
         if model.name != selection.chosen:
-            selection = _with_chosen(selection, model.name)
+            selection = _with_chosen(selection, model.name, self._needs_calibration(selection))
         self.selection_ = selection
         self.model_ = model
 
@@ -250,20 +307,53 @@ class Auto(ForecastModel):
         validations: dict[str, _Validation] = {}
         if steps >= MIN_VALIDATION_STEPS:
             train, held = values[: n - steps], values[n - steps :]
-            for name in self.candidates:
-                score, validation = self._validate(name, train, held)
+            # An ensemble whose members are candidates too is composed from their runs
+            # rather than fitted and run again: validated last, it costs nothing more.
+            ensembles = [n for n in self.candidates if self._members(n)]
+            for name in [n for n in self.candidates if n not in ensembles] + ensembles:
+                members = self._members(name)
+                validation: _Validation | None
+                if members and all(m in validations for m in members):
+                    score, validation = self._compose(
+                        name, [validations[m] for m in members], train, held
+                    )
+                else:
+                    score, validation = self._validate(name, train, held)
                 scores.append(score)
                 if validation is not None:
                     validations[name] = validation
-        scored = [s for s in scores if s.pinball is not None]
+            order = {name: k for k, name in enumerate(self.candidates)}
+            scores.sort(key=lambda s: order[s.name])
+        scored = {s.name: s for s in scores if s.plan_cost is not None}
         if scored:
-            chosen = min(scored, key=lambda s: (s.pinball, self.candidates.index(s.name))).name
+            best = min(
+                scored.values(), key=lambda s: (s.plan_cost, self.candidates.index(s.name))
+            )
+            chosen = best.name
+            kept = scored.get(self.default) if self.default is not None else None
+            if (
+                kept is not None
+                and kept.plan_cost is not None
+                and best.plan_cost is not None
+                and best.plan_cost > (1.0 - self.margin) * kept.plan_cost
+            ):
+                chosen = kept.name
         else:
             chosen = next((c for c in PREFERENCE if c in self.candidates), self.candidates[0])
         selection = Selection(
             chosen, fit_end, self.quantile, self.horizon, max(steps, 0), tuple(scores)
         )
-        return selection, validations
+        return _with_chosen(selection, chosen, self._needs_calibration(selection)), validations
+
+    def _needs_calibration(self, selection: Selection) -> bool:
+        """Whether to calibrate the chosen model: as asked, else when its own 80% interval
+        missed its coverage in validation (or was not validated)."""
+        if self.calibrate is not None:
+            return self.calibrate
+        score = next((s for s in selection.scores if s.name == selection.chosen), None)
+        if score is None or score.coverage_80 is None or not np.isfinite(score.coverage_80):
+            return True
+        return abs(score.coverage_80 - 0.8) > self.coverage_tolerance
 
     def _validate(
         self, name: str, train: np.ndarray, held: np.ndarray
@@ -272,7 +362,7 @@ class Auto(ForecastModel):
         model = self._make(name)
         if int(np.isfinite(train).sum()) < model.min_history():
             reason = f"needs {model.min_history()} observed steps before the validation window"
-            return CandidateScore(name, None, None, None, 0.0, reason), None
+            return CandidateScore(name, None, None, None, None, 0.0, reason), None
         try:
             model.fit_start_ = self.fit_start_
             model._fit(train)
@@ -280,57 +370,81 @@ class Auto(ForecastModel):
             validation = self._roll(model, held)
         except FIT_ERRORS as exc:
             error = f"{type(exc).__name__}: {exc}"
-            return CandidateScore(name, None, None, None, time.perf_counter() - began, error), None
-        pinball, mae, coverage = self._score(validation, held)
-        return CandidateScore(name, pinball, mae, coverage, fit_seconds), validation
+            return (
+                CandidateScore(name, None, None, None, None, time.perf_counter() - began, error),
+                None,
+            )
+        cost, pinball, mae, coverage = self._score(validation, train, held)
+        return CandidateScore(name, cost, pinball, mae, coverage, fit_seconds), validation
 
-    def _roll(self, model: ForecastModel, held: np.ndarray) -> _Validation:
-        H = self.horizon
+    def _members(self, name: str) -> list[str]:
+        """The registry names of an ensemble candidate's members, [] for other models."""
+        from forecaster.models.ensemble import Ensemble
+
+        model = self._make(name)
+        return [m.name for m in model.members] if isinstance(model, Ensemble) else []
+
+    def _compose(
+        self, name: str, parts: list[_Validation], train: np.ndarray, held: np.ndarray
+    ) -> tuple[CandidateScore, _Validation]:
+        """An ensemble's validation from its members' (the same average Ensemble makes)."""
+        from forecaster.models.ensemble import Ensemble
+
+        mean = np.mean([p.mean for p in parts], axis=0)
+        spread = np.mean([p.spread for p in parts], axis=0)
+        raw = np.mean([p.mean[None] + p.raw for p in parts], axis=0) - mean[None]
+        model = self._make(name)
+        assert isinstance(model, Ensemble)
+        model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
+        tracker = self._tracker(model, held, mean, spread)
+        validation = _Validation(tracker, mean, spread, raw)
+        cost, pinball, mae, coverage = self._score(validation, train, held)
+        return CandidateScore(name, cost, pinball, mae, coverage, 0.0), validation
+
+    def _tracker(
+        self, model: ForecastModel, held: np.ndarray, means: np.ndarray, spreads: np.ndarray
+    ) -> ScoreTracker:
         window = max(1, int(self.calibration_window / self.step))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            means, spreads, raws = _forecast_path(model, held, H, self.quantile, self.floor_)
-        tracker = ScoreTracker(model, H, window, self.floor_)
-        for h in range(H):
+        tracker = ScoreTracker(model, self.horizon, window, self.floor_)
+        for h in range(self.horizon):
             targets = held[h:]
             z = (targets - means[: len(targets), h]) / spreads[: len(targets), h]
             tracker.scores[h].extend(z[np.isfinite(z)].tolist())
-        return _Validation(tracker, means, spreads, raws)
+        return tracker
 
-    def _score(self, v: _Validation, held: np.ndarray) -> tuple[float | None, float, float]:
-        """Pinball loss at (quantile, horizon) of calibrated forecasts; MAE; 80% coverage."""
+    def _roll(self, model: ForecastModel, held: np.ndarray) -> _Validation:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means, spreads, raws = _forecast_path(
+                model, held, self.horizon, (0.1, 0.9, self.quantile), self.floor_
+            )
+        return _Validation(self._tracker(model, held, means, spreads), means, spreads, raws)
+
+    def _score(
+        self, v: _Validation, train: np.ndarray, held: np.ndarray
+    ) -> tuple[float | None, float | None, float, float]:
+        """Plan cost and pinball loss of the floored plan at (quantile, horizon), the plan
+        being the model's own quantile; MAE; the model's own 80% coverage."""
         h = self.horizon
         origins = len(held) - h + 1  # origin k forecasts held[k + h - 1]
         actual = held[h - 1 : h - 1 + origins]
         mean = v.mean[:origins, h - 1]
-        spread = v.spread[:origins, h - 1]
-        z = pd.Series((actual - mean) / spread)
-        # A score for origin j is known once held[j + h - 1] is, i.e. from origin j + h on.
-        window = max(1, int(self.calibration_window / self.step))
-        known = z.shift(h).rolling(window, min_periods=self.min_scores)
-        q_hat = known.quantile(self.quantile).to_numpy()
-        lo = known.quantile(0.1).to_numpy()
-        hi = known.quantile(0.9).to_numpy()
-        calibrated = np.isfinite(q_hat)
-        if not self.calibrate or not calibrated.any():
-            upper = mean + v.raw[:origins, h - 1]
-            use = np.isfinite(actual)
-            band = np.ones(origins, dtype=bool)
-            lower_b, upper_b = np.full(origins, -np.inf), np.full(origins, np.inf)
-        else:
-            upper = mean + spread * q_hat
-            use = np.isfinite(actual) & calibrated
-            band = use
-            lower_b, upper_b = mean + spread * lo, mean + spread * hi
-        if not use.any():
-            return None, float("nan"), float("nan")
-        upper = np.maximum(upper, 0.0)
-        pinball = pinball_loss(actual[use], upper[use], self.quantile)
-        finite = np.isfinite(actual)
+        lower = np.maximum(mean + v.raw[0, :origins, h - 1], 0.0)
+        upper_80 = np.maximum(mean + v.raw[1, :origins, h - 1], 0.0)
+        upper = np.maximum(mean + v.raw[2, :origins, h - 1], 0.0)
+        # The demand known at origin k: the last value before held[k], held for a gap.
+        known = pd.Series(np.r_[train[-1:], held[: origins - 1]]).ffill().to_numpy()
+        plan = np.where(np.isfinite(known), np.maximum(upper, known), upper)
+        plan = np.maximum(plan, self.floor_)  # a zero plan cannot be scaled up to any demand
+        finite = np.isfinite(actual) & np.isfinite(plan)
+        if not finite.any():
+            return None, None, float("nan"), float("nan")
+        cost = plan_cost(actual[finite], plan[finite])
+        pinball = pinball_loss(actual[finite], plan[finite], self.quantile)
         mae = float(np.mean(np.abs(actual[finite] - mean[finite])))
-        inside = (actual >= lower_b) & (actual <= upper_b)
-        coverage = float(inside[band & finite].mean()) if (band & finite).any() else float("nan")
-        return pinball, mae, coverage
+        inside = (actual >= lower) & (actual <= upper_80)
+        coverage = float(inside[finite].mean())
+        return (cost if np.isfinite(cost) else None), pinball, mae, coverage
 
     # -- running -----------------------------------------------------------------------
 
@@ -339,48 +453,64 @@ class Auto(ForecastModel):
         self.model_.last_timestamp_ = self.last_timestamp_ + len(values) * self.step
 
     def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.calibrate:
+        if self.selection_.calibrated:
             return self.tracker_.calibrated(horizon, self.min_scores)
+        if self.tracker_.latest is not None and horizon <= self.horizon:
+            mean, errors = self.tracker_.latest
+            return mean[:horizon], errors[:horizon]
         return self.model_._predict(horizon)
 
 
 def _ranked(selection: Selection) -> list[str]:
-    scored = [s for s in selection.scores if s.pinball is not None]
-    return [s.name for s in sorted(scored, key=lambda s: s.pinball or 0.0)]
+    scored = [s for s in selection.scores if s.plan_cost is not None]
+    return [s.name for s in sorted(scored, key=lambda s: s.plan_cost or 0.0)]
 
 
-def _with_chosen(selection: Selection, chosen: str) -> Selection:
+def _with_chosen(selection: Selection, chosen: str, calibrated: bool) -> Selection:
     return Selection(
         chosen, selection.selected_at, selection.quantile, selection.horizon,
-        selection.validation_steps, selection.scores,
+        selection.validation_steps, selection.scores, calibrated,
     )
 
 
 def _forecast_path(
-    model: ForecastModel, held: np.ndarray, horizon: int, quantile: float, floor: float
+    model: ForecastModel,
+    held: np.ndarray,
+    horizon: int,
+    quantiles: Sequence[float],
+    floor: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Means, spreads and own-quantile offsets (len(held), horizon) of a fitted model run
-    through `held` (forecast, then take the next value), leaving the model after all of it.
-    Models whose error sample does not change between refits are run in one batch."""
+    """Means and spreads (len(held), horizon) and own-quantile offsets (len(quantiles),
+    len(held), horizon) of a fitted model run through `held` (forecast, then take the next
+    value), leaving the model after all of it. Models whose error sample does not change
+    between refits are run in one batch."""
     from forecaster.models.ensemble import Ensemble
     from forecaster.models.gbm import GradientBoosting
 
+    qs = list(quantiles)
     if isinstance(model, GradientBoosting) and model.quantile is None:
         _, errors = model._predict(horizon)
         spread = spread_of(errors, floor)
-        raw = np.quantile(errors, quantile, axis=1)
+        raw = np.quantile(errors, qs, axis=1)  # (len(qs), horizon)
         means = model._forecast_path(held, horizon)
-        return means, np.tile(spread, (len(held), 1)), np.tile(raw, (len(held), 1))
+        return (
+            means,
+            np.tile(spread, (len(held), 1)),
+            np.repeat(raw[:, None, :], len(held), axis=1),
+        )
     if isinstance(model, Ensemble):
-        paths = [_forecast_path(m, held, horizon, quantile, floor) for m in model.fitted_]
+        paths = [_forecast_path(m, held, horizon, qs, floor) for m in model.fitted_]
         mean = np.mean([p[0] for p in paths], axis=0)
         spread = np.mean([p[1] for p in paths], axis=0)
-        raw = np.mean([p[0] + p[2] for p in paths], axis=0) - mean
+        raw = np.mean([p[0][None] + p[2] for p in paths], axis=0) - mean[None]
         return mean, spread, raw
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    means = np.empty((len(held), horizon))
+    spreads = np.empty((len(held), horizon))
+    raws = np.empty((len(qs), len(held), horizon))
     for k in range(len(held)):
         mean, errors = model._predict(horizon)
-        raw = np.quantile(errors, quantile, axis=1) if errors.size else 0.0 * mean
-        rows.append((np.maximum(mean, 0.0), spread_of(errors, floor), raw))
+        means[k] = np.maximum(mean, 0.0)
+        spreads[k] = spread_of(errors, floor)
+        raws[:, k] = np.quantile(errors, qs, axis=1) if errors.size else 0.0
         model._update(held[k : k + 1])
-    return tuple(np.array([row[i] for row in rows]) for i in range(3))  # type: ignore[return-value]
+    return means, spreads, raws
