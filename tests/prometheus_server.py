@@ -317,3 +317,18 @@ class PrometheusServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def held_each_minute(trace: pd.Series, now: datetime, *, days: int | None = None) -> pd.Series:
+    """The trace on a 5-minute grid, placed to end 2 hours after `now` and held each minute.
+
+    Instant queries then keep finding a sample however long a test session runs, and range
+    queries on the 5-minute grid return the trace's own values. `days` keeps only the last days.
+    """
+    grid = trace.resample("5min").mean().ffill()
+    if days is not None:
+        grid = grid.iloc[-days * 288 :]
+    end = pd.Timestamp(now).floor("5min") + pd.Timedelta(hours=2)
+    grid.index = grid.index - grid.index[-1] + end
+    minutes = pd.date_range(grid.index[0], end + pd.Timedelta(minutes=4), freq="1min")
+    return grid.reindex(minutes, method="ffill")

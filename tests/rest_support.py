@@ -16,7 +16,7 @@ import requests
 
 from forecaster.config import ConfiguredTarget, EngineSettings, Settings
 from forecaster.sources.prometheus import PrometheusServerConfig
-from tests.prometheus_server import backfill, load_trace, write_openmetrics
+from tests.prometheus_server import backfill, held_each_minute, load_trace, write_openmetrics
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = 300
@@ -27,14 +27,8 @@ CLOSED_SERVER = "http://127.0.0.1:1"  # configured, but nothing listens there
 
 
 def live_trace(now: datetime) -> pd.Series:
-    """The trace placed so that it runs from 14 days ago to 2 hours ahead, sampled each minute
-    by holding each 5-minute value: instant queries find a sample however long the tests run,
-    and range queries on the 5-minute grid return the trace's own values."""
-    grid = load_trace(TRACE).resample("5min").mean().ffill()
-    end = pd.Timestamp(now).floor("5min") + pd.Timedelta(hours=2)
-    grid.index = grid.index - grid.index[-1] + end
-    minutes = pd.date_range(grid.index[0], end + pd.Timedelta(minutes=4), freq="1min")
-    return grid.reindex(minutes, method="ffill")
+    """The bundled trace from 14 days ago to 2 hours ahead, held each minute."""
+    return held_each_minute(load_trace(TRACE), now)
 
 
 def make_blocks(root: Path) -> Path:

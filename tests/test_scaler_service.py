@@ -25,7 +25,13 @@ from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.series import to_grid
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
-from tests.prometheus_server import PrometheusServer, backfill, load_trace, write_openmetrics
+from tests.prometheus_server import (
+    PrometheusServer,
+    backfill,
+    held_each_minute,
+    load_trace,
+    write_openmetrics,
+)
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = 300
@@ -33,15 +39,8 @@ SECRET = "s3cr3t-token-do-not-log"
 
 
 def _live_trace(now: datetime) -> pd.Series:
-    """The trace placed so that it runs from 14 days ago to 2 hours ahead, sampled each minute
-    by holding each 5-minute value: instant queries keep finding a sample however long the
-    session runs, and range queries on the 5-minute grid return the trace's own values."""
-    trace = load_trace(TRACE)
-    grid = trace.resample("5min").mean().ffill()
-    end = pd.Timestamp(now).floor("5min") + pd.Timedelta(hours=2)
-    grid.index = grid.index - grid.index[-1] + end
-    minutes = pd.date_range(grid.index[0], end + pd.Timedelta(minutes=4), freq="1min")
-    return grid.reindex(minutes, method="ffill")
+    """The bundled trace from 14 days ago to 2 hours ahead, held each minute."""
+    return held_each_minute(load_trace(TRACE), now)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,13 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig
-from tests.prometheus_server import PrometheusServer, backfill, load_trace, write_openmetrics
+from tests.prometheus_server import (
+    PrometheusServer,
+    backfill,
+    held_each_minute,
+    load_trace,
+    write_openmetrics,
+)
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 WEB = 'sum(web_requests{job="web"})'
@@ -38,14 +44,8 @@ ORG = "team-a"
 
 
 def _held_each_minute(now: datetime, days: int = 3) -> pd.Series:
-    """The trace's last days on a 5-minute grid, ending 2 hours after now and held each minute:
-    instant queries keep finding a sample however long the session runs."""
-    grid = load_trace(TRACE).resample("5min").mean().ffill()
-    grid = grid.iloc[-days * 288 :]
-    end = pd.Timestamp(now).floor("5min") + pd.Timedelta(hours=2)
-    grid.index = grid.index - grid.index[-1] + end
-    minutes = pd.date_range(grid.index[0], end + pd.Timedelta(minutes=4), freq="1min")
-    return grid.reindex(minutes, method="ffill")
+    """The bundled trace's last days, ending 2 hours after now, held each minute."""
+    return held_each_minute(load_trace(TRACE), now, days=days)
 
 
 @pytest.fixture(scope="module")
