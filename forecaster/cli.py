@@ -30,22 +30,33 @@ def pin_math_threads() -> None:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, shown only once a run has taken `delay` seconds."""
+    """Progress on stderr, shown once a run has taken `delay` seconds: a redrawn bar on a
+    terminal, a plain line at each quarter otherwise (so logs stay readable)."""
 
     def __init__(self, label: str, delay: float = 2.0, width: int = 30) -> None:
         self.label, self.delay, self.width = label, delay, width
         self.began = time.monotonic()
-        self.shown = False
         self.last_draw = 0.0
+        self.quarters_shown = 0
+        self.terminal = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - self.began < self.delay or (now - self.last_draw < 0.2 and done < total):
+        if now - self.began < self.delay:
             return
-        self.last_draw, self.shown = now, True
+        elapsed = now - self.began
+        if not self.terminal:
+            quarter = 4 * done // max(total, 1)
+            if quarter > self.quarters_shown:
+                self.quarters_shown = quarter
+                sys.stderr.write(f"{self.label}: {done}/{total} in {elapsed:.0f}s\n")
+            return
+        if now - self.last_draw < 0.2 and done < total:
+            return
+        self.last_draw = now
         filled = int(self.width * done / max(total, 1))
         bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {now - self.began:.0f}s")
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {elapsed:.0f}s")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
