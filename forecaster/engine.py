@@ -124,6 +124,7 @@ class Target:
     fallbacks: int = 0
     refresh_failures: int = 0
     fit_seconds: list[float] = field(default_factory=list)
+    spec_conflict: TriggerSpec | None = None
     pending: dict[pd.Timestamp, tuple[float, float, float]] = field(default_factory=dict)
     errors: deque[tuple[float, bool]] = field(
         default_factory=lambda: deque(maxlen=ACCURACY_WINDOW)
@@ -285,18 +286,29 @@ class Engine:
         target = self._targets.get(target_id)
         if target is not None and target.spec == spec:
             target.last_requested = now
-            return target
+            if self._targets.get(target_id) is target:  # not dropped as idle meanwhile
+                return target
         with self._registry_lock:
             target = self._targets.get(target_id)
+            if target is not None and target.configured and not configured and target.spec != spec:
+                # The config file's spec wins: replacing it on every poll would never let a
+                # forecast form. Said once per differing spec.
+                if target.spec_conflict != spec:
+                    target.spec_conflict = spec
+                    log.warning("target %s: a scaler request's trigger differs from the config "
+                                "file's; serving the config file's", target_id)
+                target.last_requested = now
+                return target
             if target is None or target.spec != spec:
                 if target is not None:
                     log.info("target %s changed its trigger; starting a new series", target_id)
                 keep = configured or (target is not None and target.configured)
                 target = Target(target_id, spec, source, configured=keep)
                 target.last_requested = now
+                self._submit_refresh(target)  # before it is visible to the loop: no overlap
                 self._targets[target_id] = target
                 log.info("new target %s: serving the current value until its first fit", target_id)
-                self._submit_refresh(target)
+            target.last_requested = now
             return target
 
     def get(self, target_id: str) -> Target:
@@ -380,8 +392,10 @@ class Engine:
         for target in list(self._targets.values()):
             if not target.configured and now - target.last_requested > self.settings.idle_seconds:
                 with self._registry_lock:
-                    if self._targets.get(target.target_id) is target:
-                        del self._targets[target.target_id]
+                    still_idle = self.clock() - target.last_requested > self.settings.idle_seconds
+                    if not still_idle or self._targets.get(target.target_id) is not target:
+                        continue
+                    del self._targets[target.target_id]
                 log.info("dropped target %s: not asked about for %.0fs", target.target_id,
                          now - target.last_requested)
                 continue
@@ -405,7 +419,8 @@ class Engine:
             log.exception("refresh of %s failed unexpectedly", target.target_id)
         finally:
             target.refreshing = False
-        if target.model is None and not target.fit_pending and len(target.buffer):
+        retry_due = target.fit_failures == 0 or self.clock() >= target.next_refit
+        if target.model is None and not target.fit_pending and len(target.buffer) and retry_due:
             self._submit_fit(target)
 
     def _fetch(self, target: Target) -> tuple[pd.Series, tuple[float, float]] | None:
@@ -434,8 +449,9 @@ class Engine:
                     # No new points in an incremental window: the instant query below decides.
             stamp, value = target.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
         except (SourceError, SourceUnavailableError) as exc:
-            target.refresh_failures += 1
-            target.snapshot = replace(target.snapshot, last_error=str(exc))
+            with target.lock:  # a fit may be publishing at the same moment
+                target.refresh_failures += 1
+                target.snapshot = replace(target.snapshot, last_error=str(exc))
             log.warning("refresh of %s failed: %s", target.target_id, exc)
             self.listener.refresh_finished(target.target_id, False)
             target.first_value.set()  # a request waiting for the first value gets this error now
@@ -517,9 +533,24 @@ class Engine:
         spec = target.spec
         horizon = 1 + target.lead_steps
         forecast = None
-        if target.model is not None:
-            quantiles = sorted({*BAND_QUANTILES, spec.quantile})
-            forecast = target.model.predict(horizon, quantiles)
+        error = None
+        model = target.model
+        if model is not None:
+            behind = current[0] - model.last_timestamp_.timestamp()
+            if behind > freshness_limit(self.settings, spec) + spec.step_seconds:
+                # New points stopped arriving while the current value still does: a forecast
+                # from the old origin would plan for a time already past. Serve reactively.
+                error = f"history is {behind:.0f}s behind the current value; serving it"
+            else:
+                try:
+                    quantiles = sorted({*BAND_QUANTILES, spec.quantile})
+                    forecast = model.predict(horizon, quantiles)
+                except Exception as exc:  # a broken model must not stop the target: refit it
+                    log.exception("prediction for %s failed; refitting", target.target_id)
+                    target.model = None
+                    target.fit_failures += 1
+                    error = f"prediction failed: {exc}"
+        if forecast is not None:
             target.pending[forecast.timestamps[-1]] = (
                 float(forecast.mean[-1]),
                 float(forecast.quantile(0.1)[-1]),
@@ -533,7 +564,7 @@ class Engine:
             model=target.snapshot.model,
             fitted_at=target.snapshot.fitted_at,
             planned=planned,
-            last_error=None,
+            last_error=error,
             history_points=len(target.buffer),
         )
 

@@ -13,7 +13,7 @@ from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.scaler.servicer import ExternalScaler
 
 SERVICE_NAME = "externalscaler.ExternalScaler"
-DEFAULT_WORKERS = 16
+DEFAULT_WORKERS = 64  # each open StreamIsActive holds one; unary calls need the rest
 
 
 def create_server(

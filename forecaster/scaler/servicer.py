@@ -36,10 +36,11 @@ _T = TypeVar("_T")
 
 def status_for(exc: Exception) -> grpc.StatusCode:
     """Our errors to gRPC codes, in one place. UNAVAILABLE lets KEDA's `fallback` apply."""
-    if isinstance(exc, InvalidInputError | UnknownTargetError):
+    if isinstance(exc, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT
+    # An unknown target here was just dropped as idle between resolve and read: transient.
     if isinstance(exc, NotReadyError | SourceUnavailableError | SourceError |
-                  InsufficientHistoryError):
+                  InsufficientHistoryError | UnknownTargetError):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
@@ -141,6 +142,10 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                 active = self.engine.is_active(target_id)
             except Exception as exc:
                 code = status_for(exc)
+                if code is grpc.StatusCode.UNAVAILABLE:  # transient: keep the stream, retry
+                    log.info("StreamIsActive: %s", exc)
+                    self.stopping.wait(self.stream_check_seconds)
+                    continue
                 context.abort(code, str(exc) if code is not grpc.StatusCode.INTERNAL else
                               "internal error in StreamIsActive; see the forecaster logs")
             if active != last:

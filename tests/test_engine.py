@@ -1,0 +1,92 @@
+"""Engine rules that need no Prometheus: the bundled trace replayed as the source."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from forecaster.config import EngineSettings
+from forecaster.engine import Engine, freshness_limit
+from forecaster.scaler.metadata import TriggerSpec
+from forecaster.sources.replay import ReplaySource
+
+DATA = Path(__file__).parent.parent / "data"
+AWS = "aws_elb_request_count_8c0756"
+SPEC = TriggerSpec(server_address="http://replay.demo", query=AWS, target_value=10.0,
+                   model="seasonal_naive")
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    engine = Engine(EngineSettings(refresh_seconds=3600, idle_seconds=60),
+                    fit_pool=ThreadPoolExecutor(1))
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def source() -> ReplaySource:
+    return ReplaySource.from_folder(DATA)
+
+
+def _wait_for_forecast(engine: Engine, target_id: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.get(target_id).snapshot.forecast is None:
+        assert time.monotonic() < deadline, "no forecast in time"
+        time.sleep(0.05)
+
+
+def test_a_configured_target_keeps_its_spec_when_a_request_differs(
+    engine: Engine, source: ReplaySource, caplog: pytest.LogCaptureFixture
+) -> None:
+    configured = engine.ensure_target("demo/aws/m", SPEC, source, configured=True)
+    other = replace(SPEC, target_value=20.0)
+    for _ in range(3):
+        assert engine.ensure_target("demo/aws/m", other, source) is configured
+    assert engine.get("demo/aws/m").spec == SPEC
+    assert caplog.text.count("differs from the config file's") == 1
+
+
+def test_a_request_spec_change_replaces_an_unconfigured_target(
+    engine: Engine, source: ReplaySource
+) -> None:
+    first = engine.ensure_target("demo/aws/m", SPEC, source)
+    second = engine.ensure_target("demo/aws/m", replace(SPEC, step_seconds=600), source)
+    assert second is not first
+    assert engine.get("demo/aws/m").spec.step_seconds == 600
+
+
+def test_idle_targets_are_dropped_and_configured_ones_kept(
+    engine: Engine, source: ReplaySource
+) -> None:
+    engine.ensure_target("demo/aws/idle", SPEC, source)
+    engine.ensure_target("demo/aws/kept", SPEC, source, configured=True)
+    _wait_for_forecast(engine, "demo/aws/idle")
+    later = time.time() + 120
+    engine.clock = lambda: later
+    engine.tick()
+    assert [t.target_id for t in engine.targets()] == ["demo/aws/kept"]
+
+
+def test_a_forecast_from_history_that_stopped_advancing_is_not_served(
+    engine: Engine, source: ReplaySource
+) -> None:
+    target = engine.ensure_target("demo/aws/m", SPEC, source)
+    _wait_for_forecast(engine, "demo/aws/m")
+    assert engine.serve("demo/aws/m").mode == "forecast"
+    # The current value keeps arriving but the grid does not: past the freshness limit the
+    # model's origin is too far behind, so the engine plans reactively and says why.
+    current = target.snapshot.current_time
+    assert current is not None
+    later = current + freshness_limit(engine.settings, SPEC) + 2 * SPEC.step_seconds
+    with target.lock:
+        engine._publish(target, current=(later, 42.0))
+    snapshot = target.snapshot
+    assert snapshot.forecast is None and snapshot.planned is not None
+    assert snapshot.planned.mode == "reactive" and snapshot.planned.value == 42.0
+    assert snapshot.last_error is not None and "behind" in snapshot.last_error
