@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,11 +26,10 @@ from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
 from tests.prometheus_server import (
     PrometheusServer,
-    backfill,
     held_each_minute,
     load_trace,
-    write_openmetrics,
 )
+from tests.rest_support import make_blocks
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = 300
@@ -45,15 +43,7 @@ def _live_trace(now: datetime) -> pd.Series:
 
 @pytest.fixture(scope="module")
 def live_blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("live")
-    series = _live_trace(datetime.now(UTC))
-    files = [root / name for name in ("web.om", "multi_a.om", "multi_b.om", "nan.om")]
-    write_openmetrics(series, "web_requests", files[0], {"job": "web"})
-    write_openmetrics(series, "multi_requests", files[1], {"instance": "a"})
-    write_openmetrics(series / 2, "multi_requests", files[2], {"instance": "b"})
-    write_openmetrics(series * np.nan, "nan_requests", files[3], {"job": "nan"})
-    backfill(files, root / "blocks")
-    return root / "blocks"
+    return make_blocks(tmp_path_factory.mktemp("live"))
 
 
 @pytest.fixture(scope="module")
