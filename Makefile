@@ -9,7 +9,7 @@ export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 
-.PHONY: run test test-deps lint backtest bench proto image clean
+.PHONY: run test test-deps bench-deps lint backtest bench bench-scaler proto image clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ backtest: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_backtest.py
+
+# The scaler load benchmark also needs h2load (Debian's nghttp2-client), its load generator.
+bench-deps: test-deps
+	@command -v h2load >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends nghttp2-client; }
+
+bench-scaler: $(STAMP) bench-deps
+	$(PY) bench/bench_scaler_load.py
 
 proto: $(STAMP)
 	PYTHON=$(PY) scripts/gen_proto.sh

@@ -1,8 +1,8 @@
 """Load benchmark of the KEDA external scaler: 1,000 targets, concurrent GetMetrics, refits.
 
     .venv/bin/python bench/bench_scaler_load.py [--targets 1000] [--clients 16] [--seconds 20]
-        [--rate 2000] [--prometheus | --no-prometheus] [--profile DIR] [--json FILE]
-        [--experiments trivial,aio,workers=4,nice=10,switch=0.0005] [--repeat N]
+        [--rate 2000] [--client h2load|aio|sync] [--prometheus | --no-prometheus]
+        [--profile DIR] [--json FILE] [--experiments trivial,nice=10,switch=0.0005] [--repeat N]
 
 The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs in this process:
 
@@ -20,10 +20,15 @@ The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs in this
    (`next_refit = 0`), is timed alone.
 3. Load windows of --seconds from --client-procs processes of their own (on this same
    machine, as the goal says) calling GetMetrics as KEDA does (with GetMetricSpec's metric
-   name), round-robin over the targets: closed loop with --clients concurrent callers (the
-   throughput), and open loop at --rate calls/s (default 2,000), latency counted from each
-   call's scheduled time. Closed-loop latency is set by Little's law (mean = callers /
-   throughput: 16 callers at 2,000/s average 8 ms), so the p99 goal is judged open loop.
+   name): closed loop with --clients concurrent callers (the throughput), and open loop at
+   --rate calls/s (default 2,000). The load generator is h2load (nghttp2's HTTP/2 load tool,
+   written in C, like KEDA's Go client and unlike a Python one, which costs more CPU per
+   call than the service itself): each of its processes sends one target's request, 8
+   targets spread over the fleet, and every call's gRPC status is counted by the service's
+   request hook. `--client aio|sync` uses Python callers instead, round-robin over all
+   targets, with latency counted from each call's scheduled time. Closed-loop latency is
+   set by Little's law (mean = callers / throughput: 16 callers at 2,000/s average 8 ms),
+   so the p99 goal is judged open loop.
    Both run in steady state and during a full refit round forced at the start (the goal's
    condition).
 4. Memory: RSS of this process (which hosts the service) idle, with the targets forecast,
@@ -32,11 +37,9 @@ The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs in this
    generator included; < 200 MB above idle; the refit times.
 
 Experiments (--experiments, each a load window on the same targets) to locate the cost:
-`trivial` a do-nothing servicer on a sync gRPC server (the framework's floor); `aio` the
-service's own servicer methods run inline on a grpc.aio server; `workers=N` the service's
-servicer on a sync server with N threads; `nice=N` the refit windows again with the fit
-workers at nice N; `switch=S` steady and refit windows with the GIL switch interval at S
-seconds (Python's default is 0.005).
+`trivial` a do-nothing servicer on a grpc.aio server like the service's (the framework's
+floor); `nice=N` the refit windows again with the fit workers at nice N; `switch=S` steady
+and refit windows with the GIL switch interval at S seconds (Python's default is 0.005).
 
 The machine's load average and every party's CPU time in each window (service, fit workers,
 Prometheus, load generator, everything else) are printed: on a shared machine the figures
@@ -63,6 +66,7 @@ import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import pickle  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -101,7 +105,7 @@ GOAL_CALLS_PER_SECOND = 2000.0
 GOAL_P99_MS = 5.0
 GOAL_MEMORY_MB = 200.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-EXPERIMENT = re.compile(r"^(trivial|aio|workers=\d+|nice=-?\d+|switch=[0-9.]+)$")
+EXPERIMENT = re.compile(r"^(trivial|nice=-?\d+|switch=[0-9.]+)$")
 
 
 def log(message: str) -> None:
@@ -278,65 +282,28 @@ class TrivialScaler(pb_grpc.ExternalScalerServicer):
             metricValues=[pb.MetricValue(metricName="fc-0", metricValue=1, metricValueFloat=1.0)]
         )
 
-    def GetMetrics(
-        self, request: pb.GetMetricsRequest, context: grpc.ServicerContext
-    ) -> pb.GetMetricsResponse:
+    async def GetMetrics(self, request: Any, context: Any) -> pb.GetMetricsResponse:
         return self.response
 
 
-class _Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
 class _CaptureAbort:
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Aborted(code, details)
+    """A stand-in context for timing the handler in process: an abort raises."""
 
-
-class AioAdapter(pb_grpc.ExternalScalerServicer):
-    """The service's servicer methods, called inline on a grpc.aio event loop (no thread
-    hand-off per call). Only an experiment: Engine.serve may wait for a new target's first
-    value, which would block the loop."""
-
-    def __init__(self, servicer: Any) -> None:
-        self.servicer = servicer
-
-    async def _run(self, method: Callable[..., Any], request: Any, context: Any) -> Any:
-        try:
-            return method(request, _CaptureAbort())
-        except _Aborted as exc:
-            await context.abort(exc.code, exc.details)
-
-    async def GetMetricSpec(self, request: Any, context: Any) -> Any:
-        return await self._run(self.servicer.GetMetricSpec, request, context)
-
-    async def GetMetrics(self, request: Any, context: Any) -> Any:
-        return await self._run(self.servicer.GetMetrics, request, context)
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
 
 
 class ExtraServer:
-    """A gRPC server for one experiment window: sync with N threads, or grpc.aio."""
+    """A grpc.aio server (the service's kind) for one experiment window."""
 
-    def __init__(self, servicer: Any, *, workers: int = 16, aio: bool = False) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        if aio:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            self._thread = threading.Thread(target=loop.run_forever, name="aio", daemon=True)
-            self._thread.start()
-            self._server, self.port = asyncio.run_coroutine_threadsafe(
-                self._start_aio(servicer), loop
-            ).result(30)
-        else:
-            self._server = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-x"),
-                options=[("grpc.so_reuseport", 0)],
-            )
-            pb_grpc.add_ExternalScalerServicer_to_server(servicer, self._server)
-            self.port = self._server.add_insecure_port("127.0.0.1:0")
-            self._server.start()
+    def __init__(self, servicer: Any) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="aio", daemon=True)
+        self._thread.start()
+        self._server, self.port = asyncio.run_coroutine_threadsafe(
+            self._start_aio(servicer), loop
+        ).result(30)
 
     @staticmethod
     async def _start_aio(servicer: Any) -> tuple[Any, int]:
@@ -347,9 +314,6 @@ class ExtraServer:
         return server, port
 
     def stop(self) -> None:
-        if self._loop is None:
-            self._server.stop(1).wait()
-            return
         asyncio.run_coroutine_threadsafe(self._server.stop(1), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -780,6 +744,8 @@ class Bench:
         """Run the load generator against `port` for --seconds: closed loop, or open loop at
         `rate` calls/s. `refits`: the fit counts of a forced refit round, to count progress."""
         args = self.args
+        if args.client == "h2load":
+            return self.h2load_window(label, port, requests, rate=rate, refits=refits)
         context = multiprocessing.get_context("spawn")
         procs = max(1, min(args.client_procs, args.clients))
         ready, go = context.Barrier(procs + 1), context.Barrier(procs + 1)
@@ -825,6 +791,102 @@ class Bench:
         cpu["everything else on the machine"] = max(0.0, busy_after - busy_before - ours)
         cpu["idle"] = max(0.0, (total_after - total_before) - (busy_after - busy_before))
         result = Window(label, elapsed, latencies, dict(codes), cpu,
+                        total_after - total_before, load, rate, done, profile=profile)
+        log(result.line())
+        self.windows.append(result)
+        return result
+
+    def h2load_window(
+        self, label: str, port: int, requests: list[bytes], *, rate: float = 0.0,
+        refits: dict[str, int] | None = None,
+    ) -> Window:
+        """The same window with h2load as the load generator: --client-procs processes, each
+        sending one target's GetMetricsRequest (gRPC over HTTP/2 is a POST of the framed
+        message), spread over the fleet. Closed loop: --clients connections with one call in
+        flight each. Open loop: --rps per connection, up to 64 calls in flight each. Latency
+        comes from h2load's per-request log; the gRPC status of every call from the service's
+        own request hook (h2load sees only HTTP statuses, and a gRPC error is HTTP 200)."""
+        args = self.args
+        procs = max(1, min(args.client_procs, args.clients))
+        codes: Counter[str] = Counter()
+        servicer = self.service.servicer
+        hook = servicer.on_request
+
+        def counting(method: str, code: str) -> None:
+            if method == "GetMetrics":
+                codes[code] += 1
+            hook(method, code)
+
+        url = f"http://127.0.0.1:{port}/externalscaler.ExternalScaler/GetMetrics"
+        commands, logs = [], []
+        for p in range(procs):
+            connections = args.clients // procs + (p < args.clients % procs)
+            if not connections:
+                continue
+            body = self.workdir / f"request-{p}.bin"
+            message = requests[(p * len(requests)) // procs]
+            body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+            log_path = self.workdir / f"h2load-{p}.log"
+            log_path.unlink(missing_ok=True)
+            logs.append(log_path)
+            command = [
+                "h2load", "-D", f"{args.seconds:g}", "-c", str(connections),
+                "-m", "64" if rate else "1", "--log-file", str(log_path), "-d", str(body),
+                "-H", "content-type: application/grpc", "-H", "te: trailers",
+            ]
+            if rate:
+                command += ["--rps", f"{rate / args.clients:g}"]
+            commands.append([*command, url])
+        parties = {"service (this process)": ["self"],
+                   "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
+        if self.prometheus is not None and self.prometheus._process is not None:
+            parties["prometheus"] = [str(self.prometheus._process.pid)]
+        before_cpu = {name: sum(cpu_seconds(p) for p in pids) for name, pids in parties.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy_before, total_before = machine_cpu_seconds()
+        profiler, profile = self.start_profiler(label)
+        how = f"open loop at {rate:,.0f}/s" if rate else f"{args.clients} connections"
+        log(f"window {label!r}: h2load, {how} from {len(commands)} processes, "
+            f"{args.seconds:.0f} s; load {loadavg()}")
+        # only the load-generator's calls are counted: the engine loop thread never calls it
+        servicer.on_request = counting
+        began = time.perf_counter()
+        try:
+            running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                       for c in commands]
+            outputs = [r.communicate(timeout=args.seconds + 120)[0].decode() for r in running]
+        finally:
+            servicer.on_request = hook
+        elapsed = time.perf_counter() - began
+        cpu = {name: sum(cpu_seconds(p) for p in pids) - before_cpu[name]
+               for name, pids in parties.items()}
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu["load generator"] = (after.ru_utime + after.ru_stime) - (
+            children.ru_utime + children.ru_stime
+        )
+        busy_after, total_after = machine_cpu_seconds()
+        done = self.refits_done(refits) if refits is not None else None
+        load = os.getloadavg()
+        self.finish_profiler(profiler, profile)
+        answered = 0
+        for command, output in zip(commands, outputs, strict=True):
+            counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+                               output)
+            if counts is None:
+                raise SystemExit(f"h2load printed no summary ({' '.join(command)}):\n{output}")
+            answered += int(counts.group(1))
+            lost = sum(int(n) for n in counts.groups()[1:])
+            if lost:
+                codes["h2load: failed, errored or timed out"] += lost
+        if port != self.service.grpc_port:  # an experiment's server: no request hook there
+            codes["OK"] = answered  # HTTP 200 with a response; its gRPC status unseen
+        latencies = np.concatenate([
+            np.loadtxt(path, usecols=2, dtype=np.int64, ndmin=1) * 1000 for path in logs
+        ])
+        ours = sum(v for v in cpu.values() if not math.isnan(v))
+        cpu["everything else on the machine"] = max(0.0, busy_after - busy_before - ours)
+        cpu["idle"] = max(0.0, (total_after - total_before) - (busy_after - busy_before))
+        result = Window(label, min(elapsed, args.seconds), latencies, dict(codes), cpu,
                         total_after - total_before, load, rate, done, profile=profile)
         log(result.line())
         self.windows.append(result)
@@ -888,6 +950,13 @@ class Bench:
         target = resolver.resolve(ref.namespace, ref.name, metadata)
         planned = engine.serve(target.target_id)
         context = _CaptureAbort()
+        loop = asyncio.new_event_loop()
+
+        async def handled(times: int) -> pb.GetMetricsResponse:
+            for _ in range(times):
+                response = await servicer.GetMetrics(message, context)
+            return response
+
         parts: dict[str, Callable[[], object]] = {
             "GetMetricsRequest.FromString": lambda: pb.GetMetricsRequest.FromString(request),
             "dict(ref.scalerMetadata)": lambda: dict(ref.scalerMetadata),
@@ -903,10 +972,14 @@ class Bench:
                 metricValues=[pb.MetricValue(metricName="fc-0", metricValue=3,
                                              metricValueFloat=planned.value)]
             ),
-            "servicer.GetMetrics (handler)": lambda: servicer.GetMetrics(message, context),
-            "response.SerializeToString": servicer.GetMetrics(message, context).SerializeToString,
+            "response.SerializeToString": loop.run_until_complete(handled(1)).SerializeToString,
         }
         timings = {name: _time_call(call) for name, call in parts.items()}
+        # The async handler, awaited 100 times per loop pass so the loop's cost stays small.
+        timings["servicer.GetMetrics (handler, awaited)"] = _time_call(
+            lambda: loop.run_until_complete(handled(100)), batch=2
+        ) / 100
+        loop.close()
         # The background work that shares the GIL with the requests, per target (internals).
         quantiles = sorted({0.05, 0.1, 0.5, 0.9, 0.95, target.spec.quantile})
         horizon = 1 + target.lead_steps
@@ -1011,27 +1084,14 @@ class Bench:
             for name in names:
                 if name == "trivial":
                     servers[name] = ExtraServer(TrivialScaler())
-                elif name == "aio":
-                    servers[name] = ExtraServer(AioAdapter(self.service.servicer), aio=True)
-                elif name.startswith("workers="):
-                    servers[name] = ExtraServer(self.service.servicer,
-                                                workers=int(name.split("=")[1]))
-            labels = {"trivial": "trivial servicer", "aio": "service on grpc.aio"}
+            labels = {"trivial": "trivial servicer"}
             for round_ in range(self.args.repeat):
                 tag = f" #{round_ + 1}" if self.args.repeat > 1 else ""
                 self.note_load(f"before experiment round{tag or ' 1'}")
                 if round_:
                     self.windows_for(f"service{tag}", self.service.grpc_port, requests)
                 for name, server in servers.items():
-                    label = labels.get(name, f"service, {name.split('=')[-1]} gRPC threads")
-                    self.windows_for(f"{label}{tag}", server.port, requests)
-            if "aio" in servers:
-                port = servers["aio"].port
-                self.during_refits(
-                    "refit round, grpc.aio", ids,
-                    lambda before: self.windows_for("service on grpc.aio", port, requests,
-                                                    before),
-                )
+                    self.windows_for(f"{labels[name]}{tag}", server.port, requests)
         finally:
             for server in servers.values():
                 server.stop()
@@ -1256,9 +1316,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--targets", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16, help="concurrent GetMetrics callers")
-    parser.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--client", choices=("aio", "sync"), default="aio",
-                        help="callers as coroutines on grpc.aio (cheaper) or as threads")
+    parser.add_argument("--client-procs", type=int, default=None,
+                        help="load-generator processes (default: 8 for h2load, each on its own "
+                        "target; 2 for Python callers)")
+    parser.add_argument("--client", choices=("h2load", "aio", "sync"),
+                        default="h2load" if shutil.which("h2load") else "aio",
+                        help="the load generator: h2load (nghttp2's HTTP/2 load tool, in C; "
+                        "the default when installed, `make bench` installs it), or Python "
+                        "callers as coroutines on grpc.aio or as threads")
     parser.add_argument("--seconds", type=float, default=20.0, help="each load window")
     parser.add_argument("--rate", type=float, default=GOAL_CALLS_PER_SECOND,
                         help="offered calls/s of the open-loop windows (0: none); these "
@@ -1279,7 +1344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-refit-round", action="store_true",
                         help="do not time a refit round without load")
     parser.add_argument("--experiments", default="",
-                        help="comma-separated: trivial, aio, workers=N, nice=N, switch=SECONDS")
+                        help="comma-separated: trivial, nice=N, switch=SECONDS")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the experiments' steady windows, with the service again")
     parser.add_argument("--warmup-calls", type=int, default=50, help="per caller, unmeasured")
@@ -1294,11 +1359,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.targets < 1 or args.clients < 1 or args.seconds <= 0:
         parser.error("--targets, --clients and --seconds must be positive")
+    if args.client_procs is None:
+        args.client_procs = 8 if args.client == "h2load" else 2
     args.experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     for name in args.experiments:
         if not EXPERIMENT.match(name):
-            parser.error(f"--experiments: {name!r} is not one of trivial, aio, workers=N, "
-                         "nice=N, switch=SECONDS")
+            parser.error(f"--experiments: {name!r} is not one of trivial, nice=N, "
+                         "switch=SECONDS")
     return args
 
 

@@ -136,6 +136,9 @@ class Target:
         step = pd.Timedelta(seconds=self.spec.step_seconds)
         self.buffer = GridBuffer(step, pd.Timedelta(seconds=self.spec.history_window_seconds))
         self.model: ForecastModel | None = None
+        # The model and origin the published forecast came from: a refresh that adds no new
+        # point (most of them, with a 30 s refresh and a 5 m step) reuses that forecast.
+        self.forecast_made_by: tuple[ForecastModel, pd.Timestamp] | None = None
 
     @property
     def step(self) -> pd.Timedelta:
@@ -328,11 +331,18 @@ class Engine:
 
     # -- reads (never block on fits) ---------------------------------------------------------
 
-    def serve(self, target_id: str) -> PlannedLoad:
-        """The load to plan for now; NotReadyError when there is no fresh data to stand on."""
+    def awaiting_first_value(self, target_id: str) -> bool:
+        """True while a new target's first refresh has not finished (serve would wait)."""
+        return not self.get(target_id).first_value.is_set()
+
+    def serve(self, target_id: str, *, wait: bool = True) -> PlannedLoad:
+        """The load to plan for now; NotReadyError when there is no fresh data to stand on.
+
+        A new target's first value is waited for (up to first_value_wait_seconds) unless
+        `wait` is False: callers on an event loop wait for it themselves, without blocking."""
         target = self.get(target_id)
         snapshot = target.snapshot
-        if snapshot.current_value is None:
+        if snapshot.current_value is None and wait:
             target.first_value.wait(self.settings.first_value_wait_seconds)
             snapshot = target.snapshot
         if snapshot.current_value is None or snapshot.planned is None:
@@ -355,10 +365,10 @@ class Engine:
             return replace(snapshot.planned, value=snapshot.planned.current, mode="dry_run")
         return snapshot.planned
 
-    def is_active(self, target_id: str) -> bool:
+    def is_active(self, target_id: str, *, wait: bool = True) -> bool:
         """Active when the current load or the forecast up to the lead time exceeds the
         activation value, so a workload can wake from zero before its traffic arrives."""
-        planned = self.serve(target_id)
+        planned = self.serve(target_id, wait=wait)
         activation = self.get(target_id).spec.activation_value
         peak = max(planned.current, planned.peak_over_lead or 0.0, planned.value)
         return peak > activation
@@ -544,10 +554,14 @@ class Engine:
                 # New points stopped arriving while the current value still does: a forecast
                 # from the old origin would plan for a time already past. Serve reactively.
                 error = f"history is {behind:.0f}s behind the current value; serving it"
+            elif (target.snapshot.forecast is not None
+                  and target.forecast_made_by == (model, model.last_timestamp_)):
+                forecast = target.snapshot.forecast  # no new point since: the same forecast
             else:
                 try:
                     quantiles = sorted({*BAND_QUANTILES, spec.quantile})
                     forecast = model.predict(horizon, quantiles)
+                    target.forecast_made_by = (model, model.last_timestamp_)
                 except Exception as exc:  # a broken model must not stop the target: refit it
                     log.exception("prediction for %s failed; refitting", target.target_id)
                     target.model = None

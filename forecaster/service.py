@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
-from forecaster.scaler.server import create_server, stop_gracefully
+from forecaster.scaler.server import ScalerServer
 from forecaster.scaler.servicer import ExternalScaler
 from forecaster.sources import HistorySource
 from forecaster.targets import SourceRegistry, TargetResolver
@@ -52,9 +52,10 @@ class Service:
         self.servicer = ExternalScaler(
             self.engine, self.resolver, on_request=self.telemetry.grpc_request
         )
-        self.grpc_server, self.grpc_port, self.health = create_server(
+        self.grpc_server = ScalerServer(
             f"{settings.host}:{settings.grpc_port}", self.servicer, tls=settings.tls
         )
+        self.grpc_port = self.grpc_server.port
         self.app = create_app(settings, self.engine, self.resolver)
         self.app.extensions["forecaster.telemetry"] = self.telemetry
         self.http_server = HttpServer(self.app, settings.host, settings.http_port)
@@ -64,6 +65,7 @@ class Service:
         try:
             self.resolver.register_configured()
         except Exception:
+            self.grpc_server.stop(0)
             self.engine.stop()
             raise
         self.engine.start()
@@ -72,7 +74,7 @@ class Service:
         log.info("serving gRPC on port %d and HTTP on port %d", self.grpc_port, self.http_port)
 
     def stop(self) -> None:
-        stop_gracefully(self.grpc_server, self.servicer, self.health)
+        self.grpc_server.stop()
         self.http_server.stop()
         self.engine.stop()
 

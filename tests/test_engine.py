@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from forecaster.config import EngineSettings
@@ -90,3 +91,27 @@ def test_a_forecast_from_history_that_stopped_advancing_is_not_served(
     assert snapshot.forecast is None and snapshot.planned is not None
     assert snapshot.planned.mode == "reactive" and snapshot.planned.value == 42.0
     assert snapshot.last_error is not None and "behind" in snapshot.last_error
+
+
+def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_the_new_value(
+    engine: Engine, source: ReplaySource
+) -> None:
+    target = engine.ensure_target("demo/aws/m", SPEC, source)
+    _wait_for_forecast(engine, "demo/aws/m")
+    before = target.snapshot
+    assert before.forecast is not None and before.current_time is not None
+    with target.lock:
+        engine._apply(target, pd.Series(dtype=float), (before.current_time + 30, 1e6))
+    after = target.snapshot
+    assert after.forecast is before.forecast  # no new point: not predicted again
+    assert after.planned is not None and after.planned.value == 1e6  # the floor follows
+
+    model = target.model
+    assert model is not None
+    step = pd.Timedelta(seconds=SPEC.step_seconds)
+    newer = pd.Series([5.0], index=[model.last_timestamp_ + step])
+    with target.lock:
+        engine._apply(target, newer, (before.current_time + 330, 5.0))
+    moved = target.snapshot.forecast
+    assert moved is not None and moved is not before.forecast
+    assert moved.timestamps[0] == before.forecast.timestamps[0] + step

@@ -121,10 +121,11 @@ class ForecastModel(ABC):
         qs = validate_quantiles(quantiles)
         mean, errors = self._predict(horizon)
         mean = np.maximum(mean, 0.0)
-        bands = {
-            q: np.maximum(mean + np.quantile(errors, q, axis=1), 0.0) if errors.size else mean
-            for q in qs
-        }
+        if not errors.size or not qs:
+            bands = {q: mean for q in qs}
+        else:  # one call for every level: each np.quantile call sorts the errors again
+            levels = np.quantile(errors, list(qs), axis=1)
+            bands = {q: np.maximum(mean + levels[i], 0.0) for i, q in enumerate(qs)}
         return Forecast(self.last_timestamp_, self.step, mean, bands, self.name)
 
     def warm_start(self, previous: ForecastModel) -> None:

@@ -1,62 +1,103 @@
-"""The gRPC server: the external scaler, the standard health service, optional (mutual) TLS."""
+"""The gRPC server: the external scaler, the standard health service, optional (mutual) TLS.
+
+It is a grpc.aio server on an event loop of its own thread. Measured with h2load on this
+2-core machine (bench/bench_scaler_load.py), a do-nothing servicer costs about 330 µs of CPU
+per call on grpc.aio and 600 µs on the thread-pool server, whose thread hand-offs also add
+latency; and an open stream costs a coroutine, not a thread.
+"""
 
 from __future__ import annotations
 
-from concurrent import futures
+import asyncio
+import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from forecaster.config import TlsSettings
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.scaler.servicer import ExternalScaler
 
 SERVICE_NAME = "externalscaler.ExternalScaler"
-DEFAULT_WORKERS = 64  # each open StreamIsActive holds one; unary calls need the rest
+# Calls beyond this many at once are refused (RESOURCE_EXHAUSTED) rather than queued without
+# bound; KEDA polls each ScaledObject every 30 s by default, far below it. Open streams count.
+MAX_CONCURRENT_RPCS = 4096
+
+_T = TypeVar("_T")
 
 
-def create_server(
-    address: str,
-    servicer: ExternalScaler,
-    *,
-    tls: TlsSettings | None = None,
-    max_workers: int = DEFAULT_WORKERS,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build (not start) a server bound to `address` ("host:port", port 0 picks a free one).
+class ScalerServer:
+    """The external scaler and health service on a grpc.aio server, driven from sync code.
 
-    Returns the server, the bound port and the health servicer (to flip to NOT_SERVING on
-    shutdown). With `tls.client_ca_file`, clients must present a certificate it signed, as
-    KEDA does with a TriggerAuthentication's tlsClientCert.
+    >>> server = ScalerServer("127.0.0.1:0", servicer)   # doctest: +SKIP
+    >>> server.start(); server.port                      # doctest: +SKIP
+    >>> server.stop()                                    # doctest: +SKIP
+
+    Binding happens in the constructor (port 0 picks a free port). With
+    `tls.client_ca_file`, clients must present a certificate it signed, as KEDA does with a
+    TriggerAuthentication's tlsClientCert.
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=[("grpc.so_reuseport", 0)],
-    )
-    pb_grpc.add_ExternalScalerServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-            root_certificates=(
-                Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-            ),
-            require_client_auth=tls.client_ca_file is not None,
+
+    def __init__(
+        self,
+        address: str,
+        servicer: ExternalScaler,
+        *,
+        tls: TlsSettings | None = None,
+        max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+    ) -> None:
+        self.servicer = servicer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True)
+        self._thread.start()
+        self._server, self.health, self.port = self._run(
+            self._build(address, tls, max_concurrent_rpcs)
         )
-        port = server.add_secure_port(address, credentials)
-    return server, port, health_servicer
 
+    def _run(self, work: Coroutine[Any, Any, _T], timeout: float = 30.0) -> _T:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
 
-def stop_gracefully(
-    server: grpc.Server, servicer: ExternalScaler, health_servicer: health.HealthServicer,
-    grace_seconds: float = 5.0,
-) -> None:
-    """Report NOT_SERVING, end open streams, and let in-flight calls finish."""
-    health_servicer.enter_graceful_shutdown()
-    servicer.stopping.set()
-    server.stop(grace_seconds).wait()
+    async def _build(
+        self, address: str, tls: TlsSettings | None, max_concurrent_rpcs: int
+    ) -> tuple[aio.Server, health_aio.HealthServicer, int]:
+        server = aio.server(
+            options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_concurrent_rpcs
+        )
+        pb_grpc.add_ExternalScalerServicer_to_server(self.servicer, server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        for name in ("", SERVICE_NAME):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+                root_certificates=(
+                    Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+                ),
+                require_client_auth=tls.client_ca_file is not None,
+            )
+            port = server.add_secure_port(address, credentials)
+        return server, health, port
+
+    def start(self) -> None:
+        self._run(self._server.start())
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Report NOT_SERVING, end open streams, let in-flight calls finish, stop the loop."""
+        if not self._loop.is_running():
+            return
+        try:
+            self._run(self.health.enter_graceful_shutdown())
+            self.servicer.stop_streams()
+            self._run(self._server.stop(grace_seconds), timeout=grace_seconds + 10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()

@@ -2,17 +2,25 @@
 
 Replica bounds and scale-down behaviour belong to the ScaledObject; this service serves the
 load to plan for and the HPA turns it into replicas (targetSizeFloat = targetValue).
+
+The methods run on the gRPC server's asyncio loop. A call only resolves the trigger (parsed
+once, then cached) and reads a published snapshot, tens of microseconds, so it runs inline:
+handing it to a thread would cost more than the work. The one wait, for a new target's first
+value, is an asyncio sleep, so it never holds up other calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn, TypeVar
 
 import grpc
+from grpc import aio
 
 from forecaster.engine import Engine
 from forecaster.errors import (
@@ -30,6 +38,7 @@ from forecaster.targets import TargetResolver
 log = logging.getLogger(__name__)
 
 STREAM_CHECK_SECONDS = 5.0
+FIRST_VALUE_POLL_SECONDS = 0.02
 
 _T = TypeVar("_T")
 
@@ -60,30 +69,44 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         self.resolver = resolver
         self.stream_check_seconds = stream_check_seconds
         self.on_request = on_request or (lambda method, code: None)
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # set by stop_streams: open streams end
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
-    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], _T]) -> _T:
-        try:
-            result = work()
-        except Exception as exc:
-            code = status_for(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-                message = f"internal error in {method}; see the forecaster logs"
-            else:
-                message = str(exc)
-            self.on_request(method, code.name)
-            context.abort(code, message)
-        self.on_request(method, "OK")
-        return result
+    def stop_streams(self) -> None:
+        """End every open StreamIsActive (from any thread), for a graceful stop."""
+        self.stopping.set()
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _abort(self, method: str, context: aio.ServicerContext, exc: Exception) -> NoReturn:
+        code = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=exc)
+            message = f"internal error in {method}; see the forecaster logs"
+        else:
+            message = str(exc)
+        self.on_request(method, code.name)
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     def _target_id(self, ref: pb.ScaledObjectRef) -> str:
         return self.resolver.resolve(ref.namespace, ref.name, dict(ref.scalerMetadata)).target_id
 
-    def GetMetricSpec(
-        self, request: pb.ScaledObjectRef, context: grpc.ServicerContext
+    async def _first_value(self, target_id: str) -> None:
+        """A target created by this very call has no value yet: wait for its first refresh
+        (bounded by the engine's first-value wait) without blocking the loop."""
+        if not self.engine.awaiting_first_value(target_id):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.engine.settings.first_value_wait_seconds
+        while self.engine.awaiting_first_value(target_id) and loop.time() < deadline:
+            await asyncio.sleep(FIRST_VALUE_POLL_SECONDS)
+
+    async def GetMetricSpec(
+        self, request: pb.ScaledObjectRef, context: aio.ServicerContext
     ) -> pb.GetMetricSpecResponse:
-        def work() -> pb.GetMetricSpecResponse:
+        try:
             target = self.resolver.resolve(
                 request.namespace, request.name, dict(request.scalerMetadata)
             )
@@ -93,14 +116,15 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                 targetSize=math.ceil(value),
                 targetSizeFloat=value,
             )
-            return pb.GetMetricSpecResponse(metricSpecs=[spec])
+        except Exception as exc:
+            await self._abort("GetMetricSpec", context, exc)
+        self.on_request("GetMetricSpec", "OK")
+        return pb.GetMetricSpecResponse(metricSpecs=[spec])
 
-        return self._call("GetMetricSpec", context, work)
-
-    def GetMetrics(
-        self, request: pb.GetMetricsRequest, context: grpc.ServicerContext
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: aio.ServicerContext
     ) -> pb.GetMetricsResponse:
-        def work() -> pb.GetMetricsResponse:
+        try:
             ref = request.scaledObjectRef
             target = self.resolver.resolve(ref.namespace, ref.name, dict(ref.scalerMetadata))
             name = target.spec.effective_metric_name
@@ -110,45 +134,58 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                     f"{request.metricName!r} is not this trigger's metric; GetMetricSpec "
                     f"named it {name!r}",
                 )
-            planned = self.engine.serve(target.target_id)
-            value = pb.MetricValue(
-                metricName=name,
-                metricValue=math.ceil(planned.value),
-                metricValueFloat=planned.value,
-            )
-            return pb.GetMetricsResponse(metricValues=[value])
-
-        return self._call("GetMetrics", context, work)
-
-    def IsActive(
-        self, request: pb.ScaledObjectRef, context: grpc.ServicerContext
-    ) -> pb.IsActiveResponse:
-        return self._call(
-            "IsActive",
-            context,
-            lambda: pb.IsActiveResponse(result=self.engine.is_active(self._target_id(request))),
+            await self._first_value(target.target_id)
+            planned = self.engine.serve(target.target_id, wait=False)
+        except Exception as exc:
+            await self._abort("GetMetrics", context, exc)
+        self.on_request("GetMetrics", "OK")
+        value = pb.MetricValue(
+            metricName=name, metricValue=math.ceil(planned.value), metricValueFloat=planned.value
         )
+        return pb.GetMetricsResponse(metricValues=[value])
 
-    def StreamIsActive(
-        self, request: pb.ScaledObjectRef, context: grpc.ServicerContext
-    ) -> Iterator[pb.IsActiveResponse]:
+    async def _is_active(self, request: pb.ScaledObjectRef) -> bool:
+        target_id = self._target_id(request)  # also keeps the target from going idle
+        await self._first_value(target_id)
+        return self.engine.is_active(target_id, wait=False)
+
+    async def IsActive(
+        self, request: pb.ScaledObjectRef, context: aio.ServicerContext
+    ) -> pb.IsActiveResponse:
+        try:
+            active = await self._is_active(request)
+        except Exception as exc:
+            await self._abort("IsActive", context, exc)
+        self.on_request("IsActive", "OK")
+        return pb.IsActiveResponse(result=active)
+
+    async def StreamIsActive(
+        self, request: pb.ScaledObjectRef, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.IsActiveResponse]:
         """Send the state at once, then on each change (checked every few seconds); end when
-        the client goes away or the server stops."""
-        target_id = self._call("StreamIsActive", context, lambda: self._target_id(request))
+        the client goes away (the call is cancelled) or the server stops."""
+        try:
+            self._target_id(request)
+        except Exception as exc:
+            await self._abort("StreamIsActive", context, exc)
+        self.on_request("StreamIsActive", "OK")
         last: bool | None = None
-        while context.is_active() and not self.stopping.is_set():
+        while not self.stopping.is_set():
             try:
-                target_id = self._target_id(request)  # also keeps the target from going idle
-                active = self.engine.is_active(target_id)
+                active = await self._is_active(request)
             except Exception as exc:
-                code = status_for(exc)
-                if code is grpc.StatusCode.UNAVAILABLE:  # transient: keep the stream, retry
-                    log.info("StreamIsActive: %s", exc)
-                    self.stopping.wait(self.stream_check_seconds)
-                    continue
-                context.abort(code, str(exc) if code is not grpc.StatusCode.INTERNAL else
-                              "internal error in StreamIsActive; see the forecaster logs")
-            if active != last:
-                last = active
-                yield pb.IsActiveResponse(result=active)
-            self.stopping.wait(self.stream_check_seconds)
+                if status_for(exc) is not grpc.StatusCode.UNAVAILABLE:
+                    await self._abort("StreamIsActive", context, exc)
+                log.info("StreamIsActive: %s", exc)  # transient: keep the stream, retry
+            else:
+                if active != last:
+                    last = active
+                    yield pb.IsActiveResponse(result=active)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Sleep one check interval, cut short by stop_streams."""
+        if self._wake is None:
+            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.stream_check_seconds)
