@@ -7,6 +7,7 @@ A config file (every key optional)::
     refreshInterval: 30s        # pull new points this often
     refitInterval: 1h           # refit each target's model this often
     targetIdleTimeout: 1h       # drop targets no scaler request asked about for this long
+    maxTargets: 5000            # refuse new targets from scaler requests beyond this many
     fitWorkers: 2               # processes that fit models
     dryRun: false               # true: forecast and publish decisions, serve KEDA the current load
     prometheus:                 # the servers scaler requests may name, with their credentials
@@ -47,6 +48,7 @@ class EngineSettings:
     refresh_seconds: float = 30.0
     refit_seconds: float = 3600.0
     idle_seconds: float = 3600.0
+    max_targets: int = 5000  # request-created targets beyond it are refused (memory, fit time)
     fit_workers: int = 2
     io_workers: int = 8
     first_value_wait_seconds: float = 3.0
@@ -107,6 +109,7 @@ def load_settings(
         ("refreshInterval", "REFRESH_INTERVAL"),
         ("refitInterval", "REFIT_INTERVAL"),
         ("targetIdleTimeout", "TARGET_IDLE_TIMEOUT"),
+        ("maxTargets", "MAX_TARGETS"),
         ("fitWorkers", "FIT_WORKERS"),
         ("dryRun", "DRY_RUN"),
     ):
@@ -136,6 +139,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 KNOWN_KEYS = {
     "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
+    "maxTargets",
     "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo", "dryRun",
 }
 
@@ -150,6 +154,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         refresh_seconds=_seconds(raw, "refreshInterval", 30),
         refit_seconds=_seconds(raw, "refitInterval", 3600),
         idle_seconds=_seconds(raw, "targetIdleTimeout", 3600),
+        max_targets=_int(raw, "maxTargets", 5000, low=1, high=1_000_000),
         fit_workers=_int(raw, "fitWorkers", 2, low=1, high=64),
         dry_run=_bool(raw.get("dryRun", False), "dryRun"),
     )

@@ -31,6 +31,7 @@ from forecaster.errors import (
     NotReadyError,
     SourceError,
     SourceUnavailableError,
+    TooManyTargetsError,
     UnknownTargetError,
 )
 from forecaster.models import FallbackFit, Forecast, ForecastModel, fit_with_fallback
@@ -305,6 +306,9 @@ class Engine:
                                 "file's; serving the config file's", target_id)
                 target.last_requested = now
                 return target
+            full = len(self._targets) >= self.settings.max_targets
+            if target is None and not configured and full:
+                raise TooManyTargetsError(target_id, self.settings.max_targets)
             if target is None or target.spec != spec:
                 if target is not None:
                     log.info("target %s changed its trigger; starting a new series", target_id)

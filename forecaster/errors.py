@@ -68,6 +68,17 @@ class UnknownTargetError(ForecasterError, KeyError):
         return f"unknown target {self.target_id!r}"
 
 
+class TooManyTargetsError(ForecasterError):
+    """A scaler request would create a target beyond the configured maximum (maxTargets)."""
+
+    def __init__(self, target_id: str, limit: int) -> None:
+        self.target_id, self.limit = target_id, limit
+        super().__init__(
+            f"cannot add target {target_id!r}: the service already has its maximum of {limit} "
+            "targets (maxTargets); idle targets are dropped after targetIdleTimeout"
+        )
+
+
 class NotReadyError(ForecasterError):
     """No fresh forecast or current value is available yet; retry later."""
 

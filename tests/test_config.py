@@ -56,6 +56,7 @@ def _full(files: dict[str, Path]) -> dict[str, Any]:
         "refreshInterval": "15s",
         "refitInterval": "2h",
         "targetIdleTimeout": "30m",
+        "maxTargets": 300,
         "fitWorkers": 3,
         "prometheus": [
             {
@@ -103,7 +104,8 @@ def test_a_full_config_file_is_read(files: dict[str, Path], tmp_path: Path) -> N
     settings = load_settings(_write(tmp_path / "config.yaml", _full(files)), env=ENV)
 
     assert settings.engine == EngineSettings(
-        refresh_seconds=15, refit_seconds=7200, idle_seconds=1800, fit_workers=3
+        refresh_seconds=15, refit_seconds=7200, idle_seconds=1800, max_targets=300,
+        fit_workers=3,
     )
     assert (settings.grpc_port, settings.http_port, settings.host) == (6000, 6001, "127.0.0.1")
     mimir, thanos, vm = settings.servers
@@ -161,12 +163,14 @@ def test_environment_overrides_the_file(files: dict[str, Path], tmp_path: Path) 
         "FORECASTER_REFIT_INTERVAL": "30m",
         "FORECASTER_TARGET_IDLE_TIMEOUT": "2h",
         "FORECASTER_FIT_WORKERS": "1",
+        "FORECASTER_MAX_TARGETS": "40",
         "FORECASTER_API_TOKEN_FILE": str(other_token),
     }
     settings = load_settings(env=env)
     assert (settings.grpc_port, settings.http_port) == (7000, 7001)
     assert settings.engine == EngineSettings(
-        refresh_seconds=60, refit_seconds=1800, idle_seconds=7200, fit_workers=1
+        refresh_seconds=60, refit_seconds=1800, idle_seconds=7200, max_targets=40,
+        fit_workers=1,
     )
     assert settings.api_token == "from-env-file"
     assert len(settings.servers) == 3  # what the environment does not name, the file keeps
@@ -210,6 +214,8 @@ BAD_SETTINGS: list[tuple[dict[str, Any], str | None]] = [
     ({"refreshInterval": "0s"}, "refreshInterval"),
     ({"refitInterval": "1.5h"}, "refitInterval"),
     ({"targetIdleTimeout": "-1m"}, "targetIdleTimeout"),
+    ({"maxTargets": 0}, "maxTargets"),
+    ({"maxTargets": "many"}, "maxTargets"),
     ({"grpcport": 1}, "grpcport"),  # unknown (misspelt) key
     ({"demo": "maybe"}, "demo"),
     ({"prometheus": {"url": "http://p:9090"}}, "prometheus"),

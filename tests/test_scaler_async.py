@@ -109,3 +109,27 @@ def test_a_graceful_stop_ends_an_open_stream(service: Service) -> None:
         with pytest.raises(StopIteration):  # ended by the server with OK, not an error
             next(stream)
         assert time.monotonic() - began < 5.0
+
+
+def test_targets_beyond_the_maximum_are_refused_with_resource_exhausted(
+    source: GatedSource,
+) -> None:
+    settings = Settings(
+        engine=EngineSettings(refresh_seconds=3600.0, fit_workers=1, max_targets=1),
+        grpc_port=0, http_port=0, host="127.0.0.1",
+    )
+    service = Service(settings, source=source, fit_pool=ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    service.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            first = _request(QUICK).scaledObjectRef
+            assert stub.GetMetricSpec(first, timeout=10).metricSpecs
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetMetricSpec(_request(HELD).scaledObjectRef, timeout=10)
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "maxTargets" in (caught.value.details() or "")
+            assert stub.GetMetricSpec(first, timeout=10).metricSpecs  # the known one still is
+            assert len(service.engine) == 1
+    finally:
+        service.stop()

@@ -29,6 +29,7 @@ from forecaster.errors import (
     NotReadyError,
     SourceError,
     SourceUnavailableError,
+    TooManyTargetsError,
     UnknownTargetError,
 )
 from forecaster.scaler.generated import externalscaler_pb2 as pb
@@ -47,6 +48,8 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     """Our errors to gRPC codes, in one place. UNAVAILABLE lets KEDA's `fallback` apply."""
     if isinstance(exc, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, TooManyTargetsError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     # An unknown target here was just dropped as idle between resolve and read: transient.
     if isinstance(exc, NotReadyError | SourceUnavailableError | SourceError |
                   InsufficientHistoryError | UnknownTargetError):
