@@ -39,6 +39,7 @@ from forecaster.policy import planned_load
 from forecaster.scaler.metadata import TriggerSpec
 from forecaster.series import GridBuffer
 from forecaster.sources import HistorySource
+from forecaster.windows import mask_windows, scheduled_minimum
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class PlannedLoad:
     quantile: float
     horizon_steps: int
     mode: Mode
+    # Replicas x targetValue of a scheduledMinReplicas window over the lead time, if any.
+    scheduled_minimum: float | None = None
 
     @property
     def floored(self) -> bool:
@@ -481,7 +484,7 @@ class Engine:
         target.score_arrivals(added)
         if target.model is not None and not added.empty:
             try:
-                target.model.update(added)
+                target.model.update(self._training_view(target, added))
             except ForecasterError as exc:
                 log.warning("update of %s failed, refitting: %s", target.target_id, exc)
                 target.model = None
@@ -493,7 +496,7 @@ class Engine:
             if target.fit_pending:  # the loop and a refresh may both ask
                 return
             target.fit_pending = True
-            series = target.buffer.series()
+            series = self._training_view(target, target.buffer.series())
             request = FitRequest(
                 model=target.spec.model,
                 step_seconds=target.spec.step_seconds,
@@ -528,7 +531,7 @@ class Engine:
                 log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
                          "; ".join(f"{m}: {why}" for m, why in fit.failures))
             model = fit.model
-            newer = target.buffer.series()
+            newer = self._training_view(target, target.buffer.series())
             newer = newer[newer.index > model.last_timestamp_]
             try:
                 model.update(newer)
@@ -544,6 +547,11 @@ class Engine:
             current = target.snapshot.current_value
             if current is not None and target.snapshot.current_time is not None:
                 self._publish(target, current=(target.snapshot.current_time, current))
+
+    @staticmethod
+    def _training_view(target: Target, points: pd.Series) -> pd.Series:
+        """What the models see: bins in the target's excludeFromTraining windows missing."""
+        return mask_windows(points, target.spec.step_seconds, target.spec.exclude_from_training)
 
     def _publish(self, target: Target, current: tuple[float, float]) -> None:
         """Predict from the model (if any) and swap in a new snapshot."""
@@ -578,6 +586,14 @@ class Engine:
                 float(forecast.quantile(0.9)[-1]),
             )
         planned = plan(forecast, current[1], spec.quantile, horizon)
+        # A scheduled event counts from now to the end of the interval new pods will serve.
+        replicas = scheduled_minimum(
+            spec.scheduled_min_replicas, current[0], current[0] + horizon * spec.step_seconds
+        )
+        if replicas is not None:
+            minimum = replicas * spec.target_value
+            planned = replace(planned, value=max(planned.value, minimum),
+                              scheduled_minimum=minimum)
         target.snapshot = Snapshot(
             current_value=current[1],
             current_time=current[0],

@@ -8,13 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from forecaster.config import EngineSettings
-from forecaster.engine import Engine, freshness_limit
+from forecaster.engine import Engine, FitRequest, freshness_limit
 from forecaster.scaler.metadata import TriggerSpec
 from forecaster.sources.replay import ReplaySource
+from forecaster.windows import Window
 
 DATA = Path(__file__).parent.parent / "data"
 AWS = "aws_elb_request_count_8c0756"
@@ -115,3 +117,62 @@ def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_the_new_val
     moved = target.snapshot.forecast
     assert moved is not None and moved is not before.forecast
     assert moved.timestamps[0] == before.forecast.timestamps[0] + step
+
+
+def test_a_scheduled_minimum_raises_the_plan_only_while_its_window_meets_the_lead_time(
+    engine: Engine, source: ReplaySource
+) -> None:
+    now = time.time()
+    lead = 2 * SPEC.step_seconds  # the plan covers now .. the end of the served interval
+    soon = Window(now + lead - 60, now + 3600, replicas=40)
+    later = Window(now + lead + 600, now + 7200, replicas=90)
+    spec = replace(SPEC, scheduled_min_replicas=(soon, later))
+    target = engine.ensure_target("demo/aws/event", spec, source)
+    _wait_for_forecast(engine, "demo/aws/event")
+    with target.lock:
+        engine._publish(target, current=(now, 1.0))
+    planned = target.snapshot.planned
+    assert planned is not None and planned.scheduled_minimum == 40 * SPEC.target_value
+    assert planned.value == 40 * SPEC.target_value
+    assert engine.is_active("demo/aws/event")
+    with target.lock:
+        engine._publish(target, current=(now - 3600, 1.0))  # an hour earlier: no window near
+    planned = target.snapshot.planned
+    assert planned is not None and planned.scheduled_minimum is None
+    assert planned.value < 40 * SPEC.target_value
+
+
+class RecordingPool(ThreadPoolExecutor):
+    """Fits in a thread, keeping what each fit was given."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.requests: list[FitRequest] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.requests.extend(a for a in args if isinstance(a, FitRequest))
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_excluded_windows_reach_the_model_as_missing_and_only_those(source: ReplaySource) -> None:
+    pool = RecordingPool()
+    engine = Engine(EngineSettings(refresh_seconds=3600), fit_pool=pool)
+    try:
+        plain = engine.ensure_target("demo/aws/plain", SPEC, source)
+        _wait_for_forecast(engine, "demo/aws/plain")
+        history = plain.buffer.series()
+        start, end = history.index[-100], history.index[-90]
+        window = Window(start.timestamp(), end.timestamp())
+        spec = replace(SPEC, exclude_from_training=(window,))
+        engine.ensure_target("demo/aws/excluded", spec, source)
+        _wait_for_forecast(engine, "demo/aws/excluded")
+    finally:
+        engine.stop()
+    by_length = {len(r.values): r for r in pool.requests}
+    assert len(pool.requests) == 2 and len(by_length) == 1, "both fits saw the same grid"
+    plain_values, excluded_values = (r.values for r in pool.requests)
+    hidden = np.isnan(excluded_values) & ~np.isnan(plain_values)
+    assert hidden.sum() == 10  # the ten bins from `start` up to `end`
+    assert np.flatnonzero(hidden)[0] == len(plain_values) - 100
+    same = ~hidden
+    np.testing.assert_array_equal(excluded_values[same], plain_values[same])

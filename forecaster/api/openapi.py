@@ -284,8 +284,8 @@ _SCHEMAS: dict[str, Any] = {
     "Decision": {
         "type": "object",
         "required": ["target", "mode", "dryRun", "quantile", "forecastAtQuantile",
-                     "peakOverLead", "current", "planned", "floored", "horizonSteps",
-                     "startupSeconds",
+                     "peakOverLead", "current", "planned", "floored", "scheduledMinimum",
+                     "horizonSteps", "startupSeconds",
                      "targetValuePerReplica", "minReplicas", "maxReplicas", "currentReplicas",
                      "tolerance", "recommendation", "replicas", "limitedBy"],
         "properties": {
@@ -301,8 +301,12 @@ _SCHEMAS: dict[str, Any] = {
             "peakOverLead": _nullable(_number()),
             "current": {**_number(), "description": "current load: the reactive floor"},
             "planned": {**_number(),
-                        "description": "max(forecastAtQuantile, current): the load to plan for"},
+                        "description": "max(forecastAtQuantile, current, scheduledMinimum): "
+                        "the load to plan for"},
             "floored": {"type": "boolean", "description": "current was above the forecast"},
+            "scheduledMinimum": _nullable({
+                **_number(), "description": "replicas x targetValue of a scheduledMinReplicas "
+                "window over the lead time (null when none)"}),
             "horizonSteps": {"type": "integer"},
             "startupSeconds": {"type": "integer"},
             "targetValuePerReplica": _number(),

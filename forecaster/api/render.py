@@ -119,5 +119,6 @@ def planned_json(planned: PlannedLoad) -> dict[str, Any]:
         "current": finite(planned.current),
         "planned": finite(planned.value),
         "floored": planned.floored,
+        "scheduledMinimum": finite(planned.scheduled_minimum),
         "horizonSteps": planned.horizon_steps,
     }

@@ -11,6 +11,8 @@ A ScaledObject trigger looks like::
           targetValue: "50"
           historyWindow: 14d
           step: 5m
+          excludeFromTraining: "2026-11-20T10:00Z/2026-11-20T14:30Z"   # an incident
+          scheduledMinReplicas: "2026-12-24T08:00/2026-12-24T20:00=12" # a campaign, local time
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
+from forecaster.windows import Window, parse_windows
 
 __all__ = [
     "AUTO_MODEL",
@@ -52,6 +55,8 @@ METADATA_KEYS: Mapping[str, str] = {
     "activationValue": "activation_value",
     "metricName": "metric_name",
     "timeZone": "time_zone",
+    "excludeFromTraining": "exclude_from_training",
+    "scheduledMinReplicas": "scheduled_min_replicas",
 }
 """Each metadata key this scaler reads, and the TriggerSpec field it fills."""
 
@@ -92,6 +97,10 @@ class TriggerSpec:
     activation_value: float = 0.0
     metric_name: str | None = None
     time_zone: str = "UTC"
+    # Bins overlapping these are missing to the models (the floor still sees real demand).
+    exclude_from_training: tuple[Window, ...] = ()
+    # While one overlaps the lead-time window, the planned load is at least replicas x target.
+    scheduled_min_replicas: tuple[Window, ...] = ()
 
     @property
     def effective_metric_name(self) -> str:
@@ -134,6 +143,7 @@ def parse_trigger_metadata(
             f"historyWindow to at least {format_duration(MIN_STEPS_IN_HISTORY * step)!r} "
             f"or lower step",
         )
+    time_zone = _optional(values, "timeZone", _time_zone, TriggerSpec.time_zone)
     spec = TriggerSpec(
         server_address=server_address,
         query=query,
@@ -151,7 +161,15 @@ def parse_trigger_metadata(
         metric_name=_optional(
             values, "metricName", _metric_name, default_metric_name(server_address, query)
         ),
-        time_zone=_optional(values, "timeZone", _time_zone, TriggerSpec.time_zone),
+        time_zone=time_zone,
+        exclude_from_training=parse_windows(
+            values.get("excludeFromTraining", ""), "excludeFromTraining", time_zone,
+            with_replicas=False,
+        ),
+        scheduled_min_replicas=parse_windows(
+            values.get("scheduledMinReplicas", ""), "scheduledMinReplicas", time_zone,
+            with_replicas=True,
+        ),
     )
     return spec, unknown
 
