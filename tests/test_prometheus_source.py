@@ -281,6 +281,7 @@ class FakeApi:
     seen: list[dict[str, str]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    redirect: str | None = None  # answer 302 to this base URL instead
 
     def answer(
         self, status: int = 200, body: dict[str, Any] | None = None, delay: float = 0.0
@@ -307,6 +308,12 @@ def fake_api() -> Iterator[FakeApi]:
         def do_GET(self) -> None:
             api.seen.append(dict(self.headers.items()))
             api.paths.append(self.path)
+            if api.redirect is not None:
+                self.send_response(302)
+                self.send_header("Location", api.redirect + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             index = min(len(api.seen), len(api.answers)) - 1
             status, body, delay = api.answers[index] if api.answers else (200, _vector(), 0.0)
             if delay:
@@ -339,6 +346,21 @@ def fake_api() -> Iterator[FakeApi]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_a_redirect_is_not_followed_so_credentials_and_headers_stay(fake_api: FakeApi) -> None:
+    # The redirect names the same fake under another host name: a followed redirect would
+    # show up as a second request.
+    fake_api.redirect = fake_api.url.replace("127.0.0.1", "localhost") + "/elsewhere"
+    config = PrometheusServerConfig(
+        url=fake_api.url, bearer_token=TOKEN, headers={"X-Auth-Token": PASSWORD}, retries=2
+    )
+    with PrometheusSource(config) as source, pytest.raises(SourceError) as caught:
+        source.query_instant("up")
+    assert len(fake_api.seen) == 1, "the redirect was followed or retried"
+    message = str(caught.value)
+    assert "redirect" in message and "localhost" in message and "/elsewhere" in message
+    assert TOKEN not in message and PASSWORD not in message
 
 
 def test_bearer_token_and_extra_headers_are_sent(fake_api: FakeApi) -> None:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -188,6 +188,16 @@ def _transport_reason(exc: requests.RequestException) -> str:
     return f"{type(exc).__name__}: {detail}"
 
 
+def _redirect_target(exc: requests.TooManyRedirects) -> str:
+    """Where a redirect pointed: scheme, host and path only (a query string may hold secrets)."""
+    location = exc.response.headers.get("Location", "") if exc.response is not None else ""
+    if not location:
+        return "?"
+    parts = urlsplit(location)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return repr(urlunsplit((parts.scheme, host, parts.path, "", "")))
+
+
 def _format_number(value: float) -> str:
     if math.isnan(value):
         return "NaN"
@@ -235,6 +245,9 @@ class PrometheusSource:
             session.verify = server.ca_file
         elif server.insecure_skip_verify:
             session.verify = False
+        # A redirect would carry the configured headers (X-Scope-OrgID, a token header) to
+        # wherever it points: not followed; the error names the target to configure instead.
+        session.max_redirects = 0
         # No transport-level retries: attempts, backoff and error mapping are ours (_call).
         self._client = PrometheusConnect(
             url=server.url,
@@ -384,6 +397,14 @@ class PrometheusSource:
             except requests.Timeout as exc:
                 reason = f"no answer within {self.server.timeout_seconds} s"
                 last_exc = exc
+            except requests.TooManyRedirects as exc:
+                raise SourceError(
+                    f"Prometheus at {self.server.url} answered query {query!r} with a redirect "
+                    f"to {_redirect_target(exc)}; redirects are not followed, so that "
+                    f"credentials and headers stay with the configured server: configure the "
+                    f"URL it redirects to",
+                    query=query,
+                ) from exc
             except requests.JSONDecodeError as exc:
                 raise SourceError(
                     f"{self.server.url} did not answer query {query!r} like a Prometheus API "
