@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import zoneinfo
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -93,6 +94,16 @@ def _quantile(text: str) -> float:
     return value
 
 
+def _time_zone(text: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IANA time zone such as 'UTC' or 'Europe/Paris'"
+        ) from None
+    return text
+
+
 def _timestamp(text: str) -> pd.Timestamp:
     message = f"{text!r} is not an ISO-8601 time (e.g. 2024-05-01T00:00Z)"
     try:
@@ -131,6 +142,9 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="forecasting model (default auto: chosen by backtesting recent history)")
     p.add_argument("--quantile", type=_quantile, default=0.9,
                    help="demand quantile to plan for (default 0.9)")
+    p.add_argument("--time-zone", type=_time_zone, default="UTC",
+                   help="IANA zone whose wall clock the daily and weekly seasons follow "
+                   "(default UTC)")
     p.add_argument("--no-floor", action="store_true",
                    help="do not floor the planned load at the current demand")
     p.add_argument("--min-replicas", type=int, default=1)
@@ -154,6 +168,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         refit=args.refit,
         model=args.model,
         quantile=args.quantile,
+        time_zone=args.time_zone,
         reactive_floor=not args.no_floor,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,

@@ -206,6 +206,7 @@ class FitRequest:
     quantile: float
     horizon: int
     previous: bytes | None
+    time_zone: str = "UTC"
 
 
 def fit_job(request: FitRequest) -> FallbackFit:
@@ -219,6 +220,7 @@ def fit_job(request: FitRequest) -> FallbackFit:
         step,
         quantile=request.quantile,
         horizon=request.horizon,
+        time_zone=request.time_zone,
         previous=previous,
     )
 
@@ -505,6 +507,7 @@ class Engine:
                 quantile=target.spec.quantile,
                 horizon=1 + target.lead_steps,
                 previous=pickle.dumps(target.model) if target.model is not None else None,
+                time_zone=target.spec.time_zone,
             )
         began = time.perf_counter()
         future = self._fits.submit(fit_job, request)

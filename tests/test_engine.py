@@ -176,3 +176,16 @@ def test_excluded_windows_reach_the_model_as_missing_and_only_those(source: Repl
     assert np.flatnonzero(hidden)[0] == len(plain_values) - 100
     same = ~hidden
     np.testing.assert_array_equal(excluded_values[same], plain_values[same])
+
+
+def test_the_target_time_zone_reaches_its_fits(source: ReplaySource) -> None:
+    pool = RecordingPool()
+    engine = Engine(EngineSettings(refresh_seconds=3600), fit_pool=pool)
+    try:
+        target = engine.ensure_target("demo/aws/paris", replace(SPEC, time_zone="Europe/Paris"),
+                                      source)
+        _wait_for_forecast(engine, "demo/aws/paris")
+    finally:
+        engine.stop()
+    assert [r.time_zone for r in pool.requests] == ["Europe/Paris"]
+    assert type(target.model).__name__ == "LocalTime"

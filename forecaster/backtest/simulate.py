@@ -40,6 +40,7 @@ class BacktestConfig:
     refit: pd.Timedelta = pd.Timedelta("1h")
     model: str = "auto"
     quantile: float = 0.9
+    time_zone: str = "UTC"  # the wall clock the models' seasons and calendar follow
     reactive_floor: bool = True
     min_replicas: int = 1
     max_replicas: int | None = None
@@ -162,7 +163,8 @@ def simulate(
             history = _history_before(grid, live, refit_at)
             fit = fit_with_fallback(
                 config.model, history, config.step,
-                quantile=config.quantile, horizon=horizon, previous=model,
+                quantile=config.quantile, horizon=horizon, time_zone=config.time_zone,
+                previous=model,
             )
             sim.fit_seconds.append(time.perf_counter() - began)
             sim.refits += 1

@@ -14,6 +14,7 @@ from forecaster.models.base import Forecast, ForecastModel
 from forecaster.models.ensemble import Ensemble
 from forecaster.models.ets import HoltWinters
 from forecaster.models.gbm import GradientBoosting
+from forecaster.models.local_time import in_time_zone
 from forecaster.models.naive import Naive, SeasonalNaive
 from forecaster.models.selection import Auto
 from forecaster.models.transform import Transformed
@@ -67,6 +68,7 @@ MODEL_FACTORIES: dict[str, ModelFactory] = {
 FALLBACK_CHAIN = ("seasonal_naive", "naive")
 DEFAULT_QUANTILE = 0.9
 DEFAULT_HORIZON = 2
+DEFAULT_TIME_ZONE = "UTC"
 
 
 def make_model(
@@ -75,14 +77,16 @@ def make_model(
     *,
     quantile: float = DEFAULT_QUANTILE,
     horizon: int = DEFAULT_HORIZON,
+    time_zone: str = DEFAULT_TIME_ZONE,
 ) -> ForecastModel:
-    """A fresh, unfitted model by its registry name; see ModelFactory for quantile/horizon."""
+    """A fresh, unfitted model by its registry name; see ModelFactory for quantile/horizon.
+    Outside UTC it runs on the wall clock of `time_zone` (see forecaster.models.local_time)."""
     try:
         factory = MODEL_FACTORIES[name]
     except KeyError:
         known = ", ".join(sorted(MODEL_FACTORIES))
         raise InvalidInputError("model", f"unknown model {name!r}; choose one of {known}") from None
-    return factory(step, quantile=quantile, horizon=horizon)
+    return in_time_zone(factory(step, quantile=quantile, horizon=horizon), time_zone)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ def fit_with_fallback(
     *,
     quantile: float = DEFAULT_QUANTILE,
     horizon: int = DEFAULT_HORIZON,
+    time_zone: str = DEFAULT_TIME_ZONE,
     previous: ForecastModel | None = None,
 ) -> FallbackFit:
     """Fit `name`; if it cannot fit (too little history, a library error), the next simpler
@@ -117,7 +122,9 @@ def fit_with_fallback(
         chain = list(FALLBACK_CHAIN[FALLBACK_CHAIN.index(name) :])
     failures: list[tuple[str, str]] = []
     for candidate in chain:
-        model = make_model(candidate, step, quantile=quantile, horizon=horizon)
+        model = make_model(
+            candidate, step, quantile=quantile, horizon=horizon, time_zone=time_zone
+        )
         if previous is not None:
             model.warm_start(previous)
         try:

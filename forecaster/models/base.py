@@ -142,7 +142,7 @@ def _grid_values(series: pd.Series, step: pd.Timedelta, field_name: str) -> np.n
     index = series.index
     if not isinstance(index, pd.DatetimeIndex):
         raise InvalidInputError(field_name, "must be indexed by timestamps")
-    if len(index) > 1 and not (np.diff(index.asi8) == step.value).all():
+    if len(index) > 1 and not (np.diff(index.as_unit("ns").asi8) == step.value).all():
         raise InvalidInputError(field_name, f"must be a regular grid of {step}; resample first")
     return series.to_numpy(dtype=float)
 
