@@ -15,6 +15,7 @@ from forecaster.models.ensemble import Ensemble
 from forecaster.models.ets import HoltWinters
 from forecaster.models.gbm import GradientBoosting
 from forecaster.models.local_time import in_time_zone
+from forecaster.models.mstl import MSTLModel
 from forecaster.models.naive import Naive, SeasonalNaive
 from forecaster.models.selection import Auto
 from forecaster.models.transform import Transformed
@@ -50,6 +51,8 @@ MODEL_FACTORIES: dict[str, ModelFactory] = {
     "holt_winters": _simple(HoltWinters),
     "holt_winters_damped": _simple(lambda step: HoltWinters(step, trend=True, damped=True)),
     "holt_winters_sqrt": _simple(lambda step: Transformed(step, HoltWinters(step), "sqrt")),
+    "mstl": _simple(MSTLModel),
+    "mstl_sqrt": _simple(lambda step: Transformed(step, MSTLModel(step), "sqrt")),
     "gbm": lambda step, *, quantile, horizon: GradientBoosting(step, horizon=horizon),
     "gbm_quantile": lambda step, *, quantile, horizon: GradientBoosting(
         step, horizon=horizon, quantile=quantile
