@@ -818,7 +818,7 @@ class Bench:
             hook(method, code)
 
         url = f"http://127.0.0.1:{port}/externalscaler.ExternalScaler/GetMetrics"
-        commands, logs = [], []
+        commands, logs, shares = [], [], []
         for p in range(procs):
             connections = args.clients // procs + (p < args.clients % procs)
             if not connections:
@@ -829,6 +829,7 @@ class Bench:
             log_path = self.workdir / f"h2load-{p}.log"
             log_path.unlink(missing_ok=True)
             logs.append(log_path)
+            shares.append(connections / args.clients)
             command = [
                 "h2load", "-D", f"{args.seconds:g}", "-c", str(connections),
                 "-m", "64" if rate else "1", "--log-file", str(log_path), "-d", str(body),
@@ -881,7 +882,8 @@ class Bench:
         if port != self.service.grpc_port:  # an experiment's server: no request hook there
             codes["OK"] = answered  # HTTP 200 with a response; its gRPC status unseen
         latencies = np.concatenate([
-            np.loadtxt(path, usecols=2, dtype=np.int64, ndmin=1) * 1000 for path in logs
+            _h2load_latencies_ns(path, rate * share)
+            for path, share in zip(logs, shares, strict=True)
         ])
         ours = sum(v for v in cpu.values() if not math.isnan(v))
         cpu["everything else on the machine"] = max(0.0, busy_after - busy_before - ours)
@@ -1235,6 +1237,28 @@ class Bench:
             }
             Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n")
             print(f"figures written to {args.json}")
+
+
+def _h2load_latencies_ns(path: Path, rate: float) -> np.ndarray:
+    """Per-call latency from an h2load log (start µs since the epoch, HTTP status, µs to the
+    end of the response); failed streams (status -1) are left out, they are counted as errors.
+
+    Open loop (`rate` calls/s from this process): h2load times a call from when it actually
+    sent it. If it sent late (starved of CPU, or out of free streams), the delay since the
+    call was due is added, so that a stall is not hidden (coordinated omission): the k-th
+    call was due at first start + k / rate."""
+    log_rows = np.loadtxt(path, usecols=(0, 1, 2), dtype=np.int64, ndmin=2)
+    log_rows = log_rows[log_rows[:, 1] > 0]
+    if not len(log_rows):
+        return np.empty(0, dtype=np.int64)
+    starts, took = log_rows[:, 0], log_rows[:, 2]
+    if rate:
+        order = np.argsort(starts, kind="stable")
+        due = starts[order][0] + np.arange(len(starts)) * (1e6 / rate)
+        late = np.zeros(len(starts))
+        late[order] = np.maximum(starts[order] - due, 0.0)
+        took = took + late.astype(np.int64)
+    return took * 1000
 
 
 def _prometheus_version() -> str:

@@ -134,6 +134,8 @@ class Target:
         default_factory=lambda: deque(maxlen=ACCURACY_WINDOW)
     )
     first_value: threading.Event = field(default_factory=threading.Event)  # first refresh done
+    first_value_callbacks: list[Callable[[], None]] = field(default_factory=list)
+    first_value_lock: threading.Lock = field(default_factory=threading.Lock)  # for those two
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -147,6 +149,22 @@ class Target:
     @property
     def step(self) -> pd.Timedelta:
         return self.buffer.step
+
+    def mark_first_value(self) -> None:
+        """The first refresh is done (a value or an error): wake everyone waiting for it."""
+        with self.first_value_lock:
+            self.first_value.set()
+            callbacks, self.first_value_callbacks = self.first_value_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def when_first_value(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from any thread) once the first refresh is done; at once if it is."""
+        with self.first_value_lock:
+            if not self.first_value.is_set():
+                self.first_value_callbacks.append(callback)
+                return
+        callback()
 
     @property
     def lead_steps(self) -> int:
@@ -344,6 +362,11 @@ class Engine:
         """True while a new target's first refresh has not finished (serve would wait)."""
         return not self.get(target_id).first_value.is_set()
 
+    def when_first_value(self, target_id: str, callback: Callable[[], None]) -> None:
+        """Call `callback` from the engine's thread when the target's first refresh is done
+        (at once if it is): an event loop waits for it without polling or blocking."""
+        self.get(target_id).when_first_value(callback)
+
     def serve(self, target_id: str, *, wait: bool = True) -> PlannedLoad:
         """The load to plan for now; NotReadyError when there is no fresh data to stand on.
 
@@ -476,7 +499,7 @@ class Engine:
                 target.snapshot = replace(target.snapshot, last_error=str(exc))
             log.warning("refresh of %s failed: %s", target.target_id, exc)
             self.listener.refresh_finished(target.target_id, False)
-            target.first_value.set()  # a request waiting for the first value gets this error now
+            target.mark_first_value()  # a request waiting for the first value gets this error now
             return None
         self.listener.refresh_finished(target.target_id, True)
         return points, (stamp.timestamp(), value)
@@ -491,7 +514,7 @@ class Engine:
                 log.warning("update of %s failed, refitting: %s", target.target_id, exc)
                 target.model = None
         self._publish(target, current=current)
-        target.first_value.set()
+        target.mark_first_value()
 
     def _submit_fit(self, target: Target) -> None:
         with target.lock:

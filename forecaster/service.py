@@ -74,9 +74,13 @@ class Service:
         log.info("serving gRPC on port %d and HTTP on port %d", self.grpc_port, self.http_port)
 
     def stop(self) -> None:
-        self.grpc_server.stop()
-        self.http_server.stop()
-        self.engine.stop()
+        try:
+            self.grpc_server.stop()
+        finally:
+            try:
+                self.http_server.stop()
+            finally:
+                self.engine.stop()  # also ends the fit worker processes
 
 
 def run_until_signalled(service: Service) -> None:

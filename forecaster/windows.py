@@ -54,7 +54,8 @@ def parse_windows(
         span, replicas = item, None
         if with_replicas:
             span, equals, count = item.rpartition("=")
-            if not equals or not count.strip().isdigit() or int(count) < 1:
+            count = count.strip()
+            if not equals or not count.isascii() or not count.isdecimal() or int(count) < 1:
                 raise InvalidInputError(
                     key, f"{where} must be {form} with REPLICAS a whole number >= 1, such as "
                     f"'2026-12-24T08:00Z/2026-12-24T20:00Z=12'",

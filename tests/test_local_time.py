@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from forecaster.backtest import BacktestConfig, run_backtest
-from forecaster.errors import InvalidInputError
+from forecaster.errors import InsufficientHistoryError, InvalidInputError
 from forecaster.models import make_model
 from forecaster.models.local_time import LocalTime, in_time_zone
 from forecaster.models.naive import SeasonalNaive
@@ -68,6 +68,12 @@ def test_utc_needs_no_wrapper_and_other_zones_get_one() -> None:
     assert in_time_zone(plain, "UTC") is plain
     wrapped = make_model("seasonal_naive", STEP, time_zone=PARIS)
     assert isinstance(wrapped, LocalTime) and wrapped.name == "seasonal_naive"
+
+
+def test_no_observed_history_is_insufficient_so_the_fallback_applies() -> None:
+    series = office_hours("2026-03-01T00:00Z", "2026-03-02T00:00Z") * np.nan
+    with pytest.raises(InsufficientHistoryError):
+        make_model("seasonal_naive", STEP, time_zone=PARIS).fit(series)
 
 
 def test_updates_must_continue_the_utc_grid() -> None:

@@ -133,3 +133,16 @@ def test_targets_beyond_the_maximum_are_refused_with_resource_exhausted(
             assert len(service.engine) == 1
     finally:
         service.stop()
+
+
+def test_a_stop_ends_a_stream_still_waiting_for_its_first_value(service: Service) -> None:
+    ref = _request(HELD).scaledObjectRef  # its history is held back: the stream keeps waiting
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stream = pb_grpc.ExternalScalerStub(channel).StreamIsActive(ref, timeout=30)
+        ended = ThreadPoolExecutor(1).submit(lambda: list(stream))
+        time.sleep(0.5)
+        assert not ended.done()
+        began = time.monotonic()
+        service.stop()
+        assert ended.result(timeout=10) == []  # ended cleanly, with nothing to say yet
+        assert time.monotonic() - began < 3.0  # not the 20 s first-value wait, nor the grace

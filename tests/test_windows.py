@@ -51,6 +51,7 @@ def test_times_without_an_offset_are_local_to_the_target_and_follow_daylight_sav
         ("2026-11-20T10:00Z/2026-11-20T14:00Z", True, "REPLICAS a whole number"),
         ("2026-11-20T10:00Z/2026-11-20T14:00Z=0", True, "REPLICAS a whole number"),
         ("2026-11-20T10:00Z/2026-11-20T14:00Z=two", True, "REPLICAS a whole number"),
+        ("2026-11-20T10:00Z/2026-11-20T14:00Z=\u00b2", True, "REPLICAS a whole number"),
         (",".join(["2026-11-20T10:00Z/2026-11-20T14:00Z"] * 101), False, "at most 100"),
     ],
 )

@@ -22,7 +22,7 @@ from typing import Self
 import numpy as np
 import pandas as pd
 
-from forecaster.errors import InvalidInputError
+from forecaster.errors import InsufficientHistoryError, InvalidInputError
 from forecaster.models.base import ForecastModel, _grid_values
 
 UTC_ZONES = frozenset({"UTC", "Etc/UTC", "Etc/GMT", "GMT", "Etc/Universal", "Universal", "Zulu"})
@@ -60,6 +60,8 @@ class LocalTime(ForecastModel):
     def fit(self, history: pd.Series) -> Self:
         index = _utc_index(history, "history")
         values = _grid_values(history, self.step, "history")  # a regular UTC grid
+        if not np.isfinite(values).any():
+            raise InsufficientHistoryError(f"model {self.name!r}", self.min_history(), 0)
         local = self._regular(wall_clock(index, self.time_zone), values)
         self.model.fit(local)
         self.fit_start_ = pd.Timestamp(index[0])

@@ -55,9 +55,13 @@ class ScalerServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True)
         self._thread.start()
-        self._server, self.health, self.port = self._run(
-            self._build(address, tls, max_concurrent_rpcs)
-        )
+        try:
+            self._server, self.health, self.port = self._run(
+                self._build(address, tls, max_concurrent_rpcs)
+            )
+        except BaseException:  # a taken port, unreadable TLS files: no loop left behind
+            self._close_loop()
+            raise
 
     def _run(self, work: Coroutine[Any, Any, _T], timeout: float = 30.0) -> _T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
@@ -68,6 +72,7 @@ class ScalerServer:
         server = aio.server(
             options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_concurrent_rpcs
         )
+        self.servicer.bind(asyncio.get_running_loop())
         pb_grpc.add_ExternalScalerServicer_to_server(self.servicer, server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -98,6 +103,10 @@ class ScalerServer:
             self.servicer.stop_streams()
             self._run(self._server.stop(grace_seconds), timeout=grace_seconds + 10)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():  # closing a loop that still runs would raise
             self._loop.close()

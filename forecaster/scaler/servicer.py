@@ -6,7 +6,7 @@ load to plan for and the HPA turns it into replicas (targetSizeFloat = targetVal
 The methods run on the gRPC server's asyncio loop. A call only resolves the trigger (parsed
 once, then cached) and reads a published snapshot, tens of microseconds, so it runs inline:
 handing it to a thread would cost more than the work. The one wait, for a new target's first
-value, is an asyncio sleep, so it never holds up other calls.
+value, is a future the engine resolves from its own thread, so it never holds up other calls.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
@@ -39,7 +39,6 @@ from forecaster.targets import TargetResolver
 log = logging.getLogger(__name__)
 
 STREAM_CHECK_SECONDS = 5.0
-FIRST_VALUE_POLL_SECONDS = 0.02
 
 _T = TypeVar("_T")
 
@@ -76,11 +75,27 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
 
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on the server's loop before it serves: where stop_streams sends its wake-up."""
+        self._loop, self._wake = loop, asyncio.Event()
+
     def stop_streams(self) -> None:
-        """End every open StreamIsActive (from any thread), for a graceful stop."""
+        """End every open StreamIsActive and first-value wait (from any thread)."""
         self.stopping.set()
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _until_stopped(self, timeout: float, *also: asyncio.Future[None]) -> None:
+        """Wait `timeout` seconds, less if the server stops or one of `also` completes."""
+        if self._wake is None:
+            self.bind(asyncio.get_running_loop())
+        assert self._wake is not None
+        stopped = asyncio.ensure_future(self._wake.wait())
+        waiters: set[asyncio.Future[Any]] = {stopped, *also}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
 
     async def _abort(self, method: str, context: aio.ServicerContext, exc: Exception) -> NoReturn:
         code = status_for(exc)
@@ -98,13 +113,23 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
 
     async def _first_value(self, target_id: str) -> None:
         """A target created by this very call has no value yet: wait for its first refresh
-        (bounded by the engine's first-value wait) without blocking the loop."""
+        (bounded by the engine's first-value wait, cut short by a stop) without blocking."""
         if not self.engine.awaiting_first_value(target_id):
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.engine.settings.first_value_wait_seconds
-        while self.engine.awaiting_first_value(target_id) and loop.time() < deadline:
-            await asyncio.sleep(FIRST_VALUE_POLL_SECONDS)
+        arrived: asyncio.Future[None] = loop.create_future()
+
+        def arrive() -> None:
+            if not arrived.done():
+                arrived.set_result(None)
+
+        def wake() -> None:  # on an engine thread; the loop may have closed since
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(arrive)
+
+        self.engine.when_first_value(target_id, wake)
+        await self._until_stopped(self.engine.settings.first_value_wait_seconds, arrived)
+        arrived.cancel()
 
     async def GetMetricSpec(
         self, request: pb.ScaledObjectRef, context: aio.ServicerContext
@@ -171,24 +196,22 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             self._target_id(request)
         except Exception as exc:
             await self._abort("StreamIsActive", context, exc)
-        self.on_request("StreamIsActive", "OK")
         last: bool | None = None
-        while not self.stopping.is_set():
-            try:
-                active = await self._is_active(request)
-            except Exception as exc:
-                if status_for(exc) is not grpc.StatusCode.UNAVAILABLE:
-                    await self._abort("StreamIsActive", context, exc)
-                log.info("StreamIsActive: %s", exc)  # transient: keep the stream, retry
-            else:
-                if active != last:
-                    last = active
-                    yield pb.IsActiveResponse(result=active)
-            await self._pause()
-
-    async def _pause(self) -> None:
-        """Sleep one check interval, cut short by stop_streams."""
-        if self._wake is None:
-            self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.stream_check_seconds)
+        failed = False  # counted by _abort; otherwise the stream is counted OK when it ends
+        try:
+            while not self.stopping.is_set():
+                try:
+                    active = await self._is_active(request)
+                except Exception as exc:
+                    if status_for(exc) is not grpc.StatusCode.UNAVAILABLE:
+                        failed = True
+                        await self._abort("StreamIsActive", context, exc)
+                    log.info("StreamIsActive: %s", exc)  # transient: keep the stream, retry
+                else:
+                    if active != last:
+                        last = active
+                        yield pb.IsActiveResponse(result=active)
+                await self._until_stopped(self.stream_check_seconds)
+        finally:
+            if not failed:
+                self.on_request("StreamIsActive", "OK")
