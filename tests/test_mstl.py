@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from forecaster.models.mstl import MSTLModel, clip_outliers, detect_period
+from forecaster.models.mstl import MSTLModel, detect_period
+from forecaster.models.robust import clip_outliers
 
 STEP = pd.Timedelta("5min")
 DAY = 288

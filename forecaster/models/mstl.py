@@ -23,11 +23,10 @@ from statsmodels.tsa.seasonal import MSTL
 
 from forecaster.errors import InsufficientHistoryError
 from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period
+from forecaster.models.robust import CLIP_WINDOW, clip_outliers
 
 FIT_WINDOW = pd.Timedelta(days=21)
 RESIDUAL_WINDOW = pd.Timedelta(days=7)
-CLIP_WINDOW = pd.Timedelta(hours=1)
-CLIP_MADS = 5.0
 HUBER_MADS = 3.0
 ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)
 # Cheap loess settings: local constants, one inner pass, trend and low-pass smoothers
@@ -44,23 +43,6 @@ ACF_PROMINENCE = 0.1
 # A weekly profile has two or three cycles behind each of its steps: smoothed over this share
 # of its period (an hour for a week) so that it keeps the week's shape, not its noise.
 SMOOTH_SHARE = 1 / 168
-
-
-def clip_outliers(
-    values: np.ndarray, window: int, mads: float = CLIP_MADS
-) -> np.ndarray:
-    """`values` clipped to a rolling median +- `mads` robust standard deviations of the
-    deviations from it; for training seasonal profiles only."""
-    series = pd.Series(values)
-    centre = series.rolling(window, center=True, min_periods=1).median().to_numpy()
-    deviation = values - centre
-    finite = deviation[np.isfinite(deviation)]
-    if finite.size == 0:
-        return values
-    scale = 1.4826 * float(np.median(np.abs(finite - np.median(finite))))
-    if scale <= 0:
-        return values
-    return np.clip(values, centre - mads * scale, centre + mads * scale)
 
 
 def detect_period(values: np.ndarray, longest: int, shortest: int = 6) -> int | None:
