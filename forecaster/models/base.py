@@ -147,6 +147,21 @@ def _grid_values(series: pd.Series, step: pd.Timedelta, field_name: str) -> np.n
     return series.to_numpy(dtype=float)
 
 
+def trailing_segment(model: ForecastModel, values: np.ndarray, window: int) -> np.ndarray:
+    """The last `window` values after the last NaN (the recent stretch with no long gap);
+    InsufficientHistoryError when it is shorter than the model's min_history."""
+    recent = values[-max(model.min_history(), window):]
+    missing = np.flatnonzero(~np.isfinite(recent))
+    segment = recent[missing[-1] + 1 :] if missing.size else recent
+    if segment.size < model.min_history():
+        raise InsufficientHistoryError(
+            f"model {model.name!r} (trailing history without a long gap)",
+            model.min_history(),
+            int(segment.size),
+        )
+    return segment
+
+
 def seasonal_period(step: pd.Timedelta, season: pd.Timedelta = DAY) -> int | None:
     """Steps per season, or None when the step does not divide the season into >1 steps."""
     ratio = season / step

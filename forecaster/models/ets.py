@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
-from forecaster.errors import InsufficientHistoryError
-from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period
+from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period, trailing_segment
 
 FIT_WINDOW = pd.Timedelta(days=14)
 RESIDUAL_WINDOW = pd.Timedelta(days=7)
@@ -49,14 +48,7 @@ class HoltWinters(ForecastModel):
         return 2 * (self.period or 5) + 10
 
     def _fit(self, values: np.ndarray) -> None:
-        window = max(self.min_history(), int(self.fit_window / self.step))
-        segment = _trailing_run(values[-window:])
-        if segment.size < self.min_history():
-            raise InsufficientHistoryError(
-                f"model {self.name!r} (trailing history without a long gap)",
-                self.min_history(),
-                int(segment.size),
-            )
+        segment = trailing_segment(self, values, int(self.fit_window / self.step))
         model = ExponentialSmoothing(
             segment,
             trend="add" if self.trend else None,
@@ -128,7 +120,3 @@ class HoltWinters(ForecastModel):
         return mean, factor[:, None] * self.errors_[None, :]
 
 
-def _trailing_run(values: np.ndarray) -> np.ndarray:
-    """The values after the last NaN: the longest recent stretch with no long gap."""
-    missing = np.flatnonzero(~np.isfinite(values))
-    return values[missing[-1] + 1 :] if missing.size else values

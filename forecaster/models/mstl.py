@@ -21,8 +21,7 @@ import numpy as np
 import pandas as pd
 from statsmodels.tsa.seasonal import MSTL
 
-from forecaster.errors import InsufficientHistoryError
-from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period
+from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period, trailing_segment
 from forecaster.models.robust import CLIP_WINDOW, clip_outliers
 
 FIT_WINDOW = pd.Timedelta(days=21)
@@ -114,14 +113,7 @@ class MSTLModel(ForecastModel):
         return periods
 
     def _fit(self, values: np.ndarray) -> None:
-        window = max(self.min_history(), int(self.fit_window / self.step))
-        segment = _trailing_run(values[-window:])
-        if segment.size < self.min_history():
-            raise InsufficientHistoryError(
-                f"model {self.name!r} (trailing history without a long gap)",
-                self.min_history(),
-                int(segment.size),
-            )
+        segment = trailing_segment(self, values, int(self.fit_window / self.step))
         train = segment
         if self.clip:
             train = clip_outliers(segment, max(3, int(CLIP_WINDOW / self.step)))
@@ -203,7 +195,3 @@ def _circular_mean(profile: np.ndarray, width: int) -> np.ndarray:
     return smoothed[width:-width]
 
 
-def _trailing_run(values: np.ndarray) -> np.ndarray:
-    """The values after the last NaN: the longest recent stretch with no long gap."""
-    missing = np.flatnonzero(~np.isfinite(values))
-    return values[missing[-1] + 1 :] if missing.size else values
