@@ -103,6 +103,13 @@ class ForecastModel(ABC):
         self._check_fitted()
         if observations.empty:
             return self
+        self._update(self._continuation(observations))
+        self.last_timestamp_ = pd.Timestamp(observations.index[-1])
+        return self
+
+    def _continuation(self, observations: pd.Series) -> np.ndarray:
+        """The values of `observations`, checked to be a regular grid that starts one step
+        after the fitted history."""
         first = pd.Timestamp(observations.index[0])
         expected = self.last_timestamp_ + self.step
         if first != expected:
@@ -110,9 +117,7 @@ class ForecastModel(ABC):
                 "observations",
                 f"must continue the series at {expected.isoformat()}, start at {first.isoformat()}",
             )
-        self._update(_grid_values(observations, self.step, "observations"))
-        self.last_timestamp_ = pd.Timestamp(observations.index[-1])
-        return self
+        return _grid_values(observations, self.step, "observations")
 
     def predict(self, horizon: int, quantiles: Sequence[float] = ()) -> Forecast:
         self._check_fitted()

@@ -74,14 +74,7 @@ class LocalTime(ForecastModel):
         if observations.empty:
             return self
         index = _utc_index(observations, "observations")
-        expected = self.last_timestamp_ + self.step
-        if index[0] != expected:
-            raise InvalidInputError(
-                "observations",
-                f"must continue the series at {expected.isoformat()}, start at "
-                f"{index[0].isoformat()}",
-            )
-        observed = _grid_values(observations, self.step, "observations")
+        observed = self._continuation(observations)
         wall = wall_clock(index, self.time_zone)
         # The hour lived twice in autumn: its second pass is already on the wall clock.
         newer = wall > self.last_wall_
