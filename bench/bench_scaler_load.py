@@ -516,6 +516,27 @@ class Window:
 # -- the benchmark ---------------------------------------------------------------------------
 
 
+class CpuMeter:
+    """CPU seconds of each party over a load window, and what the rest of the machine used
+    or left idle; `extra` parties are measured by the caller (e.g. reaped children)."""
+
+    def __init__(self, parties: dict[str, list[str]]) -> None:
+        self.parties = parties
+        self.before = {name: sum(cpu_seconds(p) for p in pids) for name, pids in parties.items()}
+        self.busy, self.total = machine_cpu_seconds()
+
+    def stop(self, extra: dict[str, float] | None = None) -> tuple[dict[str, float], float]:
+        """Each party's CPU seconds since the start, and the machine's capacity in them."""
+        cpu = {name: sum(cpu_seconds(p) for p in pids) - self.before[name]
+               for name, pids in self.parties.items()}
+        cpu.update(extra or {})
+        busy, total = machine_cpu_seconds()
+        ours = sum(v for v in cpu.values() if not math.isnan(v))
+        cpu["everything else on the machine"] = max(0.0, busy - self.busy - ours)
+        cpu["idle"] = max(0.0, (total - self.total) - (busy - self.busy))
+        return cpu, total - self.total
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -761,22 +782,14 @@ class Bench:
             process.start()
             processes.append(process)
         ready.wait(timeout=300)
-        parties = {"service (this process)": ["self"],
-                   "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
-        if self.prometheus is not None and self.prometheus._process is not None:
-            parties["prometheus"] = [str(self.prometheus._process.pid)]
-        parties["load generator"] = [str(p.pid) for p in processes]
-        before_cpu = {name: sum(cpu_seconds(p) for p in pids) for name, pids in parties.items()}
-        busy_before, total_before = machine_cpu_seconds()
+        meter = CpuMeter({**self.parties(), "load generator": [str(p.pid) for p in processes]})
         profiler, profile = self.start_profiler(label)
         how = f"open loop at {rate:,.0f}/s" if rate else f"{args.clients} {args.client} callers"
         log(f"window {label!r}: {how} from {procs} processes, {args.seconds:.0f} s; "
             f"load {loadavg()}")
         go.wait(timeout=60)
         collected = [results.get(timeout=args.seconds + 120) for _ in processes]
-        cpu = {name: sum(cpu_seconds(p) for p in pids) - before_cpu[name]
-               for name, pids in parties.items()}
-        busy_after, total_after = machine_cpu_seconds()
+        cpu, capacity = meter.stop()
         done = self.refits_done(refits) if refits is not None else None
         load = os.getloadavg()
         for process in processes:
@@ -787,14 +800,19 @@ class Bench:
         for _, seen, _, _ in collected:
             codes.update(seen)
         elapsed = max(c[3] for c in collected)
-        ours = sum(v for v in cpu.values() if not math.isnan(v))
-        cpu["everything else on the machine"] = max(0.0, busy_after - busy_before - ours)
-        cpu["idle"] = max(0.0, (total_after - total_before) - (busy_after - busy_before))
-        result = Window(label, elapsed, latencies, dict(codes), cpu,
-                        total_after - total_before, load, rate, done, profile=profile)
+        result = Window(label, elapsed, latencies, dict(codes), cpu, capacity, load, rate, done,
+                        profile=profile)
         log(result.line())
         self.windows.append(result)
         return result
+
+    def parties(self) -> dict[str, list[str]]:
+        """The service's processes whose CPU a window reports (pids, "self" for this one)."""
+        parties = {"service (this process)": ["self"],
+                   "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
+        if self.prometheus is not None and self.prometheus._process is not None:
+            parties["prometheus"] = [str(self.prometheus._process.pid)]
+        return parties
 
     def h2load_window(
         self, label: str, port: int, requests: list[bytes], *, rate: float = 0.0,
@@ -838,13 +856,8 @@ class Bench:
             if rate:
                 command += ["--rps", f"{rate / args.clients:g}"]
             commands.append([*command, url])
-        parties = {"service (this process)": ["self"],
-                   "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
-        if self.prometheus is not None and self.prometheus._process is not None:
-            parties["prometheus"] = [str(self.prometheus._process.pid)]
-        before_cpu = {name: sum(cpu_seconds(p) for p in pids) for name, pids in parties.items()}
+        meter = CpuMeter(self.parties())
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy_before, total_before = machine_cpu_seconds()
         profiler, profile = self.start_profiler(label)
         how = f"open loop at {rate:,.0f}/s" if rate else f"{args.clients} connections"
         log(f"window {label!r}: h2load, {how} from {len(commands)} processes, "
@@ -859,13 +872,10 @@ class Bench:
         finally:
             servicer.on_request = hook
         elapsed = time.perf_counter() - began
-        cpu = {name: sum(cpu_seconds(p) for p in pids) - before_cpu[name]
-               for name, pids in parties.items()}
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu["load generator"] = (after.ru_utime + after.ru_stime) - (
+        cpu, capacity = meter.stop({"load generator": (after.ru_utime + after.ru_stime) - (
             children.ru_utime + children.ru_stime
-        )
-        busy_after, total_after = machine_cpu_seconds()
+        )})
         done = self.refits_done(refits) if refits is not None else None
         load = os.getloadavg()
         self.finish_profiler(profiler, profile)
@@ -885,11 +895,8 @@ class Bench:
             _h2load_latencies_ns(path, rate * share)
             for path, share in zip(logs, shares, strict=True)
         ])
-        ours = sum(v for v in cpu.values() if not math.isnan(v))
-        cpu["everything else on the machine"] = max(0.0, busy_after - busy_before - ours)
-        cpu["idle"] = max(0.0, (total_after - total_before) - (busy_after - busy_before))
         result = Window(label, min(elapsed, args.seconds), latencies, dict(codes), cpu,
-                        total_after - total_before, load, rate, done, profile=profile)
+                        capacity, load, rate, done, profile=profile)
         log(result.line())
         self.windows.append(result)
         return result
