@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-import zoneinfo
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -95,13 +94,12 @@ def _quantile(text: str) -> float:
 
 
 def _time_zone(text: str) -> str:
+    from forecaster.scaler.metadata import parse_time_zone
+
     try:
-        zoneinfo.ZoneInfo(text)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an IANA time zone such as 'UTC' or 'Europe/Paris'"
-        ) from None
-    return text
+        return parse_time_zone(text, "time-zone")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timestamp(text: str) -> pd.Timestamp:

@@ -124,8 +124,10 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(
         (["--eval-start", "NaT"], ["--eval-start", "'NaT'"]),
         (["--eval-days", "100"], ["history before the evaluation start"]),
         (["--min-replicas", "3", "--max-replicas", "2"], ["max_replicas"]),
+        (["--time-zone", "Mars/Base"], ["--time-zone", "IANA time zone", "'Mars/Base'"]),
     ],
-    ids=["step-zero", "eval-start-empty", "eval-start-nat", "eval-days-too-many", "max-below-min"],
+    ids=["step-zero", "eval-start-empty", "eval-start-nat", "eval-days-too-many", "max-below-min",
+         "time-zone-unknown"],
 )
 def test_more_bad_inputs_in_process(
     arguments: list[str], words: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path

@@ -37,6 +37,7 @@ __all__ = [
     "METADATA_KEYS",
     "TriggerSpec",
     "default_metric_name",
+    "parse_time_zone",
     "parse_trigger_metadata",
 ]
 
@@ -143,7 +144,7 @@ def parse_trigger_metadata(
             f"historyWindow to at least {format_duration(MIN_STEPS_IN_HISTORY * step)!r} "
             f"or lower step",
         )
-    time_zone = _optional(values, "timeZone", _time_zone, TriggerSpec.time_zone)
+    time_zone = _optional(values, "timeZone", parse_time_zone, TriggerSpec.time_zone)
     spec = TriggerSpec(
         server_address=server_address,
         query=query,
@@ -296,7 +297,8 @@ def _activation_value(text: str, key: str) -> float:
     return value
 
 
-def _time_zone(text: str, key: str) -> str:
+def parse_time_zone(text: str, key: str) -> str:
+    """An IANA zone name, checked; InvalidInputError naming `key` otherwise."""
     try:
         zoneinfo.ZoneInfo(text)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
