@@ -102,6 +102,7 @@ HISTORY_SECONDS = 14 * 86_400
 FUTURE_SECONDS = 3 * 3600
 REPLAY_ADDRESS = "http://replay.invalid:9090"
 GOAL_CALLS_PER_SECOND = 2000.0
+OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop_layout)
 GOAL_P99_MS = 5.0
 GOAL_MEMORY_MB = 200.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -470,6 +471,7 @@ class Window:
     rate: float = 0.0  # the offered rate of an open-loop window
     refits_done: int | None = None
     profile: str | None = None
+    gc_pauses: dict[int, list[float]] | None = None  # seconds of each collection, by generation
 
     @property
     def calls(self) -> int:
@@ -493,12 +495,21 @@ class Window:
     def errors(self) -> dict[str, int]:
         return {code: n for code, n in self.codes.items() if code != "OK"}
 
+    def gc_summary(self) -> str:
+        """Collections by generation in the service process: count and longest pause."""
+        if not self.gc_pauses:
+            return ""
+        return "; gc " + ", ".join(
+            f"gen{g} {len(p)}x max {1000 * max(p, default=0.0):.1f} ms"
+            for g, p in sorted(self.gc_pauses.items())
+        )
+
     def line(self) -> str:
         refits = "" if self.refits_done is None else f"; {self.refits_done} refits in window"
         return (
             f"{self.label:<36} {self.calls:7,} calls {self.throughput:6,.0f} OK/s  ms p50 "
             f"{self.ms(50):7.2f} p90 {self.ms(90):7.2f} p99 {self.ms(99):8.2f} max "
-            f"{self.worst_ms:8.2f}  errors {self.errors or 0}{refits}"
+            f"{self.worst_ms:8.2f}  errors {self.errors or 0}{refits}{self.gc_summary()}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -510,7 +521,34 @@ class Window:
             "status_codes": self.codes, "cpu_seconds": self.cpu, "capacity": self.capacity,
             "loadavg": self.loadavg, "rate": self.rate, "refits_done": self.refits_done,
             "profile": self.profile,
+            "gc_pauses_ms": {
+                str(g): {"count": len(p), "max": 1000 * max(p, default=0.0),
+                         "total": 1000 * sum(p)}
+                for g, p in (self.gc_pauses or {}).items()
+            },
         }
+
+
+class GcPauses:
+    """Times every cyclic garbage collection in this process (the service's) while open:
+    a full collection stops every thread, requests included."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._began)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -787,8 +825,9 @@ class Bench:
         how = f"open loop at {rate:,.0f}/s" if rate else f"{args.clients} {args.client} callers"
         log(f"window {label!r}: {how} from {procs} processes, {args.seconds:.0f} s; "
             f"load {loadavg()}")
-        go.wait(timeout=60)
-        collected = [results.get(timeout=args.seconds + 120) for _ in processes]
+        with GcPauses() as pauses:
+            go.wait(timeout=60)
+            collected = [results.get(timeout=args.seconds + 120) for _ in processes]
         cpu, capacity = meter.stop()
         done = self.refits_done(refits) if refits is not None else None
         load = os.getloadavg()
@@ -801,7 +840,7 @@ class Bench:
             codes.update(seen)
         elapsed = max(c[3] for c in collected)
         result = Window(label, elapsed, latencies, dict(codes), cpu, capacity, load, rate, done,
-                        profile=profile)
+                        profile=profile, gc_pauses=pauses.pauses)
         log(result.line())
         self.windows.append(result)
         return result
@@ -818,14 +857,19 @@ class Bench:
         self, label: str, port: int, requests: list[bytes], *, rate: float = 0.0,
         refits: dict[str, int] | None = None,
     ) -> Window:
-        """The same window with h2load as the load generator: --client-procs processes, each
-        sending one target's GetMetricsRequest (gRPC over HTTP/2 is a POST of the framed
-        message), spread over the fleet. Closed loop: --clients connections with one call in
-        flight each. Open loop: --rps per connection, up to 64 calls in flight each. Latency
-        comes from h2load's per-request log; the gRPC status of every call from the service's
-        own request hook (h2load sees only HTTP statuses, and a gRPC error is HTTP 200)."""
+        """The same window with h2load as the load generator: processes each sending one
+        target's GetMetricsRequest (gRPC over HTTP/2 is a POST of the framed message), spread
+        over the fleet. Closed loop: --clients connections over --client-procs processes, one
+        call in flight each. Open loop: see `open_loop_layout`, up to 64 calls in flight per
+        connection. Latency comes from h2load's per-request log; the gRPC status of every call
+        from the service's own request hook (h2load sees only HTTP statuses, and a gRPC error
+        is HTTP 200)."""
         args = self.args
-        procs = max(1, min(args.client_procs, args.clients))
+        if rate:
+            procs, per_proc, tick = open_loop_layout(rate, args.open_loop_procs)
+            total = procs * per_proc
+        else:
+            procs, total, tick = max(1, min(args.client_procs, args.clients)), args.clients, 0.0
         codes: Counter[str] = Counter()
         servicer = self.service.servicer
         hook = servicer.on_request
@@ -838,7 +882,7 @@ class Bench:
         url = f"http://127.0.0.1:{port}/externalscaler.ExternalScaler/GetMetrics"
         commands, logs, shares = [], [], []
         for p in range(procs):
-            connections = args.clients // procs + (p < args.clients % procs)
+            connections = total // procs + (p < total % procs)
             if not connections:
                 continue
             body = self.workdir / f"request-{p}.bin"
@@ -847,14 +891,14 @@ class Bench:
             log_path = self.workdir / f"h2load-{p}.log"
             log_path.unlink(missing_ok=True)
             logs.append(log_path)
-            shares.append(connections / args.clients)
+            shares.append(connections / total)
             command = [
                 "h2load", "-D", f"{args.seconds:g}", "-c", str(connections),
                 "-m", "64" if rate else "1", "--log-file", str(log_path), "-d", str(body),
                 "-H", "content-type: application/grpc", "-H", "te: trailers",
             ]
             if rate:
-                command += ["--rps", f"{rate / args.clients:g}"]
+                command += ["--rps", f"{rate / total:g}"]
             commands.append([*command, url])
         meter = CpuMeter(self.parties())
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -866,9 +910,16 @@ class Bench:
         servicer.on_request = counting
         began = time.perf_counter()
         try:
-            running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                       for c in commands]
-            outputs = [r.communicate(timeout=args.seconds + 120)[0].decode() for r in running]
+            with GcPauses() as pauses:
+                running = []
+                for p, command in enumerate(commands):
+                    # open loop: the processes' ticks spread evenly over one tick
+                    while time.perf_counter() < began + p * tick / len(commands):
+                        time.sleep(0.0001)
+                    running.append(subprocess.Popen(command, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.STDOUT))
+                outputs = [r.communicate(timeout=args.seconds + 120)[0].decode()
+                           for r in running]
         finally:
             servicer.on_request = hook
         elapsed = time.perf_counter() - began
@@ -896,7 +947,7 @@ class Bench:
             for path, share in zip(logs, shares, strict=True)
         ])
         result = Window(label, min(elapsed, args.seconds), latencies, dict(codes), cpu,
-                        capacity, load, rate, done, profile=profile)
+                        capacity, load, rate, done, profile=profile, gc_pauses=pauses.pauses)
         log(result.line())
         self.windows.append(result)
         return result
@@ -1246,6 +1297,21 @@ class Bench:
             print(f"figures written to {args.json}")
 
 
+def open_loop_layout(rate: float, max_procs: int) -> tuple[int, int, float]:
+    """h2load processes, connections per process and the tick (s) for `rate` calls/s.
+
+    h2load paces a connection with a timer of max(10 ms, 1 / its rate) and sends at each
+    tick the calls that fell due since the last. Above 100 calls/s a connection sends bursts
+    every 10 ms, and its connections (which open together) tick together: 2,000/s from 16
+    connections arrived as about 20 calls at once every 10 ms, which alone put a do-nothing
+    server's p99 at 6 ms. So each connection sends OPEN_LOOP_CONNECTION_RATE calls/s, one
+    per tick, and the processes start spread over one tick, as independent clients would."""
+    connections = max(1, math.ceil(rate / OPEN_LOOP_CONNECTION_RATE))
+    procs = max(1, min(max_procs, connections))
+    per_proc = math.ceil(connections / procs)
+    return procs, per_proc, 1.0 / (rate / (procs * per_proc))
+
+
 def _h2load_latencies_ns(path: Path, rate: float) -> np.ndarray:
     """Per-call latency from an h2load log (start µs since the epoch, HTTP status, µs to the
     end of the response); failed streams (status -1) are left out, they are counted as errors.
@@ -1350,6 +1416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-procs", type=int, default=None,
                         help="load-generator processes (default: 8 for h2load, each on its own "
                         "target; 2 for Python callers)")
+    parser.add_argument("--open-loop-procs", type=int, default=20,
+                        help="h2load processes for the open-loop windows (see open_loop_layout)")
     parser.add_argument("--client", choices=("h2load", "aio", "sync"),
                         default="h2load" if shutil.which("h2load") else "aio",
                         help="the load generator: h2load (nghttp2's HTTP/2 load tool, in C; "

@@ -15,7 +15,6 @@ import multiprocessing
 import pickle
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ from forecaster.errors import (
     UnknownTargetError,
 )
 from forecaster.models import FallbackFit, Forecast, ForecastModel, fit_with_fallback
+from forecaster.models.calibration import ScoreWindow
 from forecaster.policy import planned_load
 from forecaster.scaler.metadata import TriggerSpec
 from forecaster.series import GridBuffer
@@ -130,9 +130,10 @@ class Target:
     fit_seconds: list[float] = field(default_factory=list)
     spec_conflict: TriggerSpec | None = None
     pending: dict[pd.Timestamp, tuple[float, float, float]] = field(default_factory=dict)
-    errors: deque[tuple[float, bool]] = field(
-        default_factory=lambda: deque(maxlen=ACCURACY_WINDOW)
-    )
+    # decision-horizon forecasts scored as their bins arrive: absolute error, and 1.0 when
+    # the actual fell inside the 80% interval
+    abs_errors: ScoreWindow = field(default_factory=lambda: ScoreWindow(ACCURACY_WINDOW))
+    inside_80: ScoreWindow = field(default_factory=lambda: ScoreWindow(ACCURACY_WINDOW))
     first_value: threading.Event = field(default_factory=threading.Event)  # first refresh done
     first_value_callbacks: list[Callable[[], None]] = field(default_factory=list)
     first_value_lock: threading.Lock = field(default_factory=threading.Lock)  # for those two
@@ -171,15 +172,20 @@ class Target:
         return math.ceil(self.spec.startup_seconds / self.spec.step_seconds)
 
     def accuracy(self) -> Accuracy:
-        errors = list(self.errors)
-        if not errors:
+        errors = self.abs_errors.values()
+        if not errors.size:
             return Accuracy(0, None, None, None)
         return Accuracy(
-            scored=len(errors),
-            mae=float(np.mean([e for e, _ in errors])),
-            coverage_80=float(np.mean([inside for _, inside in errors])),
-            last_abs_error=errors[-1][0],
+            scored=int(errors.size),
+            mae=float(np.mean(errors)),
+            coverage_80=float(np.mean(self.inside_80.values())),
+            last_abs_error=float(errors[-1]),
         )
+
+    def record_score(self, abs_error: float, inside_80: bool) -> None:
+        """One decision-horizon forecast scored against what then happened."""
+        self.abs_errors.append(abs_error)
+        self.inside_80.append(1.0 if inside_80 else 0.0)
 
     def score_arrivals(self, added: pd.Series) -> None:
         """Score the decision-horizon forecasts made for bins that have now arrived."""
@@ -187,7 +193,7 @@ class Target:
             made = self.pending.pop(pd.Timestamp(timestamp), None)  # type: ignore[arg-type]
             if made is not None and np.isfinite(actual):
                 mean, low, high = made
-                self.errors.append((abs(float(actual) - mean), low <= actual <= high))
+                self.record_score(abs(float(actual) - mean), low <= actual <= high)
         if self.pending and len(added):
             newest = added.index[-1]
             self.pending = {t: v for t, v in self.pending.items() if t > newest}

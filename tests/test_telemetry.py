@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from forecaster.engine import Target, freshness_limit
+from forecaster.models.calibration import ScoreWindow
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
@@ -150,12 +151,14 @@ def test_target_gauges_match_the_engine_snapshot(live: Live) -> None:
 @contextmanager
 def scored(target: Target) -> Iterator[None]:
     """As if two decision-horizon forecasts had been scored (that takes 10 minutes live)."""
-    target.errors.append((3.0, True))
-    target.errors.append((5.0, False))
+    saved = target.abs_errors, target.inside_80
+    target.abs_errors, target.inside_80 = ScoreWindow(10), ScoreWindow(10)
+    target.record_score(3.0, True)
+    target.record_score(5.0, False)
     try:
         yield
     finally:
-        target.errors.clear()
+        target.abs_errors, target.inside_80 = saved
 
 
 def test_accuracy_gauges_follow_the_scored_forecasts(live: Live) -> None:

@@ -48,6 +48,42 @@ def scale_floor(values: np.ndarray) -> float:
     return 1e-3 * typical + 1e-9
 
 
+class ScoreWindow:
+    """The last `capacity` scores, oldest first, in one float array: the service keeps two per
+    target between refits, and a deque of Python floats took four times the memory."""
+
+    __slots__ = ("_data", "_next", "_size")
+
+    def __init__(self, capacity: int) -> None:
+        self._data = np.empty(max(1, capacity))
+        self._size = 0
+        self._next = 0  # where the next score goes
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, score: float) -> None:
+        self._data[self._next] = score
+        self._next = (self._next + 1) % self._data.size
+        self._size = min(self._size + 1, self._data.size)
+
+    def extend(self, scores: np.ndarray) -> None:
+        for score in scores[-self._data.size :]:
+            self.append(float(score))
+
+    def values(self) -> np.ndarray:
+        """A copy of the scores, oldest first."""
+        if self._size < self._data.size:
+            return self._data[: self._size].copy()
+        return np.roll(self._data, -self._next)
+
+    def __getstate__(self) -> tuple[np.ndarray, int, int]:
+        return self._data, self._size, self._next
+
+    def __setstate__(self, state: tuple[np.ndarray, int, int]) -> None:
+        self._data, self._size, self._next = state
+
+
 class ScoreTracker:
     """Follows a fitted model through new observations and scores its past forecasts.
 
@@ -61,15 +97,27 @@ class ScoreTracker:
         self.model = model
         self.horizon = horizon
         self.floor = floor
-        self.scores: list[deque[float]] = [deque(maxlen=window) for _ in range(horizon)]
+        self.scores = [ScoreWindow(window) for _ in range(horizon)]
         self.pending: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=horizon)
-        self.latest: tuple[np.ndarray, np.ndarray] | None = None
+        self._latest: tuple[np.ndarray, np.ndarray] | None = None
         self._forecast()
 
     def _forecast(self) -> None:
         mean, errors = self.model._predict(self.horizon)
-        self.latest = (mean, errors)
+        self._latest = (mean, errors)
         self.pending.appendleft((mean, spread_of(errors, self.floor)))
+
+    def forecast(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """The model's mean and errors for the next `horizon` steps.
+
+        The forecast made with the last observation is handed out once, then let go: the
+        service asks once per new point, and keeping its error sample until the next point
+        would hold 32 KB per target for nothing. A second call recomputes the same values."""
+        latest, self._latest = self._latest, None
+        if latest is not None and horizon <= self.horizon:
+            mean, errors = latest
+            return mean[:horizon], errors[:horizon]
+        return self.model._predict(horizon)
 
     def observe(self, values: np.ndarray) -> None:
         for y in values:
@@ -82,15 +130,11 @@ class ScoreTracker:
     def carry_scores(self, other: ScoreTracker) -> None:
         """Start from another tracker's scores (same horizons), e.g. after a refit."""
         for mine, theirs in zip(self.scores, other.scores, strict=False):
-            mine.extend(theirs)
+            mine.extend(theirs.values())
 
     def calibrated(self, horizon: int, min_scores: int) -> tuple[np.ndarray, np.ndarray]:
         """The model's mean and errors, with calibrated errors where enough scores exist."""
-        if self.latest is not None and horizon <= self.horizon:
-            mean, errors = self.latest
-            mean, errors = mean[:horizon], errors[:horizon]
-        else:
-            mean, errors = self.model._predict(horizon)
+        mean, errors = self.forecast(horizon)
         ready = [h for h in range(min(horizon, self.horizon)) if len(self.scores[h]) >= min_scores]
         if not ready:
             return mean, errors
@@ -99,7 +143,7 @@ class ScoreTracker:
         rows = []
         for h in range(horizon):
             if h in ready:
-                scores = np.fromiter(self.scores[h], dtype=float)[-n:]
+                scores = self.scores[h].values()[-n:]
                 rows.append(np.sort(scores) * spread[h])
             else:
                 # Beyond the calibrated horizons: the model's own sample, widened like the last
@@ -109,8 +153,8 @@ class ScoreTracker:
         return mean, np.vstack(rows)
 
 
-def _calibrated_width(scores: deque[float]) -> float:
-    lo, hi = np.quantile(np.fromiter(scores, dtype=float), SPREAD_QUANTILES)
+def _calibrated_width(scores: ScoreWindow) -> float:
+    lo, hi = np.quantile(scores.values(), SPREAD_QUANTILES)
     return float(hi - lo) / 2.0
 
 

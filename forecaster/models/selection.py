@@ -409,7 +409,7 @@ class Auto(ForecastModel):
         for h in range(self.horizon):
             targets = held[h:]
             z = (targets - means[: len(targets), h]) / spreads[: len(targets), h]
-            tracker.scores[h].extend(z[np.isfinite(z)].tolist())
+            tracker.scores[h].extend(z[np.isfinite(z)])
         return tracker
 
     def _roll(self, model: ForecastModel, held: np.ndarray) -> _Validation:
@@ -455,10 +455,7 @@ class Auto(ForecastModel):
     def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         if self.selection_.calibrated:
             return self.tracker_.calibrated(horizon, self.min_scores)
-        if self.tracker_.latest is not None and horizon <= self.horizon:
-            mean, errors = self.tracker_.latest
-            return mean[:horizon], errors[:horizon]
-        return self.model_._predict(horizon)
+        return self.tracker_.forecast(horizon)
 
 
 def _ranked(selection: Selection) -> list[str]:
