@@ -23,16 +23,19 @@ The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs in this
    name): closed loop with --clients concurrent callers (the throughput), and open loop at
    --rate calls/s (default 2,000). The load generator is h2load (nghttp2's HTTP/2 load tool,
    written in C, like KEDA's Go client and unlike a Python one, which costs more CPU per
-   call than the service itself): each of its processes sends one target's request, 8
+   call than the service itself): each of its processes sends one target's request, the
    targets spread over the fleet, and every call's gRPC status is counted by the service's
-   request hook. `--client aio|sync` uses Python callers instead, round-robin over all
-   targets, with latency counted from each call's scheduled time. Closed-loop latency is
-   set by Little's law (mean = callers / throughput: 16 callers at 2,000/s average 8 ms),
-   so the p99 goal is judged open loop.
+   request hook. Open loop paces 50 calls/s per connection, one call per h2load tick, over
+   --open-loop-procs processes started spread over one tick (see open_loop_layout).
+   `--client aio|sync` uses Python callers instead, round-robin over all targets, with
+   latency counted from each call's scheduled time. Closed-loop latency is set by Little's
+   law (mean = callers / throughput: 16 callers at 2,000/s average 8 ms), so the p99 goal is
+   judged open loop.
    Both run in steady state and during a full refit round forced at the start (the goal's
    condition).
 4. Memory: RSS of this process (which hosts the service) idle, with the targets forecast,
    after the refits and the load; the fit worker processes separately.
+   Every cyclic garbage collection in the service process is timed in each window.
 5. A summary against the goals: >= 2,000 GetMetrics/s with p99 < 5 ms during refits, load
    generator included; < 200 MB above idle; the refit times.
 

@@ -148,3 +148,15 @@ def test_registered_zoo_models_are_deterministic_on_a_trace_with_spikes() -> Non
         a = make_model(name, STEP).fit(series).predict(4, [0.9])
         b = make_model(name, STEP).fit(series).predict(4, [0.9])
         np.testing.assert_array_equal(a.quantile(0.9), b.quantile(0.9))
+
+
+@pytest.mark.parametrize("start", ["2026-03-28T22:55Z", "1969-12-29T23:50Z", "2014-04-20T00:40Z"])
+def test_gbm_calendar_in_utc_is_what_the_time_zone_path_gives(start: str) -> None:
+    """The UTC fast path (epoch arithmetic) and pandas' time-zone path agree exactly."""
+    step = pd.Timedelta("5min")
+    fast = GradientBoosting(step, tz="UTC")
+    zoned = GradientBoosting(step, tz="Etc/UTC")
+    steps = np.arange(0, 3 * 2016, 7)
+    time0 = pd.Timestamp(start)
+    for a, b in zip(fast._calendar(time0, steps), zoned._calendar(time0, steps), strict=True):
+        np.testing.assert_array_equal(a.astype(float), b.astype(float))

@@ -152,6 +152,16 @@ def _grid_values(series: pd.Series, step: pd.Timedelta, field_name: str) -> np.n
     return series.to_numpy(dtype=float)
 
 
+def error_sample(errors: np.ndarray) -> np.ndarray:
+    """The finite errors of a fit, kept in float32 (a single 0.0 when there are none).
+
+    A model keeps its error sample between refits, one per target in the service: float32
+    halves that (2,016 residuals: 16 KB to 8 KB) and its 7 significant digits are far finer
+    than any quantile of the sample can resolve. Arithmetic on it still runs in float64."""
+    finite = errors[np.isfinite(errors)]
+    return finite.astype(np.float32) if finite.size else np.zeros(1, dtype=np.float32)
+
+
 def trailing_segment(model: ForecastModel, values: np.ndarray, window: int) -> np.ndarray:
     """The last `window` values after the last NaN (the recent stretch with no long gap);
     InsufficientHistoryError when it is shorter than the model's min_history."""

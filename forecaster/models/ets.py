@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
 
-from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period, trailing_segment
+from forecaster.models.base import (
+    DAY,
+    WEEK,
+    ForecastModel,
+    error_sample,
+    seasonal_period,
+    trailing_segment,
+)
 
 FIT_WINDOW = pd.Timedelta(days=14)
 RESIDUAL_WINDOW = pd.Timedelta(days=7)
@@ -75,9 +82,7 @@ class HoltWinters(ForecastModel):
         keep = int(RESIDUAL_WINDOW / self.step)
         burn_in = min(len(residuals) // 2, self.period or 0)
         errors = residuals[burn_in:][-keep:]
-        self.errors_ = errors[np.isfinite(errors)]
-        if self.errors_.size == 0:
-            self.errors_ = np.zeros(1)
+        self.errors_ = error_sample(errors)
 
     def _filter(self, values: np.ndarray) -> np.ndarray:
         """Run the state recursion over values; return the one-step-ahead errors."""

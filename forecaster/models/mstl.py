@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 from statsmodels.tsa.seasonal import MSTL
 
-from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period, trailing_segment
+from forecaster.models.base import (
+    DAY,
+    WEEK,
+    ForecastModel,
+    error_sample,
+    seasonal_period,
+    trailing_segment,
+)
 from forecaster.models.robust import CLIP_WINDOW, clip_outliers
 
 FIT_WINDOW = pd.Timedelta(days=21)
@@ -152,9 +159,7 @@ class MSTLModel(ForecastModel):
         errors, self.level_ = self._smooth(d, self.alpha_, float(d[0]))
         keep = int(RESIDUAL_WINDOW / self.step)
         errors = errors[burn_in:][-keep:]
-        self.errors_ = errors[np.isfinite(errors)]
-        if self.errors_.size == 0:
-            self.errors_ = np.zeros(1)
+        self.errors_ = error_sample(errors)
 
     def _smooth(self, d: np.ndarray, alpha: float, level: float) -> tuple[np.ndarray, float]:
         """One-step errors and the final level of the innovation-limited smoother."""

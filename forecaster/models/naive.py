@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from forecaster.models.base import DAY, WEEK, ForecastModel, seasonal_period
+from forecaster.models.base import DAY, WEEK, ForecastModel, error_sample, seasonal_period
 
 RESIDUAL_WINDOW = pd.Timedelta(days=7)
 
@@ -28,7 +28,7 @@ class Naive(ForecastModel):
         tail = values[-window:]
         self.history_ = values.copy()
         diffs = tail[1:] - tail[:-1]
-        self.errors_ = diffs[np.isfinite(diffs)]
+        self.errors_ = error_sample(diffs)
 
     def _update(self, values: np.ndarray) -> None:
         self.history_ = np.concatenate([self.history_, values])
@@ -66,9 +66,7 @@ class SeasonalNaive(ForecastModel):
         window = max(self.lag_ + 2, int(RESIDUAL_WINDOW / self.step) + self.lag_)
         tail = values[-window:]
         diffs = tail[self.lag_ :] - tail[: -self.lag_]
-        self.errors_ = diffs[np.isfinite(diffs)]
-        if self.errors_.size == 0:
-            self.errors_ = np.zeros(1)
+        self.errors_ = error_sample(diffs)
 
     def _update(self, values: np.ndarray) -> None:
         keep = 2 * (self.weekly or self.daily or 1) + len(values)
