@@ -62,7 +62,6 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import ctypes  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -94,6 +93,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from forecaster.engine import release_free_memory  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -238,11 +238,6 @@ def loadavg() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def fit_worker_pids(service: Any) -> list[int]:
     # Engine internals: the ProcessPoolExecutor's workers (spawned on the first fit).
     processes = getattr(service.engine._fits, "_processes", None) or {}
@@ -268,7 +263,7 @@ class MemoryPoint:
 def measure_memory(label: str, service: Any) -> MemoryPoint:
     gc.collect()
     raw = rss_mb()
-    malloc_trim()  # what of the RSS is freed memory the allocator kept
+    release_free_memory()  # what of the RSS is freed memory the allocator kept
     point = MemoryPoint(label, raw, rss_mb(), rss_mb(field="VmHWM"),
                         [rss_mb(p) for p in fit_worker_pids(service)])
     log(point.line())

@@ -77,12 +77,6 @@ class ScoreWindow:
             return self._data[: self._size].copy()
         return np.roll(self._data, -self._next)
 
-    def __getstate__(self) -> tuple[np.ndarray, int, int]:
-        return self._data, self._size, self._next
-
-    def __setstate__(self, state: tuple[np.ndarray, int, int]) -> None:
-        self._data, self._size, self._next = state
-
 
 class ScoreTracker:
     """Follows a fitted model through new observations and scores its past forecasts.

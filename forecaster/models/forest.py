@@ -13,6 +13,7 @@ values added in scikit-learn's order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from sklearn.ensemble import HistGradientBoostingRegressor
 
 
+@dataclass(frozen=True, slots=True)
 class CompactForest:
     """The trees of a numeric-feature HistGradientBoostingRegressor with an identity link
     (squared error, quantile), as flat node arrays.
@@ -31,25 +33,13 @@ class CompactForest:
     of steps (`depth`) through every tree at once.
     """
 
-    __slots__ = ("baseline", "children", "depth", "feature", "missing_left", "roots", "value")
-
-    def __init__(
-        self,
-        baseline: float,
-        roots: np.ndarray,
-        feature: np.ndarray,
-        value: np.ndarray,
-        children: np.ndarray,
-        missing_left: np.ndarray,
-        depth: int,
-    ) -> None:
-        self.baseline = baseline
-        self.roots = roots
-        self.feature = feature
-        self.value = value
-        self.children = children
-        self.missing_left = missing_left
-        self.depth = depth
+    baseline: float
+    roots: np.ndarray
+    feature: np.ndarray
+    value: np.ndarray
+    children: np.ndarray
+    missing_left: np.ndarray
+    depth: int
 
     @classmethod
     def from_sklearn(cls, model: HistGradientBoostingRegressor) -> CompactForest:
@@ -99,13 +89,6 @@ class CompactForest:
         # gives the same rounding (cumsum adds sequentially).
         ordered = np.column_stack([np.full(X.shape[0], self.baseline), leaves])
         return np.cumsum(ordered, axis=1)[:, -1]
-
-    def __getstate__(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __setstate__(self, state: tuple[object, ...]) -> None:
-        for name, item in zip(self.__slots__, state, strict=True):
-            setattr(self, name, item)
 
     @property
     def nbytes(self) -> int:
