@@ -4,7 +4,8 @@
         [--rate 2000] [--client h2load|aio|sync] [--prometheus | --no-prometheus]
         [--profile DIR] [--json FILE] [--experiments trivial,nice=10,switch=0.0005] [--repeat N]
 
-The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs in this process:
+The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs its engine in this
+process and its gRPC front (forecaster.scaler.front) in a child process, as in production:
 
 1. History: Debian's Prometheus, backfilled by promtool with one metric,
    `bench_requests{target="0".."N-1"}`, each series a scaled, time-shifted copy of
@@ -33,9 +34,10 @@ The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs in this
    judged open loop.
    Both run in steady state and during a full refit round forced at the start (the goal's
    condition).
-4. Memory: RSS of this process (which hosts the service) idle, with the targets forecast,
-   after the refits and the load; the fit worker processes separately.
-   Every cyclic garbage collection in the service process is timed in each window.
+4. Memory: RSS of the service (this process, which hosts the engine, plus the gRPC front
+   process) idle, with the targets forecast, after the refits and the load; the fit worker
+   processes separately. Every cyclic garbage collection in the engine's process is timed in
+   each window.
 5. A summary against the goals: >= 2,000 GetMetrics/s with p99 < 5 ms during refits, load
    generator included; < 200 MB above idle; the refit times.
 
@@ -238,6 +240,10 @@ def loadavg() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def front_pid(service: Any) -> int:
+    return int(service.scaler.pid)
+
+
 def fit_worker_pids(service: Any) -> list[int]:
     # Engine internals: the ProcessPoolExecutor's workers (spawned on the first fit).
     processes = getattr(service.engine._fits, "_processes", None) or {}
@@ -247,25 +253,29 @@ def fit_worker_pids(service: Any) -> list[int]:
 @dataclass
 class MemoryPoint:
     label: str
-    service_mb: float
+    service_mb: float  # the engine's process and the gRPC front's
     trimmed_mb: float
     peak_mb: float
+    front_mb: float
     workers_mb: list[float]
 
     def line(self) -> str:
         workers = ", ".join(f"{m:.0f}" for m in self.workers_mb) or "not started"
         return (
             f"{self.label:<30} service RSS {self.service_mb:6.1f} MB (after gc + malloc_trim "
-            f"{self.trimmed_mb:6.1f}, peak so far {self.peak_mb:6.1f}); fit workers {workers} MB"
+            f"{self.trimmed_mb:6.1f}, peak so far {self.peak_mb:6.1f}; of which the gRPC "
+            f"front {self.front_mb:5.1f}); fit workers {workers} MB"
         )
 
 
 def measure_memory(label: str, service: Any) -> MemoryPoint:
     gc.collect()
-    raw = rss_mb()
+    front = rss_mb(front_pid(service))
+    raw = rss_mb() + front
     release_free_memory()  # what of the RSS is freed memory the allocator kept
-    point = MemoryPoint(label, raw, rss_mb(), rss_mb(field="VmHWM"),
-                        [rss_mb(p) for p in fit_worker_pids(service)])
+    point = MemoryPoint(label, raw, rss_mb() + front,
+                        rss_mb(field="VmHWM") + rss_mb(front_pid(service), field="VmHWM"),
+                        front, [rss_mb(p) for p in fit_worker_pids(service)])
     log(point.line())
     return point
 
@@ -845,7 +855,8 @@ class Bench:
 
     def parties(self) -> dict[str, list[str]]:
         """The service's processes whose CPU a window reports (pids, "self" for this one)."""
-        parties = {"service (this process)": ["self"],
+        parties = {"service: engine (this process)": ["self"],
+                   "service: gRPC front": [str(front_pid(self.service))],
                    "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
         if self.prometheus is not None and self.prometheus._process is not None:
             parties["prometheus"] = [str(self.prometheus._process.pid)]
@@ -861,7 +872,7 @@ class Bench:
         call in flight each. Open loop: see `open_loop_layout`, up to 64 calls in flight per
         connection. Latency comes from h2load's per-request log; the gRPC status of every call
         from the service's own request hook (h2load sees only HTTP statuses, and a gRPC error
-        is HTTP 200)."""
+        is HTTP 200), which the gRPC front reports to the engine every half second."""
         args = self.args
         if rate:
             procs, per_proc, tick = open_loop_layout(rate, args.open_loop_procs)
@@ -869,13 +880,13 @@ class Bench:
         else:
             procs, total, tick = max(1, min(args.client_procs, args.clients)), args.clients, 0.0
         codes: Counter[str] = Counter()
-        servicer = self.service.servicer
-        hook = servicer.on_request
+        scaler = self.service.scaler
+        hook = scaler.on_request
 
-        def counting(method: str, code: str) -> None:
+        def counting(method: str, code: str, calls: int) -> None:
             if method == "GetMetrics":
-                codes[code] += 1
-            hook(method, code)
+                codes[code] += calls
+            hook(method, code, calls)
 
         url = f"http://127.0.0.1:{port}/externalscaler.ExternalScaler/GetMetrics"
         commands, logs, shares = [], [], []
@@ -905,7 +916,7 @@ class Bench:
         log(f"window {label!r}: h2load, {how} from {len(commands)} processes, "
             f"{args.seconds:.0f} s; load {loadavg()}")
         # only the load-generator's calls are counted: the engine loop thread never calls it
-        servicer.on_request = counting
+        scaler.on_request = counting
         began = time.perf_counter()
         try:
             with GcPauses() as pauses:
@@ -918,15 +929,16 @@ class Bench:
                                                     stderr=subprocess.STDOUT))
                 outputs = [r.communicate(timeout=args.seconds + 120)[0].decode()
                            for r in running]
+            elapsed = time.perf_counter() - began
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu, capacity = meter.stop({"load generator": (after.ru_utime + after.ru_stime) - (
+                children.ru_utime + children.ru_stime
+            )})
+            done = self.refits_done(refits) if refits is not None else None
+            load = os.getloadavg()
+            time.sleep(1.5)  # the front's last report of call counts
         finally:
-            servicer.on_request = hook
-        elapsed = time.perf_counter() - began
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu, capacity = meter.stop({"load generator": (after.ru_utime + after.ru_stime) - (
-            children.ru_utime + children.ru_stime
-        )})
-        done = self.refits_done(refits) if refits is not None else None
-        load = os.getloadavg()
+            scaler.on_request = hook
         self.finish_profiler(profiler, profile)
         answered = 0
         for command, output in zip(commands, outputs, strict=True):
@@ -999,16 +1011,36 @@ class Bench:
     # -- the request path in process, without gRPC -----------------------------------------
 
     def micro(self, request: bytes) -> dict[str, float]:
-        """The GetMetrics path's pieces timed in this process (microseconds per call)."""
+        """The GetMetrics path's pieces timed in this process (microseconds per call): the
+        front's handler over a Board primed as the engine's process would prime it, and the
+        engine's side."""
+        from forecaster.scaler.board import Board
+        from forecaster.scaler.messages import RESOLVED, Answer, Trigger
+        from forecaster.scaler.servicer import ExternalScaler
+
         service = self.service
-        servicer, resolver, engine = service.servicer, service.resolver, service.engine
+        resolver, engine = service.resolver, service.engine
         message = pb.GetMetricsRequest.FromString(request)
         ref = message.scaledObjectRef
         metadata = dict(ref.scalerMetadata)
         target = resolver.resolve(ref.namespace, ref.name, metadata)
         planned = engine.serve(target.target_id)
+        sent: list[tuple[Any, ...]] = []
+        board = Board(sent.append)
+        servicer = ExternalScaler(board, first_value_wait_seconds=1.0)
         context = _CaptureAbort()
         loop = asyncio.new_event_loop()
+
+        async def prime() -> None:
+            servicer.bind(asyncio.get_running_loop())
+            pending = asyncio.ensure_future(board.trigger(ref.namespace, ref.name, metadata))
+            await asyncio.sleep(0)
+            trigger = Trigger(target.target_id, target.spec.effective_metric_name,
+                              target.spec.target_value)
+            board.receive((RESOLVED, sent[-1][1], trigger, Answer(True, planned.value, True)))
+            await pending
+
+        loop.run_until_complete(prime())
 
         async def handled(times: int) -> pb.GetMetricsResponse:
             for _ in range(times):
@@ -1018,14 +1050,13 @@ class Bench:
         parts: dict[str, Callable[[], object]] = {
             "GetMetricsRequest.FromString": lambda: pb.GetMetricsRequest.FromString(request),
             "dict(ref.scalerMetadata)": lambda: dict(ref.scalerMetadata),
-            "parse-cache key (frozenset)": lambda: (
+            "trigger-cache key (frozenset)": lambda: (
                 ref.namespace, ref.name, frozenset(metadata.items())
             ),
-            "resolver.resolve (dict + cache)": lambda: resolver.resolve(
+            "engine: resolver.resolve (dict + cache)": lambda: resolver.resolve(
                 ref.namespace, ref.name, dict(ref.scalerMetadata)
             ),
-            "spec.effective_metric_name": lambda: target.spec.effective_metric_name,
-            "engine.serve": lambda: engine.serve(target.target_id),
+            "engine: engine.serve": lambda: engine.serve(target.target_id),
             "build the response": lambda: pb.GetMetricsResponse(
                 metricValues=[pb.MetricValue(metricName="fc-0", metricValue=3,
                                              metricValueFloat=planned.value)]
@@ -1034,7 +1065,7 @@ class Bench:
         }
         timings = {name: _time_call(call) for name, call in parts.items()}
         # The async handler, awaited 100 times per loop pass so the loop's cost stays small.
-        timings["servicer.GetMetrics (handler, awaited)"] = _time_call(
+        timings["front: servicer.GetMetrics (handler, awaited)"] = _time_call(
             lambda: loop.run_until_complete(handled(100)), batch=2
         ) / 100
         loop.close()

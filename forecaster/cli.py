@@ -215,8 +215,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         from forecaster.demo import demo_setup
 
         settings, source = demo_setup(settings, args.demo_data)
-    run_until_signalled(Service(settings, source=source))
-    return 0
+    return run_until_signalled(Service(settings, source=source))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

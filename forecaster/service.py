@@ -15,8 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
-from forecaster.scaler.server import ScalerServer
-from forecaster.scaler.servicer import ExternalScaler
+from forecaster.scaler.bridge import ScalerFront
 from forecaster.sources import HistorySource
 from forecaster.targets import SourceRegistry, TargetResolver
 from forecaster.telemetry import Telemetry
@@ -50,27 +49,31 @@ class Service:
         self.telemetry.track(self.engine)
         self.sources = SourceRegistry(settings.servers, fixed=source)
         self.resolver = TargetResolver(self.engine, settings, self.sources)
-        self.servicer = ExternalScaler(
-            self.engine, self.resolver, on_request=self.telemetry.grpc_request
+        self.stopped = threading.Event()  # set by a signal, or when the scaler front exits
+        self.failed = False
+        self.scaler = ScalerFront(
+            settings, self.engine, self.resolver,
+            on_request=self.telemetry.grpc_request, on_exit=self._scaler_exited,
         )
-        self.grpc_server = ScalerServer(
-            f"{settings.host}:{settings.grpc_port}", self.servicer, tls=settings.tls
-        )
-        self.grpc_port = self.grpc_server.port
-        self.app = create_app(settings, self.engine, self.resolver)
-        self.app.extensions["forecaster.telemetry"] = self.telemetry
-        self.http_server = HttpServer(self.app, settings.host, settings.http_port)
+        self.grpc_port = self.scaler.port
+        try:
+            self.app = create_app(settings, self.engine, self.resolver)
+            self.app.extensions["forecaster.telemetry"] = self.telemetry
+            self.http_server = HttpServer(self.app, settings.host, settings.http_port)
+        except BaseException:  # a taken HTTP port: no scaler process left behind
+            self.scaler.stop(0)
+            raise
         self.http_port = self.http_server.port
 
     def start(self) -> None:
         try:
             self.resolver.register_configured()
         except Exception:
-            self.grpc_server.stop(0)
+            self.scaler.stop(0)
             self.engine.stop()
             raise
         self.engine.start()
-        self.grpc_server.start()
+        self.scaler.start()
         self.http_server.start()
         # What exists now (modules, classes, settings: 128,000 objects) lives as long as the
         # process. Out of the cyclic collector's reach, a full collection no longer walks it:
@@ -79,9 +82,13 @@ class Service:
         gc.freeze()
         log.info("serving gRPC on port %d and HTTP on port %d", self.grpc_port, self.http_port)
 
+    def _scaler_exited(self) -> None:
+        self.failed = True
+        self.stopped.set()
+
     def stop(self) -> None:
         try:
-            self.grpc_server.stop()
+            self.scaler.stop()
         finally:
             try:
                 self.http_server.stop()
@@ -89,16 +96,17 @@ class Service:
                 self.engine.stop()  # also ends the fit worker processes
 
 
-def run_until_signalled(service: Service) -> None:
-    """Start, then stop gracefully on SIGTERM (Kubernetes) or SIGINT (Ctrl-C)."""
-    done = threading.Event()
+def run_until_signalled(service: Service) -> int:
+    """Start, then stop gracefully on SIGTERM (Kubernetes) or SIGINT (Ctrl-C). The exit code
+    is 1 when the scaler front exited on its own, so that the pod is restarted."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
-        done.set()
+        service.stopped.set()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     service.start()
-    done.wait()
+    service.stopped.wait()
     service.stop()
+    return 1 if service.failed else 0

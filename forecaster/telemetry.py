@@ -57,7 +57,7 @@ def planned_replicas(load: float, target_value: float) -> int:
 
 
 class Telemetry:
-    """The counters and histograms; an `EngineListener`, and the gRPC servicer's `on_request`.
+    """The counters and histograms; an `EngineListener`, and the gRPC call counts.
 
     One per service, on the registry it is given; `track(engine)` adds the per-target gauges.
     """
@@ -117,9 +117,9 @@ class Telemetry:
 
     # -- interfaces --------------------------------------------------------------------------
 
-    def grpc_request(self, method: str, code: str) -> None:
-        """Count one gRPC call (the servicer's `on_request` hook)."""
-        self.requests.labels("grpc", method, code).inc()
+    def grpc_request(self, method: str, code: str, calls: int = 1) -> None:
+        """Count gRPC calls (the scaler front reports them in batches)."""
+        self.requests.labels("grpc", method, code).inc(calls)
 
     def http_request(self, verb: str, route: str | None, status: int) -> None:
         """Count one HTTP request by verb, route *rule* (not the path: bounded label values)

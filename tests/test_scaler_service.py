@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
 from forecaster.models import fit_with_fallback
+from forecaster.scaler.bridge import PUSH_SECONDS
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.series import to_grid
@@ -299,6 +300,7 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
             target = service.engine.get(f"shop/web/{name}")
             _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
+            time.sleep(4 * PUSH_SECONDS)  # changed answers reach the front within one push
             request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
             before = stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
 
@@ -309,6 +311,7 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
             assert still == before  # the last good forecast, while fresh
 
             clock.offset = 2 * STEP + 1  # past max(2 x refresh, 2 x step)
+            time.sleep(4 * PUSH_SECONDS)  # changed answers reach the front within one push
             with pytest.raises(grpc.RpcError) as caught:
                 stub.GetMetrics(request, timeout=10)
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

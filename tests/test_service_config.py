@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from forecaster.config import ConfiguredTarget, EngineSettings, Settings, load_settings
+from forecaster.scaler.bridge import PUSH_SECONDS
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
@@ -361,6 +362,11 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
     _wait_for(lambda: len(service.engine) == 2)
     assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {"asked", "warm"}
     assert service.engine.get(f"shop/asked/{name}").spec.query == WEB
+    time.sleep(4 * PUSH_SECONDS)  # the gRPC front hears of the drop within one push
+    _metric_name(stub, forgotten)  # asked about again: registered anew
+    assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {
+        "asked", "forgotten", "warm"
+    }
 
     clock.offset = 1_000  # long after: only the configured target stays
     _wait_for(lambda: len(service.engine) == 1)

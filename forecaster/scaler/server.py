@@ -1,6 +1,7 @@
 """The gRPC server: the external scaler, the standard health service, optional (mutual) TLS.
 
-It is a grpc.aio server on an event loop of its own thread. Measured with h2load on this
+It runs in the scaler's front process (forecaster.scaler.front), a grpc.aio server on an
+event loop of its own thread. Measured with h2load on this
 2-core machine (bench/bench_scaler_load.py), a do-nothing servicer costs about 330 µs of CPU
 per call on grpc.aio and 600 µs on the thread-pool server, whose thread hand-offs also add
 latency; and an open stream costs a coroutine, not a thread.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,14 +20,11 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from forecaster.config import TlsSettings
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
+from forecaster.scaler.messages import FrontSettings
 from forecaster.scaler.servicer import ExternalScaler
 
 SERVICE_NAME = "externalscaler.ExternalScaler"
-# Calls beyond this many at once are refused (RESOURCE_EXHAUSTED) rather than queued without
-# bound; KEDA polls each ScaledObject every 30 s by default, far below it. Open streams count.
-MAX_CONCURRENT_RPCS = 4096
 
 _T = TypeVar("_T")
 
@@ -44,30 +42,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class ScalerServer:
     """The external scaler and health service on a grpc.aio server, driven from sync code.
 
-    >>> server = ScalerServer("127.0.0.1:0", servicer)   # doctest: +SKIP
-    >>> server.start(); server.port                      # doctest: +SKIP
-    >>> server.stop()                                    # doctest: +SKIP
+    >>> server = ScalerServer(FrontSettings("127.0.0.1:0", 10.0), servicer)  # doctest: +SKIP
+    >>> server.start(); server.port                                        # doctest: +SKIP
+    >>> server.stop()                                                      # doctest: +SKIP
 
-    Binding happens in the constructor (port 0 picks a free port). With
-    `tls.client_ca_file`, clients must present a certificate it signed, as KEDA does with a
-    TriggerAuthentication's tlsClientCert.
+    Binding happens in the constructor (port 0 picks a free port). With a certificate and
+    key it serves TLS; with `client_ca_file` too, clients must present a certificate it
+    signed, as KEDA does with a TriggerAuthentication's tlsClientCert. Calls beyond
+    `max_concurrent_rpcs` at once (open streams count) are refused with RESOURCE_EXHAUSTED
+    rather than queued without bound.
     """
 
-    def __init__(
-        self,
-        address: str,
-        servicer: ExternalScaler,
-        *,
-        tls: TlsSettings | None = None,
-        max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
-    ) -> None:
+    def __init__(self, settings: FrontSettings, servicer: ExternalScaler) -> None:
         self.servicer = servicer
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True)
         self._thread.start()
         try:
             self._server, self.health, self.port = self._run(
-                self._build(address, tls, max_concurrent_rpcs)
+                self._build(settings)
             )
         except BaseException:  # a taken port, unreadable TLS files: no loop left behind
             self._close_loop()
@@ -77,10 +70,11 @@ class ScalerServer:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
 
     async def _build(
-        self, address: str, tls: TlsSettings | None, max_concurrent_rpcs: int
+        self, settings: FrontSettings
     ) -> tuple[aio.Server, health_aio.HealthServicer, int]:
         server = aio.server(
-            options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_concurrent_rpcs
+            options=[("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.servicer.bind(asyncio.get_running_loop())
         pb_grpc.add_ExternalScalerServicer_to_server(self.servicer, server)
@@ -88,18 +82,21 @@ class ScalerServer:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if tls is None:
-            port = server.add_insecure_port(address)
+        if settings.cert_file is None or settings.key_file is None:
+            port = server.add_insecure_port(settings.address)
         else:
+            client_ca = settings.client_ca_file
             credentials = grpc.ssl_server_credentials(
-                [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-                root_certificates=(
-                    Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-                ),
-                require_client_auth=tls.client_ca_file is not None,
+                [(Path(settings.key_file).read_bytes(), Path(settings.cert_file).read_bytes())],
+                root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+                require_client_auth=client_ca is not None,
             )
-            port = server.add_secure_port(address, credentials)
+            port = server.add_secure_port(settings.address, credentials)
         return server, health, port
+
+    def call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        """Run `callback(*args)` on the server's loop (from any thread)."""
+        self._loop.call_soon_threadsafe(callback, *args)
 
     def start(self) -> None:
         self._run(self._server.start())

@@ -1,0 +1,196 @@
+"""The front process's view of the targets: resolved triggers and each target's latest answer.
+
+Everything here runs on the gRPC server's event loop, so it needs no locks: messages from the
+engine's process are handed to the loop by the front's reader thread (`receive`), and the
+servicer's calls run on it. A trigger is resolved once by the engine's process (which parses
+and validates the metadata and registers the target), then cached: KEDA repeats it verbatim
+on every poll. Answers are pushed by the engine's process whenever they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from forecaster.scaler.messages import (
+    ANSWERS,
+    FORGET,
+    REPORT,
+    RESOLVE,
+    RESOLVED,
+    Answer,
+    FailedCall,
+    Failure,
+    Trigger,
+)
+
+log = logging.getLogger(__name__)
+
+RESOLVE_TIMEOUT_SECONDS = 10.0
+REPORT_SECONDS = 0.5  # how often asked-about targets and call counts go to the engine
+TRIGGER_CACHE_SIZE = 20_000
+
+TriggerKey = tuple[str, str, frozenset[tuple[str, str]]]
+Resolution = tuple[Trigger | Failure, Answer | None]
+
+
+class Board:
+    """Triggers and answers for the servicer; `send` writes a message to the engine's process.
+
+    >>> board = Board(connection.send)                          # doctest: +SKIP
+    >>> trigger = await board.trigger("shop", "web", metadata)  # doctest: +SKIP
+    >>> board.answer(trigger.target_id)                         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        send: Callable[[tuple[Any, ...]], None],
+        *,
+        resolve_timeout_seconds: float = RESOLVE_TIMEOUT_SECONDS,
+    ) -> None:
+        self._send = send
+        self._resolve_timeout = resolve_timeout_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._triggers: dict[TriggerKey, Trigger] = {}
+        self._answers: dict[str, Answer] = {}
+        self._resolving: dict[TriggerKey, asyncio.Future[Resolution]] = {}
+        self._requests: dict[int, TriggerKey] = {}
+        self._next_request = 0
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._touched: set[str] = set()
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._closed = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on the loop before it serves: starts the periodic report."""
+        self._loop = loop
+        loop.call_later(REPORT_SECONDS, self._report)
+
+    # -- what the servicer uses --------------------------------------------------------------
+
+    async def trigger(self, namespace: str, name: str, metadata: Mapping[str, str]) -> Trigger:
+        """The trigger for this ref; FailedCall with the engine's reason when it is invalid."""
+        key = (namespace, name, frozenset(metadata.items()))
+        trigger = self._triggers.get(key)
+        if trigger is None:  # resolving registers the target, or marks it as asked about
+            return await self._resolve(key, namespace, name, metadata)
+        self._touched.add(trigger.target_id)
+        return trigger
+
+    def answer(self, target_id: str) -> Answer | None:
+        return self._answers.get(target_id)
+
+    def changed(self, target_id: str) -> asyncio.Future[None]:
+        """A future done when the target's next answer arrives (or it is forgotten)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(target_id, []).append(future)
+        return future
+
+    def count(self, method: str, code: str) -> None:
+        """One finished call, reported to the engine's process (for its /metrics)."""
+        self._counts[method, code] += 1
+
+    # -- resolving -----------------------------------------------------------------------------
+
+    async def _resolve(
+        self, key: TriggerKey, namespace: str, name: str, metadata: Mapping[str, str]
+    ) -> Trigger:
+        future = self._resolving.get(key)
+        if future is None:  # calls with the same trigger at once share one round trip
+            if self._closed:
+                raise FailedCall(Failure("UNAVAILABLE", "the forecaster engine has stopped"))
+            future = asyncio.get_running_loop().create_future()
+            self._resolving[key] = future
+            self._next_request += 1
+            self._requests[self._next_request] = key
+            try:
+                self._send((RESOLVE, self._next_request, namespace, name, dict(metadata)))
+            except OSError:
+                self.close()
+                raise FailedCall(
+                    Failure("UNAVAILABLE", "the forecaster engine has stopped")
+                ) from None
+        try:
+            result, _ = await asyncio.wait_for(asyncio.shield(future), self._resolve_timeout)
+        except TimeoutError:
+            if self._resolving.get(key) is future:
+                del self._resolving[key]
+            raise FailedCall(Failure(
+                "UNAVAILABLE",
+                f"the forecaster engine did not answer within {self._resolve_timeout:.0f}s",
+            )) from None
+        if isinstance(result, Failure):
+            raise FailedCall(result)
+        return result
+
+    def _resolved(self, request_id: int, result: Trigger | Failure, answer: Answer | None) -> None:
+        key = self._requests.pop(request_id, None)
+        if key is None:
+            return
+        if isinstance(result, Trigger):
+            self._triggers[key] = result
+            if len(self._triggers) > TRIGGER_CACHE_SIZE:
+                del self._triggers[next(iter(self._triggers))]  # the oldest
+            if answer is not None:
+                self._set_answer(result.target_id, answer)
+        future = self._resolving.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result((result, answer))
+
+    # -- messages from the engine's process (on the loop) --------------------------------------
+
+    def receive(self, message: tuple[Any, ...]) -> None:
+        tag = message[0]
+        if tag == RESOLVED:
+            self._resolved(message[1], message[2], message[3])
+        elif tag == ANSWERS:
+            for target_id, answer in message[1].items():
+                self._set_answer(target_id, answer)
+        elif tag == FORGET:
+            self._forget(set(message[1]))
+        else:
+            log.error("unexpected message %r from the engine's process", tag)
+
+    def close(self) -> None:
+        """The engine's process is gone: pending and later resolutions fail at once."""
+        self._closed = True
+        gone = Failure("UNAVAILABLE", "the forecaster engine has stopped")
+        for future in self._resolving.values():
+            if not future.done():
+                future.set_result((gone, None))
+        self._resolving.clear()
+        self._requests.clear()
+
+    def _set_answer(self, target_id: str, answer: Answer) -> None:
+        self._answers[target_id] = answer
+        self._wake(target_id)
+
+    def _wake(self, target_id: str) -> None:
+        for future in self._waiters.pop(target_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def _forget(self, target_ids: set[str]) -> None:
+        """Dropped (idle) or replaced targets: their next call resolves the trigger again."""
+        for key in [k for k, t in self._triggers.items() if t.target_id in target_ids]:
+            del self._triggers[key]
+        for target_id in target_ids:
+            self._answers.pop(target_id, None)
+            self._touched.discard(target_id)
+            self._wake(target_id)
+
+    def _report(self) -> None:
+        """Tell the engine which targets were asked about (so they stay) and the call counts."""
+        assert self._loop is not None
+        if (self._touched or self._counts) and not self._closed:
+            touched, counts = tuple(self._touched), dict(self._counts)
+            self._touched.clear()
+            self._counts.clear()
+            try:
+                self._send((REPORT, touched, counts))
+            except OSError:  # the engine's process is gone; the front is about to stop
+                self._closed = True
+        self._loop.call_later(REPORT_SECONDS, self._report)

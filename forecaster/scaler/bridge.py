@@ -1,0 +1,296 @@
+"""The engine's side of the scaler: starts the front process and keeps it supplied.
+
+The front (forecaster.scaler.front) answers KEDA from what this bridge sends it: a trigger
+resolved on request (metadata parsed and checked, the target registered, by the same
+TargetResolver the REST API uses), and each asked-about target's answer (planned load,
+activity, or the reason there is none), pushed whenever it changes. The answer is computed
+here by `Engine.serve` and `Engine.is_active`, so freshness, dry-run and activation follow
+one rule on every interface. The front reports back which targets were asked about (so
+that they are not dropped as idle) and how many calls ended with which code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from forecaster.config import Settings
+from forecaster.engine import Engine, Snapshot, Target, freshness_limit
+from forecaster.errors import (
+    InsufficientHistoryError,
+    InvalidInputError,
+    NotReadyError,
+    SourceError,
+    SourceUnavailableError,
+    TooManyTargetsError,
+    UnknownTargetError,
+)
+from forecaster.scaler.messages import (
+    ANSWERS,
+    FAILED,
+    FORGET,
+    REPORT,
+    RESOLVE,
+    RESOLVED,
+    SERVE,
+    START,
+    STOP,
+    Answer,
+    Failure,
+    FrontSettings,
+    Trigger,
+)
+from forecaster.targets import TargetResolver
+
+log = logging.getLogger(__name__)
+
+PUSH_SECONDS = 0.25  # how often changed answers go to the front; a first value goes at once
+POLL_SECONDS = 0.05
+START_TIMEOUT_SECONDS = 60.0
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    """Our errors to gRPC codes, in one place. UNAVAILABLE lets KEDA's `fallback` apply."""
+    if isinstance(exc, InvalidInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, TooManyTargetsError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    # An unknown target here was just dropped as idle between resolve and read: transient.
+    if isinstance(exc, NotReadyError | SourceUnavailableError | SourceError |
+                  InsufficientHistoryError | UnknownTargetError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+def failure_for(exc: Exception, doing: str) -> Failure:
+    """What a caller is told; an unexpected error is logged here and not detailed to it."""
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", doing, exc_info=exc)
+        return Failure(code.name, f"internal error {doing}; see the forecaster logs")
+    return Failure(code.name, str(exc))
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What the front's answer for a target was computed from: a change in any of these
+    (a new snapshot, the first refresh done, the data growing stale) means a new answer."""
+
+    target: Target
+    snapshot: Snapshot
+    first_value: bool
+    stale_seconds: int | None
+
+
+class ScalerFront:
+    """The gRPC front process, started, supplied and stopped from the engine's process.
+
+    >>> front = ScalerFront(settings, engine, resolver, on_request=count)   # doctest: +SKIP
+    >>> front.port; front.start(); ...; front.stop()                        # doctest: +SKIP
+
+    The constructor starts the process and waits until it has bound its port (a taken port
+    or unreadable TLS files raise RuntimeError here); `start` lets it answer calls. If the
+    front exits on its own, `on_exit` is called: the service then stops, so that Kubernetes
+    restarts the pod rather than leave it serving HTTP with no scaler.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        resolver: TargetResolver,
+        *,
+        on_request: Callable[[str, str, int], None],
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.resolver = resolver
+        self.on_request = on_request
+        self.on_exit = on_exit or (lambda: None)
+        self._sent: dict[str, _Sent] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scaler-bridge", daemon=True)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "forecaster.scaler.front", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=_front_environment(),
+            )
+        self._connection = Connection(ours.detach())
+        try:
+            self._connection.send((START, front_settings(settings)))
+            self.port = self._await_ready()
+        except BaseException:
+            self._end_process(0.0)
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _await_ready(self) -> int:
+        if not self._connection.poll(START_TIMEOUT_SECONDS):
+            raise RuntimeError(
+                f"the gRPC front process did not start within {START_TIMEOUT_SECONDS:.0f}s"
+            )
+        try:
+            tag, value = self._connection.recv()
+        except EOFError:
+            code = self._process.wait(10)
+            raise RuntimeError(f"the gRPC front process exited with code {code}") from None
+        if tag == FAILED:
+            raise RuntimeError(value)
+        return int(value)
+
+    def start(self) -> None:
+        self._connection.send((SERVE,))
+        self._thread.start()
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """The front reports NOT_SERVING, ends open streams, lets calls in flight finish."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._end_process(grace_seconds)
+
+    def _end_process(self, grace_seconds: float) -> None:
+        if self._process.poll() is None:
+            try:
+                self._connection.send((STOP, grace_seconds))
+                self._process.wait(grace_seconds + 10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+                self._process.wait(10)
+        self._connection.close()
+
+    # -- the bridge thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_push = 0.0
+        while not self._stopping.is_set():
+            try:
+                while self._connection.poll(POLL_SECONDS):
+                    self._handle(self._connection.recv())
+                if self._wake.is_set() or time.monotonic() >= next_push:
+                    self._wake.clear()
+                    next_push = time.monotonic() + PUSH_SECONDS
+                    self._push()
+            except (EOFError, OSError):
+                if self._stopping.is_set():
+                    return
+                code = self._process.wait(10)
+                log.error("the gRPC front process exited with code %s; stopping the service",
+                          code)
+                self.on_exit()
+                return
+            except Exception:  # one bad message must not end the bridge
+                log.exception("the scaler bridge failed to handle a message")
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        tag = message[0]
+        if tag == RESOLVE:
+            self._resolve(*message[1:])
+        elif tag == REPORT:
+            self._report(message[1], message[2])
+        else:
+            log.error("unexpected message %r from the gRPC front process", tag)
+
+    def _resolve(
+        self, request_id: int, namespace: str, name: str, metadata: dict[str, str]
+    ) -> None:
+        try:
+            target = self.resolver.resolve(namespace, name, metadata)
+        except Exception as exc:
+            failure = failure_for(exc, "resolving a scaler trigger")
+            self._connection.send((RESOLVED, request_id, failure, None))
+            return
+        spec = target.spec
+        trigger = Trigger(target.target_id, spec.effective_metric_name, spec.target_value)
+        self._sent[target.target_id] = self._state(target)  # before the answer: none missed
+        answer = self._answer(target)
+        if not answer.first_value:
+            target.when_first_value(self._wake.set)  # sent on the next pass, not in 0.25 s
+        self._connection.send((RESOLVED, request_id, trigger, answer))
+
+    def _report(self, touched: tuple[str, ...], counts: dict[tuple[str, str], int]) -> None:
+        for target_id in touched:
+            with contextlib.suppress(UnknownTargetError):  # dropped: the next push forgets it
+                self.engine.touch(target_id)
+        for (method, code), calls in counts.items():
+            self.on_request(method, code, calls)
+
+    def _push(self) -> None:
+        """Send the answers that changed; forget targets dropped or replaced since."""
+        changed: dict[str, Answer] = {}
+        gone: list[str] = []
+        for target_id, sent in list(self._sent.items()):
+            try:
+                target = self.engine.get(target_id)
+            except UnknownTargetError:
+                target = None
+            if target is not sent.target:
+                gone.append(target_id)
+                del self._sent[target_id]
+                continue
+            state = self._state(target)
+            if (state.snapshot is not sent.snapshot or state.first_value != sent.first_value
+                    or state.stale_seconds != sent.stale_seconds):
+                self._sent[target_id] = state
+                changed[target_id] = self._answer(target)
+        if gone:
+            self._connection.send((FORGET, tuple(gone)))
+        if changed:
+            self._connection.send((ANSWERS, changed))
+
+    def _state(self, target: Target) -> _Sent:
+        snapshot = target.snapshot
+        age = self.engine.age(snapshot)
+        over = math.isfinite(age) and age > freshness_limit(self.engine.settings, target.spec)
+        return _Sent(target, snapshot, target.first_value.is_set(),
+                     math.floor(age) if over else None)
+
+    def _answer(self, target: Target) -> Answer:
+        first_value = target.first_value.is_set()
+        try:
+            planned = self.engine.serve(target.target_id, wait=False)
+            active = self.engine.is_active(target.target_id, wait=False)
+        except Exception as exc:
+            return Answer(first_value, failure=failure_for(exc, "reading a target's forecast"))
+        return Answer(first_value, planned.value, active)
+
+
+def front_settings(settings: Settings) -> FrontSettings:
+    """The front's share of the service's settings, and the log level this process uses."""
+    tls = settings.tls
+    return FrontSettings(
+        address=f"{settings.host}:{settings.grpc_port}",
+        first_value_wait_seconds=settings.engine.first_value_wait_seconds,
+        cert_file=tls.cert_file if tls else None,
+        key_file=tls.key_file if tls else None,
+        client_ca_file=tls.client_ca_file if tls else None,
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )
+
+
+def _front_environment() -> dict[str, str]:
+    """This environment, with this package importable even when it runs from a checkout."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env

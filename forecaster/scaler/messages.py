@@ -1,0 +1,81 @@
+"""What the scaler's front process and the engine's process say to each other.
+
+The front (`forecaster.scaler.front`) answers KEDA; the engine's process holds the targets and
+their models. They share one socket pair, over which each message is a tuple whose first item
+is one of the tags below. The payloads are the small frozen records here, cheap to pickle.
+This module imports nothing heavy: the front process loads it, and stays small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# engine -> front
+START = "start"  # (START, FrontSettings): the first message; the front binds its port
+SERVE = "serve"  # (SERVE,): start answering calls
+RESOLVED = "resolved"  # (RESOLVED, request_id, Trigger | Failure, Answer | None)
+ANSWERS = "answers"  # (ANSWERS, {target_id: Answer}): answers that changed
+FORGET = "forget"  # (FORGET, (target_id, ...)): dropped or replaced targets
+STOP = "stop"  # (STOP, grace_seconds): shut down gracefully, then exit
+
+# front -> engine
+READY = "ready"  # (READY, port): bound; waiting for SERVE
+FAILED = "failed"  # (FAILED, message): could not bind (a taken port, unreadable TLS files)
+RESOLVE = "resolve"  # (RESOLVE, request_id, namespace, name, metadata)
+REPORT = "report"  # (REPORT, (target_id, ...), {(method, code): calls}): asked-about targets
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A call's failure: a gRPC status code's name and a message for the caller."""
+
+    code: str
+    message: str
+
+
+class FailedCall(Exception):
+    """Raised in the front to end a call with `failure`'s status and message."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A resolved trigger: the target it maps to, and what GetMetricSpec reports."""
+
+    target_id: str
+    metric_name: str
+    target_value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a scaler call about one target gets now: the planned load and activity, or why
+    there is none. `first_value` is False until the target's first refresh is done, which a
+    new target's first call waits for."""
+
+    first_value: bool
+    value: float | None = None
+    active: bool = False
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FrontSettings:
+    """How the front serves: address, TLS files, waits; from the service's settings."""
+
+    address: str
+    first_value_wait_seconds: float
+    stream_check_seconds: float = 5.0
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    max_concurrent_rpcs: int = 4096
+    log_level: int = 20
+    log_format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+Counts = Mapping[tuple[str, str], int]

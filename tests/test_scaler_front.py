@@ -1,0 +1,136 @@
+"""The scaler's front process: started, supplied and stopped by the engine's process, and
+gone with it. The bundled traces are replayed as the source; calls go over real gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from forecaster.config import EngineSettings, Settings
+from forecaster.scaler.generated import externalscaler_pb2 as pb
+from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
+from forecaster.scaler.messages import READY, SERVE, START, FrontSettings
+from forecaster.service import Service
+from forecaster.sources.replay import ReplaySource
+
+DATA = Path(__file__).parent.parent / "data"
+QUERY = "aws_elb_request_count_8c0756"
+
+
+def _settings(grpc_port: int = 0) -> Settings:
+    return Settings(
+        engine=EngineSettings(refresh_seconds=3600.0, fit_workers=1,
+                              first_value_wait_seconds=20.0),
+        grpc_port=grpc_port, http_port=0, host="127.0.0.1",
+    )
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    service = Service(_settings(), source=ReplaySource.from_folder(DATA),
+                      fit_pool=ThreadPoolExecutor(1))
+    service.start()
+    yield service
+    service.stop()
+
+
+def _request() -> pb.GetMetricsRequest:
+    ref = pb.ScaledObjectRef(
+        namespace="shop", name="web",
+        scalerMetadata={"serverAddress": "http://replay.demo", "query": QUERY,
+                        "targetValue": "10", "model": "seasonal_naive"},
+    )
+    return pb.GetMetricsRequest(scaledObjectRef=ref)
+
+
+def _serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_front_holds_no_model_or_data_library(service: Service) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        assert pb_grpc.ExternalScalerStub(channel).GetMetrics(_request(), timeout=20)
+    maps = Path(f"/proc/{service.scaler.pid}/maps").read_text()
+    for library in ("/numpy/", "/pandas/", "/sklearn/", "/statsmodels/", "/scipy/"):
+        assert library not in maps, f"the front process loaded {library.strip('/')}"
+    assert "/grpc/" in maps  # the check sees the libraries it loads
+
+
+def test_ctrl_c_to_the_process_group_is_left_to_the_engines_process(service: Service) -> None:
+    os.kill(service.scaler.pid, signal.SIGINT)
+    os.kill(service.scaler.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert _serving(service.grpc_port)
+    assert not service.stopped.is_set()
+
+
+def test_the_service_stops_and_fails_when_the_front_dies(service: Service) -> None:
+    os.kill(service.scaler.pid, signal.SIGKILL)
+    assert service.stopped.wait(10), "the service did not notice its scaler front died"
+    assert service.failed  # run_until_signalled then exits 1, so that the pod restarts
+
+
+def test_the_front_stops_when_the_engines_process_goes() -> None:
+    ours, theirs = socket.socketpair()
+    with theirs:
+        front = subprocess.Popen(
+            [sys.executable, "-m", "forecaster.scaler.front", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+        )
+    connection = Connection(ours.detach())
+    try:
+        connection.send((START, FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0)))
+        assert connection.poll(30)
+        tag, port = connection.recv()
+        assert tag == READY
+        connection.send((SERVE,))
+        deadline = time.monotonic() + 10
+        while not _serving(port):
+            assert time.monotonic() < deadline, "the front never served"
+            time.sleep(0.1)
+        connection.close()  # as when the engine's process is killed
+        assert front.wait(10) == 0
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait()
+
+
+def test_a_taken_grpc_port_is_a_clear_error_at_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot serve gRPC on 127.0.0.1:{port}"):
+            Service(_settings(grpc_port=port), source=ReplaySource.from_folder(DATA),
+                    fit_pool=ThreadPoolExecutor(1))
