@@ -42,9 +42,10 @@ process and its gRPC front (forecaster.scaler.front) in a child process, as in p
    generator included; < 200 MB above idle; the refit times.
 
 Experiments (--experiments, each a load window on the same targets) to locate the cost:
-`trivial` a do-nothing servicer on a grpc.aio server like the service's (the framework's
-floor); `nice=N` the refit windows again with the fit workers at nice N; `switch=S` steady
-and refit windows with the GIL switch interval at S seconds (Python's default is 0.005).
+`trivial` a do-nothing servicer on a grpc.aio server like the service's front, in a process of
+its own like it (the framework's floor); `nice=N` the refit windows again with the fit workers
+at nice N; `switch=S` steady and refit windows with the GIL switch interval of the engine's
+process at S seconds (Python's default is 0.005).
 
 The machine's load average and every party's CPU time in each window (service, fit workers,
 Prometheus, load generator, everything else) are printed: on a shared machine the figures
@@ -303,29 +304,35 @@ class _CaptureAbort:
 
 
 class ExtraServer:
-    """A grpc.aio server (the service's kind) for one experiment window."""
+    """A do-nothing servicer on a grpc.aio server on uvloop, like the service's gRPC front,
+    and like it in a process of its own (this script with --serve-trivial)."""
 
-    def __init__(self, servicer: Any) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="aio", daemon=True)
-        self._thread.start()
-        self._server, self.port = asyncio.run_coroutine_threadsafe(
-            self._start_aio(servicer), loop
-        ).result(30)
-
-    @staticmethod
-    async def _start_aio(servicer: Any) -> tuple[Any, int]:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalScalerServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-trivial"],
+            stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        self.port = int(self.process.stdout.readline())
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.stop(1), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self.process.kill()
+        self.process.wait(10)
+
+
+def serve_trivial() -> None:
+    """--serve-trivial: print the port, serve until killed."""
+    from forecaster.scaler.server import new_event_loop
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalScalerServicer_to_server(TrivialScaler(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    new_event_loop().run_until_complete(serve())
 
 
 # -- the load generator (processes of its own) -----------------------------------------------
@@ -594,6 +601,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-scaler-"))
         self.prometheus: Any = None
         self.service: Any = None
+        self.experiment_pids: dict[str, list[str]] = {}  # an experiment's server, for CPU
 
     def close(self) -> None:
         if self.service is not None:
@@ -860,6 +868,7 @@ class Bench:
                    "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
         if self.prometheus is not None and self.prometheus._process is not None:
             parties["prometheus"] = [str(self.prometheus._process.pid)]
+        parties.update(self.experiment_pids)
         return parties
 
     def h2load_window(
@@ -990,7 +999,7 @@ class Bench:
             return None, None
         Path(self.args.profile).mkdir(parents=True, exist_ok=True)
         output = str(Path(self.args.profile) / f"{re.sub(r'[^A-Za-z0-9]+', '-', label)}.txt")
-        command = [py_spy, "record", "--pid", str(os.getpid()), "--duration",
+        command = [py_spy, "record", "--pid", str(front_pid(self.service)), "--duration",
                    str(math.ceil(self.args.seconds)), "--rate", "200", "--nonblocking",
                    "--format", "raw", "--output", output]
         if not self.args.profile_all_threads:
@@ -1172,7 +1181,8 @@ class Bench:
         try:
             for name in names:
                 if name == "trivial":
-                    servers[name] = ExtraServer(TrivialScaler())
+                    servers[name] = ExtraServer()
+                    self.experiment_pids[name] = [str(servers[name].process.pid)]
             labels = {"trivial": "trivial servicer"}
             for round_ in range(self.args.repeat):
                 tag = f" #{round_ + 1}" if self.args.repeat > 1 else ""
@@ -1184,6 +1194,7 @@ class Bench:
         finally:
             for server in servers.values():
                 server.stop()
+            self.experiment_pids.clear()
         for name in names:
             if name.startswith("switch="):
                 # The GIL switch interval of this process (default 5 ms): how long a thread
@@ -1506,4 +1517,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--serve-trivial"]:
+        serve_trivial()
+    else:
+        main()
