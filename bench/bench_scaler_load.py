@@ -49,7 +49,7 @@ process at S seconds (Python's default is 0.005).
 
 The machine's load average and every party's CPU time in each window (service, fit workers,
 Prometheus, load generator, everything else) are printed: on a shared machine the figures
-mean little without them. --profile DIR records the service process with py-spy in each
+mean little without them. --profile DIR records the gRPC front process with py-spy in each
 window (folded stacks, GIL holders by default) and prints the hottest frames; py-spy slows
 the service, so take throughput from runs without it.
 """

@@ -200,14 +200,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from forecaster.config import load_settings
+    from forecaster.logs import configure_logging
     from forecaster.service import Service, run_until_signalled
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host}
     settings = load_settings(args.config, overrides=overrides)
     source = None

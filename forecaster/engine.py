@@ -401,20 +401,11 @@ class Engine:
 
     # -- reads (never block on fits) ---------------------------------------------------------
 
-    def awaiting_first_value(self, target_id: str) -> bool:
-        """True while a new target's first refresh has not finished (serve would wait)."""
-        return not self.get(target_id).first_value.is_set()
-
-    def when_first_value(self, target_id: str, callback: Callable[[], None]) -> None:
-        """Call `callback` from the engine's thread when the target's first refresh is done
-        (at once if it is): an event loop waits for it without polling or blocking."""
-        self.get(target_id).when_first_value(callback)
-
     def serve(self, target_id: str, *, wait: bool = True) -> PlannedLoad:
         """The load to plan for now; NotReadyError when there is no fresh data to stand on.
 
         A new target's first value is waited for (up to first_value_wait_seconds) unless
-        `wait` is False: callers on an event loop wait for it themselves, without blocking."""
+        `wait` is False: the scaler's bridge sends the first value when it comes instead."""
         target = self.get(target_id)
         snapshot = target.snapshot
         if snapshot.current_value is None and wait:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
-from forecaster.scaler.bridge import ScalerFront
+from forecaster.scaler.bridge import ScalerBridge
 from forecaster.sources import HistorySource
 from forecaster.targets import SourceRegistry, TargetResolver
 from forecaster.telemetry import Telemetry
@@ -51,7 +51,7 @@ class Service:
         self.resolver = TargetResolver(self.engine, settings, self.sources)
         self.stopped = threading.Event()  # set by a signal, or when the scaler front exits
         self.failed = False
-        self.scaler = ScalerFront(
+        self.scaler = ScalerBridge(
             settings, self.engine, self.resolver,
             on_request=self.telemetry.grpc_request, on_exit=self._scaler_exited,
         )

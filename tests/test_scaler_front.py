@@ -3,11 +3,13 @@ gone with it. The bundled traces are replayed as the source; calls go over real 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +21,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
+from forecaster.scaler.bridge import front_command
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
-from forecaster.scaler.messages import READY, SERVE, START, FrontSettings
+from forecaster.scaler.messages import (
+    ANSWERS,
+    READY,
+    RESOLVE,
+    RESOLVED,
+    SERVE,
+    START,
+    Answer,
+    FrontSettings,
+    Trigger,
+)
 from forecaster.service import Service
 from forecaster.sources.replay import ReplaySource
 
@@ -46,13 +59,42 @@ def service() -> Iterator[Service]:
     service.stop()
 
 
-def _request() -> pb.GetMetricsRequest:
+def _request(target_value: str = "10") -> pb.GetMetricsRequest:
     ref = pb.ScaledObjectRef(
         namespace="shop", name="web",
         scalerMetadata={"serverAddress": "http://replay.demo", "query": QUERY,
-                        "targetValue": "10", "model": "seasonal_naive"},
+                        "targetValue": target_value, "model": "seasonal_naive"},
     )
     return pb.GetMetricsRequest(scaledObjectRef=ref)
+
+
+@contextlib.contextmanager
+def _bare_front(settings: FrontSettings) -> Iterator[tuple[Connection, int]]:
+    """A front process started as the service starts it, with the test as its engine."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        front = subprocess.Popen(
+            [sys.executable, "-c", front_command(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+        )
+    connection = Connection(ours.detach())
+    try:
+        connection.send((START, settings))
+        assert connection.poll(30)
+        tag, port = connection.recv()
+        assert tag == READY
+        connection.send((SERVE,))
+        deadline = time.monotonic() + 10
+        while not _serving(port):
+            assert time.monotonic() < deadline, "the front never served"
+            time.sleep(0.1)
+        yield connection, port
+        connection.close()  # as when the engine's process is killed
+        assert front.wait(10) == 0
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait()
 
 
 def _serving(port: int) -> bool:
@@ -101,29 +143,54 @@ def test_the_service_stops_and_fails_when_the_front_dies(service: Service) -> No
 
 
 def test_the_front_stops_when_the_engines_process_goes() -> None:
-    ours, theirs = socket.socketpair()
-    with theirs:
-        front = subprocess.Popen(
-            [sys.executable, "-m", "forecaster.scaler.front", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
-        )
-    connection = Connection(ours.detach())
-    try:
-        connection.send((START, FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0)))
-        assert connection.poll(30)
-        tag, port = connection.recv()
-        assert tag == READY
-        connection.send((SERVE,))
-        deadline = time.monotonic() + 10
-        while not _serving(port):
-            assert time.monotonic() < deadline, "the front never served"
-            time.sleep(0.1)
-        connection.close()  # as when the engine's process is killed
-        assert front.wait(10) == 0
-    finally:
-        if front.poll() is None:
-            front.kill()
-            front.wait()
+    # _bare_front closes the socket as a killed engine would, and checks the front exits 0
+    with _bare_front(FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0)) as (_, port):
+        assert _serving(port)
+
+
+def test_a_silent_engine_is_unavailable_rather_than_its_last_answers_served() -> None:
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0,
+                             engine_silence_seconds=1.0)
+    with _bare_front(settings) as (connection, port):
+        beating = threading.Event()
+        beating.set()
+
+        def engine() -> None:  # answers the one trigger, then beats while `beating` is set
+            with contextlib.suppress(EOFError, OSError):
+                while True:
+                    if connection.poll(0.2):
+                        message = connection.recv()
+                        if message[0] == RESOLVE:
+                            connection.send((RESOLVED, message[1],
+                                             Trigger("shop/web/fc-0", "fc-0", 10.0),
+                                             Answer(True, 7.0, True)))
+                    if beating.is_set():
+                        connection.send((ANSWERS, {}))
+
+        threading.Thread(target=engine, daemon=True).start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            request = _request()
+            assert stub.GetMetrics(request, timeout=5).metricValues[0].metricValueFloat == 7.0
+            time.sleep(1.5)  # longer than the silence limit, with heartbeats
+            assert stub.GetMetrics(request, timeout=5).metricValues[0].metricValueFloat == 7.0
+            beating.clear()
+            time.sleep(1.5)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetMetrics(request, timeout=5)
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "has not been heard from" in (caught.value.details() or "")
+
+
+def test_an_edited_then_reverted_trigger_is_served_as_reverted(service: Service) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.ExternalScalerStub(channel)
+        for value in (10.0, 20.0, 10.0):  # the same target id: metricName hashes the query
+            ref = _request(f"{value:g}").scaledObjectRef
+            (spec,) = stub.GetMetricSpec(ref, timeout=10).metricSpecs
+            assert spec.targetSizeFloat == value
+            engine_spec = service.engine.get(f"shop/web/{spec.metricName}").spec
+            assert engine_spec.target_value == value
 
 
 def test_a_taken_grpc_port_is_a_clear_error_at_start() -> None:

@@ -300,20 +300,27 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
             target = service.engine.get(f"shop/web/{name}")
             _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
-            time.sleep(4 * PUSH_SECONDS)  # changed answers reach the front within one push
             request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
-            before = stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
+
+            def served() -> float:
+                return stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat  # noqa: B023
+
+            # the engine pushes the new answer to the gRPC front within a push interval
+            _wait_for(lambda: served() == service.engine.serve(target.target_id).value,  # noqa: B023
+                      timeout=10)
+            before = served()
 
             own.stop()
             failures = target.refresh_failures
             _wait_for(lambda: target.refresh_failures > failures, timeout=30)  # noqa: B023
-            still = stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
-            assert still == before  # the last good forecast, while fresh
+            assert served() == before  # the last good forecast, while fresh
 
             clock.offset = 2 * STEP + 1  # past max(2 x refresh, 2 x step)
-            time.sleep(4 * PUSH_SECONDS)  # changed answers reach the front within one push
+            deadline = time.monotonic() + 10 * PUSH_SECONDS
             with pytest.raises(grpc.RpcError) as caught:
-                stub.GetMetrics(request, timeout=10)
+                while time.monotonic() < deadline:  # within a push interval or so
+                    served()
+                    time.sleep(PUSH_SECONDS / 5)
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "freshness" in caught.value.details()
             assert SECRET not in caught.value.details()

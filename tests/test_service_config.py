@@ -362,8 +362,10 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
     _wait_for(lambda: len(service.engine) == 2)
     assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {"asked", "warm"}
     assert service.engine.get(f"shop/asked/{name}").spec.query == WEB
-    time.sleep(4 * PUSH_SECONDS)  # the gRPC front hears of the drop within one push
-    _metric_name(stub, forgotten)  # asked about again: registered anew
+    # Asked about again, it is registered anew, once the gRPC front has heard of the drop
+    # (within a push interval; until then the call only counts as a request).
+    _wait_for(lambda: bool(_metric_name(stub, forgotten)) and len(service.engine) == 3,
+              timeout=10 * PUSH_SECONDS)
     assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {
         "asked", "forgotten", "warm"
     }

@@ -63,10 +63,12 @@ class Board:
         self._touched: set[str] = set()
         self._counts: Counter[tuple[str, str]] = Counter()
         self._closed = False
+        self._heard = 0.0  # loop time of the engine's last message
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Called on the loop before it serves: starts the periodic report."""
         self._loop = loop
+        self._heard = loop.time()
         loop.call_later(REPORT_SECONDS, self._report)
 
     # -- what the servicer uses --------------------------------------------------------------
@@ -81,7 +83,13 @@ class Board:
         return trigger
 
     def answer(self, target_id: str) -> Answer | None:
+        """The target's latest answer; None when it was forgotten (dropped or replaced)."""
         return self._answers.get(target_id)
+
+    def silent_for(self) -> float:
+        """Seconds since the engine's process last sent anything (it does every second)."""
+        assert self._loop is not None
+        return self._loop.time() - self._heard
 
     def changed(self, target_id: str) -> asyncio.Future[None]:
         """A future done when the target's next answer arrives (or it is forgotten)."""
@@ -118,6 +126,8 @@ class Board:
         except TimeoutError:
             if self._resolving.get(key) is future:
                 del self._resolving[key]
+                for request_id in [r for r, k in self._requests.items() if k == key]:
+                    del self._requests[request_id]
             raise FailedCall(Failure(
                 "UNAVAILABLE",
                 f"the forecaster engine did not answer within {self._resolve_timeout:.0f}s",
@@ -143,6 +153,9 @@ class Board:
     # -- messages from the engine's process (on the loop) --------------------------------------
 
     def receive(self, message: tuple[Any, ...]) -> None:
+        """One message from the engine's process, handed to the loop by the front's reader."""
+        if self._loop is not None:
+            self._heard = self._loop.time()
         tag = message[0]
         if tag == RESOLVED:
             self._resolved(message[1], message[2], message[3])

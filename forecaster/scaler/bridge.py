@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -59,8 +58,10 @@ from forecaster.targets import TargetResolver
 log = logging.getLogger(__name__)
 
 PUSH_SECONDS = 0.25  # how often changed answers go to the front; a first value goes at once
+HEARTBEAT_SECONDS = 1.0  # an empty push at least this often: the front's sign of life
 POLL_SECONDS = 0.05
 START_TIMEOUT_SECONDS = 60.0
+STALE_AGE_STEP_SECONDS = 10  # a stale answer's age is restated in steps of this many seconds
 
 
 def status_for(exc: Exception) -> grpc.StatusCode:
@@ -86,7 +87,7 @@ def failure_for(exc: Exception, doing: str) -> Failure:
 
 
 @dataclass(slots=True)
-class _Sent:
+class AnswerBasis:
     """What the front's answer for a target was computed from: a change in any of these
     (a new snapshot, the first refresh done, the data growing stale) means a new answer."""
 
@@ -96,11 +97,11 @@ class _Sent:
     stale_seconds: int | None
 
 
-class ScalerFront:
+class ScalerBridge:
     """The gRPC front process, started, supplied and stopped from the engine's process.
 
-    >>> front = ScalerFront(settings, engine, resolver, on_request=count)   # doctest: +SKIP
-    >>> front.port; front.start(); ...; front.stop()                        # doctest: +SKIP
+    >>> bridge = ScalerBridge(settings, engine, resolver, on_request=count)  # doctest: +SKIP
+    >>> bridge.port; bridge.start(); ...; bridge.stop()                      # doctest: +SKIP
 
     The constructor starts the process and waits until it has bound its port (a taken port
     or unreadable TLS files raise RuntimeError here); `start` lets it answer calls. If the
@@ -121,16 +122,15 @@ class ScalerFront:
         self.resolver = resolver
         self.on_request = on_request
         self.on_exit = on_exit or (lambda: None)
-        self._sent: dict[str, _Sent] = {}
+        self._sent: dict[str, AnswerBasis] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scaler-bridge", daemon=True)
         ours, theirs = socket.socketpair()
         with theirs:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "forecaster.scaler.front", str(theirs.fileno())],
+                [sys.executable, "-c", front_command(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
-                env=_front_environment(),
             )
         self._connection = Connection(ours.detach())
         try:
@@ -142,6 +142,7 @@ class ScalerFront:
 
     @property
     def pid(self) -> int:
+        """The front process's id."""
         return self._process.pid
 
     def _await_ready(self) -> int:
@@ -166,41 +167,61 @@ class ScalerFront:
         """The front reports NOT_SERVING, ends open streams, lets calls in flight finish."""
         self._stopping.set()
         if self._thread.is_alive():
-            self._thread.join(10)
+            self._thread.join(2)  # it checks the flag every POLL_SECONDS
         self._end_process(grace_seconds)
 
     def _end_process(self, grace_seconds: float) -> None:
         if self._process.poll() is None:
             try:
                 self._connection.send((STOP, grace_seconds))
-                self._process.wait(grace_seconds + 10)
+                self._process.wait(grace_seconds + 5)
             except (OSError, subprocess.TimeoutExpired):
                 self._process.kill()
-                self._process.wait(10)
+                self._process.wait(5)
         self._connection.close()
 
     # -- the bridge thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_push = 0.0
+        try:
+            self._serve()
+        except (EOFError, OSError):  # the socket to the front: it has gone
+            if not self._stopping.is_set():
+                self._front_gone()
+
+    def _serve(self) -> None:
+        """Read the front's messages; push changed answers every PUSH_SECONDS, at once when
+        a first value arrives, and at least every HEARTBEAT_SECONDS."""
+        next_push = last_sent = 0.0
         while not self._stopping.is_set():
-            try:
-                while self._connection.poll(POLL_SECONDS):
-                    self._handle(self._connection.recv())
-                if self._wake.is_set() or time.monotonic() >= next_push:
-                    self._wake.clear()
-                    next_push = time.monotonic() + PUSH_SECONDS
-                    self._push()
-            except (EOFError, OSError):
-                if self._stopping.is_set():
-                    return
-                code = self._process.wait(10)
-                log.error("the gRPC front process exited with code %s; stopping the service",
-                          code)
-                self.on_exit()
-                return
-            except Exception:  # one bad message must not end the bridge
-                log.exception("the scaler bridge failed to handle a message")
+            while (not self._wake.is_set() and time.monotonic() < next_push
+                   and self._connection.poll(POLL_SECONDS)):
+                self._guarded(self._handle, self._connection.recv())
+            if not self._wake.is_set() and time.monotonic() < next_push:
+                continue
+            self._wake.clear()
+            now = time.monotonic()
+            next_push = now + PUSH_SECONDS
+            if self._guarded(self._push, now - last_sent >= HEARTBEAT_SECONDS):
+                last_sent = now
+
+    def _guarded(self, work: Callable[..., bool | None], *args: Any) -> bool | None:
+        """One message's or one push's work: an error in it is logged, not the bridge's end
+        (a failed send shows up as the next read's error)."""
+        try:
+            return work(*args)
+        except Exception:
+            log.exception("the scaler bridge failed to handle a message or push answers")
+            return None
+
+    def _front_gone(self) -> None:
+        try:
+            code = self._process.wait(10)
+        except subprocess.TimeoutExpired:  # its socket closed but it lives on: end it
+            self._process.kill()
+            code = self._process.wait(10)
+        log.error("the gRPC front process exited with code %s; stopping the service", code)
+        self.on_exit()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         tag = message[0]
@@ -222,7 +243,12 @@ class ScalerFront:
             return
         spec = target.spec
         trigger = Trigger(target.target_id, spec.effective_metric_name, spec.target_value)
-        self._sent[target.target_id] = self._state(target)  # before the answer: none missed
+        before = self._sent.get(target.target_id)
+        if before is not None and before.target is not target:
+            # This trigger replaced the target: other triggers the front cached for the same
+            # id (the spec before an edit, say) must be resolved again, not served from cache.
+            self._connection.send((FORGET, (target.target_id,)))
+        self._sent[target.target_id] = self._basis(target)  # before the answer: none missed
         answer = self._answer(target)
         if not answer.first_value:
             target.when_first_value(self._wake.set)  # sent on the next pass, not in 0.25 s
@@ -235,8 +261,9 @@ class ScalerFront:
         for (method, code), calls in counts.items():
             self.on_request(method, code, calls)
 
-    def _push(self) -> None:
-        """Send the answers that changed; forget targets dropped or replaced since."""
+    def _push(self, heartbeat: bool) -> bool:
+        """Send the answers that changed (an empty message too, for a heartbeat); forget
+        targets dropped or replaced since. True when something was sent."""
         changed: dict[str, Answer] = {}
         gone: list[str] = []
         for target_id, sent in list(self._sent.items()):
@@ -248,22 +275,24 @@ class ScalerFront:
                 gone.append(target_id)
                 del self._sent[target_id]
                 continue
-            state = self._state(target)
-            if (state.snapshot is not sent.snapshot or state.first_value != sent.first_value
-                    or state.stale_seconds != sent.stale_seconds):
-                self._sent[target_id] = state
+            basis = self._basis(target)
+            if (basis.snapshot is not sent.snapshot or basis.first_value != sent.first_value
+                    or basis.stale_seconds != sent.stale_seconds):
+                self._sent[target_id] = basis
                 changed[target_id] = self._answer(target)
         if gone:
             self._connection.send((FORGET, tuple(gone)))
-        if changed:
+        if changed or heartbeat:
             self._connection.send((ANSWERS, changed))
+        return bool(gone or changed or heartbeat)
 
-    def _state(self, target: Target) -> _Sent:
+    def _basis(self, target: Target) -> AnswerBasis:
         snapshot = target.snapshot
         age = self.engine.age(snapshot)
-        over = math.isfinite(age) and age > freshness_limit(self.engine.settings, target.spec)
-        return _Sent(target, snapshot, target.first_value.is_set(),
-                     math.floor(age) if over else None)
+        stale = math.isfinite(age) and age > freshness_limit(self.engine.settings, target.spec)
+        step = STALE_AGE_STEP_SECONDS
+        return AnswerBasis(target, snapshot, target.first_value.is_set(),
+                           int(age // step) * step if stale else None)
 
     def _answer(self, target: Target) -> Answer:
         first_value = target.first_value.is_set()
@@ -288,9 +317,9 @@ def front_settings(settings: Settings) -> FrontSettings:
     )
 
 
-def _front_environment() -> dict[str, str]:
-    """This environment, with this package importable even when it runs from a checkout."""
+def front_command(fd: int) -> str:
+    """The front's entry point as `python -c` code. This package's root is appended to the
+    import path, so an installed copy comes first, as it does here, and a checkout works."""
     root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
+    return (f"import sys; sys.path.append({root!r}); "
+            f"from forecaster.scaler.front import serve_fd; sys.exit(serve_fd({fd}))")

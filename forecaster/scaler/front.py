@@ -7,21 +7,24 @@ process, calls queued behind that work for up to seconds (p99 1.65 s at 2,000 ca
 1,000 targets; bench/bench_scaler_load.py). Here the front holds only each target's latest
 answer, which the engine's process pushes as it changes, and resolved triggers.
 
-The engine's process (forecaster.scaler.bridge) starts it as
-`python -m forecaster.scaler.front FD`, FD being its end of a socket pair. It imports no
-model or data library, so it starts fast and stays small. It ignores SIGINT and SIGTERM:
-the engine's process stops it (gracefully) with a message, and when that process is gone
-(the socket closes) it stops too.
+The engine's process (forecaster.scaler.bridge) starts it with `serve_fd(FD)`, FD being its
+end of a socket pair. It imports no model or data library, so it starts fast and stays small
+(about 45 MB). It ignores SIGINT and SIGTERM: the engine's process stops it (gracefully) with
+a message, and when that process is gone (the socket closes) it stops too. Messages are read
+on the main thread and handed to the gRPC loop; they are written by a thread of their own, so
+the loop never blocks on a full socket.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
-import sys
-from collections.abc import Sequence
+import threading
 from multiprocessing.connection import Connection
+from typing import Any
 
+from forecaster.logs import configure_logging
 from forecaster.scaler.board import Board
 from forecaster.scaler.messages import FAILED, READY, SERVE, START, STOP, FrontSettings
 from forecaster.scaler.server import ScalerServer
@@ -35,19 +38,26 @@ def serve(connection: Connection) -> int:
     tag, settings = connection.recv()
     if tag != START or not isinstance(settings, FrontSettings):
         raise RuntimeError(f"expected the front's settings first, got {tag!r}")
-    logging.basicConfig(level=settings.log_level, format=settings.log_format)
-    board = Board(connection.send)
+    configure_logging(settings.log_level, settings.log_format)
+    outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    writer = threading.Thread(target=_write, args=(connection, outbox), name="front-writer",
+                              daemon=True)
+    writer.start()
+    board = Board(outbox.put)
     servicer = ExternalScaler(
         board,
         first_value_wait_seconds=settings.first_value_wait_seconds,
         stream_check_seconds=settings.stream_check_seconds,
+        engine_silence_seconds=settings.engine_silence_seconds,
     )
     try:
         server = ScalerServer(settings, servicer)
     except Exception as exc:  # a taken port, unreadable TLS files: the engine's side says it
-        connection.send((FAILED, f"cannot serve gRPC on {settings.address}: {exc}"))
+        outbox.put((FAILED, f"cannot serve gRPC on {settings.address}: {exc}"))
+        outbox.put(None)
+        writer.join(5)
         return 1
-    connection.send((READY, server.port))
+    outbox.put((READY, server.port))
     grace = 0.0
     while True:
         try:
@@ -64,19 +74,22 @@ def serve(connection: Connection) -> int:
             server.call_soon(board.receive, message)
     server.call_soon(board.close)
     server.stop(grace)
+    outbox.put(None)
+    writer.join(5)
     connection.close()
     return 0
 
 
-def main(argv: Sequence[str]) -> int:
-    if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m forecaster.scaler.front FD  (started by forecaster serve)",
-              file=sys.stderr)
-        return 2
+def _write(connection: Connection, outbox: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+    while (message := outbox.get()) is not None:
+        try:
+            connection.send(message)
+        except OSError:  # the engine's process is gone: the reader sees it and stops
+            return
+
+
+def serve_fd(fd: int) -> int:
+    """The front process's entry point (see the module's docstring)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    return serve(Connection(int(argv[0])))
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    return serve(Connection(fd))

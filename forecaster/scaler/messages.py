@@ -8,14 +8,19 @@ This module imports nothing heavy: the front process loads it, and stays small.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+
+from forecaster.logs import FRONT_LOG_FORMAT
+
+STREAM_CHECK_SECONDS = 5.0  # how often an open StreamIsActive looks for a change
+ENGINE_SILENCE_SECONDS = 10.0  # the engine's process unheard for longer: answers UNAVAILABLE
 
 # engine -> front
 START = "start"  # (START, FrontSettings): the first message; the front binds its port
 SERVE = "serve"  # (SERVE,): start answering calls
 RESOLVED = "resolved"  # (RESOLVED, request_id, Trigger | Failure, Answer | None)
-ANSWERS = "answers"  # (ANSWERS, {target_id: Answer}): answers that changed
+ANSWERS = "answers"  # (ANSWERS, {target_id: Answer}): answers that changed (or none, at
+# least once a second: the front takes silence for a stalled engine, see ENGINE_SILENCE_SECONDS)
 FORGET = "forget"  # (FORGET, (target_id, ...)): dropped or replaced targets
 STOP = "stop"  # (STOP, grace_seconds): shut down gracefully, then exit
 
@@ -69,13 +74,11 @@ class FrontSettings:
 
     address: str
     first_value_wait_seconds: float
-    stream_check_seconds: float = 5.0
+    stream_check_seconds: float = STREAM_CHECK_SECONDS
+    engine_silence_seconds: float = ENGINE_SILENCE_SECONDS
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
     max_concurrent_rpcs: int = 4096
     log_level: int = 20
-    log_format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-Counts = Mapping[tuple[str, str], int]
+    log_format: str = FRONT_LOG_FORMAT

@@ -25,11 +25,16 @@ from grpc import aio
 from forecaster.scaler.board import Board
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
-from forecaster.scaler.messages import Answer, FailedCall, Failure, Trigger
+from forecaster.scaler.messages import (
+    ENGINE_SILENCE_SECONDS,
+    STREAM_CHECK_SECONDS,
+    Answer,
+    FailedCall,
+    Failure,
+    Trigger,
+)
 
 log = logging.getLogger(__name__)
-
-STREAM_CHECK_SECONDS = 5.0
 
 
 class ExternalScaler(pb_grpc.ExternalScalerServicer):
@@ -41,10 +46,12 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         *,
         first_value_wait_seconds: float,
         stream_check_seconds: float = STREAM_CHECK_SECONDS,
+        engine_silence_seconds: float = ENGINE_SILENCE_SECONDS,
     ) -> None:
         self.board = board
         self.first_value_wait_seconds = first_value_wait_seconds
         self.stream_check_seconds = stream_check_seconds
+        self.engine_silence_seconds = engine_silence_seconds
         self.stopping = threading.Event()  # set by stop_streams: open streams end
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -77,7 +84,8 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             code, message = grpc.StatusCode[exc.failure.code], exc.failure.message
         else:
             log.error("%s failed", method, exc_info=exc)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the logs"
+            code = grpc.StatusCode.INTERNAL
+            message = f"internal error in {method}; see the forecaster logs"
         self.board.count(method, code.name)
         await context.abort(code, message)
         raise AssertionError("context.abort returned")  # pragma: no cover
@@ -87,11 +95,17 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
 
     async def _answer(self, target_id: str) -> Answer:
         """The target's answer. A target new to the engine has none until its first refresh:
-        wait for it (bounded by the first-value wait, cut short by a stop) without blocking."""
+        wait for it (bounded by the first-value wait, cut short by a stop) without blocking.
+        An engine that has gone silent may be stalled: its last answers are not trusted."""
+        silent = self.board.silent_for()
+        if silent > self.engine_silence_seconds:
+            raise FailedCall(Failure(
+                "UNAVAILABLE", f"the forecaster engine has not been heard from for {silent:.0f}s"
+            ))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.first_value_wait_seconds
         answer = self.board.answer(target_id)
-        while answer is None or not answer.first_value:
+        while answer is not None and not answer.first_value:
             remaining = deadline - loop.time()
             if remaining <= 0 or self.stopping.is_set():
                 break
@@ -99,8 +113,12 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             await self._until_stopped(remaining, changed)
             changed.cancel()
             answer = self.board.answer(target_id)
-        if answer is None:
-            raise FailedCall(Failure("UNAVAILABLE", f"no data yet for target {target_id}"))
+        if answer is None:  # a resolved trigger always comes with one: it was forgotten since
+            raise FailedCall(Failure(
+                "UNAVAILABLE",
+                f"target {target_id} was dropped or replaced just now; the next call "
+                "registers it again",
+            ))
         if answer.failure is not None:
             raise FailedCall(answer.failure)
         return answer
@@ -170,8 +188,8 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             while not self.stopping.is_set():
                 try:
                     active = await self._is_active(request)
-                except FailedCall as exc:
-                    if exc.failure.code != "UNAVAILABLE":
+                except Exception as exc:
+                    if not (isinstance(exc, FailedCall) and exc.failure.code == "UNAVAILABLE"):
                         failed = True
                         await self._abort("StreamIsActive", context, exc)
                     log.info("StreamIsActive: %s", exc)  # transient: keep the stream, retry
