@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -215,15 +216,26 @@ def test_requests_are_counted_per_interface_method_and_code(live: Live) -> None:
         url = f"{live.base}/api/v1/targets/{live.target.target_id}/plot.png"
         assert requests.get(url, timeout=30).status_code == 200
     assert requests.get(f"{live.base}/no/such/page", timeout=10).status_code == 404
-    after = scrape(live)
+    grpc_calls = [("GetMetrics", "OK", 3), ("GetMetrics", "INVALID_ARGUMENT", 1),
+                  ("IsActive", "OK", 1)]
+
+    # The gRPC front reports its call counts to the engine's process every half second:
+    # scrape until they are in (or 10 s pass), then check every count exactly.
+    scrapes, deadline = 1, time.monotonic() + 10
+    while True:
+        after = scrape(live)
+        arrived = all(count(after, "grpc", method, code) >= count(before, "grpc", method, code)
+                      + added for method, code, added in grpc_calls)
+        if arrived or time.monotonic() > deadline:
+            break
+        scrapes += 1
+        time.sleep(0.1)
 
     for interface, method, code, added in [
-        ("grpc", "GetMetrics", "OK", 3),
-        ("grpc", "GetMetrics", "INVALID_ARGUMENT", 1),
-        ("grpc", "IsActive", "OK", 1),
+        *(("grpc", method, code, added) for method, code, added in grpc_calls),
         ("http", plot, "200", 2),
         ("http", "GET unmatched", "404", 1),
-        ("http", "GET /metrics", "200", 1),  # the scrape before
+        ("http", "GET /metrics", "200", scrapes),  # the scrapes before the last
     ]:
         assert count(after, interface, method, code) == (
             count(before, interface, method, code) + added), (interface, method, code)
