@@ -59,6 +59,7 @@ class Service:
         try:
             self.app = create_app(settings, self.engine, self.resolver)
             self.app.extensions["forecaster.telemetry"] = self.telemetry
+            self.app.extensions["forecaster.liveness"] = self.scaler.problem
             self.http_server = HttpServer(self.app, settings.host, settings.http_port)
         except BaseException:  # a taken HTTP port: no scaler process left behind
             self.scaler.stop(0)

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
+from forecaster.scaler import bridge
 from forecaster.scaler.bridge import front_command
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -140,6 +142,34 @@ def test_the_service_stops_and_fails_when_the_front_dies(service: Service) -> No
     os.kill(service.scaler.pid, signal.SIGKILL)
     assert service.stopped.wait(10), "the service did not notice its scaler front died"
     assert service.failed  # run_until_signalled then exits 1, so that the pod restarts
+
+
+def test_healthz_fails_while_the_front_is_stuck_and_recovers_with_it(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge, "FRONT_SILENCE_SECONDS", 2.0)
+    url = f"http://127.0.0.1:{service.http_port}/healthz"
+    assert requests.get(url, timeout=5).json() == {"status": "ok"}
+    os.kill(service.scaler.pid, signal.SIGSTOP)  # alive, socket open, answering nothing
+    try:
+        time.sleep(3.0)
+        stuck = requests.get(url, timeout=5)
+        assert stuck.status_code == 503
+        assert "front process has not reported for" in stuck.json()["error"]["message"]
+    finally:
+        os.kill(service.scaler.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while requests.get(url, timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "/healthz did not recover with the front"
+        time.sleep(0.2)
+    assert not service.stopped.is_set()
+
+
+def test_healthz_names_a_front_that_exited(service: Service) -> None:
+    service.scaler.stop(0)  # the front gone, HTTP still serving (as during a crash's exit)
+    reply = requests.get(f"http://127.0.0.1:{service.http_port}/healthz", timeout=5)
+    assert reply.status_code == 503
+    assert "front process exited" in reply.json()["error"]["message"]
 
 
 def test_the_front_stops_when_the_engines_process_goes() -> None:

@@ -10,7 +10,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
 from forecaster.api.auth import require_bearer_token
-from forecaster.api.errors import register_error_handlers
+from forecaster.api.errors import error_response, register_error_handlers
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.targets import TargetResolver
@@ -29,7 +29,12 @@ def create_app(settings: Settings, engine: Engine, resolver: TargetResolver) -> 
     app.extensions["forecaster.resolver"] = resolver
 
     @app.get("/healthz")
-    def healthz() -> tuple[Response, int]:
+    def healthz() -> Response | tuple[Response, int]:
+        """200 while the process serves and its gRPC front answers; 503 with the reason
+        when the front is stuck, so that the liveness probe restarts the pod."""
+        problem = app.extensions.get("forecaster.liveness", lambda: None)()
+        if problem is not None:
+            return error_response(503, problem, retry_after=1)
         return jsonify(status="ok"), 200
 
     from forecaster.api import pages, routes

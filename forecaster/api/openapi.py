@@ -406,8 +406,11 @@ def _target_get(summary: str, description: str, ok: dict[str, Any], *, parameter
 
 
 _PATHS: dict[str, Any] = {
-    "/healthz": _get("Liveness", "Always 200 while the process serves HTTP.",
-                     {"200": _json("alive", "Health")}, operationId="healthz", tags=["probes"]),
+    "/healthz": _get("Liveness", "200 while the process serves HTTP and its gRPC scaler "
+                     "front answers; 503 with the reason when the front has exited or has not "
+                     "reported for 10 s (stuck): a restart is the cure.",
+                     {"200": _json("alive", "Health"), "503": _UNAVAILABLE},
+                     operationId="healthz", tags=["probes"]),
     "/readyz": _get(
         "Readiness",
         "200 once every configured target has a first fit, or a current value to serve "

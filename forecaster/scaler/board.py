@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_SECONDS = 10.0
 REPORT_SECONDS = 0.5  # how often asked-about targets and call counts go to the engine
+# (an empty report too: from the event loop, it is the engine's sign that the loop turns)
 TRIGGER_CACHE_SIZE = 20_000
 
 TriggerKey = tuple[str, str, frozenset[tuple[str, str]]]
@@ -196,9 +197,10 @@ class Board:
             self._wake(target_id)
 
     def _report(self) -> None:
-        """Tell the engine which targets were asked about (so they stay) and the call counts."""
+        """Tell the engine which targets were asked about (so they stay) and the call counts;
+        sent empty too, as the heartbeat by which the engine's process sees the loop turn."""
         assert self._loop is not None
-        if (self._touched or self._counts) and not self._closed:
+        if not self._closed:
             touched, counts = tuple(self._touched), dict(self._counts)
             self._touched.clear()
             self._counts.clear()

@@ -62,6 +62,9 @@ HEARTBEAT_SECONDS = 1.0  # an empty push at least this often: the front's sign o
 POLL_SECONDS = 0.05
 START_TIMEOUT_SECONDS = 60.0
 STALE_AGE_STEP_SECONDS = 10  # a stale answer's age is restated in steps of this many seconds
+# The front reports from its event loop every half second; silent for this long, it is wedged
+# (alive, socket open, answering nothing) and /healthz says so, for the liveness probe.
+FRONT_SILENCE_SECONDS = 10.0
 
 
 def status_for(exc: Exception) -> grpc.StatusCode:
@@ -123,6 +126,7 @@ class ScalerBridge:
         self.on_request = on_request
         self.on_exit = on_exit or (lambda: None)
         self._sent: dict[str, AnswerBasis] = {}
+        self._heard = time.monotonic()  # when the front last sent anything
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scaler-bridge", daemon=True)
@@ -161,7 +165,19 @@ class ScalerBridge:
 
     def start(self) -> None:
         self._connection.send((SERVE,))
+        self._heard = time.monotonic()
         self._thread.start()
+
+    def problem(self) -> str | None:
+        """Why the front cannot answer KEDA (exited, or silent past FRONT_SILENCE_SECONDS),
+        None while it reports on time. For /healthz: a wedged front needs a restart."""
+        if self._process.poll() is not None:
+            return f"the gRPC scaler front process exited with code {self._process.returncode}"
+        silent = time.monotonic() - self._heard
+        if self._thread.is_alive() and silent > FRONT_SILENCE_SECONDS:
+            return (f"the gRPC scaler front process has not reported for {silent:.0f}s "
+                    f"(limit {FRONT_SILENCE_SECONDS:.0f}s): its event loop is stuck")
+        return None
 
     def stop(self, grace_seconds: float = 5.0) -> None:
         """The front reports NOT_SERVING, ends open streams, lets calls in flight finish."""
@@ -196,7 +212,9 @@ class ScalerBridge:
         while not self._stopping.is_set():
             while (not self._wake.is_set() and time.monotonic() < next_push
                    and self._connection.poll(POLL_SECONDS)):
-                self._guarded(self._handle, self._connection.recv())
+                message = self._connection.recv()
+                self._heard = time.monotonic()
+                self._guarded(self._handle, message)
             if not self._wake.is_set() and time.monotonic() < next_push:
                 continue
             self._wake.clear()
