@@ -14,6 +14,7 @@ import pandas as pd
 
 from forecaster.durations import parse_duration
 from forecaster.errors import ForecasterError, InsufficientHistoryError, InvalidInputError
+from forecaster.policy import DEFAULT_PLAN_HALF_LIFE_SECONDS
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -144,7 +145,11 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="IANA zone whose wall clock the daily and weekly seasons follow "
                    "(default UTC)")
     p.add_argument("--no-floor", action="store_true",
-                   help="do not floor the planned load at the current demand")
+                   help="do not floor the planned load at the demand of the last two intervals")
+    p.add_argument("--plan-half-life", type=_duration("plan-half-life"),
+                   default=pd.Timedelta(seconds=DEFAULT_PLAN_HALF_LIFE_SECONDS),
+                   help="half-life of the moving average of quantile forecasts that the plan "
+                   "follows (default 10m; 0 plans each forecast as it is)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=None)
     p.add_argument("--out", type=Path, default=None,
@@ -168,6 +173,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         quantile=args.quantile,
         time_zone=args.time_zone,
         reactive_floor=not args.no_floor,
+        plan_half_life=args.plan_half_life,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
     )

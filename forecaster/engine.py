@@ -35,7 +35,12 @@ from forecaster.errors import (
 )
 from forecaster.models import FallbackFit, Forecast, ForecastModel, fit_with_fallback
 from forecaster.models.calibration import ScoreWindow
-from forecaster.policy import planned_load
+from forecaster.policy import (
+    ForecastSmoother,
+    planned_load,
+    smoothing_weight,
+    sustained_demand,
+)
 from forecaster.scaler.metadata import TriggerSpec
 from forecaster.series import GridBuffer
 from forecaster.sources import HistorySource
@@ -90,10 +95,14 @@ class PlannedLoad:
     mode: Mode
     # Replicas x targetValue of a scheduledMinReplicas window over the lead time, if any.
     scheduled_minimum: float | None = None
+    # The quantile forecast averaged over recent origins (planHalfLife): what is planned for.
+    smoothed: float | None = None
+    # The reactive floor: the lower of the current load and the last grid point's.
+    floor: float = math.nan
 
     @property
     def floored(self) -> bool:
-        return self.forecast is not None and self.current > self.forecast
+        return self.smoothed is not None and self.floor > self.smoothed
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,10 @@ class Target:
     def __post_init__(self) -> None:
         step = pd.Timedelta(seconds=self.spec.step_seconds)
         self.buffer = GridBuffer(step, pd.Timedelta(seconds=self.spec.history_window_seconds))
+        self.smoother = ForecastSmoother(
+            smoothing_weight(self.spec.step_seconds, self.spec.plan_half_life_seconds),
+            self.spec.step_seconds,
+        )
         self.model: ForecastModel | None = None
         # The model and origin the published forecast came from: a refresh that adds no new
         # point (most of them, with a 30 s refresh and a 5 m step) reuses that forecast.
@@ -646,7 +659,9 @@ class Engine:
                 float(forecast.quantile(0.1)[-1]),
                 float(forecast.quantile(0.9)[-1]),
             )
-        planned = plan(forecast, current[1], spec.quantile, horizon)
+        last_point = float(target.buffer.values[-1]) if len(target.buffer) else math.nan
+        planned = plan(forecast, current[1], spec.quantile, horizon,
+                       smoother=target.smoother, last_point=last_point)
         # A scheduled event counts from now to the end of the interval new pods will serve.
         replicas = scheduled_minimum(
             spec.scheduled_min_replicas, current[0], current[0] + horizon * spec.step_seconds
@@ -667,19 +682,33 @@ class Engine:
         )
 
 
-def plan(forecast: Forecast | None, current: float, quantile: float, horizon: int) -> PlannedLoad:
-    """The planned load: the quantile forecast `horizon` steps ahead, at least the current
-    load; with no forecast yet, the current load (reactive)."""
+def plan(
+    forecast: Forecast | None,
+    current: float,
+    quantile: float,
+    horizon: int,
+    *,
+    smoother: ForecastSmoother | None = None,
+    last_point: float = math.nan,
+) -> PlannedLoad:
+    """The planned load: the quantile forecast `horizon` steps ahead, averaged over recent
+    origins by `smoother` (if any), and at least the load sustained over the current value and
+    the last grid point; with no forecast yet, the current load (reactive)."""
     if forecast is None:
-        return PlannedLoad(current, current, None, None, quantile, horizon, "reactive")
+        return PlannedLoad(current, current, None, None, quantile, horizon, "reactive",
+                           floor=current)
     band = forecast.quantile(quantile)
     ahead = float(band[horizon - 1])
+    smoothed = ahead if smoother is None else smoother.smooth(forecast.origin.timestamp(), ahead)
+    floor = sustained_demand(current, last_point)
     return PlannedLoad(
-        value=planned_load(ahead, current, reactive_floor=True),
+        value=planned_load(smoothed, floor, reactive_floor=True),
         current=current,
         forecast=ahead,
         peak_over_lead=float(np.max(band[:horizon])),
         quantile=quantile,
         horizon_steps=horizon,
         mode="forecast",
+        smoothed=smoothed,
+        floor=floor,
     )

@@ -208,7 +208,7 @@ def test_decisions_csv_has_one_row_per_evaluated_interval(
     out, _ = cli_run
     text = (out / "decisions.csv").read_text()
     assert text.splitlines()[0] == (
-        "timestamp,demand,forecast,replicas,reactive_replicas,oracle_replicas"
+        "timestamp,demand,forecast,forecast_at_quantile,replicas,reactive_replicas,oracle_replicas"
     )
     decisions = pd.read_csv(out / "decisions.csv")
     assert all(ISO_UTC.match(value) for value in decisions["timestamp"])
@@ -272,8 +272,10 @@ def test_summary_and_report(cli_run: tuple[Path, str]) -> None:
 def test_the_files_follow_the_planning_and_timing_rules(
     cli_run: tuple[Path, str], aws_grid: RegularSeries
 ) -> None:
-    """forecast(u) = max(q0.9 at origin u-1-L, demand at u-1-L); replicas follow the HPA fed
-    with those loads in order; reactive replicas follow the HPA fed with demand at u-1-L."""
+    """forecast(u) = max(s(u), min(demand at u-1-L, demand at u-2-L)), where s is the moving
+    average of q0.9 at origins up to u-1-L with a 10-minute half-life (weight 1 - 2^-0.5 per
+    5-minute step); replicas follow the HPA fed with those loads in order; reactive replicas
+    follow the HPA fed with demand at u-1-L."""
     out, _ = cli_run
     lead = 2
     decisions = pd.read_csv(out / "decisions.csv")
@@ -282,9 +284,17 @@ def test_the_files_follow_the_planning_and_timing_rules(
     assert list(at_horizon["timestamp"]) == list(decisions["timestamp"])
     ready = pd.DatetimeIndex(pd.to_datetime(decisions["timestamp"], utc=True))
     seen = aws_grid.filled[ready - (1 + lead) * STEP].to_numpy()  # no long gaps in this trace
-    planned = np.maximum(at_horizon["upper"].to_numpy(), seen)  # upper is the 0.9 quantile
+    seen_before = aws_grid.filled[ready - (2 + lead) * STEP].to_numpy()
+    quantile = at_horizon["upper"].to_numpy()  # upper is the 0.9 quantile
+    np.testing.assert_allclose(decisions["forecast_at_quantile"].to_numpy(), quantile)
+    weight, average, smoothed = 1 - 2**-0.5, quantile[0], []
+    for value in quantile:
+        average = (1 - weight) * average + weight * value
+        smoothed.append(average)
+    floor = np.minimum(seen, seen_before)
+    planned = np.maximum(smoothed, floor)
     np.testing.assert_allclose(decisions["forecast"].to_numpy(), planned, rtol=1e-12)
-    assert (decisions["forecast"].to_numpy() >= seen).all()  # the reactive floor
+    assert (decisions["forecast"].to_numpy() >= floor).all()  # the reactive floor
 
     policy = ScalingPolicy(target_per_replica=AWS_TARGET)
     for column, loads in (("replicas", planned), ("reactive_replicas", seen)):
@@ -361,8 +371,9 @@ def test_capacity_follows_a_step_change_exactly_one_plus_lead_intervals_later(
     values[rise:fall] = 100.0
     raw = grid_raw(values)
     labels = raw.index
+    # The plan as the naive forecast gives it, so that only the timing rule is seen.
     result = backtest(raw, eval_start=labels[200], startup=pd.Timedelta(startup),
-                      refit=pd.Timedelta("1h"))
+                      refit=pd.Timedelta("1h"), plan_half_life=pd.Timedelta(0))
     assert result.summary["lead_steps"] == lead
     d = result.simulation.decisions.set_index("timestamp")
     up, down = labels[rise + 1 + lead], labels[fall + 1 + lead]

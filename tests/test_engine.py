@@ -95,18 +95,29 @@ def test_a_forecast_from_history_that_stopped_advancing_is_not_served(
     assert snapshot.last_error is not None and "behind" in snapshot.last_error
 
 
-def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_the_new_value(
+def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_at_the_load_held(
     engine: Engine, source: ReplaySource
 ) -> None:
     target = engine.ensure_target("demo/aws/m", SPEC, source)
     _wait_for_forecast(engine, "demo/aws/m")
     before = target.snapshot
     assert before.forecast is not None and before.current_time is not None
+    assert before.planned is not None
+    last_point = float(target.buffer.values[-1])
     with target.lock:
         engine._apply(target, pd.Series(dtype=float), (before.current_time + 30, 1e6))
     after = target.snapshot
     assert after.forecast is before.forecast  # no new point: not predicted again
-    assert after.planned is not None and after.planned.value == 1e6  # the floor follows
+    assert after.planned is not None
+    assert after.planned.smoothed == before.planned.smoothed  # same origin: same average
+    # A spike in one reading does not raise the floor: the last grid point is lower.
+    assert after.planned.floor == last_point
+    assert after.planned.value == max(before.planned.smoothed or 0.0, last_point) < 1e6
+    # A reading below the last point lowers it (the lower of the two is the load held).
+    low = last_point / 2
+    with target.lock:
+        engine._apply(target, pd.Series(dtype=float), (before.current_time + 60, low))
+    assert target.snapshot.planned is not None and target.snapshot.planned.floor == low
 
     model = target.model
     assert model is not None

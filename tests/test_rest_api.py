@@ -312,8 +312,9 @@ def test_decision_shows_the_numbers_and_the_hpa_arithmetic(
     body = strict_json(call("GET", _path(WEB, "/decision")))
     _conforms(body, "Decision")
     assert body["mode"] == "forecast" and body["quantile"] == 0.9
-    assert body["planned"] == pytest.approx(max(body["forecastAtQuantile"], body["current"]))
-    assert body["floored"] == (body["current"] > body["forecastAtQuantile"])
+    assert body["planned"] == pytest.approx(max(body["smoothedForecast"], body["floor"]))
+    assert body["floored"] == (body["floor"] > body["smoothedForecast"])
+    assert body["floor"] <= body["current"]  # the lower of the current and the last point
     assert body["targetValuePerReplica"] == pytest.approx(16.7)
     assert body["recommendation"] == math.ceil(body["planned"] / 16.7 - 1e-12)
     assert body["replicas"] == body["recommendation"] and body["limitedBy"] is None

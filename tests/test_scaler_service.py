@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
 from forecaster.models import fit_with_fallback
+from forecaster.policy import sustained_demand
 from forecaster.scaler.bridge import PUSH_SECONDS
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -145,7 +146,9 @@ def _expected_planned(url: str, query: str, model: str, quantile: float, horizon
     grid = to_grid(history, pd.Timedelta(seconds=STEP))
     fitted = fit_with_fallback(model, grid.filled, pd.Timedelta(seconds=STEP)).model
     ahead = float(fitted.predict(horizon, [quantile]).quantile(quantile)[horizon - 1])
-    return max(ahead, current)
+    # The first origin's forecast is its own average; the floor is the load held over the
+    # current value and the last grid point.
+    return max(ahead, sustained_demand(current, float(grid.filled.iloc[-1])))
 
 
 def test_keda_call_order_serves_the_planned_load(

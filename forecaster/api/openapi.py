@@ -203,13 +203,15 @@ _SCHEMAS: dict[str, Any] = {
             "lastError": _nullable({"type": "string"}),
             "spec": {
                 "type": "object",
-                "required": ["query", "serverAddress", "targetValue", "quantile", "stepSeconds",
-                             "startupSeconds", "historyWindowSeconds"],
+                "required": ["query", "serverAddress", "targetValue", "quantile",
+                             "planHalfLifeSeconds", "stepSeconds", "startupSeconds",
+                             "historyWindowSeconds"],
                 "properties": {
                     "query": {"type": "string"},
                     "serverAddress": {"type": "string"},
                     "targetValue": _number(),
                     "quantile": _number(),
+                    "planHalfLifeSeconds": {"type": "integer"},
                     "stepSeconds": {"type": "integer"},
                     "startupSeconds": {"type": "integer"},
                     "historyWindowSeconds": {"type": "integer"},
@@ -284,7 +286,8 @@ _SCHEMAS: dict[str, Any] = {
     "Decision": {
         "type": "object",
         "required": ["target", "mode", "dryRun", "quantile", "forecastAtQuantile",
-                     "peakOverLead", "current", "planned", "floored", "scheduledMinimum",
+                     "smoothedForecast", "peakOverLead", "current", "floor", "planned",
+                     "floored", "scheduledMinimum",
                      "horizonSteps", "startupSeconds",
                      "targetValuePerReplica", "minReplicas", "maxReplicas", "currentReplicas",
                      "tolerance", "recommendation", "replicas", "limitedBy"],
@@ -298,12 +301,19 @@ _SCHEMAS: dict[str, Any] = {
             "forecastAtQuantile": _nullable({
                 **_number(), "description": "the quantile forecast for the interval new "
                 "pods will serve (null when reactive)"}),
+            "smoothedForecast": _nullable({
+                **_number(), "description": "forecastAtQuantile averaged over recent origins "
+                "with the trigger's planHalfLife (null when reactive)"}),
             "peakOverLead": _nullable(_number()),
-            "current": {**_number(), "description": "current load: the reactive floor"},
+            "current": {**_number(), "description": "current load"},
+            "floor": _nullable({
+                **_number(), "description": "the reactive floor: the lower of the current "
+                "load and the last grid point's, so a one-step spike does not raise it"}),
             "planned": {**_number(),
-                        "description": "max(forecastAtQuantile, current, scheduledMinimum): "
+                        "description": "max(smoothedForecast, floor, scheduledMinimum): "
                         "the load to plan for"},
-            "floored": {"type": "boolean", "description": "current was above the forecast"},
+            "floored": {"type": "boolean",
+                        "description": "the floor was above the smoothed forecast"},
             "scheduledMinimum": _nullable({
                 **_number(), "description": "replicas x targetValue of a scheduledMinReplicas "
                 "window over the lead time (null when none)"}),

@@ -19,7 +19,8 @@ from forecaster.series import RegularSeries
 __all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "write_outputs"]
 
 DECISION_COLUMNS = [
-    "timestamp", "demand", "forecast", "replicas", "reactive_replicas", "oracle_replicas",
+    "timestamp", "demand", "forecast", "forecast_at_quantile", "replicas", "reactive_replicas",
+    "oracle_replicas",
 ]
 FORECAST_COLUMNS = ["origin", "timestamp", "step_ahead", "yhat", "lower", "upper", "model"]
 
@@ -80,6 +81,7 @@ def run_backtest(
         "model": config.model,
         "quantile": config.quantile,
         "reactive_floor": config.reactive_floor,
+        "plan_half_life_seconds": int(config.plan_half_life.total_seconds()),
         "eval_start": sim.eval_start.isoformat(),
         "eval_end": d["timestamp"].iloc[-1].isoformat(),
         "intervals": len(d),

@@ -31,7 +31,7 @@ def plot_report(result: BacktestResult, path: Path) -> None:
     top.step(d["timestamp"], d["demand"], where="post", color="black", lw=0.8, label="demand")
     top.step(
         d["timestamp"], d["forecast"], where="post", color="tab:blue", lw=0.9,
-        label=f"planned load (q{s['quantile']:g}" + (", floored)" if s["reactive_floor"] else ")"),
+        label=_plan_label(s),
     )
     top.set_ylabel("load")
     top.set_title(
@@ -88,3 +88,14 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
                 f"{accuracy}"
             )
     return "\n".join(lines)
+
+
+def _plan_label(s: dict[str, Any]) -> str:
+    parts = [f"q{s['quantile']:g}"]
+    half_life = s.get("plan_half_life_seconds", 0)
+    if half_life:
+        parts.append(f"half-life {half_life // 60:g} min" if half_life % 60 == 0
+                     else f"half-life {half_life} s")
+    if s["reactive_floor"]:
+        parts.append("floored")
+    return f"planned load ({', '.join(parts)})"

@@ -22,7 +22,17 @@ import pandas as pd
 
 from forecaster.errors import InsufficientHistoryError, InvalidInputError
 from forecaster.models import fit_with_fallback
-from forecaster.policy import HpaState, ScalingPolicy, hpa_step, oracle_replicas, planned_load
+from forecaster.policy import (
+    DEFAULT_PLAN_HALF_LIFE_SECONDS,
+    ForecastSmoother,
+    HpaState,
+    ScalingPolicy,
+    hpa_step,
+    oracle_replicas,
+    planned_load,
+    smoothing_weight,
+    sustained_demand,
+)
 from forecaster.series import RegularSeries, known_at_end
 
 BAND_QUANTILES = (0.1, 0.9)
@@ -42,6 +52,7 @@ class BacktestConfig:
     quantile: float = 0.9
     time_zone: str = "UTC"  # the wall clock the models' seasons and calendar follow
     reactive_floor: bool = True
+    plan_half_life: pd.Timedelta = pd.Timedelta(seconds=DEFAULT_PLAN_HALF_LIFE_SECONDS)
     min_replicas: int = 1
     max_replicas: int | None = None
     stabilization: pd.Timedelta = pd.Timedelta("5min")
@@ -57,12 +68,21 @@ class BacktestConfig:
             raise InvalidInputError(
                 "refit", f"must be a whole number of steps ({self.step}), got {self.refit}"
             )
+        if self.plan_half_life < pd.Timedelta(0):
+            raise InvalidInputError(
+                "plan-half-life", f"must not be negative, got {self.plan_half_life}"
+            )
         if self.eval_start is None and not self.eval_days > 0:
             raise InvalidInputError("eval-days", f"must be positive, got {self.eval_days}")
 
     @property
     def lead_steps(self) -> int:
         return math.ceil(self.startup / self.step)
+
+    def smoother(self) -> ForecastSmoother:
+        step = self.step.total_seconds()
+        weight = smoothing_weight(step, self.plan_half_life.total_seconds())
+        return ForecastSmoother(weight, step)
 
     def policy(self) -> ScalingPolicy:
         return ScalingPolicy(
@@ -140,13 +160,18 @@ def simulate(
         history_demand=grid.demand.iloc[:start],
     )
     predictive, reactive = HpaState(), HpaState()
+    smoother = config.smoother()
+    step_seconds = config.step.total_seconds()
     model = None
     fitted_at = None
     seen = 0  # grid positions [0, seen) are folded into the model
     count = last - first + 1
     rows = {
         key: np.full(count, np.nan)
-        for key in ("forecast", "mean", "lower", "upper", "replicas", "reactive", "reactive_plan")
+        for key in (
+            "forecast", "at_quantile", "mean", "lower", "upper", "replicas", "reactive",
+            "reactive_plan",
+        )
     }
     fc_mean = np.full((count, horizon), np.nan)
     fc_lower = np.full((count, horizon), np.nan)
@@ -178,12 +203,14 @@ def simulate(
             seen = t + 1
         forecast = model.predict(horizon, quantiles)
         model_names.append(forecast.model)
-        plan = planned_load(
-            float(forecast.quantile(config.quantile)[lead]), float(filled[t]), config.reactive_floor
-        )
+        at_quantile = float(forecast.quantile(config.quantile)[lead])
+        smoothed = smoother.smooth(t * step_seconds, at_quantile)
+        floor = sustained_demand(float(filled[t]), float(filled[t - 1]))
+        plan = planned_load(smoothed, floor, config.reactive_floor)
         predictive = hpa_step(predictive, plan, policy)
         reactive = hpa_step(reactive, float(filled[t]), policy)
         rows["forecast"][i] = plan
+        rows["at_quantile"][i] = at_quantile
         rows["mean"][i] = forecast.mean[lead]
         rows["lower"][i] = forecast.quantile(BAND_QUANTILES[0])[lead]
         rows["upper"][i] = forecast.quantile(BAND_QUANTILES[1])[lead]
@@ -204,6 +231,7 @@ def simulate(
             "timestamp": ready,
             "demand": demand,
             "forecast": rows["forecast"],
+            "forecast_at_quantile": rows["at_quantile"],
             "replicas": rows["replicas"],
             "reactive_replicas": rows["reactive"],
             "oracle_replicas": [

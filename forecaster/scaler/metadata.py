@@ -11,6 +11,7 @@ A ScaledObject trigger looks like::
           targetValue: "50"
           historyWindow: 14d
           step: 5m
+          planHalfLife: 10m     # 0 plans each quantile forecast as it is
           excludeFromTraining: "2026-11-20T10:00Z/2026-11-20T14:30Z"   # an incident
           scheduledMinReplicas: "2026-12-24T08:00/2026-12-24T20:00=12" # a campaign, local time
 """
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
+from forecaster.policy import DEFAULT_PLAN_HALF_LIFE_SECONDS
 from forecaster.windows import Window, parse_windows
 
 __all__ = [
@@ -50,6 +52,7 @@ METADATA_KEYS: Mapping[str, str] = {
     "targetValue": "target_value",
     "startupSeconds": "startup_seconds",
     "quantile": "quantile",
+    "planHalfLife": "plan_half_life_seconds",
     "historyWindow": "history_window_seconds",
     "step": "step_seconds",
     "model": "model",
@@ -92,6 +95,8 @@ class TriggerSpec:
     target_value: float
     startup_seconds: int = 300
     quantile: float = 0.9
+    # The plan follows an average of recent quantile forecasts with this half-life; 0: none.
+    plan_half_life_seconds: int = DEFAULT_PLAN_HALF_LIFE_SECONDS
     history_window_seconds: int = 14 * 86_400
     step_seconds: int = 300
     model: str = AUTO_MODEL
@@ -153,6 +158,9 @@ def parse_trigger_metadata(
             values, "startupSeconds", _startup_seconds, TriggerSpec.startup_seconds
         ),
         quantile=_optional(values, "quantile", _quantile, TriggerSpec.quantile),
+        plan_half_life_seconds=_optional(
+            values, "planHalfLife", parse_duration, TriggerSpec.plan_half_life_seconds
+        ),
         history_window_seconds=history,
         step_seconds=step,
         model=_model(values.get("model", TriggerSpec.model), known_models),
