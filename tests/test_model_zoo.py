@@ -77,6 +77,56 @@ def test_calibration_brings_a_too_narrow_interval_to_its_nominal_coverage() -> N
     assert 0.72 <= calibrated_coverage <= 0.88
 
 
+class ClaimsFixedSpread(ForecastModel):
+    """Forecasts the level it is told, claiming whatever spread it is set to claim."""
+
+    name = "claims_fixed_spread"
+
+    def __init__(self, step: pd.Timedelta, level: float, claimed: float) -> None:
+        super().__init__(step)
+        self.level, self.claimed = level, claimed
+
+    def min_history(self) -> int:
+        return 2
+
+    def _fit(self, values: np.ndarray) -> None:
+        self.errors_ = np.random.default_rng(1).normal(0, self.claimed, 500)
+
+    def _update(self, values: np.ndarray) -> None:
+        pass
+
+    def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.full(horizon, self.level), np.tile(self.errors_, (horizon, 1))
+
+
+def test_calibration_holds_when_the_models_claimed_spread_changes() -> None:
+    # Scored while the model claimed a spread 50 times the real one, then used after a refit
+    # that claims the real one: the interval must still come from what actually happened.
+    rng = np.random.default_rng(5)
+    series = grid_series(200 + rng.normal(0, 10, 4 * DAY))
+    fit, future = series.iloc[: 3 * DAY], series.iloc[3 * DAY :]
+    before = Calibrated(STEP, ClaimsFixedSpread(STEP, 200, 500), horizon=2).fit(fit)
+    after = Calibrated(STEP, ClaimsFixedSpread(STEP, 200, 10), horizon=2)
+    after.warm_start(before)
+    after.fit(fit)
+    assert 0.72 <= coverage(after, future) <= 0.88
+
+
+def test_calibration_scales_with_the_square_root_of_the_level() -> None:
+    # Poisson counts scored at a level of 100, then forecast at 400: the interval doubles.
+    rng = np.random.default_rng(6)
+    low = grid_series(rng.poisson(100, 3 * DAY).astype(float))
+    model = Calibrated(STEP, ClaimsFixedSpread(STEP, 100, 1), horizon=2).fit(low)
+    forecast = model.predict(1, [0.1, 0.9])
+    width_low = forecast.quantile(0.9)[0] - forecast.quantile(0.1)[0]
+    model.model.level = 400.0  # the same model now forecasting a level four times higher
+    forecast = model.predict(1, [0.1, 0.9])
+    width_high = forecast.quantile(0.9)[0] - forecast.quantile(0.1)[0]
+    assert width_high / width_low == pytest.approx(2.0, rel=1e-6)
+    high = grid_series(rng.poisson(400, DAY).astype(float), start="2024-03-07T00:00Z")
+    assert 0.72 <= coverage(model, high) <= 0.88
+
+
 def test_calibration_scores_only_forecasts_whose_target_has_arrived() -> None:
     series = grid_series(daily_cycle(3 * DAY))
     model = Calibrated(STEP, Naive(STEP), horizon=3, validation=pd.Timedelta(0)).fit(series)

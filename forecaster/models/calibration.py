@@ -1,10 +1,19 @@
 """Conformal calibration of forecast intervals from out-of-sample errors, per horizon.
 
 A model's own error sample (in-sample residuals, a parametric h-step formula) is often too
-narrow or too wide. Here every forecast is scored when its target arrives: the score is the
-error divided by the model's own spread for that origin and horizon, so the calibrated
-interval keeps the model's shape (wider where the model says it is unsure, e.g. at a high
-level after a log transform) and only its width is set by what actually happened.
+narrow or too wide. Here every forecast is scored when its target arrives: the score is its
+residual (actual - mean) divided by the square root of the forecast level, and the calibrated
+interval at horizon h is the mean plus the quantiles of the last window's h-step scores times
+the square root of the level now: split-conformal, per horizon.
+
+Why the square root of the level: request counts are Poisson-like, their noise grows like the
+square root of their level, so scores measured in it compare between night and day and across
+a level shift. The model's own spread is no scale to measure in: it comes from the model's
+fit window and moves when that window crosses a change of regime. On a trace whose volatility
+fell fiftyfold in a day, scores divided by a spread from before the fall, applied to a spread
+from after it, gave an 80% interval that covered 7% of points (81% now). Plain residuals
+under-cover a rising level (70% on a week of growing traffic; 79% now), and residuals
+divided by the level itself over-cover (88%) at a higher cost.
 
 >>> model = Calibrated(step, HoltWinters(step), horizon=2).fit(history)   # doctest: +SKIP
 >>> model.update(new_points).predict(2, quantiles=[0.1, 0.9])              # doctest: +SKIP
@@ -24,6 +33,12 @@ CALIBRATION_WINDOW = pd.Timedelta(days=3)
 SEED_WINDOW = pd.Timedelta(days=1)
 MIN_SCORES = 72
 SPREAD_QUANTILES = (0.1, 0.9)
+
+
+def level_scale(levels: np.ndarray, floor: float) -> np.ndarray:
+    """The unit scores are measured in: the square root of each forecast level, clipped to
+    [floor, inf) first (see the module docstring)."""
+    return np.sqrt(np.maximum(levels, floor))
 
 
 def spread_of(errors: np.ndarray, floor: float) -> np.ndarray:
@@ -83,7 +98,8 @@ class ScoreTracker:
 
     Before each observation is folded in, the forecasts made at the previous `horizon`
     origins are scored against it; then the model is updated and forecasts again. Scores are
-    (actual - mean) / spread, kept per horizon for the last `window` origins. Only values the
+    residuals in units of the level's square root, (actual - mean) / level_scale(mean), kept
+    per horizon for the last `window` origins. Only values the
     model has been given are ever compared, so the scores are out of sample.
     """
 
@@ -92,14 +108,14 @@ class ScoreTracker:
         self.horizon = horizon
         self.floor = floor
         self.scores = [ScoreWindow(window) for _ in range(horizon)]
-        self.pending: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=horizon)
+        self.pending: deque[np.ndarray] = deque(maxlen=horizon)  # means, newest first
         self._latest: tuple[np.ndarray, np.ndarray] | None = None
         self._forecast()
 
     def _forecast(self) -> None:
         mean, errors = self.model._predict(self.horizon)
         self._latest = (mean, errors)
-        self.pending.appendleft((mean, spread_of(errors, self.floor)))
+        self.pending.appendleft(mean)
 
     def forecast(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """The model's mean and errors for the next `horizon` steps.
@@ -116,8 +132,10 @@ class ScoreTracker:
     def observe(self, values: np.ndarray) -> None:
         for y in values:
             if np.isfinite(y):
-                for h, (mean, spread) in enumerate(self.pending):
-                    self.scores[h].append(float((y - max(mean[h], 0.0)) / spread[h]))
+                for h, mean in enumerate(self.pending):
+                    level = max(float(mean[h]), 0.0)
+                    score = (y - level) / level_scale(np.array(level), self.floor)
+                    self.scores[h].append(float(score))
             self.model._update(np.array([y]))
             self._forecast()
 
@@ -133,16 +151,18 @@ class ScoreTracker:
         if not ready:
             return mean, errors
         n = min(len(self.scores[h]) for h in ready)
-        spread = spread_of(errors, self.floor)
         rows = []
         for h in range(horizon):
             if h in ready:
-                scores = self.scores[h].values()[-n:]
-                rows.append(np.sort(scores) * spread[h])
+                scale = level_scale(np.maximum(mean[h], 0.0), self.floor)
+                rows.append(np.sort(self.scores[h].values()[-n:]) * scale)
             else:
-                # Beyond the calibrated horizons: the model's own sample, widened like the last
-                # calibrated horizon was relative to the model's own spread.
-                ratio = _calibrated_width(self.scores[ready[-1]])
+                # Beyond the calibrated horizons: the model's own sample, widened as much as
+                # the last calibrated horizon's residuals are wider than its own sample there.
+                last = ready[-1]
+                own = float(spread_of(errors[last : last + 1], self.floor)[0])
+                scale = level_scale(np.maximum(mean[last], 0.0), self.floor)
+                ratio = _calibrated_width(self.scores[last]) * scale / own
                 rows.append(resample(errors[h], n) * ratio)
         return mean, np.vstack(rows)
 

@@ -43,8 +43,8 @@ from forecaster.models.calibration import (
     CALIBRATION_WINDOW,
     MIN_SCORES,
     ScoreTracker,
+    level_scale,
     scale_floor,
-    spread_of,
 )
 
 DEFAULT_CANDIDATES = (
@@ -142,7 +142,6 @@ def plan_cost(actual: np.ndarray, plan: np.ndarray, slo_share: float = SLO_SHARE
 class _Validation:
     tracker: ScoreTracker
     mean: np.ndarray  # (origins, H)
-    spread: np.ndarray
     raw: np.ndarray  # the model's own quantiles (0.1, 0.9, q), as offsets: (3, origins, H)
 
 
@@ -391,34 +390,30 @@ class Auto(ForecastModel):
         from forecaster.models.ensemble import Ensemble
 
         mean = np.mean([p.mean for p in parts], axis=0)
-        spread = np.mean([p.spread for p in parts], axis=0)
         raw = np.mean([p.mean[None] + p.raw for p in parts], axis=0) - mean[None]
         model = self._make(name)
         assert isinstance(model, Ensemble)
         model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
-        tracker = self._tracker(model, held, mean, spread)
-        validation = _Validation(tracker, mean, spread, raw)
+        tracker = self._tracker(model, held, mean)
+        validation = _Validation(tracker, mean, raw)
         cost, pinball, mae, coverage = self._score(validation, train, held)
         return CandidateScore(name, cost, pinball, mae, coverage, 0.0), validation
 
-    def _tracker(
-        self, model: ForecastModel, held: np.ndarray, means: np.ndarray, spreads: np.ndarray
-    ) -> ScoreTracker:
+    def _tracker(self, model: ForecastModel, held: np.ndarray, means: np.ndarray) -> ScoreTracker:
         window = max(1, int(self.calibration_window / self.step))
         tracker = ScoreTracker(model, self.horizon, window, self.floor_)
         for h in range(self.horizon):
             targets = held[h:]
-            z = (targets - means[: len(targets), h]) / spreads[: len(targets), h]
-            tracker.scores[h].extend(z[np.isfinite(z)])
+            levels = np.maximum(means[: len(targets), h], 0.0)
+            scores = (targets - levels) / level_scale(levels, self.floor_)
+            tracker.scores[h].extend(scores[np.isfinite(scores)])
         return tracker
 
     def _roll(self, model: ForecastModel, held: np.ndarray) -> _Validation:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            means, spreads, raws = _forecast_path(
-                model, held, self.horizon, (0.1, 0.9, self.quantile), self.floor_
-            )
-        return _Validation(self._tracker(model, held, means, spreads), means, spreads, raws)
+            means, raws = _forecast_path(model, held, self.horizon, (0.1, 0.9, self.quantile))
+        return _Validation(self._tracker(model, held, means), means, raws)
 
     def _score(
         self, v: _Validation, train: np.ndarray, held: np.ndarray
@@ -475,10 +470,9 @@ def _forecast_path(
     held: np.ndarray,
     horizon: int,
     quantiles: Sequence[float],
-    floor: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Means and spreads (len(held), horizon) and own-quantile offsets (len(quantiles),
-    len(held), horizon) of a fitted model run through `held` (forecast, then take the next
+) -> tuple[np.ndarray, np.ndarray]:
+    """Means (len(held), horizon) and own-quantile offsets (len(quantiles), len(held),
+    horizon) of a fitted model run through `held` (forecast, then take the next
     value), leaving the model after all of it. Models whose error sample does not change
     between refits are run in one batch."""
     from forecaster.models.ensemble import Ensemble
@@ -487,27 +481,19 @@ def _forecast_path(
     qs = list(quantiles)
     if isinstance(model, GradientBoosting) and model.quantile is None:
         _, errors = model._predict(horizon)
-        spread = spread_of(errors, floor)
         raw = np.quantile(errors, qs, axis=1)  # (len(qs), horizon)
         means = model._forecast_path(held, horizon)
-        return (
-            means,
-            np.tile(spread, (len(held), 1)),
-            np.repeat(raw[:, None, :], len(held), axis=1),
-        )
+        return means, np.repeat(raw[:, None, :], len(held), axis=1)
     if isinstance(model, Ensemble):
-        paths = [_forecast_path(m, held, horizon, qs, floor) for m in model.fitted_]
+        paths = [_forecast_path(m, held, horizon, qs) for m in model.fitted_]
         mean = np.mean([p[0] for p in paths], axis=0)
-        spread = np.mean([p[1] for p in paths], axis=0)
-        raw = np.mean([p[0][None] + p[2] for p in paths], axis=0) - mean[None]
-        return mean, spread, raw
+        raw = np.mean([p[0][None] + p[1] for p in paths], axis=0) - mean[None]
+        return mean, raw
     means = np.empty((len(held), horizon))
-    spreads = np.empty((len(held), horizon))
     raws = np.empty((len(qs), len(held), horizon))
     for k in range(len(held)):
         mean, errors = model._predict(horizon)
         means[k] = np.maximum(mean, 0.0)
-        spreads[k] = spread_of(errors, floor)
         raws[:, k] = np.quantile(errors, qs, axis=1) if errors.size else 0.0
         model._update(held[k : k + 1])
-    return means, spreads, raws
+    return means, raws
