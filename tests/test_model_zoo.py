@@ -210,3 +210,19 @@ def test_gbm_calendar_in_utc_is_what_the_time_zone_path_gives(start: str) -> Non
     time0 = pd.Timestamp(start)
     for a, b in zip(fast._calendar(time0, steps), zoned._calendar(time0, steps), strict=True):
         np.testing.assert_array_equal(a.astype(float), b.astype(float))
+
+
+def test_an_ensemble_weighs_its_members_means_and_quantiles() -> None:
+    history = grid_series(np.full(DAY, 100.0))
+    members = [ClaimsFixedSpread(STEP, 100, 10), KnownMean(STEP, 200, 40)]
+    weights = {"claims_fixed_spread": 0.75, "known_mean": 0.25}
+    ensemble = Ensemble(STEP, members, weights=weights).fit(history)
+    forecast = ensemble.predict(2, [0.1, 0.9])
+    np.testing.assert_allclose(forecast.mean, 0.75 * 100 + 0.25 * 200)
+    # Vincentization: each quantile is the weighted average of the members' quantiles.
+    for q in (0.1, 0.9):
+        parts = [m.fit(history).predict(2, [q]).quantile(q) for m in members]
+        np.testing.assert_allclose(forecast.quantile(q), 0.75 * parts[0] + 0.25 * parts[1],
+                                   rtol=1e-3)
+    equal = Ensemble(STEP, [ClaimsFixedSpread(STEP, 100, 10), KnownMean(STEP, 200, 40)])
+    np.testing.assert_allclose(equal.fit(history).predict(1).mean, 150.0)

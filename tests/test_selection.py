@@ -9,6 +9,8 @@ import pytest
 
 from forecaster.errors import InvalidInputError
 from forecaster.models import fit_with_fallback, make_model
+from forecaster.models.base import ForecastModel
+from forecaster.models.ensemble import Ensemble
 from forecaster.models.selection import FAST_CANDIDATES, Auto, pinball_loss, plan_cost
 
 STEP = pd.Timedelta("5min")
@@ -166,13 +168,48 @@ def test_the_fast_auto_is_a_model_factory_with_cheap_candidates() -> None:
 
 
 def test_an_ensemble_is_validated_from_its_members_runs() -> None:
-    """Composed from the members' runs, the ensemble scores as if it had been run itself."""
+    """Composed from the members' runs, each weighted by the inverse of its validation MAE,
+    the ensemble scores as if that weighted ensemble had been run itself."""
     series = grid_series(daily_cycle(5 * DAY))
     members = ("holt_winters", "holt_winters_sqrt", "gbm")
     composed = Auto(STEP, candidates=(*members, "ensemble")).fit(series).selection_
-    alone = Auto(STEP, candidates=("ensemble",)).fit(series).selection_
+    weights = composed.weights_for("ensemble")
+    inverse = {s.name: 1 / s.mae for s in composed.scores if s.name in members and s.mae}
+    assert list(weights) == list(members)
+    for name in members:
+        assert weights[name] == pytest.approx(inverse[name] / sum(inverse.values()), rel=1e-9)
+    assert composed.as_dict()["ensemble_weights"] == {"ensemble": weights}
+
+    alone_auto = Auto(STEP, candidates=("ensemble",))
+    make = alone_auto._make
+
+    def weighted(name: str) -> ForecastModel:
+        model = make(name)
+        assert isinstance(model, Ensemble)
+        model.weights = weights
+        return model
+
+    alone_auto._make = weighted  # type: ignore[method-assign]
+    alone = alone_auto.fit(series).selection_
     got = next(s for s in composed.scores if s.name == "ensemble")
     want = next(s for s in alone.scores if s.name == "ensemble")
     assert [s.name for s in composed.scores] == [*members, "ensemble"]
     assert got.plan_cost == pytest.approx(want.plan_cost, rel=1e-9)
     assert got.mae == pytest.approx(want.mae, rel=1e-9)
+
+
+def test_the_chosen_ensemble_keeps_its_weights_through_refits() -> None:
+    series = grid_series(daily_cycle(5 * DAY))
+    candidates = ("holt_winters", "holt_winters_sqrt", "gbm", "ensemble")
+    first = Auto(STEP, candidates=candidates, margin=1.0)  # the ensemble is always kept
+    first.fit(series.iloc[:-12])
+    assert first.selection_.chosen == "ensemble"
+    weights = first.selection_.weights_for("ensemble")
+    assert set(weights) == set(candidates[:3]) and sum(weights.values()) == pytest.approx(1)
+    assert len(set(weights.values())) == 3  # not equal: the members err differently
+    assert isinstance(first.model_, Ensemble) and first.model_.weights == weights
+    refit = Auto(STEP, candidates=candidates, margin=1.0)
+    refit.warm_start(first)
+    refit.fit(series)  # within the reselection interval: the selection is reused
+    assert refit.selection_ is first.selection_
+    assert isinstance(refit.model_, Ensemble) and refit.model_.weights == weights

@@ -3,13 +3,15 @@
 Averaging the forecasts of models that err differently usually beats each of them; averaging
 their error samples quantile by quantile gives an interval between theirs (calibrate it with
 forecasts.models.calibration). A member that cannot fit is left out; at least one must fit.
+`weights` (by member name, default equal) weigh both averages; `auto` sets them from each
+member's validation error (see forecaster.models.selection).
 
 >>> Ensemble(step, [HoltWinters(step), GradientBoosting(step)]).fit(history)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,15 +25,24 @@ MEMBER_ERRORS = (ForecasterError, ValueError, ArithmeticError, LinAlgError)
 
 
 class Ensemble(ForecastModel):
-    """Equal-weight average of `members` (unfitted models)."""
+    """Weighted average of `members` (unfitted models); equal weights unless given."""
 
     name = "ensemble"
 
-    def __init__(self, step: pd.Timedelta, members: Sequence[ForecastModel]) -> None:
+    def __init__(
+        self,
+        step: pd.Timedelta,
+        members: Sequence[ForecastModel],
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__(step)
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
+        self.weights = dict(weights or {})
+
+    def weight_of(self, member: ForecastModel) -> float:
+        return self.weights.get(member.name, 1.0)
 
     def min_history(self) -> int:
         return min(member.min_history() for member in self.members)
@@ -64,14 +75,15 @@ class Ensemble(ForecastModel):
 
     def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         outputs = [member._predict(horizon) for member in self.fitted_]
-        mean = np.mean([np.maximum(m, 0.0) for m, _ in outputs], axis=0)
+        weights = np.array([self.weight_of(member) for member in self.fitted_])
+        mean = np.average([np.maximum(m, 0.0) for m, _ in outputs], axis=0, weights=weights)
         n = min(e.shape[1] for _, e in outputs if e.size) if any(e.size for _, e in outputs) else 0
         if n == 0:
             return mean, np.zeros((horizon, 1))
         errors = np.zeros((horizon, n))
-        sized = [(m, e) for m, e in outputs if e.size]
-        for m, e in sized:
+        sized = [(m, e, w) for (m, e), w in zip(outputs, weights, strict=True) if e.size]
+        for m, e, w in sized:
             # each member's predictive quantiles, on a common grid, averaged
             offset = (np.maximum(m, 0.0) - mean)[:, None]
-            errors += np.vstack([resample(row, n) for row in e]) + offset
-        return mean, errors / len(sized)
+            errors += w * (np.vstack([resample(row, n) for row in e]) + offset)
+        return mean, errors / sum(w for _, _, w in sized)

@@ -92,6 +92,11 @@ class Selection:
     validation_steps: int
     scores: tuple[CandidateScore, ...]
     calibrated: bool = True
+    # Member weights of each ensemble candidate composed from its members' validation runs.
+    ensemble_weights: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+
+    def weights_for(self, name: str) -> dict[str, float]:
+        return dict(dict(self.ensemble_weights).get(name, ()))
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -101,6 +106,9 @@ class Selection:
             "horizon": self.horizon,
             "validation_steps": self.validation_steps,
             "calibrated": self.calibrated,
+            "ensemble_weights": {
+                name: dict(weights) for name, weights in self.ensemble_weights
+            },
             "scores": {
                 s.name: {
                     "plan_cost": s.plan_cost,
@@ -239,7 +247,7 @@ class Auto(ForecastModel):
         if previous is not None and self._can_reuse(previous, fit_end):
             selection = previous.selection_
             order = [selection.chosen, *_ranked(selection)]
-            model = self._fit_first(order, values)
+            model = self._fit_first(order, values, selection)
             self.tracker_ = ScoreTracker(model, self.horizon, window, self.floor_)
             if model.name == previous.model_.name:
                 self.tracker_.carry_scores(previous.tracker_)
@@ -248,7 +256,7 @@ class Auto(ForecastModel):
             return
         selection, validations = self._select(values, fit_end)
         order = [selection.chosen, *_ranked(selection)]
-        model = self._fit_first(order, values)
+        model = self._fit_first(order, values, selection)
         self.tracker_ = ScoreTracker(model, self.horizon, window, self.floor_)
         if model.name in validations:
             self.tracker_.carry_scores(validations[model.name].tracker)
@@ -271,11 +279,17 @@ class Auto(ForecastModel):
 
         return make_model(name, self.step, quantile=self.quantile, horizon=self.horizon)
 
-    def _fit_first(self, order: Sequence[str], values: np.ndarray) -> ForecastModel:
+    def _fit_first(
+        self, order: Sequence[str], values: np.ndarray, selection: Selection
+    ) -> ForecastModel:
+        from forecaster.models.ensemble import Ensemble
+
         failures = []
         observed = int(np.isfinite(values).sum())
         for name in dict.fromkeys([*order, *PREFERENCE]):
             model = self._make(name)
+            if isinstance(model, Ensemble):
+                model.weights = selection.weights_for(name)
             if observed < model.min_history():
                 failures.append(f"{name}: needs {model.min_history()} observed steps")
                 continue
@@ -304,6 +318,7 @@ class Auto(ForecastModel):
         steps = min(steps, n - needed - 1, n // 2)
         scores: list[CandidateScore] = []
         validations: dict[str, _Validation] = {}
+        weights: dict[str, tuple[tuple[str, float], ...]] = {}
         if steps >= MIN_VALIDATION_STEPS:
             train, held = values[: n - steps], values[n - steps :]
             # An ensemble whose members are candidates too is composed from their runs
@@ -313,8 +328,8 @@ class Auto(ForecastModel):
                 members = self._members(name)
                 validation: _Validation | None
                 if members and all(m in validations for m in members):
-                    score, validation = self._compose(
-                        name, [validations[m] for m in members], train, held
+                    score, validation, weights[name] = self._compose(
+                        name, members, [validations[m] for m in members], train, held
                     )
                 else:
                     score, validation = self._validate(name, train, held)
@@ -340,7 +355,8 @@ class Auto(ForecastModel):
         else:
             chosen = next((c for c in PREFERENCE if c in self.candidates), self.candidates[0])
         selection = Selection(
-            chosen, fit_end, self.quantile, self.horizon, max(steps, 0), tuple(scores)
+            chosen, fit_end, self.quantile, self.horizon, max(steps, 0), tuple(scores),
+            ensemble_weights=tuple(weights.items()),
         )
         return _with_chosen(selection, chosen, self._needs_calibration(selection)), validations
 
@@ -384,20 +400,30 @@ class Auto(ForecastModel):
         return [m.name for m in model.members] if isinstance(model, Ensemble) else []
 
     def _compose(
-        self, name: str, parts: list[_Validation], train: np.ndarray, held: np.ndarray
-    ) -> tuple[CandidateScore, _Validation]:
-        """An ensemble's validation from its members' (the same average Ensemble makes)."""
+        self,
+        name: str,
+        members: list[str],
+        parts: list[_Validation],
+        train: np.ndarray,
+        held: np.ndarray,
+    ) -> tuple[CandidateScore, _Validation, tuple[tuple[str, float], ...]]:
+        """An ensemble's validation from its members' (the same average Ensemble makes),
+        each member weighted by the inverse of its validation MAE at the decision horizon."""
         from forecaster.models.ensemble import Ensemble
 
-        mean = np.mean([p.mean for p in parts], axis=0)
-        raw = np.mean([p.mean[None] + p.raw for p in parts], axis=0) - mean[None]
+        weights = member_weights([p.mean for p in parts], held, self.horizon)
+        mean = np.average([p.mean for p in parts], axis=0, weights=weights)
+        raw = np.average([p.mean[None] + p.raw for p in parts], axis=0, weights=weights)
+        raw = raw - mean[None]
         model = self._make(name)
         assert isinstance(model, Ensemble)
+        model.weights = dict(zip(members, weights.tolist(), strict=True))
         model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
         tracker = self._tracker(model, held, mean)
         validation = _Validation(tracker, mean, raw)
         cost, pinball, mae, coverage = self._score(validation, train, held)
-        return CandidateScore(name, cost, pinball, mae, coverage, 0.0), validation
+        score = CandidateScore(name, cost, pinball, mae, coverage, 0.0)
+        return score, validation, tuple(model.weights.items())
 
     def _tracker(self, model: ForecastModel, held: np.ndarray, means: np.ndarray) -> ScoreTracker:
         window = max(1, int(self.calibration_window / self.step))
@@ -453,6 +479,26 @@ class Auto(ForecastModel):
         return self.tracker_.forecast(horizon)
 
 
+def member_weights(means: Sequence[np.ndarray], held: np.ndarray, horizon: int) -> np.ndarray:
+    """Weights, summing to 1, inversely proportional to each member's MAE at `horizon` over
+    the validation window (`means`: (origins, horizon) each); equal where an MAE is unknown.
+
+    Why not equal: a member much worse than the others on this target drags the average
+    towards its errors; why not only the best: the average of members that err differently
+    still beats each, as long as the worse ones weigh less."""
+    origins = len(held) - horizon + 1
+    actual = held[horizon - 1 : horizon - 1 + origins]
+    maes = []
+    for mean in means:
+        errors = np.abs(actual - mean[:origins, horizon - 1])
+        errors = errors[np.isfinite(errors)]
+        maes.append(float(errors.mean()) if errors.size else np.nan)
+    inverse = 1.0 / np.array(maes)
+    if not np.all(np.isfinite(inverse) & (inverse > 0)):
+        return np.full(len(means), 1.0 / len(means))
+    return inverse / inverse.sum()
+
+
 def _ranked(selection: Selection) -> list[str]:
     scored = [s for s in selection.scores if s.plan_cost is not None]
     return [s.name for s in sorted(scored, key=lambda s: s.plan_cost or 0.0)]
@@ -461,7 +507,7 @@ def _ranked(selection: Selection) -> list[str]:
 def _with_chosen(selection: Selection, chosen: str, calibrated: bool) -> Selection:
     return Selection(
         chosen, selection.selected_at, selection.quantile, selection.horizon,
-        selection.validation_steps, selection.scores, calibrated,
+        selection.validation_steps, selection.scores, calibrated, selection.ensemble_weights,
     )
 
 
@@ -486,9 +532,10 @@ def _forecast_path(
         return means, np.repeat(raw[:, None, :], len(held), axis=1)
     if isinstance(model, Ensemble):
         paths = [_forecast_path(m, held, horizon, qs) for m in model.fitted_]
-        mean = np.mean([p[0] for p in paths], axis=0)
-        raw = np.mean([p[0][None] + p[1] for p in paths], axis=0) - mean[None]
-        return mean, raw
+        weights = [model.weight_of(m) for m in model.fitted_]
+        mean = np.average([p[0] for p in paths], axis=0, weights=weights)
+        raw = np.average([p[0][None] + p[1] for p in paths], axis=0, weights=weights)
+        return mean, raw - mean[None]
     means = np.empty((len(held), horizon))
     raws = np.empty((len(qs), len(held), horizon))
     for k in range(len(held)):
