@@ -328,8 +328,10 @@ class Auto(ForecastModel):
                 members = self._members(name)
                 validation: _Validation | None
                 if members and all(m in validations for m in members):
+                    maes = {s.name: s.mae for s in scores}
                     score, validation, weights[name] = self._compose(
-                        name, members, [validations[m] for m in members], train, held
+                        name, members, [validations[m] for m in members],
+                        [maes[m] for m in members], train, held,
                     )
                 else:
                     score, validation = self._validate(name, train, held)
@@ -404,6 +406,7 @@ class Auto(ForecastModel):
         name: str,
         members: list[str],
         parts: list[_Validation],
+        maes: list[float | None],
         train: np.ndarray,
         held: np.ndarray,
     ) -> tuple[CandidateScore, _Validation, tuple[tuple[str, float], ...]]:
@@ -411,10 +414,8 @@ class Auto(ForecastModel):
         each member weighted by the inverse of its validation MAE at the decision horizon."""
         from forecaster.models.ensemble import Ensemble
 
-        weights = member_weights([p.mean for p in parts], held, self.horizon)
-        mean = np.average([p.mean for p in parts], axis=0, weights=weights)
-        raw = np.average([p.mean[None] + p.raw for p in parts], axis=0, weights=weights)
-        raw = raw - mean[None]
+        weights = member_weights(maes)
+        mean, raw = _average_paths([(p.mean, p.raw) for p in parts], weights)
         model = self._make(name)
         assert isinstance(model, Ensemble)
         model.weights = dict(zip(members, weights.tolist(), strict=True))
@@ -479,24 +480,29 @@ class Auto(ForecastModel):
         return self.tracker_.forecast(horizon)
 
 
-def member_weights(means: Sequence[np.ndarray], held: np.ndarray, horizon: int) -> np.ndarray:
-    """Weights, summing to 1, inversely proportional to each member's MAE at `horizon` over
-    the validation window (`means`: (origins, horizon) each); equal where an MAE is unknown.
+def member_weights(maes: Sequence[float | None]) -> np.ndarray:
+    """Weights, summing to 1, inversely proportional to each member's validation MAE at the
+    decision horizon (CandidateScore.mae); equal when one is unknown or zero.
 
     Why not equal: a member much worse than the others on this target drags the average
     towards its errors; why not only the best: the average of members that err differently
     still beats each, as long as the worse ones weigh less."""
-    origins = len(held) - horizon + 1
-    actual = held[horizon - 1 : horizon - 1 + origins]
-    maes = []
-    for mean in means:
-        errors = np.abs(actual - mean[:origins, horizon - 1])
-        errors = errors[np.isfinite(errors)]
-        maes.append(float(errors.mean()) if errors.size else np.nan)
-    inverse = 1.0 / np.array(maes)
+    known = np.array([np.nan if mae is None else mae for mae in maes], dtype=float)
+    with np.errstate(divide="ignore"):
+        inverse = 1.0 / known
     if not np.all(np.isfinite(inverse) & (inverse > 0)):
-        return np.full(len(means), 1.0 / len(means))
+        return np.full(len(maes), 1.0 / len(maes))
     return inverse / inverse.sum()
+
+
+def _average_paths(
+    paths: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The weighted average of members' (means, own-quantile offsets), as Ensemble averages
+    its members: means averaged, quantiles (mean + offset) averaged, offsets taken back."""
+    mean = np.average([m for m, _ in paths], axis=0, weights=weights)
+    raw = np.average([m[None] + r for m, r in paths], axis=0, weights=weights)
+    return mean, raw - mean[None]
 
 
 def _ranked(selection: Selection) -> list[str]:
@@ -532,10 +538,7 @@ def _forecast_path(
         return means, np.repeat(raw[:, None, :], len(held), axis=1)
     if isinstance(model, Ensemble):
         paths = [_forecast_path(m, held, horizon, qs) for m in model.fitted_]
-        weights = [model.weight_of(m) for m in model.fitted_]
-        mean = np.average([p[0] for p in paths], axis=0, weights=weights)
-        raw = np.average([p[0][None] + p[1] for p in paths], axis=0, weights=weights)
-        return mean, raw - mean[None]
+        return _average_paths(paths, [model.weight_of(m) for m in model.fitted_])
     means = np.empty((len(held), horizon))
     raws = np.empty((len(qs), len(held), horizon))
     for k in range(len(held)):
