@@ -34,26 +34,35 @@ def daily_cycle(n: int, noise: float = 3.0, seed: int = 0) -> np.ndarray:
     return np.maximum(100 + 60 * np.sin(2 * np.pi * t / DAY) + rng.normal(0, noise, n), 0.0)
 
 
-class KnownMean(ForecastModel):
-    """Forecasts the true mean of white noise but claims a quarter of its spread."""
+class ClaimsFixedSpread(ForecastModel):
+    """Forecasts the level it is told, claiming whatever spread it is set to claim."""
 
-    name = "known_mean"
+    name = "claims_fixed_spread"
 
-    def __init__(self, step: pd.Timedelta, level: float, sigma: float) -> None:
+    def __init__(self, step: pd.Timedelta, level: float, claimed: float, seed: int = 1) -> None:
         super().__init__(step)
-        self.level, self.sigma = level, sigma
+        self.level, self.claimed, self.seed = level, claimed, seed
 
     def min_history(self) -> int:
         return 2
 
     def _fit(self, values: np.ndarray) -> None:
-        self.errors_ = np.random.default_rng(0).normal(0, self.sigma / 4, 500)
+        self.errors_ = np.random.default_rng(self.seed).normal(0, self.claimed, 500)
 
     def _update(self, values: np.ndarray) -> None:
         pass
 
     def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         return np.full(horizon, self.level), np.tile(self.errors_, (horizon, 1))
+
+
+class KnownMean(ClaimsFixedSpread):
+    """Forecasts the true mean of white noise but claims a quarter of its spread."""
+
+    name = "known_mean"
+
+    def __init__(self, step: pd.Timedelta, level: float, sigma: float) -> None:
+        super().__init__(step, level, sigma / 4, seed=0)
 
 
 def coverage(model: ForecastModel, future: pd.Series) -> float:
@@ -75,28 +84,6 @@ def test_calibration_brings_a_too_narrow_interval_to_its_nominal_coverage() -> N
     raw_coverage, calibrated_coverage = coverage(raw, future), coverage(calibrated, future)
     assert raw_coverage < 0.4  # the claimed spread is a quarter of the real one
     assert 0.72 <= calibrated_coverage <= 0.88
-
-
-class ClaimsFixedSpread(ForecastModel):
-    """Forecasts the level it is told, claiming whatever spread it is set to claim."""
-
-    name = "claims_fixed_spread"
-
-    def __init__(self, step: pd.Timedelta, level: float, claimed: float) -> None:
-        super().__init__(step)
-        self.level, self.claimed = level, claimed
-
-    def min_history(self) -> int:
-        return 2
-
-    def _fit(self, values: np.ndarray) -> None:
-        self.errors_ = np.random.default_rng(1).normal(0, self.claimed, 500)
-
-    def _update(self, values: np.ndarray) -> None:
-        pass
-
-    def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.full(horizon, self.level), np.tile(self.errors_, (horizon, 1))
 
 
 def test_calibration_holds_when_the_models_claimed_spread_changes() -> None:
