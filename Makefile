@@ -41,6 +41,7 @@ test: $(STAMP) test-deps
 lint: $(STAMP)
 	$(VENV)/bin/ruff check forecaster tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 backtest: $(STAMP)
 	$(PY) bench/run_backtests.py

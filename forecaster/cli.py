@@ -14,7 +14,7 @@ import pandas as pd
 
 from forecaster.durations import parse_duration
 from forecaster.errors import ForecasterError, InsufficientHistoryError, InvalidInputError
-from forecaster.policy import DEFAULT_PLAN_HALF_LIFE_SECONDS
+from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -95,7 +95,7 @@ def _quantile(text: str) -> float:
 
 
 def _time_zone(text: str) -> str:
-    from forecaster.scaler.metadata import parse_time_zone
+    from forecaster.spec import parse_time_zone
 
     try:
         return parse_time_zone(text, "time-zone")

@@ -271,7 +271,7 @@ def _check_target(
 ) -> None:
     """Parse a configured target as start-up will, so a bad one fails here, naming its path."""
     from forecaster.models import MODEL_FACTORIES
-    from forecaster.scaler.metadata import parse_trigger_metadata
+    from forecaster.spec import parse_trigger_metadata
 
     for key in ("namespace", "name"):
         if not getattr(target, key):

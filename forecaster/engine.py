@@ -41,10 +41,10 @@ from forecaster.policy import (
     smoothing_weight,
     sustained_demand,
 )
-from forecaster.scaler.metadata import TriggerSpec
-from forecaster.series import GridBuffer
+from forecaster.series import GridBuffer, mask_windows
 from forecaster.sources import HistorySource
-from forecaster.windows import mask_windows, scheduled_minimum
+from forecaster.spec import TriggerSpec
+from forecaster.windows import scheduled_minimum
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from forecaster.errors import InvalidInputError
 
 DEFAULT_TOLERANCE = 0.1
-DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
 
 
 @dataclass(frozen=True)

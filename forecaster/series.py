@@ -9,6 +9,7 @@ look-ahead. (Inside a gap, whether the gap is long is only known later: see `kno
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from forecaster.errors import InsufficientHistoryError, InvalidInputError
+from forecaster.windows import Window
 
 REQUIRED_COLUMNS = ("timestamp", "value")
 DEFAULT_MAX_FILL_STEPS = 3
@@ -306,3 +308,18 @@ def hold_short_gaps(values: np.ndarray, max_fill_steps: int) -> np.ndarray:
         if first > 0 and last - first + 1 <= max_fill_steps:
             out[first : last + 1] = out[first - 1]
     return out
+
+
+def mask_windows(series: pd.Series, step_seconds: int, windows: Sequence[Window]) -> pd.Series:
+    """The series with every bin that overlaps a window set to NaN (missing, as for a gap)."""
+    if not windows or series.empty:
+        return series
+    starts = np.asarray(pd.DatetimeIndex(series.index).as_unit("ns").asi8) / 1e9
+    hit = np.zeros(len(series), dtype=bool)
+    for window in windows:
+        hit |= (starts < window.end) & (starts + step_seconds > window.start)
+    if not hit.any():
+        return series
+    values = series.to_numpy(dtype=float, copy=True)
+    values[hit] = np.nan
+    return pd.Series(values, index=series.index, name=series.name)

@@ -16,9 +16,9 @@ from forecaster.config import Settings
 from forecaster.engine import Engine, Target
 from forecaster.errors import InvalidInputError
 from forecaster.models import MODEL_FACTORIES
-from forecaster.scaler.metadata import TriggerSpec, parse_trigger_metadata
 from forecaster.sources import HistorySource
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
+from forecaster.spec import TriggerSpec, parse_trigger_metadata
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
-import pandas as pd
-
 from forecaster.errors import InvalidInputError
 
 MAX_WINDOWS = 100
@@ -83,21 +80,6 @@ def _instant(text: str, zone: zoneinfo.ZoneInfo, key: str, where: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=zone)
     return moment.timestamp()
-
-
-def mask_windows(series: pd.Series, step_seconds: int, windows: Sequence[Window]) -> pd.Series:
-    """The series with every bin that overlaps a window set to NaN (missing, as for a gap)."""
-    if not windows or series.empty:
-        return series
-    starts = np.asarray(pd.DatetimeIndex(series.index).as_unit("ns").asi8) / 1e9
-    hit = np.zeros(len(series), dtype=bool)
-    for window in windows:
-        hit |= (starts < window.end) & (starts + step_seconds > window.start)
-    if not hit.any():
-        return series
-    values = series.to_numpy(dtype=float, copy=True)
-    values[hit] = np.nan
-    return pd.Series(values, index=series.index, name=series.name)
 
 
 def scheduled_minimum(windows: Sequence[Window], start: float, end: float) -> int | None:

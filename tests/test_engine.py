@@ -14,8 +14,8 @@ import pytest
 
 from forecaster.config import EngineSettings
 from forecaster.engine import Engine, FitRequest, freshness_limit
-from forecaster.scaler.metadata import TriggerSpec
 from forecaster.sources.replay import ReplaySource
+from forecaster.spec import TriggerSpec
 from forecaster.windows import Window
 
 DATA = Path(__file__).parent.parent / "data"

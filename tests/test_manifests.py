@@ -34,13 +34,13 @@ from forecaster.config import Settings, load_settings, with_overrides
 from forecaster.models import MODEL_FACTORIES
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
-from forecaster.scaler.metadata import (
+from forecaster.service import Service
+from forecaster.spec import (
     IGNORED_KEDA_KEYS,
     METADATA_KEYS,
     TriggerSpec,
     parse_trigger_metadata,
 )
-from forecaster.service import Service
 from tests.prometheus_server import PrometheusServer
 
 ROOT = Path(__file__).parent.parent

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
-from forecaster.scaler.metadata import (
+from forecaster.spec import (
     TriggerSpec,
     default_metric_name,
     parse_trigger_metadata,

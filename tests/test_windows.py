@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from forecaster.errors import InvalidInputError
-from forecaster.scaler.metadata import parse_trigger_metadata
-from forecaster.windows import Window, mask_windows, parse_windows, scheduled_minimum
+from forecaster.series import mask_windows
+from forecaster.spec import parse_trigger_metadata
+from forecaster.windows import Window, parse_windows, scheduled_minimum
 
 REQUIRED = {"serverAddress": "http://prometheus:9090", "query": "up", "targetValue": "50"}
 

@@ -23,7 +23,6 @@ import pandas as pd
 from forecaster.errors import InsufficientHistoryError, InvalidInputError
 from forecaster.models import fit_with_fallback
 from forecaster.policy import (
-    DEFAULT_PLAN_HALF_LIFE_SECONDS,
     ForecastSmoother,
     HpaState,
     ScalingPolicy,
@@ -34,6 +33,7 @@ from forecaster.policy import (
     sustained_demand,
 )
 from forecaster.series import RegularSeries, known_at_end
+from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
 
 BAND_QUANTILES = (0.1, 0.9)
 

@@ -1,4 +1,8 @@
-"""KEDA trigger metadata (``scalerMetadata``, every value a string) parsed into a TriggerSpec.
+"""The target spec language: a TriggerSpec, its defaults, and its parsing from string metadata.
+
+KEDA sends a trigger's metadata (``scalerMetadata``, every value a string); the config file's
+``defaults:`` and ``targets:`` use the same keys. This module imports neither numpy nor pandas,
+so the scaler's front process can parse a trigger itself.
 
 A ScaledObject trigger looks like::
 
@@ -30,11 +34,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
-from forecaster.policy import DEFAULT_PLAN_HALF_LIFE_SECONDS
 from forecaster.windows import Window, parse_windows
 
 __all__ = [
     "AUTO_MODEL",
+    "DEFAULT_PLAN_HALF_LIFE_SECONDS",
     "IGNORED_KEDA_KEYS",
     "METADATA_KEYS",
     "TriggerSpec",
@@ -67,6 +71,7 @@ METADATA_KEYS: Mapping[str, str] = {
 IGNORED_KEDA_KEYS = frozenset({"scalerAddress", "enableTLS", "unsafeSsl"})
 """Keys KEDA itself reads from the same trigger; skipped silently, as is any ``*FromEnv`` key."""
 
+DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
 MIN_STEPS_IN_HISTORY = 10
 MIN_QUANTILE = 0.5
 
