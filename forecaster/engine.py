@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -35,12 +35,7 @@ from forecaster.errors import (
 )
 from forecaster.models import FallbackFit, Forecast, ForecastModel, fit_with_fallback
 from forecaster.models.calibration import ScoreWindow
-from forecaster.policy import (
-    ForecastSmoother,
-    planned_load,
-    smoothing_weight,
-    sustained_demand,
-)
+from forecaster.policy import ForecastSmoother, PlannedLoad, plan, smoothing_weight
 from forecaster.series import GridBuffer, mask_windows
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
@@ -51,7 +46,6 @@ log = logging.getLogger(__name__)
 BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)
 LOOP_PERIOD_SECONDS = 0.5
 
-Mode = Literal["forecast", "reactive", "dry_run"]
 TRIM_INTERVAL_SECONDS = 60.0  # at most this often, while fits land: see Engine._trim_if_due
 ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
 
@@ -80,29 +74,6 @@ class Accuracy:
     mae: float | None
     coverage_80: float | None
     last_abs_error: float | None
-
-
-@dataclass(frozen=True)
-class PlannedLoad:
-    """The load to plan for and the numbers behind it."""
-
-    value: float
-    current: float
-    forecast: float | None  # the quantile forecast for the interval new pods will serve
-    peak_over_lead: float | None  # the highest quantile forecast up to that interval
-    quantile: float
-    horizon_steps: int
-    mode: Mode
-    # Replicas x targetValue of a scheduledMinReplicas window over the lead time, if any.
-    scheduled_minimum: float | None = None
-    # The quantile forecast averaged over recent origins (planHalfLife): what is planned for.
-    smoothed: float | None = None
-    # The reactive floor: the lower of the current load and the last grid point's.
-    floor: float = math.nan
-
-    @property
-    def floored(self) -> bool:
-        return self.smoothed is not None and self.floor > self.smoothed
 
 
 @dataclass(frozen=True)
@@ -681,34 +652,3 @@ class Engine:
             history_points=len(target.buffer),
         )
 
-
-def plan(
-    forecast: Forecast | None,
-    current: float,
-    quantile: float,
-    horizon: int,
-    *,
-    smoother: ForecastSmoother | None = None,
-    last_point: float = math.nan,
-) -> PlannedLoad:
-    """The planned load: the quantile forecast `horizon` steps ahead, averaged over recent
-    origins by `smoother` (if any), and at least the load sustained over the current value and
-    the last grid point; with no forecast yet, the current load (reactive)."""
-    if forecast is None:
-        return PlannedLoad(current, current, None, None, quantile, horizon, "reactive",
-                           floor=current)
-    band = forecast.quantile(quantile)
-    ahead = float(band[horizon - 1])
-    smoothed = ahead if smoother is None else smoother.smooth(forecast.origin.timestamp(), ahead)
-    floor = sustained_demand(current, last_point)
-    return PlannedLoad(
-        value=planned_load(smoothed, floor, reactive_floor=True),
-        current=current,
-        forecast=ahead,
-        peak_over_lead=float(np.max(band[:horizon])),
-        quantile=quantile,
-        horizon_steps=horizon,
-        mode="forecast",
-        smoothed=smoothed,
-        floor=floor,
-    )

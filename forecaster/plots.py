@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator
 
 from forecaster.engine import Snapshot, Target
 from forecaster.models import Forecast
-from forecaster.telemetry import planned_replicas
+from forecaster.policy import planned_replicas
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HISTORY_WINDOW = pd.Timedelta(days=2)

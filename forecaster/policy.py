@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
 
 from forecaster.errors import InvalidInputError
+from forecaster.models import Forecast
 
 DEFAULT_TOLERANCE = 0.1
+# Load / target within this of a whole number counts as that number: 33.4 / 16.7 is
+# 2.0000000000000004 in floats, and means 2 replicas.
+ROUNDING_TOLERANCE = 1e-9
+
+Mode = Literal["forecast", "reactive", "dry_run"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,7 @@ def recommend(value: float, current_replicas: int | None, policy: ScalingPolicy)
         ratio = value / (current_replicas * policy.target_per_replica)
         if abs(ratio - 1.0) <= policy.tolerance:
             return current_replicas
-    return max(1, math.ceil(value / policy.target_per_replica - 1e-12))
+    return max(1, planned_replicas(value, policy.target_per_replica))
 
 
 @dataclass(frozen=True)
@@ -175,4 +184,68 @@ def hpa_step(state: HpaState, value: float, policy: ScalingPolicy) -> HpaState:
 
 def oracle_replicas(demand: float, target_per_replica: float) -> int:
     """Perfect foresight: just enough replicas for the demand, at least one."""
-    return max(1, math.ceil(demand / target_per_replica - 1e-12))
+    return max(1, planned_replicas(demand, target_per_replica))
+
+
+def planned_replicas(load: float, target_value: float) -> int:
+    """The replicas a load implies at `target_value` per replica: ceil(load / target), with
+    float noise within ROUNDING_TOLERANCE of a whole number rounded away."""
+    return math.ceil(load / target_value - ROUNDING_TOLERANCE)
+
+
+@dataclass(frozen=True)
+class PlannedLoad:
+    """The load to plan for and the numbers behind it."""
+
+    value: float
+    current: float
+    forecast: float | None  # the quantile forecast for the interval new pods will serve
+    peak_over_lead: float | None  # the highest quantile forecast up to that interval
+    quantile: float
+    horizon_steps: int
+    mode: Mode
+    # Replicas x targetValue of a scheduledMinReplicas window over the lead time, if any.
+    scheduled_minimum: float | None = None
+    # The quantile forecast averaged over recent origins (planHalfLife): what is planned for.
+    smoothed: float | None = None
+    # The reactive floor: the lower of the current load and the last grid point's.
+    floor: float = math.nan
+
+    @property
+    def floored(self) -> bool:
+        return self.smoothed is not None and self.floor > self.smoothed
+
+
+def plan(
+    forecast: Forecast | None,
+    current: float,
+    quantile: float,
+    horizon: int,
+    *,
+    smoother: ForecastSmoother | None = None,
+    last_point: float = math.nan,
+    reactive_floor: bool = True,
+) -> PlannedLoad:
+    """The planned load: the quantile forecast `horizon` steps ahead, averaged over recent
+    origins by `smoother` (if any), and (with `reactive_floor`) at least the load sustained
+    over the current value and the last grid point; with no forecast yet, the current load.
+
+    The engine, the backtest and selection all plan with this function."""
+    if forecast is None:
+        return PlannedLoad(current, current, None, None, quantile, horizon, "reactive",
+                           floor=current)
+    band = forecast.quantile(quantile)
+    ahead = float(band[horizon - 1])
+    smoothed = ahead if smoother is None else smoother.smooth(forecast.origin.timestamp(), ahead)
+    floor = sustained_demand(current, last_point)
+    return PlannedLoad(
+        value=planned_load(smoothed, floor, reactive_floor),
+        current=current,
+        forecast=ahead,
+        peak_over_lead=float(np.max(band[:horizon])),
+        quantile=quantile,
+        horizon_steps=horizon,
+        mode="forecast",
+        smoothed=smoothed,
+        floor=floor,
+    )

@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from forecaster.engine import Engine, Target, freshness_limit
+from forecaster.policy import planned_replicas
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ def target_labels(target_id: str) -> tuple[str, str, str]:
     namespace, _, rest = target_id.partition("/")
     name, _, metric = rest.rpartition("/")
     return namespace, name, metric
-
-
-def planned_replicas(load: float, target_value: float) -> int:
-    """The replicas a planned load implies at `target_value` per replica: ceil(load / target),
-    ignoring float noise such as 33.4 / 16.7 = 2.0000000000000004."""
-    return math.ceil(load / target_value - 1e-9)
 
 
 class Telemetry:

@@ -15,8 +15,9 @@ from forecaster.api.errors import error_response
 from forecaster.engine import Engine, Target, freshness_limit
 from forecaster.errors import UnknownTargetError
 from forecaster.plots import PlotCache
+from forecaster.policy import planned_replicas
 from forecaster.targets import target_id
-from forecaster.telemetry import Telemetry, planned_replicas, target_labels
+from forecaster.telemetry import Telemetry, target_labels
 
 blueprint = Blueprint("pages", __name__)
 

@@ -12,8 +12,9 @@ from typing import Any
 import pandas as pd
 
 from forecaster.api.inputs import finite
-from forecaster.engine import Engine, PlannedLoad, Target, freshness_limit
+from forecaster.engine import Engine, Target, freshness_limit
 from forecaster.models import Forecast
+from forecaster.policy import PlannedLoad
 
 
 def iso(moment: float | pd.Timestamp | None) -> str | None:

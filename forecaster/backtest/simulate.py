@@ -28,9 +28,8 @@ from forecaster.policy import (
     ScalingPolicy,
     hpa_step,
     oracle_replicas,
-    planned_load,
+    plan,
     smoothing_weight,
-    sustained_demand,
 )
 from forecaster.series import RegularSeries, known_at_end
 from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
@@ -161,7 +160,6 @@ def simulate(
     )
     predictive, reactive = HpaState(), HpaState()
     smoother = config.smoother()
-    step_seconds = config.step.total_seconds()
     model = None
     fitted_at = None
     seen = 0  # grid positions [0, seen) are folded into the model
@@ -203,13 +201,14 @@ def simulate(
             seen = t + 1
         forecast = model.predict(horizon, quantiles)
         model_names.append(forecast.model)
-        at_quantile = float(forecast.quantile(config.quantile)[lead])
-        smoothed = smoother.smooth(t * step_seconds, at_quantile)
-        floor = sustained_demand(float(filled[t]), float(filled[t - 1]))
-        plan = planned_load(smoothed, floor, config.reactive_floor)
-        predictive = hpa_step(predictive, plan, policy)
+        planned = plan(
+            forecast, float(filled[t]), config.quantile, horizon, smoother=smoother,
+            last_point=float(filled[t - 1]), reactive_floor=config.reactive_floor,
+        )
+        at_quantile = planned.forecast
+        predictive = hpa_step(predictive, planned.value, policy)
         reactive = hpa_step(reactive, float(filled[t]), policy)
-        rows["forecast"][i] = plan
+        rows["forecast"][i] = planned.value
         rows["at_quantile"][i] = at_quantile
         rows["mean"][i] = forecast.mean[lead]
         rows["lower"][i] = forecast.quantile(BAND_QUANTILES[0])[lead]
