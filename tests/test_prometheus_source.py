@@ -277,15 +277,16 @@ class FakeApi:
     """Answers /api/v1/query[_range] from a script and records each request's headers."""
 
     url: str = ""
-    answers: list[tuple[int, dict[str, Any], float]] = field(default_factory=list)
+    answers: list[tuple[int, dict[str, Any] | bytes, float]] = field(default_factory=list)
     seen: list[dict[str, str]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     redirect: str | None = None  # answer 302 to this base URL instead
 
     def answer(
-        self, status: int = 200, body: dict[str, Any] | None = None, delay: float = 0.0
+        self, status: int = 200, body: dict[str, Any] | bytes | None = None, delay: float = 0.0
     ) -> None:
+        """Script the next answer: a dict is sent as JSON, bytes as they are (an HTML page)."""
         self.answers.append((status, body if body is not None else _vector(), delay))
 
 
@@ -318,10 +319,13 @@ def fake_api() -> Iterator[FakeApi]:
             status, body, delay = api.answers[index] if api.answers else (200, _vector(), 0.0)
             if delay:
                 api.release.wait(delay)
-            payload = json.dumps(body).encode()
+            if isinstance(body, bytes):
+                payload, content_type = body, "text/html"
+            else:
+                payload, content_type = json.dumps(body).encode(), "application/json"
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -424,6 +428,78 @@ def test_4xx_is_not_retried(fake_api: FakeApi) -> None:
     ):
         source.query_instant("up")
     assert len(fake_api.seen) == 1
+
+
+_BAD_GATEWAY = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n</html>\r\n"
+
+
+@pytest.mark.parametrize("kind", ["range", "instant"])
+@pytest.mark.parametrize(
+    ("status", "body", "shown"),
+    [
+        (
+            422,
+            _error("execution", "query processing would load too many samples"),
+            "execution: query processing would load too many samples",
+        ),
+        (400, {"status": "error", "error": "bad_data"}, "error: bad_data"),
+        (400, {"status": "error"}, """'{"status": "error"}'"""),
+        (403, b"<html><body>Forbidden</body></html>", "'<html><body>Forbidden</body></html>'"),
+        (404, b"404 page not found\n", "'404 page not found\\n'"),
+        (400, b"\xff\xfe not UTF-8", "'\ufffd\ufffd not UTF-8'"),
+        (413, b"x" * 300, "'" + "x" * 97 + "..." + "x" * 98 + "'"),
+        (204, b"", "''"),
+    ],
+)
+def test_a_refusal_says_the_status_and_prometheus_error_or_the_body(
+    fake_api: FakeApi, kind: str, status: int, body: dict[str, Any] | bytes, shown: str
+) -> None:
+    fake_api.answer(status, body)
+    with (
+        PrometheusSource(PrometheusServerConfig(url=fake_api.url, retries=2)) as source,
+        pytest.raises(SourceError) as caught,
+    ):
+        if kind == "range":
+            source.query_range("up", datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC), 60)
+        else:
+            source.query_instant("up")
+    assert str(caught.value) == (
+        f"Prometheus at {fake_api.url} rejected query 'up' (HTTP {status}): {shown}"
+    )
+    assert not isinstance(caught.value, SourceUnavailableError)
+    assert caught.value.query == "up"
+    assert len(fake_api.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "shown"),
+    [
+        (503, _error("unavailable", "overloaded"), "unavailable: overloaded"),
+        (502, _BAD_GATEWAY, repr(_BAD_GATEWAY.decode())),
+    ],
+)
+def test_5xx_says_the_status_and_error_or_body_in_the_log_and_when_giving_up(
+    fake_api: FakeApi,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    body: dict[str, Any] | bytes,
+    shown: str,
+) -> None:
+    fake_api.answer(status, body)
+    with (
+        PrometheusSource(PrometheusServerConfig(url=fake_api.url, retries=1)) as source,
+        pytest.raises(SourceUnavailableError) as caught,
+    ):
+        source.query_instant("up")
+    assert str(caught.value) == (
+        f"Prometheus at {fake_api.url} is unavailable after 2 attempt(s) (timeout 10.0 s each): "
+        f"HTTP {status}: {shown}"
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"Prometheus at {fake_api.url} failed (attempt 1 of 2, retrying in 0.25 s): "
+        f"HTTP {status}: {shown}"
+    ]
+    assert len(fake_api.seen) == 2
 
 
 def test_timeout_is_bounded_by_attempts(fake_api: FakeApi) -> None:
