@@ -1,13 +1,12 @@
 """History from Prometheus (or Thanos / Mimir / any PromQL HTTP API), one series per query.
 
-Built on `prometheus-api-client`; its exceptions and `requests`' stop here and leave as
+Built on `prometheus-api-client`; HTTP errors and `requests`' exceptions stop here and leave as
 `SourceError` (the server answered, but not with one clean series) or `SourceUnavailableError`
 (it could not be reached after the retries). Credentials never reach a message, repr or log line.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import math
@@ -26,7 +25,6 @@ import numpy as np
 import pandas as pd
 import requests
 from prometheus_api_client import PrometheusConnect
-from prometheus_api_client.exceptions import PrometheusApiClientException
 from requests.auth import AuthBase, HTTPBasicAuth
 from urllib3.util.retry import Retry
 
@@ -43,7 +41,6 @@ _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _BACKOFF_SECONDS = 0.25
 _BACKOFF_CAP_SECONDS = 2.0
 _SENSITIVE_HEADER = re.compile(r"auth|token|secret|key|cookie|password|credential", re.IGNORECASE)
-_CLIENT_ERROR = re.compile(r"^HTTP Status Code (\d+) \((.*)\)$", re.DOTALL)
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\"()]+")
 
 _short = reprlib.Repr()
@@ -210,13 +207,27 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _prometheus_message(body: str) -> str:
-    """Prometheus's own `error` text from the client exception's repr of the response body."""
-    try:
-        raw = ast.literal_eval(body)
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    except (ValueError, SyntaxError):
-        text = body
+class _Refused(Exception):
+    """A non-200 answer, raised while its status and body are in hand: the client's own
+    exception has them only as text."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+def _refuse_non_200(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+    """Session response hook that turns a non-200 answer into `_Refused` before the client sees
+    it; a redirect passes, for requests to refuse as TooManyRedirects (`max_redirects = 0`)."""
+    if response.status_code != 200 and not response.is_redirect:
+        raise _Refused(response.status_code, response.content)
+    return response
+
+
+def _prometheus_message(body: bytes) -> str:
+    """Prometheus's own `error` text from a refusal's body, else the body itself, shortened."""
+    text = body.decode("utf-8", "replace")
     try:
         payload = json.loads(text)
     except ValueError:
@@ -248,6 +259,7 @@ class PrometheusSource:
         # A redirect would carry the configured headers (X-Scope-OrgID, a token header) to
         # wherever it points: not followed; the error names the target to configure instead.
         session.max_redirects = 0
+        session.hooks["response"].append(_refuse_non_200)  # status and body for _call
         # No transport-level retries: attempts, backoff and error mapping are ours (_call).
         self._client = PrometheusConnect(
             url=server.url,
@@ -382,17 +394,15 @@ class PrometheusSource:
         for attempt in range(1, attempts + 1):
             try:
                 return request()
-            except PrometheusApiClientException as exc:
-                match = _CLIENT_ERROR.match(str(exc))
-                status = int(match.group(1)) if match else 0
-                message = _prometheus_message(match.group(2)) if match else _short.repr(str(exc))
-                if status not in _RETRYABLE_STATUS:
+            except _Refused as exc:
+                message = _prometheus_message(exc.body)
+                if exc.status not in _RETRYABLE_STATUS:
                     raise SourceError(
                         f"Prometheus at {self.server.url} rejected query {query!r} "
-                        f"(HTTP {status}): {message}",
+                        f"(HTTP {exc.status}): {message}",
                         query=query,
                     ) from exc
-                reason = f"HTTP {status}: {message}"
+                reason = f"HTTP {exc.status}: {message}"
                 last_exc: Exception = exc
             except requests.Timeout as exc:
                 reason = f"no answer within {self.server.timeout_seconds} s"
