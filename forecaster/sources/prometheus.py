@@ -207,6 +207,33 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
+def _check_query(query: str) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInputError("query", f"must be a non-empty PromQL string, got {query!r}")
+    return query
+
+
+def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype="float64")
+    except (TypeError, ValueError) as exc:
+        raise SourceError(
+            f"query {query!r} returned a non-numeric value: {_short.repr(values)}",
+            query=query,
+        ) from exc
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        first = int(bad[0])
+        raise SourceError(
+            f"query {query!r} returned {_format_number(float(array[first]))} at "
+            f"{_iso(stamps[first])} "
+            f"({bad.size} non-finite value(s) in all); a scaler must not act on NaN or "
+            f"Inf: guard the query, e.g. divide with a non-zero denominator",
+            query=query,
+        )
+    return array
+
+
 class _Refused(Exception):
     """A non-200 answer, raised while its status and body are in hand: the client's own
     exception has them only as text."""
@@ -296,7 +323,7 @@ class PrometheusSource:
         `start` is rounded up to a whole second (Prometheus's grid); the window is split into
         requests of at most 11,000 points on that same grid, so no point is lost or repeated.
         """
-        query = self._check_query(query)
+        query = _check_query(query)
         if isinstance(step_seconds, bool) or not isinstance(step_seconds, int) or step_seconds < 1:
             raise InvalidInputError(
                 "step_seconds", f"must be an integer >= 1, got {step_seconds!r}"
@@ -345,7 +372,7 @@ class PrometheusSource:
         index = pd.DatetimeIndex(
             pd.to_datetime(millis, unit="ms", utc=True), name="timestamp"
         ).as_unit("ns")
-        array = self._finite(query, stamps, values)
+        array = _finite(query, stamps, values)
         series = pd.Series(array, index=index, name=query)
         if not (series.index.is_monotonic_increasing and series.index.is_unique):
             raise SourceError(
@@ -357,7 +384,7 @@ class PrometheusSource:
 
     def query_instant(self, query: str, at: datetime | None = None) -> tuple[datetime, float]:
         """Evaluate `query` once (at `at`, or the server's now): its timestamp and value."""
-        query = self._check_query(query)
+        query = _check_query(query)
         params = {"timeout": f"{self.server.timeout_seconds:g}"}
         if at is not None:
             params["time"] = f"{_utc(at, 'at').timestamp():.3f}"
@@ -378,14 +405,8 @@ class PrometheusSource:
                     f"vector: {_short.repr(items[0])}",
                     query=query,
                 ) from exc
-        number = self._finite(query, [float(stamp)], [value])[0]
+        number = _finite(query, [float(stamp)], [value])[0]
         return datetime.fromtimestamp(float(stamp), UTC), float(number)
-
-    @staticmethod
-    def _check_query(query: str) -> str:
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidInputError("query", f"must be a non-empty PromQL string, got {query!r}")
-        return query
 
     def _call(self, query: str, request: Callable[[], Any]) -> Any:
         """One API call, retried on transport errors and 5xx; errors mapped to ours."""
@@ -470,24 +491,3 @@ class PrometheusSource:
                 f"e.g. sum({query}) or sum by (...) with a matcher; series: {labels}",
                 query=query,
             )
-
-    @staticmethod
-    def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
-        try:
-            array = np.asarray(values, dtype="float64")
-        except (TypeError, ValueError) as exc:
-            raise SourceError(
-                f"query {query!r} returned a non-numeric value: {_short.repr(values)}",
-                query=query,
-            ) from exc
-        bad = np.flatnonzero(~np.isfinite(array))
-        if bad.size:
-            first = int(bad[0])
-            raise SourceError(
-                f"query {query!r} returned {_format_number(float(array[first]))} at "
-                f"{_iso(stamps[first])} "
-                f"({bad.size} non-finite value(s) in all); a scaler must not act on NaN or "
-                f"Inf: guard the query, e.g. divide with a non-zero denominator",
-                query=query,
-            )
-        return array
