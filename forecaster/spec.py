@@ -22,6 +22,7 @@ A ScaledObject trigger looks like::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -40,11 +41,16 @@ __all__ = [
     "AUTO_MODEL",
     "DEFAULT_PLAN_HALF_LIFE_SECONDS",
     "IGNORED_KEDA_KEYS",
+    "MAX_TARGET_VALUE",
     "METADATA_KEYS",
+    "MIN_TARGET_VALUE",
+    "MetricSpec",
     "TriggerSpec",
     "default_metric_name",
+    "metric_spec",
     "parse_time_zone",
     "parse_trigger_metadata",
+    "resolve_from_env",
 ]
 
 AUTO_MODEL = "auto"
@@ -69,7 +75,21 @@ METADATA_KEYS: Mapping[str, str] = {
 """Each metadata key this scaler reads, and the TriggerSpec field it fills."""
 
 IGNORED_KEDA_KEYS = frozenset({"scalerAddress", "enableTLS", "unsafeSsl"})
-"""Keys KEDA itself reads from the same trigger; skipped silently, as is any ``*FromEnv`` key."""
+"""Keys KEDA itself reads from the same trigger; skipped silently, as is any other
+``*FromEnv`` key."""
+
+FROM_ENV = "FromEnv"
+"""KEDA resolves ``xFromEnv`` from the workload's environment and sends the value under that
+key; forecaster reads it as the value of ``x``."""
+
+# KEDA sends targetValue to the HPA in millis: below one milli it is a zero target, which
+# Kubernetes rejects; above 1e15 the integer targetSize leaves int64 headroom.
+MIN_TARGET_VALUE = 0.001
+MAX_TARGET_VALUE = 1e15
+
+# Settings that name a target by themselves; every other key counts in the default metric
+# name only when it differs from its default.
+_IDENTITY_KEYS = frozenset({"serverAddress", "query", "targetValue", "metricName"})
 
 DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
 MIN_STEPS_IN_HISTORY = 10
@@ -119,19 +139,110 @@ class TriggerSpec:
         return self.metric_name or default_metric_name(self.server_address, self.query)
 
 
-def default_metric_name(server_address: str, query: str) -> str:
-    """A metric name stable across restarts: "fc-" and 12 hex digits of a hash of both inputs."""
-    digest = hashlib.sha256(f"{server_address}\n{query}".encode()).hexdigest()
+def default_metric_name(
+    server_address: str, query: str, settings: Mapping[str, str] | None = None
+) -> str:
+    """A metric name stable across restarts: "fc-" and 12 hex digits of a hash of the server,
+    the query and each setting that differs from its default (`settings`, key -> canonical
+    value), so that two triggers with different settings never share a target."""
+    extra = "".join(f"\n{key}={value}" for key, value in sorted((settings or {}).items()))
+    digest = hashlib.sha256(f"{server_address}\n{query}{extra}".encode()).hexdigest()
     return f"fc-{digest[:12]}"
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """What GetMetricSpec serves: the metric's name and the load one replica handles."""
+
+    metric_name: str
+    target_value: float
+
+
+def resolve_from_env(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The metadata with each ``xFromEnv`` of a known key read as ``x``; InvalidInputError
+    naming both keys when both are given."""
+    resolved = dict(metadata)
+    for key in metadata:
+        base = key[: -len(FROM_ENV)]
+        if key.endswith(FROM_ENV) and base in METADATA_KEYS:
+            if base in metadata:
+                raise InvalidInputError(
+                    key, f"and {base!r} are both set: give the value once, in one of them"
+                )
+            resolved[base] = resolved.pop(key)
+    return resolved
+
+
+def metric_spec(
+    metadata: Mapping[str, str], defaults: Mapping[str, str] | None = None
+) -> MetricSpec:
+    """The metric name and targetValue of a trigger, from its metadata alone (with the config's
+    `defaults` under it). Raises InvalidInputError only when targetValue is missing, unreadable
+    or out of bounds: every other mistake leaves the name computable and is reported when the
+    target is resolved, so KEDA keeps a metric spec and its fallback can count the failures."""
+    try:
+        values = {**(defaults or {}), **resolve_from_env(metadata)}
+    except InvalidInputError as exc:
+        if exc.field.removesuffix(FROM_ENV) == "targetValue":
+            raise
+        values = {**(defaults or {}), **metadata}
+    target = values.get("targetValue")
+    if not isinstance(target, str) or not target.strip():
+        raise InvalidInputError("targetValue", "is required: add it to the trigger's metadata")
+    target_value = _target_value(target.strip())
+    name = values.get("metricName")
+    if isinstance(name, str) and _METRIC_NAME.fullmatch(name.strip()):
+        return MetricSpec(name.strip(), target_value)
+    return MetricSpec(_hashed_name(values, defaults or {}), target_value)
+
+
+def _hashed_name(values: Mapping[str, object], defaults: Mapping[str, str]) -> str:
+    """The default metric name of metadata that may not parse: unparsable values count as
+    their text, so the name is still stable."""
+    server = _text(values.get("serverAddress"))
+    with contextlib.suppress(InvalidInputError):  # named by its text; resolving reports it
+        server = _server_address(server)
+    settings = {}
+    for key in METADATA_KEYS:
+        if key in _IDENTITY_KEYS or key not in values:
+            continue
+        value = _canonical(key, _text(values[key]))
+        default = _canonical(key, defaults[key]) if key in defaults else _BUILT_IN.get(key)
+        if value != default:
+            settings[key] = value
+    return default_metric_name(server, _text(values.get("query")), settings)
+
+
+def _text(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _canonical(key: str, text: str) -> str:
+    """A setting's value in one spelling ('5m' and '300' are one step), or its text when it
+    does not parse."""
+    parse = _CANONICAL.get(key)
+    if parse is None:
+        return text
+    try:
+        return str(parse(text, key))
+    except InvalidInputError:
+        return text
+
+
 def parse_trigger_metadata(
-    metadata: Mapping[str, str], *, known_models: Collection[str]
+    metadata: Mapping[str, str],
+    *,
+    known_models: Collection[str],
+    defaults: Mapping[str, str] | None = None,
 ) -> tuple[TriggerSpec, list[str]]:
-    """Validate KEDA trigger metadata; return the spec and the sorted keys nobody reads.
+    """Validate KEDA trigger metadata, with the config's `defaults` under it; return the spec
+    and the sorted keys nobody reads.
 
     Raises InvalidInputError naming the metadata key at the first rule broken.
     """
+    for key, value in metadata.items():
+        _string_value(key, value)
+    metadata = {**(defaults or {}), **resolve_from_env(metadata)}
     values = {key: _string_value(key, metadata[key]) for key in METADATA_KEYS if key in metadata}
     unknown = sorted(
         key
@@ -172,8 +283,9 @@ def parse_trigger_metadata(
         activation_value=_optional(
             values, "activationValue", _activation_value, TriggerSpec.activation_value
         ),
-        metric_name=_optional(
-            values, "metricName", _metric_name, default_metric_name(server_address, query)
+        metric_name=(
+            _metric_name(values["metricName"], "metricName") if "metricName" in values
+            else _hashed_name(values, defaults or {})
         ),
         time_zone=time_zone,
         exclude_from_training=parse_windows(
@@ -255,6 +367,18 @@ def _target_value(text: str) -> float:
             "targetValue",
             f"must be > 0: it is the metric value one replica handles; got {reprlib.repr(text)}",
         )
+    if value < MIN_TARGET_VALUE:
+        raise InvalidInputError(
+            "targetValue",
+            f"must be at least {MIN_TARGET_VALUE}: KEDA hands it to the HPA in millis, and a "
+            f"zero target is refused; got {reprlib.repr(text)}: scale the query instead",
+        )
+    if value > MAX_TARGET_VALUE:
+        raise InvalidInputError(
+            "targetValue",
+            f"must be at most {MAX_TARGET_VALUE:.0e}, within the HPA's integer range; "
+            f"got {reprlib.repr(text)}: scale the query instead",
+        )
     return value
 
 
@@ -330,3 +454,27 @@ def _metric_name(text: str, key: str) -> str:
             f"got {reprlib.repr(text)}",
         )
     return text
+
+
+# The parsers that give a setting's canonical value for the default metric name, and the
+# built-in defaults in the same spelling.
+_CANONICAL: dict[str, Callable[[str, str], object]] = {
+    "startupSeconds": _startup_seconds,
+    "quantile": _quantile,
+    "planHalfLife": parse_duration,
+    "historyWindow": _positive_duration,
+    "step": _positive_duration,
+    "activationValue": _activation_value,
+}
+_BUILT_IN: dict[str, str] = {
+    "startupSeconds": str(TriggerSpec.startup_seconds),
+    "quantile": str(TriggerSpec.quantile),
+    "planHalfLife": str(TriggerSpec.plan_half_life_seconds),
+    "historyWindow": str(TriggerSpec.history_window_seconds),
+    "step": str(TriggerSpec.step_seconds),
+    "model": TriggerSpec.model,
+    "activationValue": str(TriggerSpec.activation_value),
+    "timeZone": TriggerSpec.time_zone,
+    "excludeFromTraining": "",
+    "scheduledMinReplicas": "",
+}

@@ -94,8 +94,9 @@ class TargetResolver:
             raise InvalidInputError("scaledObjectRef.namespace", "is required")
         if not name:
             raise InvalidInputError("scaledObjectRef.name", "is required")
-        merged = {**self.settings.defaults, **metadata}
-        spec, unknown = parse_trigger_metadata(merged, known_models=MODEL_FACTORIES)
+        spec, unknown = parse_trigger_metadata(
+            metadata, known_models=MODEL_FACTORIES, defaults=self.settings.defaults
+        )
         tid = target_id(namespace, name, spec.effective_metric_name)
         self.sources.for_address(spec.server_address)  # reject unconfigured servers early
         if unknown and tid not in self._warned:

@@ -49,6 +49,7 @@ def evil(live: Live) -> str:
     ref = _ref(live.prometheus.url, model=MODEL, query=EVIL_QUERY)
     ref.name = EVIL_NAME
     metric = live.stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    live.stub.IsActive(ref, timeout=20)  # KEDA's next calls register the target
     target = live.service.engine.get(f"shop/{EVIL_NAME}/{metric}")
     _wait_for(lambda: target.snapshot.forecast is not None, timeout=60)
     return target.target_id

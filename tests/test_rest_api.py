@@ -3,6 +3,7 @@ from the config file and by a gRPC GetMetricSpec call (as KEDA's first call does
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -63,11 +64,15 @@ def rest_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Promet
 
 
 def _register(service: Service, namespace: str, name: str, meta: dict[str, str]) -> str:
-    """KEDA's first call: GetMetricSpec registers the target; returns its metric name."""
+    """KEDA's first calls: GetMetricSpec names the metric, IsActive registers the target;
+    returns its metric name."""
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         stub = pb_grpc.ExternalScalerStub(channel)
         ref = pb.ScaledObjectRef(namespace=namespace, name=name, scalerMetadata=meta)
-        return str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
+        metric = str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
+        with contextlib.suppress(grpc.RpcError):  # registered even when it has no value yet
+            stub.IsActive(ref, timeout=20)
+        return metric
 
 
 @pytest.fixture(scope="module")

@@ -123,13 +123,20 @@ def test_targets_beyond_the_maximum_are_refused_with_resource_exhausted(
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             stub = pb_grpc.ExternalScalerStub(channel)
-            first = _request(QUICK).scaledObjectRef
-            assert stub.GetMetricSpec(first, timeout=10).metricSpecs
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.GetMetricSpec(_request(HELD).scaledObjectRef, timeout=10)
-            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "maxTargets" in (caught.value.details() or "")
-            assert stub.GetMetricSpec(first, timeout=10).metricSpecs  # the known one still is
+            first = _request(QUICK)
+            assert stub.GetMetricSpec(first.scaledObjectRef, timeout=10).metricSpecs
+            assert stub.GetMetrics(first, timeout=10).metricValues
+            over = _request(HELD)
+            # The spec is served from the metadata alone, so KEDA's fallback can count the
+            # refusals that GetMetrics and IsActive give.
+            assert stub.GetMetricSpec(over.scaledObjectRef, timeout=10).metricSpecs
+            for call in (lambda: stub.GetMetrics(over, timeout=10),
+                         lambda: stub.IsActive(over.scaledObjectRef, timeout=10)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "maxTargets" in (caught.value.details() or "")
+            assert stub.GetMetrics(first, timeout=10).metricValues  # the known one still is
             assert len(service.engine) == 1
     finally:
         service.stop()

@@ -34,6 +34,7 @@ from forecaster.scaler.messages import (
     SERVE,
     START,
     Answer,
+    Failure,
     FrontSettings,
     Trigger,
 )
@@ -71,13 +72,17 @@ def _request(target_value: str = "10") -> pb.GetMetricsRequest:
 
 
 @contextlib.contextmanager
-def _bare_front(settings: FrontSettings) -> Iterator[tuple[Connection, int]]:
-    """A front process started as the service starts it, with the test as its engine."""
+def _bare_front(
+    settings: FrontSettings, log: Path | None = None
+) -> Iterator[tuple[Connection, int]]:
+    """A front process started as the service starts it, with the test as its engine; its
+    log (standard error) goes to `log` when given."""
     ours, theirs = socket.socketpair()
-    with theirs:
+    with theirs, contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log is not None else None
         front = subprocess.Popen(
             [sys.executable, "-c", front_command(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
+            pass_fds=(theirs.fileno(),), stderr=stderr,
         )
     connection = Connection(ours.detach())
     try:
@@ -216,9 +221,10 @@ def test_an_edited_then_reverted_trigger_is_served_as_reverted(service: Service)
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         stub = pb_grpc.ExternalScalerStub(channel)
         for value in (10.0, 20.0, 10.0):  # the same target id: metricName hashes the query
-            ref = _request(f"{value:g}").scaledObjectRef
-            (spec,) = stub.GetMetricSpec(ref, timeout=10).metricSpecs
+            request = _request(f"{value:g}")
+            (spec,) = stub.GetMetricSpec(request.scaledObjectRef, timeout=10).metricSpecs
             assert spec.targetSizeFloat == value
+            stub.GetMetrics(request, timeout=10)  # KEDA's order: GetMetrics resolves the target
             engine_spec = service.engine.get(f"shop/web/{spec.metricName}").spec
             assert engine_spec.target_value == value
 
@@ -231,3 +237,136 @@ def test_a_taken_grpc_port_is_a_clear_error_at_start() -> None:
         with pytest.raises(RuntimeError, match=f"cannot serve gRPC on 127.0.0.1:{port}"):
             Service(_settings(grpc_port=port), source=ReplaySource.from_folder(DATA),
                     fit_pool=ThreadPoolExecutor(1))
+
+
+# -- what KEDA gets around errors: the spec from the metadata alone, answers within deadlines --
+
+def _quiet_engine(connection: Connection, answer: Answer | None) -> threading.Event:
+    """Play the engine's process: beat every 0.2 s; resolve each trigger with `answer`, or,
+    with None, never resolve anything. Returns the event that stops it."""
+    stop = threading.Event()
+
+    def run() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while not stop.is_set():
+                if connection.poll(0.2):
+                    message = connection.recv()
+                    if message[0] == RESOLVE and answer is not None:
+                        connection.send((RESOLVED, message[1],
+                                         Trigger("shop/web/fc-0", "fc-0", 10.0), answer))
+                connection.send((ANSWERS, {}))
+
+    threading.Thread(target=run, daemon=True).start()
+    return stop
+
+
+def test_the_metric_spec_is_served_while_the_engine_cannot_resolve_the_trigger() -> None:
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=20.0)
+    with _bare_front(settings) as (connection, port):
+        stop = _quiet_engine(connection, None)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            request = _request("12.5")
+            (spec,) = stub.GetMetricSpec(request.scaledObjectRef, timeout=3).metricSpecs
+            assert (spec.targetSizeFloat, spec.targetSize) == (12.5, 13)
+            assert spec.metricName.startswith("fc-")
+            began = time.monotonic()
+            for call in (lambda: stub.GetMetrics(request, timeout=3),
+                         lambda: stub.IsActive(request.scaledObjectRef, timeout=3)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                # within the call's 3 s deadline, with the reason, so KEDA's fallback counts it
+                assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert "did not answer" in (caught.value.details() or "")
+            assert time.monotonic() - began < 6.0
+        stop.set()
+
+
+def test_a_first_value_wait_ends_within_the_calls_deadline() -> None:
+    # The engine resolves the trigger, but the target has no first value yet; the front would
+    # wait up to 20 s for it, and KEDA's HPA read gives the call 3 s.
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=20.0)
+    waiting = Answer(False, failure=Failure("UNAVAILABLE", "no data yet for target shop/web"))
+    with _bare_front(settings) as (connection, port):
+        stop = _quiet_engine(connection, waiting)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetMetrics(_request(), timeout=3)
+            assert time.monotonic() - began < 3.0
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "no data yet" in (caught.value.details() or "")
+        stop.set()
+
+
+def test_a_metric_name_with_keda_2_5s_trigger_index_is_accepted() -> None:
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0)
+    with _bare_front(settings) as (connection, port):
+        stop = _quiet_engine(connection, Answer(True, 7.0, True))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            request = _request()
+            name = stub.GetMetricSpec(request.scaledObjectRef, timeout=5).metricSpecs[0].metricName
+            for sent in (name, f"s1-{name}", f"s12-{name}"):
+                request.metricName = sent
+                assert stub.GetMetrics(request, timeout=5).metricValues[0].metricValueFloat == 7.0
+            request.metricName = f"s1-{name}x"
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetMetrics(request, timeout=5)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "metricName" in (caught.value.details() or "")
+        stop.set()
+
+
+def test_stream_metric_spec_is_unimplemented_without_a_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "front.log"
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0)
+    with (_bare_front(settings, log) as (_, port),
+          grpc.insecure_channel(f"127.0.0.1:{port}") as channel):
+        stub = pb_grpc.ExternalScalerStub(channel)
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as caught:
+                next(stub.StreamMetricSpec(_request().scaledObjectRef, timeout=5))
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            assert "GetMetricSpec" in (caught.value.details() or "")
+        assert _serving(port)  # a call after them: their log lines are written by now
+        text = log.read_text()  # before the test, as the engine, goes and the front says so
+    assert "Traceback" not in text and "ERROR" not in text, text
+
+
+def test_a_query_from_the_workloads_environment_is_read_as_the_query(service: Service) -> None:
+    request = _request()
+    metadata = request.scaledObjectRef.scalerMetadata
+    metadata["queryFromEnv"] = metadata.pop("query")  # as KEDA sends a resolved queryFromEnv
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.ExternalScalerStub(channel)
+        name = stub.GetMetricSpec(request.scaledObjectRef, timeout=10).metricSpecs[0].metricName
+        assert name == stub.GetMetricSpec(_request().scaledObjectRef, timeout=10) \
+            .metricSpecs[0].metricName  # the same metric as with `query`
+        request.metricName = name
+        assert stub.GetMetrics(request, timeout=20).metricValues[0].metricValueFloat > 0
+        assert service.engine.get(f"shop/web/{name}").spec.query == QUERY
+        metadata["query"] = QUERY  # both: which one is meant?
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetMetrics(request, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert "queryFromEnv" in details and "'query'" in details
+
+
+def test_triggers_that_differ_in_a_setting_never_share_a_target(service: Service) -> None:
+    early, late = _request(), _request()
+    late.scaledObjectRef.scalerMetadata["startupSeconds"] = "900"
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.ExternalScalerStub(channel)
+        names = []
+        for request in (early, late, early, late):
+            name = stub.GetMetricSpec(request.scaledObjectRef, timeout=10).metricSpecs[0]
+            request.metricName = name.metricName
+            stub.GetMetrics(request, timeout=20)
+            names.append(name.metricName)
+    assert names[0] != names[1] and names[:2] == names[2:]
+    specs = {name: service.engine.get(f"shop/web/{name}").spec for name in names[:2]}
+    assert [specs[n].startup_seconds for n in names[:2]] == [300, 900]
+    assert len(service.engine) == 2

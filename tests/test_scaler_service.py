@@ -127,6 +127,14 @@ def _ref(url: str, **metadata: str) -> pb.ScaledObjectRef:
     return pb.ScaledObjectRef(name="web", namespace="shop", scalerMetadata=base)
 
 
+def _register(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> str:
+    """KEDA's first calls: GetMetricSpec names the metric from the metadata alone, and
+    GetMetrics with that name registers the target with the engine. Returns the name."""
+    name: str = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=15)
+    return name
+
+
 def _wait_for(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -159,6 +167,7 @@ def test_keda_call_order_serves_the_planned_load(
     (metric,) = spec.metricSpecs
     assert metric.targetSizeFloat == pytest.approx(16.7)
     assert metric.targetSize == 17
+    assert _register(stub, ref) == metric.metricName
     target_id = f"shop/web/{metric.metricName}"
     _wait_for(lambda: service.engine.get(target_id).snapshot.forecast is not None)
 
@@ -200,8 +209,9 @@ def test_default_metric_name_is_stable_across_restarts(
             names.append(stub.GetMetricSpec(_ref(live_prometheus.url), timeout=10)
                          .metricSpecs[0].metricName)
         service.stop()
+    # The server, the query, and each setting that differs from its default (model here).
     digest = hashlib.sha256(
-        f"{live_prometheus.url}\nsum(web_requests{{job=\"web\"}})".encode()
+        f"{live_prometheus.url}\nsum(web_requests{{job=\"web\"}})\nmodel=holt_winters".encode()
     ).hexdigest()
     assert names == [f"fc-{digest[:12]}"] * 2
 
@@ -237,9 +247,16 @@ def test_bad_metadata_is_invalid_argument_naming_the_key(
             del ref.scalerMetadata[name]
         else:
             ref.scalerMetadata[name] = value
+    if key == "targetValue":  # without it no metric spec can be formed
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetMetricSpec(ref, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert key in caught.value.details()
+        name = "x"
+    else:  # the spec is served, so KEDA's fallback counts the failures below
+        name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
     for call in (
-        lambda: stub.GetMetricSpec(ref, timeout=10),
-        lambda: stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName="x"),
+        lambda: stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
                                 timeout=10),
         lambda: stub.IsActive(ref, timeout=10),
     ):
@@ -253,8 +270,9 @@ def test_unconfigured_server_address_is_refused(
     stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
 ) -> None:
     ref = _ref("http://127.0.0.1:1")
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
     with pytest.raises(grpc.RpcError) as caught:
-        stub.GetMetricSpec(ref, timeout=10)
+        stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=10)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "serverAddress" in caught.value.details()
     assert "not a configured Prometheus server" in caught.value.details()
@@ -306,7 +324,7 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
         service = make_service(_settings(own.url), clock=clock)
         for stub in _stub(service):
             ref = _ref(own.url)
-            name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+            name = _register(stub, ref)
             target = service.engine.get(f"shop/web/{name}")
             _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
             request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
@@ -392,7 +410,7 @@ def test_dry_run_serves_the_current_load_and_keeps_the_decision(
     service = make_service(settings)
     for stub in _stub(service):
         ref = _ref(live_prometheus.url)
-        name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+        name = _register(stub, ref)
         target = service.engine.get(f"shop/web/{name}")
         _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
         served = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),

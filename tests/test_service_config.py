@@ -209,7 +209,10 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 
 
 def _metric_name(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> str:
-    return str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
+    """KEDA's first calls: the metric's name, then IsActive, which registers the target."""
+    name = str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
+    stub.IsActive(ref, timeout=20)
+    return name
 
 
 def test_configured_target_is_fitted_at_start_up_and_requests_map_to_it(
@@ -282,7 +285,7 @@ def test_unknown_metadata_keys_are_logged_once_per_target_and_ignored(
         "scalerAddress": "forecaster.autoscaling:50051",
         "enableTLS": "true",
         "unsafeSsl": "false",
-        "targetValueFromEnv": "TARGET_VALUE",
+        "passwordFromEnv": "PROM_PASSWORD",
     }
     noisy = {**plain, **keda_own, "lookback": "1h", "Threshold": "5"}
 
@@ -409,7 +412,7 @@ def test_a_configured_url_matches_with_or_without_a_trailing_slash(
     assert len(names) == 1  # one canonical address, one metric
     assert len(service.engine) == 1
     with pytest.raises(grpc.RpcError) as caught:
-        stub.GetMetricSpec(_ref(_metadata("http://127.0.0.1:1")), timeout=10)
+        stub.IsActive(_ref(_metadata("http://127.0.0.1:1")), timeout=10)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "serverAddress" in caught.value.details()
 

@@ -73,9 +73,16 @@ def live(prometheus_now: PrometheusServer) -> Iterator[Live]:
             stub = pb_grpc.ExternalScalerStub(channel)
             ref = _ref(prometheus_now.url, model=MODEL)
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+            stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=20)
             target = service.engine.get(f"shop/web/{name}")
             _wait_for(lambda: target.snapshot.forecast is not None, timeout=60)
-            yield Live(service, stub, prometheus_now, target)
+            live = Live(service, stub, prometheus_now, target)
+            # The front reports its call counts every half second: tests that count calls
+            # start once the registering call above is in.
+            _wait_for(lambda: any(
+                s.labels.get("method") == "GetMetrics" and s.value >= 1
+                for s in scrape(live).get("forecaster_requests_total", [])), timeout=10)
+            yield live
     finally:
         service.stop()
         fits.shutdown(wait=True, cancel_futures=True)
@@ -259,6 +266,7 @@ def test_a_new_target_reports_the_reactive_fallback_until_its_first_fit(
             stub = pb_grpc.ExternalScalerStub(channel)
             ref = _ref(prometheus_now.url, model=MODEL)
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+            stub.IsActive(ref, timeout=20)  # KEDA's next calls register the target
             target = service.engine.get(f"shop/web/{name}")
             _wait_for(lambda: target.snapshot.planned is not None, timeout=30)
             live = Live(service, stub, prometheus_now, target)

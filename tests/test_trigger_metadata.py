@@ -13,6 +13,7 @@ from forecaster.errors import InvalidInputError
 from forecaster.spec import (
     TriggerSpec,
     default_metric_name,
+    metric_spec,
     parse_trigger_metadata,
 )
 
@@ -175,7 +176,6 @@ def test_keda_keys_are_ignored_and_unknown_keys_returned_sorted() -> None:
         scalerAddress="forecaster.autoscaling:9090",
         enableTLS="true",
         unsafeSsl="false",
-        serverAddressFromEnv="PROM_URL",
         tokenFromEnv="TOKEN",
         zeta="1",
         alpha="2",
@@ -183,6 +183,23 @@ def test_keda_keys_are_ignored_and_unknown_keys_returned_sorted() -> None:
     )
     assert unknown == ["Quantile", "alpha", "zeta"]
     assert spec.quantile == 0.9
+
+
+def test_from_env_keys_are_read_as_their_key() -> None:
+    # KEDA resolves xFromEnv from the workload's environment and sends the value under xFromEnv.
+    metadata = {**REQUIRED}
+    del metadata["query"], metadata["targetValue"]
+    spec, unknown = parse_trigger_metadata(
+        {**metadata, "queryFromEnv": "sum(rate(x[1m]))", "targetValueFromEnv": "12.5"},
+        known_models=KNOWN_MODELS,
+    )
+    assert (spec.query, spec.target_value, unknown) == ("sum(rate(x[1m]))", 12.5, [])
+
+
+def test_a_key_and_its_from_env_twin_together_name_both() -> None:
+    error = error_for({**REQUIRED, "queryFromEnv": "up"})
+    assert error.field == "queryFromEnv"
+    assert "'query'" in error.reason and "both set" in error.reason
 
 
 def test_no_unknown_keys_gives_an_empty_list() -> None:
@@ -328,3 +345,52 @@ def test_duration_round_trip(seconds: int) -> None:
 def test_duration_canonical_form_parses_to_the_same_seconds(number: int, unit: str) -> None:
     seconds = parse_duration(f"{number}{unit}", "step")
     assert parse_duration(format_duration(seconds), "step") == seconds
+
+
+# --- the metric spec from the metadata alone ---------------------------------------------
+
+
+def test_the_default_name_is_todays_hash_while_every_setting_is_at_its_default() -> None:
+    spelled_out = {**REQUIRED, "step": "5m", "startupSeconds": "300", "model": "auto",
+                   "quantile": "0.9", "historyWindow": "2w", "scalerAddress": "x:1"}
+    for metadata in (REQUIRED, spelled_out):
+        assert metric_spec(metadata).metric_name == default_metric_name(SERVER, QUERY)
+        spec, _ = parse_trigger_metadata(metadata, known_models=KNOWN_MODELS)
+        assert spec.metric_name == default_metric_name(SERVER, QUERY)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("step", "1m"), ("startupSeconds", "600"), ("model", "ets"), ("quantile", "0.95"),
+     ("timeZone", "Europe/Paris"), ("excludeFromTraining", "2026-11-20T10:00Z/2026-11-20T11:00Z")],
+)
+def test_each_setting_that_differs_from_its_default_names_another_metric(
+    key: str, value: str
+) -> None:
+    differing = {**REQUIRED, key: value}
+    name = metric_spec(differing).metric_name
+    assert name != default_metric_name(SERVER, QUERY)
+    spec, _ = parse_trigger_metadata(differing, known_models=KNOWN_MODELS)
+    assert spec.metric_name == name  # the front and the engine name it alike
+    # against the config's defaults instead: the same value there is no difference
+    assert metric_spec(REQUIRED, {key: value}).metric_name == metric_spec(differing, {key: value}) \
+        .metric_name == default_metric_name(SERVER, QUERY)
+
+
+def test_the_metric_spec_needs_only_a_readable_target_value() -> None:
+    broken = {"targetValue": "20", "quantile": "2", "step": "soon", "metricName": "bad name!"}
+    spec = metric_spec(broken)
+    assert spec.target_value == 20.0 and spec.metric_name.startswith("fc-")
+    assert metric_spec(broken) == spec  # stable, so GetMetrics can check the name it gets
+    for metadata, words in (
+        ({**REQUIRED, "targetValue": ""}, "is required"),
+        ({"query": QUERY}, "is required"),
+        ({**REQUIRED, "targetValue": "lots"}, "finite decimal"),
+        ({**REQUIRED, "targetValue": "0.0005"}, "at least 0.001"),
+        ({**REQUIRED, "targetValue": "1e16"}, "at most 1e+15"),
+    ):
+        with pytest.raises(InvalidInputError) as caught:
+            metric_spec(metadata)
+        assert caught.value.field == "targetValue" and words in caught.value.reason
+    assert metric_spec({**REQUIRED, "targetValue": "0.001"}).target_value == 0.001
+

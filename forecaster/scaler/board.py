@@ -74,12 +74,23 @@ class Board:
 
     # -- what the servicer uses --------------------------------------------------------------
 
-    async def trigger(self, namespace: str, name: str, metadata: Mapping[str, str]) -> Trigger:
-        """The trigger for this ref; FailedCall with the engine's reason when it is invalid."""
+    async def trigger(
+        self,
+        namespace: str,
+        name: str,
+        metadata: Mapping[str, str],
+        *,
+        timeout: float | None = None,
+    ) -> Trigger:
+        """The trigger for this ref; FailedCall with the engine's reason when it is invalid.
+        A resolution waits at most `timeout` seconds (the call's deadline), less by default."""
         key = (namespace, name, frozenset(metadata.items()))
         trigger = self._triggers.get(key)
         if trigger is None:  # resolving registers the target, or marks it as asked about
-            return await self._resolve(key, namespace, name, metadata)
+            limit = self._resolve_timeout
+            if timeout is not None:
+                limit = max(0.0, min(timeout, limit))
+            return await self._resolve(key, namespace, name, metadata, limit)
         self._touched.add(trigger.target_id)
         return trigger
 
@@ -105,7 +116,12 @@ class Board:
     # -- resolving -----------------------------------------------------------------------------
 
     async def _resolve(
-        self, key: TriggerKey, namespace: str, name: str, metadata: Mapping[str, str]
+        self,
+        key: TriggerKey,
+        namespace: str,
+        name: str,
+        metadata: Mapping[str, str],
+        timeout: float,
     ) -> Trigger:
         future = self._resolving.get(key)
         if future is None:  # calls with the same trigger at once share one round trip
@@ -123,15 +139,17 @@ class Board:
                     Failure("UNAVAILABLE", "the forecaster engine has stopped")
                 ) from None
         try:
-            result, _ = await asyncio.wait_for(asyncio.shield(future), self._resolve_timeout)
+            result, _ = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            if self._resolving.get(key) is future:
+            if timeout >= self._resolve_timeout and self._resolving.get(key) is future:
+                # The engine is stuck: the next call asks again. A call whose own deadline
+                # came first leaves the request in flight for the calls after it.
                 del self._resolving[key]
                 for request_id in [r for r, k in self._requests.items() if k == key]:
                     del self._requests[request_id]
             raise FailedCall(Failure(
                 "UNAVAILABLE",
-                f"the forecaster engine did not answer within {self._resolve_timeout:.0f}s",
+                f"the forecaster engine did not answer within {timeout:.1f}s",
             )) from None
         if isinstance(result, Failure):
             raise FailedCall(result)

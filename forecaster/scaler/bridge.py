@@ -332,6 +332,7 @@ def front_settings(settings: Settings) -> FrontSettings:
         key_file=tls.key_file if tls else None,
         client_ca_file=tls.client_ca_file if tls else None,
         log_level=logging.getLogger().getEffectiveLevel(),
+        defaults=tuple(settings.defaults.items()),
     )
 
 

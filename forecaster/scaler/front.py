@@ -47,6 +47,7 @@ def serve(connection: Connection) -> int:
     servicer = ExternalScaler(
         board,
         first_value_wait_seconds=settings.first_value_wait_seconds,
+        defaults=dict(settings.defaults),
         stream_check_seconds=settings.stream_check_seconds,
         engine_silence_seconds=settings.engine_silence_seconds,
     )

@@ -80,5 +80,7 @@ class FrontSettings:
     key_file: str | None = None
     client_ca_file: str | None = None
     max_concurrent_rpcs: int = 4096
+    # The config's trigger metadata defaults: GetMetricSpec names a metric as the engine does.
+    defaults: tuple[tuple[str, str], ...] = ()
     log_level: int = 20
     log_format: str = FRONT_LOG_FORMAT

@@ -3,11 +3,13 @@
 Replica bounds and scale-down behaviour belong to the ScaledObject; this service serves the
 load to plan for and the HPA turns it into replicas (targetSizeFloat = targetValue).
 
-It runs in the scaler's front process, on the gRPC server's event loop. A call looks up its
+It runs in the scaler's front process, on the gRPC server's event loop. GetMetricSpec answers
+from the trigger's metadata alone: KEDA's fallback counts only GetMetrics and IsActive errors,
+and a failed GetMetricSpec leaves the HPA without a metric. GetMetrics and IsActive look up the
 trigger (resolved once by the engine's process, then cached) and the target's latest answer,
 which the engine's process pushes as it changes: tens of microseconds, so it runs inline. The
-one wait, for a new target's first value, is a future the next answer resolves, so it never
-holds up other calls.
+one wait, for a new target's first value, is a future the next answer resolves, bounded by the
+call's deadline, so it never holds up other calls.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
 from grpc import aio
 
+from forecaster.errors import InvalidInputError
 from forecaster.scaler.board import Board
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -33,8 +37,15 @@ from forecaster.scaler.messages import (
     Failure,
     Trigger,
 )
+from forecaster.spec import MetricSpec, metric_spec
 
 log = logging.getLogger(__name__)
+
+# Left of a call's deadline to answer in: a wait that ends then still reports its reason.
+DEADLINE_MARGIN_SECONDS = 0.2
+METRIC_SPEC_CACHE_SIZE = 20_000
+# KEDA 2.5-2.6 send GetMetrics the name with its trigger index: "s0-<name>".
+_INDEX_PREFIX = re.compile(r"s[0-9]+-")
 
 
 class ExternalScaler(pb_grpc.ExternalScalerServicer):
@@ -47,8 +58,11 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         first_value_wait_seconds: float,
         stream_check_seconds: float = STREAM_CHECK_SECONDS,
         engine_silence_seconds: float = ENGINE_SILENCE_SECONDS,
+        defaults: Mapping[str, str] | None = None,
     ) -> None:
         self.board = board
+        self.defaults = dict(defaults or {})
+        self._metric_specs: dict[frozenset[tuple[str, str]], MetricSpec] = {}
         self.first_value_wait_seconds = first_value_wait_seconds
         self.stream_check_seconds = stream_check_seconds
         self.engine_silence_seconds = engine_silence_seconds
@@ -90,10 +104,26 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         await context.abort(code, message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    async def _trigger(self, ref: pb.ScaledObjectRef) -> Trigger:
-        return await self.board.trigger(ref.namespace, ref.name, dict(ref.scalerMetadata))
+    def _metric_spec(self, ref: pb.ScaledObjectRef) -> MetricSpec:
+        """The metric's name and target from the metadata alone; cached, as KEDA repeats it."""
+        key = frozenset(ref.scalerMetadata.items())
+        found = self._metric_specs.get(key)
+        if found is None:
+            try:
+                found = metric_spec(dict(ref.scalerMetadata), self.defaults)
+            except InvalidInputError as exc:
+                raise FailedCall(Failure("INVALID_ARGUMENT", str(exc))) from None
+            if len(self._metric_specs) >= METRIC_SPEC_CACHE_SIZE:
+                del self._metric_specs[next(iter(self._metric_specs))]  # the oldest
+            self._metric_specs[key] = found
+        return found
 
-    async def _answer(self, target_id: str) -> Answer:
+    async def _trigger(self, ref: pb.ScaledObjectRef, context: aio.ServicerContext) -> Trigger:
+        return await self.board.trigger(
+            ref.namespace, ref.name, dict(ref.scalerMetadata), timeout=_time_left(context)
+        )
+
+    async def _answer(self, target_id: str, context: aio.ServicerContext) -> Answer:
         """The target's answer. A target new to the engine has none until its first refresh:
         wait for it (bounded by the first-value wait, cut short by a stop) without blocking.
         An engine that has gone silent may be stalled: its last answers are not trusted."""
@@ -103,7 +133,9 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                 "UNAVAILABLE", f"the forecaster engine has not been heard from for {silent:.0f}s"
             ))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.first_value_wait_seconds
+        wait = self.first_value_wait_seconds
+        left = _time_left(context)
+        deadline = loop.time() + (wait if left is None else min(wait, left))
         answer = self.board.answer(target_id)
         while answer is not None and not answer.first_value:
             remaining = deadline - loop.time()
@@ -127,29 +159,41 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         self, request: pb.ScaledObjectRef, context: aio.ServicerContext
     ) -> pb.GetMetricSpecResponse:
         try:
-            trigger = await self._trigger(request)
+            found = self._metric_spec(request)
         except Exception as exc:
             await self._abort("GetMetricSpec", context, exc)
         self.board.count("GetMetricSpec", "OK")
-        value = trigger.target_value
+        value = found.target_value
         spec = pb.MetricSpec(
-            metricName=trigger.metric_name, targetSize=math.ceil(value), targetSizeFloat=value
+            metricName=found.metric_name, targetSize=math.ceil(value), targetSizeFloat=value
         )
         return pb.GetMetricSpecResponse(metricSpecs=[spec])
+
+    async def StreamMetricSpec(
+        self, request: pb.ScaledObjectRef, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GetMetricSpecResponse]:
+        """Not offered: KEDA then polls GetMetricSpec, which is what this scaler expects."""
+        self.board.count("StreamMetricSpec", "UNIMPLEMENTED")
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "StreamMetricSpec is not offered: the metric spec comes from GetMetricSpec",
+        )
+        yield pb.GetMetricSpecResponse()  # pragma: no cover: makes this an async generator
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: aio.ServicerContext
     ) -> pb.GetMetricsResponse:
         try:
-            trigger = await self._trigger(request.scaledObjectRef)
-            name = trigger.metric_name
-            if request.metricName and request.metricName != name:
+            name = self._metric_spec(request.scaledObjectRef).metric_name
+            asked = request.metricName
+            if asked and asked != name and _INDEX_PREFIX.sub("", asked, count=1) != name:
                 raise FailedCall(Failure(
                     "INVALID_ARGUMENT",
-                    f"metricName: {request.metricName!r} is not this trigger's metric; "
+                    f"metricName: {asked!r} is not this trigger's metric; "
                     f"GetMetricSpec named it {name!r}",
                 ))
-            answer = await self._answer(trigger.target_id)
+            trigger = await self._trigger(request.scaledObjectRef, context)
+            answer = await self._answer(trigger.target_id, context)
             assert answer.value is not None  # an answer without a failure has a value
         except Exception as exc:
             await self._abort("GetMetrics", context, exc)
@@ -159,15 +203,15 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         )
         return pb.GetMetricsResponse(metricValues=[value])
 
-    async def _is_active(self, request: pb.ScaledObjectRef) -> bool:
-        trigger = await self._trigger(request)  # also keeps the target from going idle
-        return (await self._answer(trigger.target_id)).active
+    async def _is_active(self, request: pb.ScaledObjectRef, context: aio.ServicerContext) -> bool:
+        trigger = await self._trigger(request, context)  # also keeps the target from going idle
+        return (await self._answer(trigger.target_id, context)).active
 
     async def IsActive(
         self, request: pb.ScaledObjectRef, context: aio.ServicerContext
     ) -> pb.IsActiveResponse:
         try:
-            active = await self._is_active(request)
+            active = await self._is_active(request, context)
         except Exception as exc:
             await self._abort("IsActive", context, exc)
         self.board.count("IsActive", "OK")
@@ -179,7 +223,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         """Send the state at once, then on each change (checked every few seconds); end when
         the client goes away (the call is cancelled) or the server stops."""
         try:
-            await self._trigger(request)
+            await self._trigger(request, context)
         except Exception as exc:
             await self._abort("StreamIsActive", context, exc)
         last: bool | None = None
@@ -187,7 +231,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         try:
             while not self.stopping.is_set():
                 try:
-                    active = await self._is_active(request)
+                    active = await self._is_active(request, context)
                 except Exception as exc:
                     if not (isinstance(exc, FailedCall) and exc.failure.code == "UNAVAILABLE"):
                         failed = True
@@ -201,3 +245,9 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         finally:
             if not failed:
                 self.board.count("StreamIsActive", "OK")
+
+
+def _time_left(context: aio.ServicerContext) -> float | None:
+    """Seconds until the call's deadline, less a margin to answer in; None without one."""
+    left = context.time_remaining()
+    return None if left is None else max(0.0, left - DEADLINE_MARGIN_SECONDS)
