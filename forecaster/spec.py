@@ -46,6 +46,7 @@ __all__ = [
     "MIN_TARGET_VALUE",
     "MetricSpec",
     "TriggerSpec",
+    "check_object_ref",
     "default_metric_name",
     "metric_spec",
     "parse_time_zone",
@@ -93,11 +94,22 @@ _IDENTITY_KEYS = frozenset({"serverAddress", "query", "targetValue", "metricName
 
 DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
 MIN_STEPS_IN_HISTORY = 10
+# Bounds on what one trigger may ask for: each keeps a target's memory and its queries to
+# Prometheus within what one service of many targets can hold.
+MAX_STARTUP_SECONDS = 6 * 3_600
+MAX_HISTORY_SECONDS = 90 * 86_400
+MIN_STEP_SECONDS = 10
+MAX_STEP_SECONDS = 3_600
+MAX_POINTS = 50_000
+MAX_QUERY_BYTES = 8 * 1_024
+MAX_METRIC_NAME = 128
 MIN_QUANTILE = 0.5
 
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,12}")
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _CREDENTIALS = re.compile(r"(?<=//)[^/@]*@")
 
 _T = TypeVar("_T")
@@ -191,7 +203,8 @@ def metric_spec(
         raise InvalidInputError("targetValue", "is required: add it to the trigger's metadata")
     target_value = _target_value(target.strip())
     name = values.get("metricName")
-    if isinstance(name, str) and _METRIC_NAME.fullmatch(name.strip()):
+    if (isinstance(name, str) and len(name.strip()) <= MAX_METRIC_NAME
+            and _METRIC_NAME.fullmatch(name.strip())):
         return MetricSpec(name.strip(), target_value)
     return MetricSpec(_hashed_name(values, defaults or {}), target_value)
 
@@ -229,6 +242,22 @@ def _canonical(key: str, text: str) -> str:
         return text
 
 
+def check_object_ref(namespace: str, name: str) -> None:
+    """A ScaledObject's namespace and name as Kubernetes allows them (DNS-1123 label and
+    subdomain): they become log lines, metric labels and URLs."""
+    for key, value, pattern, limit, form in (
+        ("scaledObjectRef.namespace", namespace, _DNS_LABEL, 63, "DNS-1123 label"),
+        ("scaledObjectRef.name", name, _DNS_SUBDOMAIN, 253, "DNS-1123 subdomain"),
+    ):
+        if not value:
+            raise InvalidInputError(key, "is required")
+        if len(value) > limit or not pattern.fullmatch(value):
+            raise InvalidInputError(
+                key, f"must be a {form} (lower-case letters, digits and '-', at most {limit} "
+                f"characters), as Kubernetes names are; got {reprlib.repr(value[:80])}",
+            )
+
+
 def parse_trigger_metadata(
     metadata: Mapping[str, str],
     *,
@@ -251,12 +280,19 @@ def parse_trigger_metadata(
     )
 
     server_address = _server_address(_required(values, metadata, "serverAddress"))
-    query = _required(values, metadata, "query")
+    query = _query(_required(values, metadata, "query"))
     target_value = _target_value(_required(values, metadata, "targetValue"))
     history = _optional(
-        values, "historyWindow", _positive_duration, TriggerSpec.history_window_seconds
+        values, "historyWindow", _history_window, TriggerSpec.history_window_seconds
     )
-    step = _optional(values, "step", _positive_duration, TriggerSpec.step_seconds)
+    step = _optional(values, "step", _step, TriggerSpec.step_seconds)
+    if history > MAX_POINTS * step:
+        raise InvalidInputError(
+            "historyWindow",
+            f"must hold at most {MAX_POINTS:,} steps: historyWindow is "
+            f"{format_duration(history)!r} and step is {format_duration(step)!r}, so lower "
+            f"historyWindow to at most {format_duration(MAX_POINTS * step)!r} or raise step",
+        )
     if history < MIN_STEPS_IN_HISTORY * step:
         raise InvalidInputError(
             "historyWindow",
@@ -394,7 +430,23 @@ def _startup_seconds(text: str, key: str) -> int:
         raise InvalidInputError(
             key, f"must be >= 0: the seconds a new replica needs to serve; got {reprlib.repr(text)}"
         )
+    if value > MAX_STARTUP_SECONDS:
+        raise InvalidInputError(
+            key,
+            f"must be at most {MAX_STARTUP_SECONDS} (6h): how far ahead to plan; "
+            f"got {reprlib.repr(text)}",
+        )
     return value
+
+
+def _query(text: str) -> str:
+    if len(text.encode()) > MAX_QUERY_BYTES:
+        raise InvalidInputError(
+            "query",
+            f"must be at most {MAX_QUERY_BYTES} bytes; got {len(text.encode()):,} bytes "
+            f"starting {reprlib.repr(text[:40])}: record it as a rule and query that",
+        )
+    return text
 
 
 def _quantile(text: str, key: str) -> float:
@@ -412,6 +464,26 @@ def _positive_duration(text: str, key: str) -> int:
     seconds = parse_duration(text, key)
     if seconds < 1:
         raise InvalidInputError(key, f"must be at least 1s; got {reprlib.repr(text)}")
+    return seconds
+
+
+def _history_window(text: str, key: str) -> int:
+    seconds = _positive_duration(text, key)
+    if seconds > MAX_HISTORY_SECONDS:
+        raise InvalidInputError(
+            key, f"must be at most {format_duration(MAX_HISTORY_SECONDS)!r}; "
+            f"got {reprlib.repr(text)}",
+        )
+    return seconds
+
+
+def _step(text: str, key: str) -> int:
+    seconds = parse_duration(text, key)
+    if not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:
+        raise InvalidInputError(
+            key, f"must be from {format_duration(MIN_STEP_SECONDS)!r} to "
+            f"{format_duration(MAX_STEP_SECONDS)!r}; got {reprlib.repr(text)}",
+        )
     return seconds
 
 
@@ -438,7 +510,7 @@ def parse_time_zone(text: str, key: str) -> str:
     """An IANA zone name, checked; InvalidInputError naming `key` otherwise."""
     try:
         zoneinfo.ZoneInfo(text)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: too long
         raise InvalidInputError(
             key,
             f"must be an IANA time zone such as 'UTC' or 'Europe/Paris'; got {reprlib.repr(text)}",
@@ -447,6 +519,11 @@ def parse_time_zone(text: str, key: str) -> str:
 
 
 def _metric_name(text: str, key: str) -> str:
+    if len(text) > MAX_METRIC_NAME:
+        raise InvalidInputError(
+            key, f"must be at most {MAX_METRIC_NAME} characters; got {len(text)} starting "
+            f"{reprlib.repr(text[:40])}",
+        )
     if not _METRIC_NAME.fullmatch(text):
         raise InvalidInputError(
             key,
@@ -462,8 +539,8 @@ _CANONICAL: dict[str, Callable[[str, str], object]] = {
     "startupSeconds": _startup_seconds,
     "quantile": _quantile,
     "planHalfLife": parse_duration,
-    "historyWindow": _positive_duration,
-    "step": _positive_duration,
+    "historyWindow": _history_window,
+    "step": _step,
     "activationValue": _activation_value,
 }
 _BUILT_IN: dict[str, str] = {

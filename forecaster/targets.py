@@ -18,7 +18,7 @@ from forecaster.errors import InvalidInputError
 from forecaster.models import MODEL_FACTORIES
 from forecaster.sources import HistorySource
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
-from forecaster.spec import TriggerSpec, parse_trigger_metadata
+from forecaster.spec import TriggerSpec, check_object_ref, parse_trigger_metadata
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class TargetResolver:
         key = (namespace, name, frozenset(metadata.items()))
         cached = self._parsed.get(key)
         if cached is None:
+            check_object_ref(namespace, name)  # a scaler request's; the config's are the operator's
             cached = self._parse(namespace, name, metadata)
             self._parsed[key] = cached
             if len(self._parsed) > PARSE_CACHE_SIZE:

@@ -19,8 +19,10 @@ import pytest
 import requests
 from PIL import Image
 
+from forecaster.models import MODEL_FACTORIES
 from forecaster.plots import PNG_MAGIC, PlotCache, PlotData, render
 from forecaster.service import Service
+from forecaster.spec import parse_trigger_metadata
 from tests import test_telemetry
 from tests.prometheus_server import PrometheusServer
 from tests.test_scaler_service import _ref, _settings, _wait_for
@@ -45,12 +47,15 @@ CHROMIUM_HINT = (
 
 @pytest.fixture(scope="module")
 def evil(live: Live) -> str:
-    """A second target whose name and query hold HTML; returns its id once it has a forecast."""
+    """A second target whose name and query hold HTML; returns its id once it has a forecast.
+
+    The scaler refuses a name that is no Kubernetes name, so the target is registered as one
+    of the operator's configured targets would be, whose names are not checked."""
     ref = _ref(live.prometheus.url, model=MODEL, query=EVIL_QUERY)
-    ref.name = EVIL_NAME
-    metric = live.stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
-    live.stub.IsActive(ref, timeout=20)  # KEDA's next calls register the target
-    target = live.service.engine.get(f"shop/{EVIL_NAME}/{metric}")
+    spec, _ = parse_trigger_metadata(dict(ref.scalerMetadata), known_models=MODEL_FACTORIES)
+    tid = f"shop/{EVIL_NAME}/{spec.effective_metric_name}"
+    source = live.service.sources.for_address(spec.server_address)
+    target = live.service.engine.ensure_target(tid, spec, source, configured=True)
     _wait_for(lambda: target.snapshot.forecast is not None, timeout=60)
     return target.target_id
 

@@ -70,7 +70,7 @@ def service(source: GatedSource) -> Iterator[Service]:
 
 def _request(query: str) -> pb.GetMetricsRequest:
     ref = pb.ScaledObjectRef(
-        namespace="shop", name=query[:10].replace("_", "-"),
+        namespace="shop", name=query[:10].replace("_", "-").strip("-"),
         scalerMetadata={"serverAddress": "http://replay.demo", "query": query,
                         "targetValue": "10", "model": "seasonal_naive"},
     )

@@ -12,6 +12,7 @@ from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
 from forecaster.spec import (
     TriggerSpec,
+    check_object_ref,
     default_metric_name,
     metric_spec,
     parse_trigger_metadata,
@@ -95,7 +96,7 @@ def test_non_string_value_is_rejected() -> None:
         ("historyWindow", "0", "must be at least 1s"),
         ("step", "5min", "must be a duration"),
         ("step", "1h30m", "must be a duration"),
-        ("step", "0s", "must be at least 1s"),
+        ("step", "0s", "must be from '10s' to '1h'"),
         ("activationValue", "-1", "must be >= 0"),
         ("activationValue", "x", "must be a finite decimal number"),
         ("timeZone", "Mars/Phobos", "IANA time zone"),
@@ -149,10 +150,10 @@ def test_history_must_hold_ten_steps() -> None:
     assert spec.history_window_seconds == 6000
 
 
-def test_step_larger_than_default_history_allows_is_reported() -> None:
-    error = error_for({**REQUIRED, "step": "2d"})
+def test_step_larger_than_the_history_allows_is_reported() -> None:
+    error = error_for({**REQUIRED, "step": "1h", "historyWindow": "9h"})
     assert error.field == "historyWindow"
-    assert "'20d'" in error.reason
+    assert "'10h'" in error.reason
 
 
 def test_credentials_in_server_address_are_never_echoed() -> None:
@@ -394,3 +395,55 @@ def test_the_metric_spec_needs_only_a_readable_target_value() -> None:
         assert caught.value.field == "targetValue" and words in caught.value.reason
     assert metric_spec({**REQUIRED, "targetValue": "0.001"}).target_value == 0.001
 
+
+# --- bounds: each error names the key and the bound ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        ({"startupSeconds": "21601"}, "startupSeconds", "at most 21600 (6h)"),
+        ({"historyWindow": "91d"}, "historyWindow", "at most '90d'"),
+        ({"historyWindow": "999999999999w"}, "historyWindow", "at most '90d'"),
+        ({"step": "9s"}, "step", "from '10s' to '1h'"),
+        ({"step": "2h"}, "step", "from '10s' to '1h'"),
+        ({"historyWindow": "60d", "step": "10s"}, "historyWindow", "at most 50,000 steps"),
+        ({"query": "x" * 8193}, "query", "at most 8192 bytes"),
+        ({"metricName": "m" * 129}, "metricName", "at most 128 characters"),
+        ({"timeZone": "x" * 9000}, "timeZone", "IANA time zone"),
+    ],
+)
+def test_each_bound_is_named_in_its_error(
+    overrides: dict[str, str], key: str, words: str
+) -> None:
+    error = error_for({**REQUIRED, **overrides})
+    assert error.field == key
+    assert words in error.reason
+    assert len(str(error)) < 300  # a short prefix of the value, never all of it
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    spec, _ = parse(startupSeconds="21600", historyWindow="90d", step="1h", query="x" * 8192,
+                    metricName="m" * 128)
+    assert (spec.startup_seconds, spec.history_window_seconds) == (21_600, 90 * 86_400)
+    spec, _ = parse(step="10s", historyWindow=f"{50_000 * 10}s")
+    assert spec.step_seconds == 10
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name", "key"),
+    [
+        ("", "web", "scaledObjectRef.namespace"),
+        ("Shop", "web", "scaledObjectRef.namespace"),
+        ("s" * 64, "web", "scaledObjectRef.namespace"),
+        ("shop", "", "scaledObjectRef.name"),
+        ("shop", "web\nforged log line", "scaledObjectRef.name"),
+        ("shop", "w" * 254, "scaledObjectRef.name"),
+    ],
+)
+def test_object_refs_are_kubernetes_names(namespace: str, name: str, key: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        check_object_ref(namespace, name)
+    assert caught.value.field == key
+    assert "\n" not in str(caught.value).replace("\\n", "")
+    check_object_ref("shop", "web.v2-canary")
