@@ -115,6 +115,9 @@ def load_settings(
     ):
         if f"{ENV_PREFIX}{env_name}" in env:
             raw[key] = env[f"{ENV_PREFIX}{env_name}"]
+    if env.get(f"{ENV_PREFIX}PROMETHEUS_URL"):  # one server without a file: the quick start
+        servers = list(raw.get("prometheus") or [])
+        raw["prometheus"] = [*servers, {"url": env[f"{ENV_PREFIX}PROMETHEUS_URL"]}]
     if f"{ENV_PREFIX}API_TOKEN_FILE" in env:
         raw["apiToken"] = {"file": env[f"{ENV_PREFIX}API_TOKEN_FILE"]}
     for key, value in (overrides or {}).items():

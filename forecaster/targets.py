@@ -1,13 +1,14 @@
 """From a scaler request's trigger (namespace, name, metadata) to a registered engine target.
 
 Credentials stay with the servers the operator configured: KEDA passes no auth to an external
-scaler, so a request may only name a configured Prometheus URL. With none configured (a demo),
-any address is used, without credentials.
+scaler, so a request may only name a configured Prometheus URL; with none configured, none. The
+demo's fixed source answers every address.
 """
 
 from __future__ import annotations
 
 import logging
+import reprlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -46,15 +47,23 @@ class SourceRegistry:
         client = self._clients.get(url)
         if client is not None:
             return client
-        if self._configured and url not in self._configured:
-            allowed = ", ".join(sorted(self._configured))
+        if not self._configured:
             raise InvalidInputError(
                 "serverAddress",
-                f"{url!r} is not a configured Prometheus server; configured: {allowed}",
+                "names no configured Prometheus server, and none is configured: list it under "
+                "`prometheus:` in forecaster's config file, or set FORECASTER_PROMETHEUS_URL",
+            )
+        if url not in self._configured:
+            # The configured addresses are the operator's to know, not every client's.
+            raise InvalidInputError(
+                "serverAddress",
+                f"{reprlib.repr(url)} is not a configured Prometheus server (of "
+                f"{len(self._configured)} configured): use the address as forecaster's config "
+                f"file lists it",
             )
         with self._lock:
             if url not in self._clients:
-                server = self._configured.get(url) or PrometheusServerConfig(url=url)
+                server = self._configured[url]
                 self._clients[url] = PrometheusSource(server)
             return self._clients[url]
 

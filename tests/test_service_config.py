@@ -379,23 +379,36 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
     assert warm.configured and warm.target_id.startswith("shop/warm/")
 
 
-def test_with_no_servers_configured_any_address_is_used_without_credentials(
+def test_with_no_servers_configured_no_address_is_queried(
     proxy: RecordingProxy,
     make_service: Callable[..., Service],
     stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
 ) -> None:
+    # Any client that reaches the gRPC port could otherwise make forecaster query any address
+    # and echo what came back.
     service = make_service(_settings(()))
     stub = stub_for(service)
-    marker = "demo_mode_marker"
-    query = f'sum(web_requests{{job="web"}}) or vector(0) * sum(absent_{marker})'
-    ref = _ref(_keda(_metadata(proxy.url, query=query)))
-    name = _metric_name(stub, ref)
-    response = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
-                               timeout=15)
-    assert response.metricValues[0].metricValueFloat > 0
-    seen = proxy.requests_for(marker)
-    assert seen
-    assert all(authorization is None and org is None for _, authorization, org in seen)
+    marker = "no_server_marker"
+    ref = _ref(_keda(_metadata(proxy.url, query=f"sum(absent_{marker})")))
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    for call in (
+        lambda: stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
+                                timeout=10),
+        lambda: stub.IsActive(ref, timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert "serverAddress" in details and "FORECASTER_PROMETHEUS_URL" in details
+    assert not proxy.requests_for(marker)
+    assert len(service.engine) == 0
+
+
+def test_one_server_from_the_environment_without_a_config_file() -> None:
+    url = "http://prometheus.monitoring:9090"
+    settings = load_settings(env={"FORECASTER_PROMETHEUS_URL": url})
+    assert [server.url for server in settings.servers] == [url]
 
 
 @pytest.mark.parametrize("configured_slash", ["", "/"])
