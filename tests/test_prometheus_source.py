@@ -240,6 +240,17 @@ def test_non_finite_values_are_refused_with_query_and_time(
         assert demo_trace.index[-12].strftime("%Y-%m-%dT%H:%M:%S") in message
 
 
+@pytest.mark.parametrize("kind", ["range", "instant"])
+def test_negative_values_are_refused_with_query_and_time(
+    source: PrometheusSource, demo_trace: pd.Series, kind: str
+) -> None:
+    with pytest.raises(SourceError) as caught:
+        _ask(source, demo_trace, "vector(0) - 13", kind)
+    message = str(caught.value)
+    assert "vector(0) - 13" in message and "-13" in message and "negative" in message
+    assert "clamp_min" in message
+
+
 def _ask(source: PrometheusSource, trace: pd.Series, query: str, kind: str) -> object:
     if kind == "range":
         return source.query_range(

@@ -231,6 +231,15 @@ def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
             f"Inf: guard the query, e.g. divide with a non-zero denominator",
             query=query,
         )
+    negative = np.flatnonzero(array < 0)
+    if negative.size:  # a rate below zero is a broken query, never a load to plan for
+        first = int(negative[0])
+        raise SourceError(
+            f"query {query!r} returned {_format_number(float(array[first]))} at "
+            f"{_iso(stamps[first])} ({negative.size} negative value(s) in all); a load cannot "
+            f"be negative: check the query, or clamp it with clamp_min(..., 0)",
+            query=query,
+        )
     return array
 
 
