@@ -370,3 +370,14 @@ def test_triggers_that_differ_in_a_setting_never_share_a_target(service: Service
     specs = {name: service.engine.get(f"shop/web/{name}").spec for name in names[:2]}
     assert [specs[n].startup_seconds for n in names[:2]] == [300, 900]
     assert len(service.engine) == 2
+
+
+def test_a_load_beyond_int64_is_capped_in_the_integer_field_only() -> None:
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=1.0)
+    with _bare_front(settings) as (connection, port):
+        stop = _quiet_engine(connection, Answer(True, 1e20, True))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            (value,) = pb_grpc.ExternalScalerStub(channel).GetMetrics(_request(), timeout=5) \
+                .metricValues
+            assert (value.metricValue, value.metricValueFloat) == (2**63 - 1, 1e20)
+        stop.set()

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # Left of a call's deadline to answer in: a wait that ends then still reports its reason.
 DEADLINE_MARGIN_SECONDS = 0.2
 METRIC_SPEC_CACHE_SIZE = 20_000
+INT64_MAX = 2**63 - 1
 # KEDA 2.5-2.6 send GetMetrics the name with its trigger index: "s0-<name>".
 _INDEX_PREFIX = re.compile(r"s[0-9]+-")
 
@@ -165,7 +166,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         self.board.count("GetMetricSpec", "OK")
         value = found.target_value
         spec = pb.MetricSpec(
-            metricName=found.metric_name, targetSize=math.ceil(value), targetSizeFloat=value
+            metricName=found.metric_name, targetSize=_whole(value), targetSizeFloat=value
         )
         return pb.GetMetricSpecResponse(metricSpecs=[spec])
 
@@ -199,7 +200,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             await self._abort("GetMetrics", context, exc)
         self.board.count("GetMetrics", "OK")
         value = pb.MetricValue(
-            metricName=name, metricValue=math.ceil(answer.value), metricValueFloat=answer.value
+            metricName=name, metricValue=_whole(answer.value), metricValueFloat=answer.value
         )
         return pb.GetMetricsResponse(metricValues=[value])
 
@@ -251,3 +252,9 @@ def _time_left(context: aio.ServicerContext) -> float | None:
     """Seconds until the call's deadline, less a margin to answer in; None without one."""
     left = context.time_remaining()
     return None if left is None else max(0.0, left - DEADLINE_MARGIN_SECONDS)
+
+
+def _whole(value: float) -> int:
+    """The integer field KEDA reads before 2.17: rounded up, held within int64 (the float
+    field keeps the value itself)."""
+    return min(math.ceil(value), INT64_MAX)
