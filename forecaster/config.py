@@ -36,7 +36,7 @@ import yaml
 
 from forecaster.durations import parse_duration
 from forecaster.errors import InvalidInputError
-from forecaster.sources.prometheus import PrometheusServerConfig
+from forecaster.sources.prometheus import DEFAULT_MAX_REPLY_BYTES, PrometheusServerConfig
 
 ENV_PREFIX = "FORECASTER_"
 
@@ -324,7 +324,7 @@ def _env_secret(name: Any, where: str, env: Mapping[str, str]) -> str:
 
 SERVER_KEYS = (
     "url", "bearerTokenFile", "bearerTokenEnv", "basicAuth", "headers", "caFile",
-    "insecureSkipVerify", "timeout", "retries",
+    "insecureSkipVerify", "timeout", "retries", "maxReplyBytes",
 )
 # PrometheusServerConfig's field names, as the config file spells them.
 _SERVER_FIELDS = {
@@ -360,6 +360,8 @@ def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerCo
     headers = _string_map(item.get("headers") or {}, f"{where}.headers")
     timeout = parse_duration(str(item.get("timeout", "10s")), f"{where}.timeout")
     retries = _int(item, "retries", 2, low=0, high=10, where=where)
+    max_reply = _int(item, "maxReplyBytes", DEFAULT_MAX_REPLY_BYTES, low=1024, high=2**31,
+                     where=where)
     skip_verify = _bool(item.get("insecureSkipVerify", False), f"{where}.insecureSkipVerify")
     try:
         return PrometheusServerConfig(
@@ -372,6 +374,7 @@ def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerCo
             insecure_skip_verify=skip_verify,
             timeout_seconds=float(timeout),
             retries=retries,
+            max_reply_bytes=max_reply,
         )
     except InvalidInputError as exc:
         field_name = _SERVER_FIELDS.get(exc.field, exc.field)

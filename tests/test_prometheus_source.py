@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -533,6 +534,52 @@ def test_not_a_prometheus_api_is_a_source_error(fake_api: FakeApi) -> None:
         pytest.raises(SourceError, match="path prefix"),
     ):
         source.query_instant("up")
+
+
+def test_a_reply_over_max_reply_bytes_is_refused_at_once(fake_api: FakeApi) -> None:
+    fake_api.answer(200, {**_vector(), "padding": "x" * 40_000})
+    config = PrometheusServerConfig(url=fake_api.url, max_reply_bytes=16 * 1024, retries=2)
+    with PrometheusSource(config) as source, pytest.raises(SourceError) as caught:
+        source.query_instant("up")
+    assert "more than 16,384 bytes" in str(caught.value) and "maxReplyBytes" in str(caught.value)
+    assert not isinstance(caught.value, SourceUnavailableError)
+    assert len(fake_api.seen) == 1  # not retried: the same query would answer the same
+
+
+def test_an_endless_reply_is_refused_while_it_streams() -> None:
+    sent = [0]
+    stop = threading.Event()
+
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # no Content-Length: the body ends when the server closes
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            chunk = b'{"status": "success", "data": {"result": [' + b" " * 65_000
+            with contextlib.suppress(OSError):
+                while not stop.is_set() and sent[0] < 1_000_000_000:
+                    self.wfile.write(chunk)
+                    sent[0] += len(chunk)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        config = PrometheusServerConfig(url=f"http://127.0.0.1:{server.server_address[1]}",
+                                        max_reply_bytes=1024 * 1024, retries=0)
+        with PrometheusSource(config) as source, pytest.raises(SourceError, match="maxReplyBytes"):
+            source.query_instant("up")
+        assert sent[0] < 64 * 1024 * 1024  # stopped near the cap, not at the end of a gigabyte
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 # --- secrets ----------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ _LOG = logging.getLogger(__name__)
 MAX_POINTS_PER_REQUEST = 11_000
 
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_MAX_REPLY_BYTES = 16 * 1024 * 1024
+_READ_CHUNK_BYTES = 64 * 1024
 _BACKOFF_SECONDS = 0.25
 _BACKOFF_CAP_SECONDS = 2.0
 _SENSITIVE_HEADER = re.compile(r"auth|token|secret|key|cookie|password|credential", re.IGNORECASE)
@@ -73,6 +75,9 @@ class PrometheusServerConfig:
     insecure_skip_verify: bool = False
     timeout_seconds: float = 10.0
     retries: int = 2
+    # A reply larger than this is refused while it arrives: one runaway query must not take
+    # the engine's memory (a 60 MB reply peaked at 682 MiB once parsed).
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -112,6 +117,10 @@ class PrometheusServerConfig:
             )
         if not isinstance(self.retries, int) or self.retries < 0:
             raise InvalidInputError("retries", f"must be an integer >= 0, got {self.retries!r}")
+        if not isinstance(self.max_reply_bytes, int) or self.max_reply_bytes < 1024:
+            raise InvalidInputError(
+                "max_reply_bytes", f"must be an integer >= 1024, got {self.max_reply_bytes!r}"
+            )
 
     def __repr__(self) -> str:
         # Secrets are masked, never shown: this repr ends up in logs and error reports.
@@ -126,7 +135,8 @@ class PrometheusServerConfig:
             f"bearer_token_file={self.bearer_token_file!r}, basic_auth={basic!r}, "
             f"headers={headers!r}, ca_file={self.ca_file!r}, "
             f"insecure_skip_verify={self.insecure_skip_verify!r}, "
-            f"timeout_seconds={self.timeout_seconds!r}, retries={self.retries!r})"
+            f"timeout_seconds={self.timeout_seconds!r}, retries={self.retries!r}, "
+            f"max_reply_bytes={self.max_reply_bytes!r})"
         )
 
 
@@ -253,12 +263,44 @@ class _Refused(Exception):
         self.body = body
 
 
+class _TooLarge(Exception):
+    """A reply over the server's max_reply_bytes, refused before the rest of it was read."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"over {size} bytes")
+        self.size = size
+
+
 def _refuse_non_200(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
     """Session response hook that turns a non-200 answer into `_Refused` before the client sees
     it; a redirect passes, for requests to refuse as TooManyRedirects (`max_redirects = 0`)."""
     if response.status_code != 200 and not response.is_redirect:
         raise _Refused(response.status_code, response.content)
     return response
+
+
+def _read_at_most(limit: int) -> Callable[..., requests.Response]:
+    """A session response hook that reads the body itself, in chunks, and raises `_TooLarge`
+    as soon as it passes `limit` bytes (decompressed): requests would otherwise hold the whole
+    body, however large, before the client parses it. Hooks run before requests reads the
+    body, so it is still unread here."""
+
+    def read(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdecimal() and int(declared) > limit:
+            response.close()
+            raise _TooLarge(int(declared))
+        body = bytearray()
+        for chunk in response.iter_content(_READ_CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:
+                response.close()
+                raise _TooLarge(len(body))
+        # requests' own place for a body it has read: the client's response.json() uses it.
+        response._content = bytes(body)
+        return response
+
+    return read
 
 
 def _prometheus_message(body: bytes) -> str:
@@ -296,6 +338,7 @@ class PrometheusSource:
         # wherever it points: not followed; the error names the target to configure instead.
         session.max_redirects = 0
         session.hooks["response"].append(_refuse_non_200)  # status and body for _call
+        session.hooks["response"].append(_read_at_most(server.max_reply_bytes))
         # No transport-level retries: attempts, backoff and error mapping are ours (_call).
         self._client = PrometheusConnect(
             url=server.url,
@@ -434,6 +477,13 @@ class PrometheusSource:
                     ) from exc
                 reason = f"HTTP {exc.status}: {message}"
                 last_exc: Exception = exc
+            except _TooLarge as exc:
+                raise SourceError(
+                    f"Prometheus at {self.server.url} answered query {query!r} with more than "
+                    f"{self.server.max_reply_bytes:,} bytes (the server's maxReplyBytes); "
+                    f"aggregate the query to one series, or raise maxReplyBytes",
+                    query=query,
+                ) from exc
             except requests.Timeout as exc:
                 reason = f"no answer within {self.server.timeout_seconds} s"
                 last_exc = exc
