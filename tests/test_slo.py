@@ -1,0 +1,196 @@
+"""The SLO controller: the share it holds on adversarial sequences, its timing, its state.
+
+Each sequence runs a day of history, on which the controller calibrates its level as the
+backtest's warm-up does, then 2,016 five-minute intervals (a week) that are counted, with the
+timing of the backtest: at the end of interval t the controller first sees t's demand, then
+decides for t + 1 + L. Plans come from a simple causal model (a moving average of the
+demand known at the decision), so they follow a change only as a real model would.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from forecaster.errors import InvalidInputError
+from forecaster.policy import HpaState, ScalingPolicy, hpa_step
+from forecaster.slo import LEVEL_BOUNDS, SloController
+
+WARMUP = 288
+COUNTED = 2016
+INTERVALS = WARMUP + 1 + COUNTED
+LEAD = 1
+TARGET = 10.0
+SHARES = (0.01, 0.05, 0.1)
+
+
+def moving_average_plans(demand: np.ndarray, weight: float = 0.1) -> np.ndarray:
+    """Plan for t + 1 + L from the demand up to t only: an exponential moving average."""
+    plans = np.empty(len(demand))
+    average = demand[0]
+    for t, value in enumerate(demand):
+        average += weight * (value - average)
+        plans[t] = average
+    return plans
+
+
+def run(
+    controller: SloController, plans: np.ndarray, demand: np.ndarray, calibrate_at: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replay: decision t is ready in t + 1 + LEAD. Returns served loads and ready replicas."""
+    n = len(demand)
+    served = np.full(n, np.nan)
+    ready = np.full(n, np.nan)
+    for t in range(n):
+        controller.observe(float(demand[t]))
+        if t == calibrate_at:
+            controller.calibrate()
+        served[t] = controller.decide(float(plans[t]))
+        if t + 1 + LEAD < n:
+            ready[t + 1 + LEAD] = controller.replicas
+    return served, ready
+
+
+def lognormal(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
+    return rng.lognormal(-sigma**2 / 2, sigma, n)
+
+
+def tenfold_step(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    level = np.where(np.arange(INTERVALS) < INTERVALS // 3, 100.0, 1000.0)
+    demand = level * lognormal(rng, INTERVALS, 0.2)
+    return moving_average_plans(demand), demand
+
+
+def pure_noise(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    demand = 100.0 * lognormal(rng, INTERVALS, 0.6)
+    return np.full(INTERVALS, 100.0), demand
+
+
+def flipping_regimes(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Calm and wild stretches alternate, each as long as the level takes to adapt to it."""
+    wild = (np.arange(INTERVALS) // 60) % 2 == 1
+    sigma = np.where(wild, 0.7, 0.05)
+    demand = 200.0 * rng.lognormal(-(sigma**2) / 2, sigma)
+    return moving_average_plans(demand, 0.3), demand
+
+
+def wrong_for_a_day(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    t = np.arange(INTERVALS)
+    truth = 300.0 + 200.0 * np.sin(2 * np.pi * t / 288)
+    demand = truth * lognormal(rng, INTERVALS, 0.15)
+    plans = truth.copy()
+    plans[600:888] /= 3.0  # a model that lost the level for a day
+    return plans, demand
+
+
+SEQUENCES = {
+    "tenfold_step": tenfold_step,
+    "pure_noise": pure_noise,
+    "flipping_regimes": flipping_regimes,
+    "wrong_for_a_day": wrong_for_a_day,
+}
+
+
+@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("sequence", sorted(SEQUENCES))
+def test_the_share_holds_within_a_point_after_a_week(sequence: str, share: float) -> None:
+    plans, demand = SEQUENCES[sequence](np.random.default_rng(7))
+    controller = SloController(share, ScalingPolicy(TARGET), LEAD)
+    _, ready = run(controller, plans, demand, calibrate_at=WARMUP)
+    judged = np.isfinite(ready)
+    judged[: WARMUP + 1] = False  # judged before the calibration, not counted
+    short = demand[judged] > ready[judged] * TARGET
+    assert controller.intervals == judged.sum()
+    assert controller.misses == short.sum()  # its own count is the HPA's, interval by interval
+    assert controller.intervals >= COUNTED
+    assert abs(controller.achieved - share) <= 0.01, (sequence, controller.achieved)
+
+
+@pytest.mark.parametrize("sequence", sorted(SEQUENCES))
+def test_a_fixed_plan_of_the_same_quantile_misses_the_share(sequence: str) -> None:
+    """The sequences are hard: the plan as it is runs short far more or less often than 5%."""
+    plans, demand = SEQUENCES[sequence](np.random.default_rng(7))
+    state, ready = HpaState(), np.full(INTERVALS, np.nan)
+    policy = ScalingPolicy(TARGET)
+    for t in range(INTERVALS - 1 - LEAD):
+        state = hpa_step(state, float(plans[t]), policy)
+        ready[t + 1 + LEAD] = state.replicas
+    judged = np.isfinite(ready)
+    share = float((demand[judged] > ready[judged] * TARGET).mean())
+    assert abs(share - 0.05) > 0.03
+
+
+def test_the_served_load_is_the_plan_times_the_level() -> None:
+    controller = SloController(0.05, ScalingPolicy(TARGET), LEAD, level=0.5)
+    assert controller.decide(100.0) == pytest.approx(100.0 * math.exp(0.5))
+    assert controller.replicas == math.ceil(100.0 * math.exp(0.5) / TARGET)
+
+
+def test_a_decision_is_judged_one_plus_lead_intervals_later() -> None:
+    controller = SloController(0.05, ScalingPolicy(TARGET), lead_steps=2)
+    controller.decide(100.0)  # 10 replicas, ready two intervals after the next
+    controller.observe(1e9)
+    controller.decide(100.0)
+    controller.observe(1e9)
+    controller.decide(100.0)
+    assert controller.intervals == 0  # neither interval had a decision of its own ready
+    controller.observe(101.0)  # the first decision's interval
+    assert (controller.intervals, controller.misses) == (1, 1)
+    assert controller.level == pytest.approx(0.05 * 0.95)
+
+
+def test_a_missing_demand_is_not_counted() -> None:
+    controller = SloController(0.05, ScalingPolicy(TARGET), 0)
+    controller.decide(100.0)
+    controller.observe(math.nan)
+    assert (controller.intervals, controller.level) == (0, 0.0)
+
+
+def test_calibration_picks_the_lowest_level_that_held_the_share_over_memory() -> None:
+    rng = np.random.default_rng(3)
+    plans, demand = pure_noise(rng)
+    controller = SloController(0.05, ScalingPolicy(TARGET), LEAD)
+    run(controller, plans[:1000], demand[:1000])
+    controller.calibrate()
+    level = controller.level
+    assert controller.shortfall_at(level) <= 0.05
+    assert controller.shortfall_at(level - 0.01) > 0.05
+    assert (controller.intervals, controller.misses) == (0, 0)
+    # and it serves the rest of the sequence near the share from the start
+    run(controller, plans[1000:], demand[1000:])
+    assert abs(controller.achieved - 0.05) <= 0.015
+
+
+def test_the_level_stays_in_bounds() -> None:
+    controller = SloController(0.05, ScalingPolicy(TARGET), 0, gain=10.0)
+    for _ in range(50):
+        controller.decide(1.0)
+        controller.observe(1e12)
+    assert controller.level == LEVEL_BOUNDS[1]
+
+
+def test_the_state_pickles_and_goes_on_the_same() -> None:
+    plans, demand = flipping_regimes(np.random.default_rng(5))
+    straight = SloController(0.05, ScalingPolicy(TARGET), LEAD)
+    run(straight, plans, demand)
+    first = SloController(0.05, ScalingPolicy(TARGET), LEAD)
+    half = INTERVALS // 2
+    for t in range(half):
+        first.observe(float(demand[t]))
+        first.decide(float(plans[t]))
+    second: SloController = pickle.loads(pickle.dumps(first))
+    for t in range(half, INTERVALS):
+        second.observe(float(demand[t]))
+        second.decide(float(plans[t]))
+    assert (second.level, second.misses, second.intervals) == (
+        straight.level, straight.misses, straight.intervals,
+    )
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, -0.1, math.nan])
+def test_a_share_outside_the_open_interval_is_rejected(share: float) -> None:
+    with pytest.raises(InvalidInputError, match="maxUnderProvisioned"):
+        SloController(share, ScalingPolicy(TARGET), LEAD)
