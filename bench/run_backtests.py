@@ -1,6 +1,6 @@
 """`make backtest`: `forecaster backtest` on each sub-daily trace in data/, then one table.
 
-    python bench/run_backtests.py [--model NAME | --models a,b,c]
+    python bench/run_backtests.py [--model NAME | --models a,b,c] [--max-under-provisioned S,...]
 
 Each trace is evaluated on its last 1,152 five-minute steps (4 days) with --step 5m
 --startup 5m and its own per-replica target (below). Outputs go to out/backtest/<trace>, or
@@ -40,11 +40,15 @@ def default_model() -> str:
     return str(args.model)
 
 
-def run_one(trace: str, target: str, eval_start: str, model: str, out: Path) -> int:
+def run_one(
+    trace: str, target: str, eval_start: str, model: str, out: Path, share: str | None = None
+) -> int:
     argv = [
         "backtest", str(DATA / trace), "--target", target, "--eval-start", eval_start,
         "--step", "5m", "--startup", "5m", "--model", model, "--out", str(out),
     ]
+    if share is not None:
+        argv += ["--max-under-provisioned", share]
     shown = [str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT)) else a for a in argv]
     print(f"forecaster {' '.join(shown)}", file=sys.stderr, flush=True)
     printed = io.StringIO()  # each run's own table: the combined one comes at the end
@@ -64,7 +68,14 @@ def run(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--model", default=None, help="one model (default: the CLI's default)")
     which.add_argument("--models", default=None, help="several models, comma-separated")
+    parser.add_argument("--max-under-provisioned", default=None,
+                        help="share(s) of intervals allowed short, comma-separated "
+                        "(default: the CLI's, 0.05)")
     args = parser.parse_args(argv)
+    shares: list[str | None] = (
+        [s.strip() for s in args.max_under_provisioned.split(",") if s.strip()]
+        if args.max_under_provisioned else [None]
+    )
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
     else:
@@ -76,17 +87,20 @@ def run(argv: list[str] | None = None) -> int:
 
     summaries: list[dict[str, Any]] = []
     failures: list[str] = []
-    for trace, (target, eval_start) in TRACES.items():
-        for model in models:
-            out = OUT / Path(trace).stem
-            if several:
-                out = out / model
-            code = run_one(trace, target, eval_start, model, out)
-            if code != 0:
-                failures.append(f"{trace} ({model}): exit code {code}")
-                continue
-            summary = json.loads((out / "summary.json").read_text())
-            summaries.append(label(summary, model, several))
+    for share in shares:
+        for trace, (target, eval_start) in TRACES.items():
+            for model in models:
+                out = OUT / Path(trace).stem
+                if several:
+                    out = out / model
+                if len(shares) > 1:
+                    out = out / f"share-{share}"
+                code = run_one(trace, target, eval_start, model, out, share)
+                if code != 0:
+                    failures.append(f"{trace} ({model}): exit code {code}")
+                    continue
+                summary = json.loads((out / "summary.json").read_text())
+                summaries.append(label(summary, model, several))
     if summaries:
         print(format_table(summaries))
         print(f"\noutputs under {OUT.relative_to(ROOT)}/")

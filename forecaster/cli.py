@@ -94,6 +94,16 @@ def _quantile(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {text!r}")
+    return value
+
+
 def _time_zone(text: str) -> str:
     from forecaster.spec import parse_time_zone
 
@@ -139,8 +149,12 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="refit interval, anchored at the evaluation start (default 1h)")
     p.add_argument("--model", default="auto", choices=sorted(MODEL_FACTORIES),
                    help="forecasting model (default auto: chosen by backtesting recent history)")
-    p.add_argument("--quantile", type=_quantile, default=0.9,
-                   help="demand quantile to plan for (default 0.9)")
+    p.add_argument("--max-under-provisioned", type=_share, default=None,
+                   help="share of intervals allowed short of capacity, held by moving a level "
+                   "on the plan (default 0.05)")
+    p.add_argument("--quantile", type=_quantile, default=None,
+                   help="expert: plan this demand quantile as it is, with no level moved "
+                   "(the plan's base quantile is 0.9 otherwise)")
     p.add_argument("--time-zone", type=_time_zone, default="UTC",
                    help="IANA zone whose wall clock the daily and weekly seasons follow "
                    "(default UTC)")
@@ -162,6 +176,12 @@ def _run_backtest(args: argparse.Namespace) -> int:
     from forecaster.backtest.report import format_table
     from forecaster.series import read_csv, to_grid
 
+    if args.quantile is not None and args.max_under_provisioned is not None:
+        raise InvalidInputError(
+            "--quantile, --max-under-provisioned",
+            "give one: a fixed quantile moves no level, a share moves one",
+        )
+    fixed = args.quantile is not None
     config = BacktestConfig(
         target=args.target,
         step=args.step,
@@ -170,7 +190,8 @@ def _run_backtest(args: argparse.Namespace) -> int:
         eval_days=args.eval_days,
         refit=args.refit,
         model=args.model,
-        quantile=args.quantile,
+        quantile=args.quantile if fixed else 0.9,
+        max_under_provisioned=None if fixed else (args.max_under_provisioned or 0.05),
         time_zone=args.time_zone,
         reactive_floor=not args.no_floor,
         plan_half_life=args.plan_half_life,

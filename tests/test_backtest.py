@@ -208,7 +208,8 @@ def test_decisions_csv_has_one_row_per_evaluated_interval(
     out, _ = cli_run
     text = (out / "decisions.csv").read_text()
     assert text.splitlines()[0] == (
-        "timestamp,demand,forecast,forecast_at_quantile,replicas,reactive_replicas,oracle_replicas"
+        "timestamp,demand,forecast,forecast_at_quantile,slo_level,replicas,reactive_replicas,"
+        "oracle_replicas"
     )
     decisions = pd.read_csv(out / "decisions.csv")
     assert all(ISO_UTC.match(value) for value in decisions["timestamp"])

@@ -19,8 +19,8 @@ from forecaster.series import RegularSeries
 __all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "write_outputs"]
 
 DECISION_COLUMNS = [
-    "timestamp", "demand", "forecast", "forecast_at_quantile", "replicas", "reactive_replicas",
-    "oracle_replicas",
+    "timestamp", "demand", "forecast", "forecast_at_quantile", "slo_level", "replicas",
+    "reactive_replicas", "oracle_replicas",
 ]
 FORECAST_COLUMNS = ["origin", "timestamp", "step_ahead", "yhat", "lower", "upper", "model"]
 
@@ -80,6 +80,14 @@ def run_backtest(
         "horizon_steps": 1 + config.lead_steps,
         "model": config.model,
         "quantile": config.quantile,
+        "max_under_provisioned": config.max_under_provisioned,
+        "warmup_seconds": (
+            int(config.warmup.total_seconds())
+            if config.max_under_provisioned is not None else 0
+        ),
+        "slo_level_last": (
+            float(sim.controller.level) if sim.controller is not None else None
+        ),
         "reactive_floor": config.reactive_floor,
         "plan_half_life_seconds": int(config.plan_half_life.total_seconds()),
         "eval_start": sim.eval_start.isoformat(),

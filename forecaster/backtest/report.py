@@ -49,7 +49,10 @@ def plot_report(result: BacktestResult, path: Path) -> None:
         score = s["policies"][label.split()[0]]
         bottom.step(
             d["timestamp"], d[column], where="post", color=colors[column], lw=0.9,
-            label=f"{label}: under-provisioned {score['under_provisioned_share']:.1%}, "
+            label=f"{label}: under-provisioned {score['under_provisioned_share']:.1%}"
+            + (f" (asked {s['max_under_provisioned']:.0%})"
+               if column == "replicas" and s.get("max_under_provisioned") else "")
+            + ", "
             f"replica-hours x{score['replica_hours_vs_oracle']:.2f}",
         )
     bottom.set_ylabel("ready replicas")
@@ -67,7 +70,8 @@ def _cost(value: Any) -> str:
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """One row per trace and policy, aligned for a terminal."""
     header = (
-        f"{'trace':<34} {'policy':<10} {'under%':>7} {'unserved%':>9} {'rh/oracle':>9} "
+        f"{'trace':<34} {'policy':<10} {'asked%':>6} {'under%':>7} {'unserved%':>9} "
+        f"{'rh/oracle':>9} "
         f"{'cost@5%':>11} {'cost@1%':>11} {'MASE':>6} {'cov80':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -81,8 +85,11 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
                 if policy == "predictive" and fc["mase"] is not None
                 else f"{'':>6} {'':>6}"
             )
+            asked = s.get("max_under_provisioned")
+            asked_text = f"{asked:.0%}" if policy == "predictive" and asked else ""
             lines.append(
-                f"{s['trace'][:34]:<34} {policy:<10} {p['under_provisioned_share']:>7.1%} "
+                f"{s['trace'][:34]:<34} {policy:<10} {asked_text:>6} "
+                f"{p['under_provisioned_share']:>7.1%} "
                 f"{p['unserved_share']:>9.2%} {p['replica_hours_vs_oracle']:>9.2f} "
                 f"{_cost(cost['5%']):>11} {_cost(cost['1%']):>11} "
                 f"{accuracy}"
@@ -92,6 +99,8 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 
 def _plan_label(s: dict[str, Any]) -> str:
     parts = [f"q{s['quantile']:g}"]
+    if s.get("max_under_provisioned"):
+        parts.append(f"x level for <={s['max_under_provisioned']:.0%} short")
     half_life = s.get("plan_half_life_seconds", 0)
     if half_life:
         parts.append(f"half-life {half_life // 60:g} min" if half_life % 60 == 0

@@ -32,6 +32,7 @@ from forecaster.policy import (
     smoothing_weight,
 )
 from forecaster.series import RegularSeries, known_at_end
+from forecaster.slo import SloController
 from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
 
 BAND_QUANTILES = (0.1, 0.9)
@@ -55,6 +56,11 @@ class BacktestConfig:
     min_replicas: int = 1
     max_replicas: int | None = None
     stabilization: pd.Timedelta = pd.Timedelta("5min")
+    # The share of intervals allowed short: a controller moves a level on the plan to hold
+    # it (forecaster.slo). None plans the quantile as it is.
+    max_under_provisioned: float | None = 0.05
+    # Decisions replayed before the evaluation start for the controller to calibrate on.
+    warmup: pd.Timedelta = pd.Timedelta(days=2)
 
     def __post_init__(self) -> None:
         if self.step <= pd.Timedelta(0):
@@ -71,6 +77,13 @@ class BacktestConfig:
             raise InvalidInputError(
                 "plan-half-life", f"must not be negative, got {self.plan_half_life}"
             )
+        share = self.max_under_provisioned
+        if share is not None and not 0.0 < share < 0.5:
+            raise InvalidInputError(
+                "max-under-provisioned", f"must be in (0, 0.5), got {share!r}"
+            )
+        if self.warmup < pd.Timedelta(0):
+            raise InvalidInputError("warmup", f"must not be negative, got {self.warmup}")
         if self.eval_start is None and not self.eval_days > 0:
             raise InvalidInputError("eval-days", f"must be positive, got {self.eval_days}")
 
@@ -92,6 +105,11 @@ class BacktestConfig:
             reactive_floor=self.reactive_floor,
         )
 
+    def controller(self) -> SloController | None:
+        if self.max_under_provisioned is None:
+            return None
+        return SloController(self.max_under_provisioned, self.policy(), self.lead_steps)
+
 
 @dataclass
 class Simulation:
@@ -106,6 +124,7 @@ class Simulation:
     fallbacks: dict[str, int] = field(default_factory=dict)
     fit_seconds: list[float] = field(default_factory=list)
     selections: list[dict[str, object]] = field(default_factory=list)
+    controller: SloController | None = None
 
 
 def evaluation_start(grid: RegularSeries, config: BacktestConfig) -> int:
@@ -148,6 +167,11 @@ def simulate(
         raise InvalidInputError("eval-start", "leaves no interval to evaluate")
     refit_steps = int(config.refit / config.step)
     policy = config.policy()
+    controller = config.controller()
+    # The controller calibrates on decisions before the evaluation start (their outcomes are
+    # known by then); without one, nothing runs before it.
+    warmup = math.ceil(config.warmup / config.step) if controller is not None else 0
+    begin = max(1, first - warmup)
     quantiles = tuple(sorted({*BAND_QUANTILES, config.quantile}))
     horizon = 1 + lead
 
@@ -168,14 +192,15 @@ def simulate(
         key: np.full(count, np.nan)
         for key in (
             "forecast", "at_quantile", "mean", "lower", "upper", "replicas", "reactive",
-            "reactive_plan",
+            "reactive_plan", "level",
         )
     }
     fc_mean = np.full((count, horizon), np.nan)
     fc_lower = np.full((count, horizon), np.nan)
     fc_upper = np.full((count, horizon), np.nan)
     model_names: list[str] = []
-    for i, t in enumerate(range(first, last + 1)):
+    for t in range(begin, last + 1):
+        i = t - first  # negative in the warm-up: not recorded
         refit_at = start + ((t + 1 - start) // refit_steps) * refit_steps
         if refit_at < 2:
             # A schedule point before the trace holds (almost) nothing to fit; a negative one
@@ -200,15 +225,25 @@ def simulate(
             model.update(live.iloc[seen : t + 1])
             seen = t + 1
         forecast = model.predict(horizon, quantiles)
-        model_names.append(forecast.model)
         planned = plan(
             forecast, float(filled[t]), config.quantile, horizon, smoother=smoother,
             last_point=float(filled[t - 1]), reactive_floor=config.reactive_floor,
         )
-        at_quantile = planned.forecast
-        predictive = hpa_step(predictive, planned.value, policy)
+        served, level = planned.value, math.nan
+        if controller is not None:
+            controller.observe(float(filled[t]))
+            if t == first:
+                controller.calibrate()
+            level = controller.level
+            served = controller.decide(planned.value)
+        predictive = hpa_step(predictive, served, policy)
         reactive = hpa_step(reactive, float(filled[t]), policy)
-        rows["forecast"][i] = planned.value
+        if i < 0:
+            continue
+        model_names.append(forecast.model)
+        at_quantile = planned.forecast
+        rows["forecast"][i] = served
+        rows["level"][i] = level
         rows["at_quantile"][i] = at_quantile
         rows["mean"][i] = forecast.mean[lead]
         rows["lower"][i] = forecast.quantile(BAND_QUANTILES[0])[lead]
@@ -236,12 +271,14 @@ def simulate(
             "oracle_replicas": [
                 oracle_replicas(d, target) if np.isfinite(d) else np.nan for d in demand
             ],
+            "slo_level": rows["level"],
             "forecast_mean": rows["mean"],
             "lower": rows["lower"],
             "upper": rows["upper"],
         }
     )
     sim.planned_reactive = rows["reactive_plan"]
+    sim.controller = controller
     origins = index[first : last + 1]
     steps = np.arange(1, horizon + 1)
     sim.forecasts = pd.DataFrame(
