@@ -54,6 +54,13 @@ BAD_INPUTS: dict[str, tuple[list[str], list[str]]] = {
     "missing-file": ([str(DATA / "no_such_trace.csv"), *GOOD], ["input", "no_such_trace.csv"]),
     "negative-value": (["{negative}", "--target", "1"], ["line 3", "value", "'-3'", "negative"]),
     "refit-7m": ([str(AWS), *GOOD, "--refit", "7m"], ["refit", "whole number of steps"]),
+    "quantile-and-share": (
+        [str(AWS), *GOOD, "--quantile", "0.9", "--max-under-provisioned", "0.05"],
+        ["--quantile", "--max-under-provisioned"],
+    ),
+    "share-0.5": (
+        [str(AWS), *GOOD, "--max-under-provisioned", "0.5"], ["--max-under-provisioned", "0.5"]
+    ),
     "eval-start-and-days": (
         [str(AWS), "--target", "16.7", "--eval-start", "2014-04-23T00:00Z", "--eval-days", "1"],
         ["--eval-start", "--eval-days", "not allowed"],
@@ -88,7 +95,7 @@ def test_a_good_run_prints_the_table_and_writes_the_outputs(runs: dict[str, Run]
     run = runs["good"]
     assert run.code == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0].split()[:4] == ["trace", "policy", "under%", "unserved%"]
+    assert lines[0].split()[:5] == ["trace", "policy", "asked%", "under%", "unserved%"]
     for policy in ("predictive", "reactive", "oracle"):
         assert any(line.split()[:2] == ["aws_elb_request_count_8c0756", policy] for line in lines)
     assert "wrote" in lines[-1]
