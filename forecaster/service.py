@@ -50,6 +50,7 @@ class Service:
         self.sources = SourceRegistry(settings.servers, fixed=source)
         self.resolver = TargetResolver(self.engine, settings, self.sources)
         self.stopped = threading.Event()  # set by a signal, or when the scaler front exits
+        self.started = threading.Event()  # set once start() is done: for readiness
         self.failed = False
         self.scaler = ScalerBridge(
             settings, self.engine, self.resolver,
@@ -60,6 +61,7 @@ class Service:
             self.app = create_app(settings, self.engine, self.resolver)
             self.app.extensions["forecaster.telemetry"] = self.telemetry
             self.app.extensions["forecaster.liveness"] = self.scaler.problem
+            self.app.extensions["forecaster.readiness"] = self.not_ready
             self.http_server = HttpServer(self.app, settings.host, settings.http_port)
         except BaseException:  # a taken HTTP port: no scaler process left behind
             self.scaler.stop(0)
@@ -76,6 +78,7 @@ class Service:
         self.engine.start()
         self.scaler.start()
         self.http_server.start()
+        self.started.set()  # ready from here: anything start() loads comes before
         # What exists now (modules, classes, settings: 128,000 objects) lives as long as the
         # process. Out of the cyclic collector's reach, a full collection no longer walks it:
         # 64 ms per collection, a pause every call in flight would wait out, becomes 0.
@@ -87,7 +90,19 @@ class Service:
         self.failed = True
         self.stopped.set()
 
+    def not_ready(self) -> str | None:
+        """Why the pod should get no new connections (for /readyz), None when it may. Never
+        a question of Prometheus: KEDA's GetMetricSpec must be answered while it is down."""
+        if self.stopped.is_set():
+            return "shutting down: the gRPC scaler is handing its clients to another replica"
+        if not self.started.is_set():
+            return "starting: the gRPC scaler does not serve yet"
+        return self.scaler.problem()
+
     def stop(self) -> None:
+        """Not ready at once, then the gRPC front says GOAWAY and lets calls in flight end
+        (while HTTP still answers /readyz 503), then HTTP and the engine stop."""
+        self.stopped.set()
         try:
             self.scaler.stop()
         finally:

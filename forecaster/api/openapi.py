@@ -423,8 +423,9 @@ _PATHS: dict[str, Any] = {
                      operationId="healthz", tags=["probes"]),
     "/readyz": _get(
         "Readiness",
-        "200 once every configured target has a first fit, or a current value to serve "
-        "reactively (the fallback in place); 503 with the reason before that.",
+        "200 while the gRPC scaler serves (and saved state is loaded); 503 with the reason "
+        "while starting, once shutting down, or while the gRPC front is stuck. Never a "
+        "question of Prometheus.",
         {"200": _json("ready", "Ready"), "503": _UNAVAILABLE},
         operationId="readyz", tags=["probes"],
     ),

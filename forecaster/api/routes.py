@@ -30,7 +30,6 @@ from forecaster.errors import (
     ForecasterError,
     InvalidInputError,
     NotReadyError,
-    UnknownTargetError,
 )
 from forecaster.models import Forecast, fit_with_fallback
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step, recommend
@@ -123,25 +122,14 @@ def _target(namespace: str, name: str, metric: str) -> Target:
 
 @blueprint.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """200 once every configured target has a first fit, or a current value to serve
-    reactively; 503 (with the first reason) before that."""
-    engine = _engine()
-    ids = _configured_ids()
-    for tid in ids:
-        try:
-            target = engine.get(tid)
-        except UnknownTargetError:
-            raise NotReadyError(
-                f"configured target {tid} is not registered yet", retry_after_seconds=1
-            ) from None
-        if target.model is None and target.snapshot.current_value is None:
-            reason = f": {target.snapshot.last_error}" if target.snapshot.last_error else ""
-            raise NotReadyError(
-                f"configured target {tid} has neither a fitted model nor a current value "
-                f"yet{reason}",
-                retry_after_seconds=engine.settings.refresh_seconds,
-            )
-    return jsonify(status="ready", configuredTargets=len(ids)), 200
+    """200 while the gRPC scaler serves (and saved state is loaded); 503 with the reason while
+    starting or once shutting down. Prometheus plays no part: a pod taken out of the Service
+    for a Prometheus outage would leave KEDA's GetMetricSpec unanswered, and its fallback
+    never applies then."""
+    problem = current_app.extensions.get("forecaster.readiness", lambda: None)()
+    if problem is not None:
+        raise NotReadyError(problem, retry_after_seconds=1)
+    return jsonify(status="ready", configuredTargets=len(_configured_ids())), 200
 
 
 def _configured_ids() -> tuple[str, ...]:
