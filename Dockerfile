@@ -42,8 +42,8 @@ WORKDIR /tmp
 # 8080: HTTP (/healthz, /readyz, /metrics, /api/v1); 50051: gRPC (KEDA external scaler, health).
 EXPOSE 8080 50051
 
-# For `docker run` only: Kubernetes ignores HEALTHCHECK and uses the Deployment's probes
-# (keda/forecaster/deployment.yaml: startup gRPC health, readiness /readyz, liveness /healthz).
+# For `docker run` only: Kubernetes ignores HEALTHCHECK and uses the StatefulSet's probes
+# (keda/forecaster/statefulset.yaml: startup gRPC health, readiness /readyz, liveness /healthz).
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", \
          "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

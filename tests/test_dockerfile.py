@@ -132,8 +132,8 @@ def test_final_stage_has_no_build_tools_and_installs_only_built_wheels() -> None
 
 def test_healthcheck_asks_the_liveness_path() -> None:
     (healthcheck,) = FINAL.all("HEALTHCHECK")
-    deployment = yaml.safe_load((ROOT / "keda" / "forecaster" / "deployment.yaml").read_text())
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    workload = yaml.safe_load((ROOT / "keda" / "forecaster" / "statefulset.yaml").read_text())
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
     assert f":8080{container['livenessProbe']['httpGet']['path']}" in healthcheck
 
 

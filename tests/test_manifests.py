@@ -6,11 +6,15 @@ over a real Prometheus), the probes' paths and ports are asked of the real HTTP 
 servers, the metrics-api example's valueLocation is resolved in the real REST answer, the TLS
 example's certificates (made by its own script) carry a real mutual-TLS call, and the TLS and
 metrics-api variants are checked to differ from the default set only where they mean to.
+What keeps KEDA answered through a rollout or a crash (two replicas, one replaced at a time,
+a disruption budget, spread over nodes, a volume each, a pause before SIGTERM) is read from
+the manifests; tests/test_two_replicas.py runs the replicas themselves.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import re
@@ -32,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import Settings, load_settings, with_overrides
 from forecaster.models import MODEL_FACTORIES
+from forecaster.scaler.bridge import ScalerBridge
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
@@ -86,14 +91,21 @@ def _trigger(scaled_object: dict[str, Any]) -> dict[str, Any]:
     return dict(trigger)
 
 
-def _container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
     return dict(container)
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels only: all these manifests use) against labels."""
+    assert set(selector) == {"matchLabels"}, selector
+    return bool(selector["matchLabels"].items() <= labels.items())
 
 
 BASE = _resources(KEDA)
 CONFIGMAP = _one(BASE, "ConfigMap", "forecaster-config")
-DEPLOYMENT = _one(BASE, "Deployment", "forecaster")
+STATEFULSET = _one(BASE, "StatefulSet", "forecaster")
+POD_LABELS = STATEFULSET["spec"]["template"]["metadata"]["labels"]
 SCALED_OBJECT = _one(BASE, "ScaledObject")
 TRIGGER = _trigger(SCALED_OBJECT)
 EXAMPLE_SERVER = TRIGGER["metadata"]["serverAddress"]
@@ -136,7 +148,7 @@ def test_the_default_set_is_forecaster_the_demo_workload_and_its_scaled_object()
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in BASE)
     assert kinds == sorted([
         "Namespace/forecaster", "ServiceAccount/forecaster", "ConfigMap/forecaster-config",
-        "Deployment/forecaster", "Service/forecaster",
+        "StatefulSet/forecaster", "Service/forecaster", "PodDisruptionBudget/forecaster",
         "Namespace/shop", "Deployment/web", "Service/web", "ScaledObject/web",
     ])
     assert not any(d["kind"] in ("Secret", "TriggerAuthentication") for d in BASE)
@@ -161,8 +173,9 @@ def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
     docs = [d for d in yaml.safe_load_all(built.stdout) if d is not None]
     assert docs
     if folder == TLS:
-        deployment = _one(docs, "Deployment", "forecaster")
-        assert "grpc" not in _container(deployment)["startupProbe"]
+        workload = _one(docs, "StatefulSet", "forecaster")
+        assert "grpc" not in _container(workload)["startupProbe"]
+        assert workload["spec"]["volumeClaimTemplates"]  # the patch keeps the state volume
         assert {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"} == {
             "forecaster-tls", "forecaster-client-tls"
         }
@@ -212,12 +225,12 @@ def test_configured_target_is_the_one_the_trigger_asks_about(tmp_path: Path) -> 
     assert _spec(settings, dict(target.metadata)) == _spec(settings, TRIGGER["metadata"])
 
 
-# -- the Deployment against the image and the config -------------------------------------------
+# -- the StatefulSet against the image and the config ------------------------------------------
 
 
-def test_deployment_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_path: Path) -> None:
-    pod = DEPLOYMENT["spec"]["template"]["spec"]
-    container = _container(DEPLOYMENT)
+def test_statefulset_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_path: Path) -> None:
+    pod = STATEFULSET["spec"]["template"]["spec"]
+    container = _container(STATEFULSET)
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     uid = re.findall(r"^USER\s+(\d+)", dockerfile, flags=re.MULTILINE)[-1]
     assert pod["securityContext"]["runAsUser"] == int(uid)
@@ -245,7 +258,7 @@ def test_deployment_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_pat
 
 def test_ports_and_probes_point_where_the_config_serves(tmp_path: Path) -> None:
     settings = load_settings(_write(tmp_path, _config_text(CONFIGMAP)), env={})
-    container = _container(DEPLOYMENT)
+    container = _container(STATEFULSET)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": settings.http_port, "grpc": settings.grpc_port}
     assert container["startupProbe"]["grpc"]["port"] == settings.grpc_port
@@ -256,9 +269,71 @@ def test_ports_and_probes_point_where_the_config_serves(tmp_path: Path) -> None:
             for p in service["spec"]["ports"]} == {
         "http": (8080, "http", "http"), "grpc": (50051, "grpc", "grpc")
     }
-    selector = service["spec"]["selector"]
-    labels = DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
-    assert selector.items() <= labels.items()
+    assert service["spec"]["type"] == "ClusterIP"  # one address in front of every replica
+    assert service["spec"]["selector"].items() <= POD_LABELS.items()
+    assert STATEFULSET["spec"]["selector"]["matchLabels"].items() <= POD_LABELS.items()
+
+
+# -- staying available: replicas, rollouts, drains, nodes, state --------------------------------
+
+
+def test_two_replicas_are_replaced_one_at_a_time_and_wait_for_readiness() -> None:
+    """KEDA has one to ask throughout a rollout: a StatefulSet replaces one pod at a time
+    (from a partition of 0: all of them) and moves on only when the new one has been Ready for
+    minReadySeconds. It cannot surge: a pod's volume belongs to that pod."""
+    spec = STATEFULSET["spec"]
+    assert spec["replicas"] == 2
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    rolling = spec["updateStrategy"].get("rollingUpdate", {})
+    assert rolling.get("partition", 0) == 0
+    assert rolling.get("maxUnavailable", 1) == 1  # the default; more would leave none
+    assert spec["minReadySeconds"] >= 5
+    assert spec["podManagementPolicy"] == "Parallel"  # start together; updates stay serial
+
+
+def test_a_disruption_budget_keeps_one_replica_through_drains() -> None:
+    budget = _one(BASE, "PodDisruptionBudget", "forecaster")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["minAvailable"] == 1 < STATEFULSET["spec"]["replicas"]
+    assert _matches(budget["spec"]["selector"], POD_LABELS)
+    assert budget["metadata"]["namespace"] == STATEFULSET["metadata"]["namespace"]
+
+
+def test_replicas_prefer_different_nodes() -> None:
+    anti = STATEFULSET["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert set(anti) == {"preferredDuringSchedulingIgnoredDuringExecution"}  # not required:
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]  # one node still runs both
+    assert 1 <= term["weight"] <= 100
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert _matches(term["podAffinityTerm"]["labelSelector"], POD_LABELS)
+
+
+def test_each_replica_keeps_its_state_on_a_volume_that_outlives_its_pod() -> None:
+    spec = STATEFULSET["spec"]
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    mounts = {m["name"]: m for m in _container(STATEFULSET)["volumeMounts"]}
+    mount = mounts[claim["metadata"]["name"]]
+    assert mount["mountPath"] == "/var/lib/forecaster" and not mount.get("readOnly", False)
+    # From the claim, not from a pod volume of the same name (which would shadow it).
+    pod_volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
+    assert claim["metadata"]["name"] not in pod_volumes
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain", "whenScaled": "Retain"
+    }
+    assert spec["template"]["spec"]["securityContext"]["fsGroup"] == 10001  # writable by it
+
+
+def test_a_stopping_pod_pauses_then_closes_within_its_grace_period() -> None:
+    """preStop: serve on while kube-proxy drops the terminating pod, then SIGTERM makes the
+    gRPC front send GOAWAY; all of it, and the front's grace for calls in flight, within
+    terminationGracePeriodSeconds."""
+    pod = STATEFULSET["spec"]["template"]["spec"]
+    pause = _container(STATEFULSET)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = inspect.signature(ScalerBridge.stop).parameters["grace_seconds"].default
+    assert 1 <= pause <= 10
+    assert pause + grace + 10 <= pod["terminationGracePeriodSeconds"]  # 10 s for the engine
 
 
 # -- the real service, started from the ConfigMap's config -------------------------------------
@@ -341,7 +416,7 @@ def test_example_trigger_is_accepted_by_the_real_scaler(
 
 @pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
 def test_each_probe_is_answered_by_the_real_server(service: Service, probe: str) -> None:
-    spec = _container(DEPLOYMENT)[probe]
+    spec = _container(STATEFULSET)[probe]
     if "grpc" in spec:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             answer = health_pb2_grpc.HealthStub(channel).Check(
@@ -353,9 +428,8 @@ def test_each_probe_is_answered_by_the_real_server(service: Service, probe: str)
     routes = {rule.rule for rule in service.app.url_map.iter_rules()}
     assert path in routes, f"the app serves no {path}"
     answer = requests.get(f"http://127.0.0.1:{service.http_port}{path}", timeout=5)
-    assert answer.status_code != 404
-    if path == "/healthz":
-        assert answer.status_code == 200
+    # /readyz too: ready as soon as the gRPC scaler serves, whatever Prometheus holds.
+    assert answer.status_code == 200, answer.text
 
 
 def _json_path(document: Any, path: str) -> Any:
@@ -442,7 +516,7 @@ def test_tls_example_wires_secrets_to_keda_and_to_the_config() -> None:
         assert ref["key"] in secrets[(namespace, ref["name"])]
     # forecaster's side: each tls file is a key of the Secret mounted where the config says.
     tls = yaml.safe_load(_config_text(_config_patch()))["tls"]
-    patch = _one(_docs(TLS / "deployment-tls.yaml"), "Deployment", "forecaster")
+    patch = _one(_docs(TLS / "statefulset-tls.yaml"), "StatefulSet", "forecaster")
     (mount,) = _container(patch)["volumeMounts"]
     (volume,) = patch["spec"]["template"]["spec"]["volumes"]
     assert mount["name"] == volume["name"]
