@@ -7,7 +7,8 @@ servers, the metrics-api example's valueLocation is resolved in the real REST an
 example's certificates (made by its own script) carry a real mutual-TLS call, and the TLS and
 metrics-api variants are checked to differ from the default set only where they mean to.
 What keeps KEDA answered through a rollout or a crash (two replicas, one replaced at a time,
-a disruption budget, spread over nodes, a volume each, a pause before SIGTERM) is read from
+a disruption budget, spread over nodes, a volume each, a pause before SIGTERM) and who may
+connect (the network policies, with their namespaces set through kustomize) are read from
 the manifests; tests/test_two_replicas.py runs the replicas themselves.
 """
 
@@ -96,16 +97,25 @@ def _container(workload: dict[str, Any]) -> dict[str, Any]:
     return dict(container)
 
 
+def _local(doc: dict[str, Any]) -> bool:
+    """Kustomize reads an object annotated local-config and never applies it."""
+    annotations = doc["metadata"].get("annotations") or {}
+    return annotations.get("config.kubernetes.io/local-config") == "true"
+
+
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     """A label selector (matchLabels only: all these manifests use) against labels."""
     assert set(selector) == {"matchLabels"}, selector
     return bool(selector["matchLabels"].items() <= labels.items())
 
 
-BASE = _resources(KEDA)
+ALL = _resources(KEDA)
+BASE = [doc for doc in ALL if not _local(doc)]
 CONFIGMAP = _one(BASE, "ConfigMap", "forecaster-config")
 STATEFULSET = _one(BASE, "StatefulSet", "forecaster")
 POD_LABELS = STATEFULSET["spec"]["template"]["metadata"]["labels"]
+NETWORK = _one(ALL, "ConfigMap", "forecaster-network")
+POLICIES = {d["metadata"]["name"]: d for d in BASE if d["kind"] == "NetworkPolicy"}
 SCALED_OBJECT = _one(BASE, "ScaledObject")
 TRIGGER = _trigger(SCALED_OBJECT)
 EXAMPLE_SERVER = TRIGGER["metadata"]["serverAddress"]
@@ -149,8 +159,10 @@ def test_the_default_set_is_forecaster_the_demo_workload_and_its_scaled_object()
     assert kinds == sorted([
         "Namespace/forecaster", "ServiceAccount/forecaster", "ConfigMap/forecaster-config",
         "StatefulSet/forecaster", "Service/forecaster", "PodDisruptionBudget/forecaster",
+        "NetworkPolicy/forecaster-grpc", "NetworkPolicy/forecaster-http",
         "Namespace/shop", "Deployment/web", "Service/web", "ScaledObject/web",
     ])
+    assert [d["metadata"]["name"] for d in ALL if _local(d)] == ["forecaster-network"]
     assert not any(d["kind"] in ("Secret", "TriggerAuthentication") for d in BASE)
 
 
@@ -172,6 +184,7 @@ def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
     assert built.returncode == 0, built.stderr
     docs = [d for d in yaml.safe_load_all(built.stdout) if d is not None]
     assert docs
+    assert not any(_local(d) for d in docs)  # the network settings are never applied
     if folder == TLS:
         workload = _one(docs, "StatefulSet", "forecaster")
         assert "grpc" not in _container(workload)["startupProbe"]
@@ -334,6 +347,88 @@ def test_a_stopping_pod_pauses_then_closes_within_its_grace_period() -> None:
     grace = inspect.signature(ScalerBridge.stop).parameters["grace_seconds"].default
     assert 1 <= pause <= 10
     assert pause + grace + 10 <= pod["terminationGracePeriodSeconds"]  # 10 s for the engine
+
+
+# -- who may connect -----------------------------------------------------------------------------
+
+
+def _namespaces(rule: dict[str, Any]) -> list[dict[str, str]]:
+    """Each `from` peer's namespace labels; a peer that is not a namespace selector fails."""
+    peers = rule["from"]
+    assert peers, "an empty `from` admits everyone"
+    assert all(set(peer) == {"namespaceSelector"} for peer in peers), peers
+    return [peer["namespaceSelector"]["matchLabels"] for peer in peers]
+
+
+def _by_name(namespace: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": namespace}
+
+
+def test_network_policies_admit_only_keda_to_grpc_and_named_clients_to_http() -> None:
+    settings = NETWORK["data"]
+    ports = {p["name"] for p in _container(STATEFULSET)["ports"]}
+    covered: dict[str, list[dict[str, str]]] = {}
+    for policy in POLICIES.values():
+        spec = policy["spec"]
+        assert policy["metadata"]["namespace"] == STATEFULSET["metadata"]["namespace"]
+        assert _matches(spec["podSelector"], POD_LABELS)
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec["ingress"]:
+            for port in rule["ports"]:
+                assert port["port"] in ports and port["protocol"] == "TCP", port
+                covered.setdefault(port["port"], []).extend(_namespaces(rule))
+    # Once a policy selects the pods, a port no rule names is closed; both are named.
+    assert set(covered) == ports == {"grpc", "http"}
+    assert covered["grpc"] == [_by_name(settings["kedaNamespace"])]
+    assert covered["http"] == [
+        _by_name(settings["kedaNamespace"]),  # KEDA's metrics-api trigger
+        _by_name(settings["monitoringNamespace"]),  # Prometheus, scraping /metrics
+        {"forecaster-http-client": "true"},  # REST API clients the guide names
+    ]
+
+
+def _field(doc: Any, path: str) -> Any:
+    """The value at a kustomize fieldPath (dots; `[a.b/c]` for a key holding dots)."""
+    for part in re.findall(r"\[[^\]]+\]|[^.]+", path):
+        key = part.strip("[]")
+        doc = doc[int(key)] if isinstance(doc, list) else doc[key]
+    return doc
+
+
+def test_kustomize_copies_the_network_settings_into_the_policies() -> None:
+    """As written, each replacement's target already holds its source's value: the files read
+    the same with and without kustomize."""
+    kustomization = _docs(KEDA / "forecaster" / "kustomization.yaml")[0]
+    targets = set()
+    for replacement in kustomization["replacements"]:
+        source = replacement["source"]
+        assert (source["kind"], source["name"]) == ("ConfigMap", NETWORK["metadata"]["name"])
+        value = _field(NETWORK, source["fieldPath"])
+        for target in replacement["targets"]:
+            policy = POLICIES[target["select"]["name"]]
+            assert target["select"]["kind"] == policy["kind"]
+            for path in target["fieldPaths"]:
+                assert _field(policy, path) == value, path
+                targets.add((policy["metadata"]["name"], path))
+    assert len(targets) == 3  # KEDA's namespace twice, Prometheus' once
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize built in)")
+def test_changed_network_settings_reach_the_built_policies(tmp_path: Path) -> None:
+    copy_root = tmp_path / "keda"
+    shutil.copytree(KEDA, copy_root, ignore=shutil.ignore_patterns("certs"))
+    settings_file = copy_root / "forecaster" / "network.yaml"
+    network = _docs(settings_file)[0]
+    network["data"] = {"kedaNamespace": "autoscaling", "monitoringNamespace": "observability"}
+    settings_file.write_text(yaml.safe_dump(network), encoding="utf-8")
+    built = subprocess.run(["kubectl", "kustomize", str(copy_root)], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d is not None]
+    (grpc_rule,) = _one(docs, "NetworkPolicy", "forecaster-grpc")["spec"]["ingress"]
+    (http_rule,) = _one(docs, "NetworkPolicy", "forecaster-http")["spec"]["ingress"]
+    assert _namespaces(grpc_rule) == [_by_name("autoscaling")]
+    assert _namespaces(http_rule)[:2] == [_by_name("autoscaling"), _by_name("observability")]
 
 
 # -- the real service, started from the ConfigMap's config -------------------------------------
