@@ -217,6 +217,15 @@ def test_trigger_metadata_holds_only_keys_the_scaler_reads(example: str) -> None
     assert trigger["useCachedMetrics"] is True
 
 
+@pytest.mark.parametrize("example", ["default", "tls", "metrics-api"])
+def test_every_trigger_asks_for_average_value(example: str) -> None:
+    """With AverageValue the HPA asks for planned load / targetValue replicas; with Value it
+    would multiply that by the current count, and KEDA applies no fallback."""
+    folder = {"default": KEDA, "tls": TLS, "metrics-api": METRICS_API}[example]
+    trigger = _trigger(_one(_docs(folder / "scaledobject.yaml"), "ScaledObject"))
+    assert trigger["metricType"] == "AverageValue"
+
+
 def test_scaled_object_has_fallback_bounds_and_a_slow_scale_down() -> None:
     spec = SCALED_OBJECT["spec"]
     assert spec["scaleTargetRef"]["name"] == "web"
