@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-# Before numpy is imported: one BLAS/OpenMP thread (see forecaster.cli.pin_math_threads).
+# Before numpy is imported: one BLAS/OpenMP thread (see forecaster.fitting.pin_math_threads).
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 

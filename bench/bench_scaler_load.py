@@ -96,7 +96,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from forecaster.engine import release_free_memory  # noqa: E402
+from forecaster.fitting import release_free_memory  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -246,9 +246,8 @@ def front_pid(service: Any) -> int:
 
 
 def fit_worker_pids(service: Any) -> list[int]:
-    # Engine internals: the ProcessPoolExecutor's workers (spawned on the first fit).
-    processes = getattr(service.engine._fits, "_processes", None) or {}
-    return sorted(int(pid) for pid in processes)
+    """The fit worker processes (spawned on the first fit)."""
+    return list(service.engine.fits.pids())
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,20 +13,11 @@ import pandas as pd
 
 from forecaster.durations import parse_duration
 from forecaster.errors import ForecasterError, InsufficientHistoryError, InvalidInputError
+from forecaster.fitting import pin_math_threads
 from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
-
-
-def pin_math_threads() -> None:
-    """One BLAS/OpenMP thread here and in child processes: with two on a 2-core machine,
-    scikit-learn fits were seen to stall for minutes."""
-    from threadpoolctl import threadpool_limits
-
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
-    threadpool_limits(limits=1)
 
 
 class ProgressBar:

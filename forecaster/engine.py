@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import multiprocessing
 import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -33,7 +32,8 @@ from forecaster.errors import (
     TooManyTargetsError,
     UnknownTargetError,
 )
-from forecaster.models import FallbackFit, Forecast, ForecastModel, fit_with_fallback
+from forecaster.fitting import FitPool, FitRequest
+from forecaster.models import FallbackFit, Forecast, ForecastModel
 from forecaster.models.calibration import ScoreWindow
 from forecaster.policy import ForecastSmoother, PlannedLoad, plan, smoothing_weight
 from forecaster.series import GridBuffer, mask_windows
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)
 LOOP_PERIOD_SECONDS = 0.5
 
-TRIM_INTERVAL_SECONDS = 60.0  # at most this often, while fits land: see Engine._trim_if_due
 ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
 
 
@@ -189,67 +188,6 @@ def freshness_limit(settings: EngineSettings, spec: TriggerSpec) -> float:
     return max(2 * settings.refresh_seconds, 2 * spec.step_seconds)
 
 
-def release_free_memory() -> bool:
-    """glibc's malloc_trim(0): free pages in every arena go back to the system. False where
-    the C library has none (musl, macOS). ctypes lets go of the GIL for the call."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
-    return True
-
-
-def _pin_worker_threads() -> None:
-    """Fit workers: one math thread each, and a lower priority than the process answering
-    KEDA (measured: GetMetrics during refits went from 789 to 1,845 calls/s)."""
-    import os
-
-    os.nice(10)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = "1"
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)
-
-
-@dataclass(frozen=True)
-class FitRequest:
-    """What a worker process needs to fit one target: the grid as start + values (cheap to
-    pickle), and the model it replaces, pickled under the target's lock so that it is a
-    consistent copy (it may carry a model selection that is costly to redo)."""
-
-    model: str
-    step_seconds: int
-    start: pd.Timestamp
-    values: np.ndarray
-    quantile: float
-    horizon: int
-    previous: bytes | None
-    time_zone: str = "UTC"
-
-
-def fit_job(request: FitRequest) -> FallbackFit:
-    """Runs in a worker process."""
-    step = pd.Timedelta(seconds=request.step_seconds)
-    index = pd.date_range(request.start, periods=len(request.values), freq=step)
-    previous = pickle.loads(request.previous) if request.previous is not None else None
-    return fit_with_fallback(
-        request.model,
-        pd.Series(request.values, index=index),
-        step,
-        quantile=request.quantile,
-        horizon=request.horizon,
-        time_zone=request.time_zone,
-        previous=previous,
-    )
-
-
 class Engine:
     """Keeps every target's latest forecast fresh; answers reads from published snapshots.
 
@@ -273,16 +211,10 @@ class Engine:
         self._targets: dict[str, Target] = {}
         self._registry_lock = threading.Lock()
         self._io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="refresh")
-        self._fits = fit_pool or ProcessPoolExecutor(
-            settings.fit_workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_pin_worker_threads,
-        )
+        self.fits = FitPool(settings.fit_workers, executor=fit_pool)
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.started_at = clock()
-        self._fits_since_trim = 0  # fits published since memory was last trimmed
-        self._last_trim = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -297,38 +229,16 @@ class Engine:
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=5)
-        # A fit in flight would hold up the exit (Kubernetes sends SIGTERM at any time): end the
-        # worker processes too. The pool keeps them in a private attribute.
-        workers = list((getattr(self._fits, "_processes", None) or {}).values())
-        manager = getattr(self._fits, "_executor_manager_thread", None)
         self._io.shutdown(wait=False, cancel_futures=True)
-        self._fits.shutdown(wait=False, cancel_futures=True)
-        for process in workers:
-            process.terminate()
-        # Let the pool's manager thread finish before the interpreter does: Python 3.11's exit
-        # handler wakes it through a pipe it may be closing at that moment (a traceback with
-        # "Bad file descriptor" at exit, about 1 run in 6 of `forecaster serve`).
-        if isinstance(manager, threading.Thread):
-            manager.join(timeout=10)
+        self.fits.shutdown()  # ends the worker processes: a fit in flight would hold up exit
 
     def _run(self) -> None:
         while not self._stop.wait(LOOP_PERIOD_SECONDS):
             try:
                 self.tick()
-                self._trim_if_due()
+                self.fits.trim_if_due()
             except Exception:  # the loop must outlive any one bad pass
                 log.exception("engine loop pass failed")
-
-    def _trim_if_due(self) -> None:
-        """Hand the memory of replaced models back to the system, at most once a minute
-        while fits land. The C allocator keeps freed blocks otherwise: after a refit round of
-        1,000 targets the service held 622 MB, and 428 MB once trimmed."""
-        now = time.monotonic()
-        if not self._fits_since_trim or now - self._last_trim < TRIM_INTERVAL_SECONDS:
-            return
-        self._fits_since_trim = 0
-        self._last_trim = now
-        release_free_memory()
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -551,7 +461,7 @@ class Engine:
                 time_zone=target.spec.time_zone,
             )
         began = time.perf_counter()
-        future = self._fits.submit(fit_job, request)
+        future = self.fits.submit(request)
         future.add_done_callback(lambda done: self._fitted(target, done, began))
 
     def _fitted(self, target: Target, future: Future[FallbackFit], began: float) -> None:
@@ -585,7 +495,7 @@ class Engine:
                 log.warning("fitted model of %s could not catch up: %s", target.target_id, exc)
                 return
             target.fits += 1
-            self._fits_since_trim += 1
+            self.fits.fit_landed()
             self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
             target.model = model
             target.snapshot = replace(target.snapshot, fitted_at=now, model=model.name)

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from forecaster.config import EngineSettings
-from forecaster.engine import Engine, FitRequest, freshness_limit
+from forecaster.engine import Engine, freshness_limit
+from forecaster.fitting import FitRequest
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
 from forecaster.windows import Window
