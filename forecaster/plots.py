@@ -28,9 +28,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from forecaster.engine import Snapshot, Target
 from forecaster.models import Forecast
 from forecaster.policy import planned_replicas
+from forecaster.target import Snapshot, Target
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HISTORY_WINDOW = pd.Timedelta(days=2)

@@ -14,12 +14,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 from forecaster.config import Settings
-from forecaster.engine import Engine, Target
+from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError
 from forecaster.models import MODEL_FACTORIES
 from forecaster.sources import HistorySource
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
 from forecaster.spec import TriggerSpec, check_object_ref, parse_trigger_metadata
+from forecaster.target import Target, target_id
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ class SourceRegistry:
                 server = self._configured[url]
                 self._clients[url] = PrometheusSource(server)
             return self._clients[url]
-
-
-def target_id(namespace: str, name: str, metric_name: str) -> str:
-    """`namespace/name/metricName`, the id a ScaledObject's trigger maps to."""
-    return f"{namespace}/{name}/{metric_name}"
 
 
 class TargetResolver:

@@ -27,8 +27,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from forecaster.engine import Engine, Target, freshness_limit
+from forecaster.engine import Engine
 from forecaster.policy import planned_replicas
+from forecaster.target import Target, freshness_limit, target_labels
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,6 @@ HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTION
 GRPC_METHODS = ("GetMetricSpec", "GetMetrics", "IsActive", "StreamIsActive")
 UNMATCHED_ROUTE = "unmatched"
 COVERAGE_INTERVAL = "0.8"  # Target.accuracy() scores the 10%..90% band
-
-
-def target_labels(target_id: str) -> tuple[str, str, str]:
-    """(namespace, name, metric) of a `namespace/name/metric` id.
-
-    The metric name never holds a slash (trigger metadata forbids it) and a namespace is a
-    DNS label, so a slash in the middle part belongs to the name.
-    """
-    namespace, _, rest = target_id.partition("/")
-    name, _, metric = rest.rpartition("/")
-    return namespace, name, metric
 
 
 class Telemetry:

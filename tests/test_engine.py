@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 
 from forecaster.config import EngineSettings
-from forecaster.engine import Engine, freshness_limit
+from forecaster.engine import Engine
 from forecaster.fitting import FitRequest
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
+from forecaster.target import freshness_limit
 from forecaster.windows import Window
 
 DATA = Path(__file__).parent.parent / "data"

@@ -21,13 +21,12 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from forecaster.engine import Target, freshness_limit
 from forecaster.models.calibration import ScoreWindow
 from forecaster.policy import planned_replicas
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
-from forecaster.telemetry import target_labels
+from forecaster.target import Target, freshness_limit, target_labels
 from tests.prometheus_server import PrometheusServer, write_openmetrics
 from tests.test_scaler_service import _live_trace, _ref, _settings, _wait_for
 

@@ -12,12 +12,12 @@ from flask.sansio.blueprints import BlueprintSetupState
 from prometheus_client.exposition import choose_encoder
 
 from forecaster.api.errors import error_response
-from forecaster.engine import Engine, Target, freshness_limit
+from forecaster.engine import Engine
 from forecaster.errors import UnknownTargetError
 from forecaster.plots import PlotCache
 from forecaster.policy import planned_replicas
-from forecaster.targets import target_id
-from forecaster.telemetry import Telemetry, target_labels
+from forecaster.target import Target, freshness_limit, target_id, target_labels
+from forecaster.telemetry import Telemetry
 
 blueprint = Blueprint("pages", __name__)
 

@@ -12,9 +12,10 @@ from typing import Any
 import pandas as pd
 
 from forecaster.api.inputs import finite
-from forecaster.engine import Engine, Target, freshness_limit
+from forecaster.engine import Engine
 from forecaster.models import Forecast
 from forecaster.policy import PlannedLoad
+from forecaster.target import Target, freshness_limit
 
 
 def iso(moment: float | pd.Timestamp | None) -> str | None:

@@ -25,7 +25,7 @@ from forecaster.api import inputs, render
 from forecaster.api.errors import Busy, Unprocessable
 from forecaster.api.openapi import openapi_document
 from forecaster.config import Settings
-from forecaster.engine import Engine, Snapshot, Target, freshness_limit
+from forecaster.engine import Engine
 from forecaster.errors import (
     ForecasterError,
     InvalidInputError,
@@ -35,7 +35,8 @@ from forecaster.models import Forecast, fit_with_fallback
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step, recommend
 from forecaster.series import to_grid
 from forecaster.sources import HistorySource
-from forecaster.targets import TargetResolver, target_id
+from forecaster.target import Snapshot, Target, freshness_limit, target_id
+from forecaster.targets import TargetResolver
 
 blueprint = Blueprint("api", __name__)
 

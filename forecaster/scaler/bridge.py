@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from forecaster.config import Settings
-from forecaster.engine import Engine, Snapshot, Target, freshness_limit
+from forecaster.engine import Engine
 from forecaster.errors import (
     InsufficientHistoryError,
     InvalidInputError,
@@ -53,6 +53,7 @@ from forecaster.scaler.messages import (
     FrontSettings,
     Trigger,
 )
+from forecaster.target import Snapshot, Target, freshness_limit
 from forecaster.targets import TargetResolver
 
 log = logging.getLogger(__name__)
