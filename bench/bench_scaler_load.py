@@ -17,8 +17,8 @@ process and its gRPC front (forecaster.scaler.front) in a child process, as in p
    --no-prometheus serves the same numbers from memory (no Prometheus on the machine).
 2. GetMetricSpec registers every target (serverAddress, query, targetValue, model, step 5m,
    historyWindow 14d). The time until all have a first forecast (14-day range query + first
-   fit) is "the first fit"; a second full round, forced with the engine's internals
-   (`next_refit = 0`), is timed alone.
+   fit) is "the first fit"; a second full round, forced with `Engine.refit_now`, is timed
+   alone.
 3. Load windows of --seconds from --client-procs processes of their own (on this same
    machine, as the goal says) calling GetMetrics as KEDA does (with GetMetricSpec's metric
    name): closed loop with --clients concurrent callers (the throughput), and open loop at
@@ -762,12 +762,12 @@ class Bench:
             time.sleep(0.2)
 
     def force_refits(self, ids: list[str]) -> dict[str, int]:
-        """Make every target due for a refit at the engine loop's next pass (internals)."""
+        """Make every target due for a refit at the engine loop's next pass."""
         before = {}
         for tid in ids:
             target = self.service.engine.get(tid)
             before[tid] = target.fits + target.fit_failures
-            target.next_refit = 0.0
+            self.service.engine.refit_now(tid)
         return before
 
     def refits_done(self, before: dict[str, int]) -> int:
@@ -1077,20 +1077,16 @@ class Bench:
             lambda: loop.run_until_complete(handled(100)), batch=2
         ) / 100
         loop.close()
-        # The background work that shares the GIL with the requests, per target (internals).
+        # The background work that shares the GIL with the requests, per target.
         quantiles = sorted({0.05, 0.1, 0.5, 0.9, 0.95, target.spec.quantile})
         horizon = 1 + target.lead_steps
         now = datetime.now(UTC)
 
+        busy = [0]  # calls that found the loop's own refresh of the target in flight
+
         def refresh() -> None:
-            if hasattr(engine, "_fetch"):  # the query outside the lock, then fold in
-                fetched = engine._fetch(target)
-                if fetched is not None:
-                    with target.lock:
-                        engine._apply(target, *fetched)
-            else:
-                with target.lock:
-                    engine._refresh_locked(target)
+            if not engine.run_refresh(target.target_id):
+                busy[0] += 1
 
         background: dict[str, Callable[[], object]] = {
             "background: model.predict (one target)": lambda: target.model.predict(
@@ -1106,8 +1102,10 @@ class Bench:
         for name, call in background.items():
             try:
                 timings[name] = _time_call(call, batch=5)
-            except AttributeError as exc:  # engine internals this bench reaches have moved
+            except AttributeError as exc:  # a target with no model yet
                 log(f"skipped {name!r}: {exc}")
+        if busy[0]:
+            log(f"  {busy[0]} timed refreshes found the loop's refresh in flight and did nothing")
         return timings
 
     # -- main ------------------------------------------------------------------------------

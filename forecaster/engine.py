@@ -1,9 +1,11 @@
 """The live targets: background refreshes and refits, and the latest forecast of each.
 
 Requests never fit and never wait on a fit: each target publishes an immutable `Snapshot`
-that readers take without a lock. A loop thread schedules refreshes (new points and the
-current value, on an I/O thread pool) and refits (in worker processes, so a fit never holds
-up the process that answers requests). A fit that fails keeps the last good model.
+that readers take without a lock. The engine keeps the registry and a loop thread that
+schedules refreshes (`Refreshes`: new points and the current value, on an I/O thread pool)
+and refits (`Refits`: in worker processes, so a fit never holds up the process that answers
+requests). A fit that fails keeps the last good model. What a target makes of the points
+and models they bring is forecaster.target's.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Protocol
 
 import pandas as pd
@@ -31,19 +31,17 @@ from forecaster.errors import (
     TooManyTargetsError,
     UnknownTargetError,
 )
-from forecaster.fitting import FitPool, FitRequest
+from forecaster.fitting import FitPool
 from forecaster.models import FallbackFit, Forecast
-from forecaster.policy import PlannedLoad, plan
-from forecaster.series import mask_windows
+from forecaster.policy import PlannedLoad
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import Snapshot, Target, freshness_limit
-from forecaster.windows import scheduled_minimum
 
 log = logging.getLogger(__name__)
 
-BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)
 LOOP_PERIOD_SECONDS = 0.5
+
 
 class EngineListener(Protocol):
     """Told of background work as it finishes (the service's metrics implement this)."""
@@ -79,15 +77,21 @@ class Engine:
         listener: EngineListener | None = None,
     ) -> None:
         self.settings = settings
-        self.clock = clock
+        self._clock = clock
         self.listener: EngineListener = listener or _NoListener()
         self._targets: dict[str, Target] = {}
         self._registry_lock = threading.Lock()
-        self._io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="refresh")
         self.fits = FitPool(settings.fit_workers, executor=fit_pool)
+        self._refits = Refits(self.fits, settings, clock=clock, listener=self.listener)
+        self._refreshes = Refreshes(settings, self._refits, clock=clock, listener=self.listener)
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.started_at = clock()
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The engine's time in epoch seconds (injected: tests pass a clock of their own)."""
+        return self._clock
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -102,7 +106,7 @@ class Engine:
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=5)
-        self._io.shutdown(wait=False, cancel_futures=True)
+        self._refreshes.shutdown()
         self.fits.shutdown()  # ends the worker processes: a fit in flight would hold up exit
 
     def _run(self) -> None:
@@ -148,7 +152,7 @@ class Engine:
                 keep = configured or (target is not None and target.configured)
                 target = Target(target_id, spec, source, configured=keep)
                 target.last_requested = now
-                self._submit_refresh(target)  # before it is visible to the loop: no overlap
+                self._refreshes.submit(target)  # before it is visible to the loop: no overlap
                 self._targets[target_id] = target
                 log.info("new target %s: serving the current value until its first fit", target_id)
             target.last_requested = now
@@ -230,6 +234,26 @@ class Engine:
             return math.inf
         return max(0.0, self.clock() - snapshot.current_time)
 
+    # -- steering ----------------------------------------------------------------------------
+
+    def refit_now(self, target_id: str) -> None:
+        """Make the target's refit due at once: the loop's next pass starts it. A fit already
+        in flight counts as that refit."""
+        self.get(target_id).next_refit = -math.inf
+
+    def run_refresh(self, target_id: str) -> bool:
+        """Refresh the target in the calling thread, as the loop does on its I/O pool: new
+        points and the current value, folded in and published. False, doing nothing, while
+        a refresh of the target is in flight already."""
+        return self._refreshes.run(self.get(target_id))
+
+    def observe(self, target_id: str, points: pd.Series, current: tuple[float, float]) -> None:
+        """Fold in grid points and a current value (epoch seconds, value) read elsewhere, and
+        publish, as a refresh does with what it reads."""
+        target = self.get(target_id)
+        with target.lock:
+            target.fold_in(points, current, freshness_limit(self.settings, target.spec))
+
     # -- background work ---------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -246,54 +270,71 @@ class Engine:
                          now - target.last_requested)
                 continue
             if not target.refreshing and now >= target.next_refresh:
-                self._submit_refresh(target)
+                self._refreshes.submit(target)
             if not target.fit_pending and now >= target.next_refit and len(target.buffer):
-                self._submit_fit(target)
+                self._refits.submit(target)
 
-    def _submit_refresh(self, target: Target) -> None:
-        target.refreshing = True
+
+class Refreshes:
+    """Refreshes on an I/O thread pool: new points and the current value from each target's
+    source, folded in and published. Refreshes of one target never overlap."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        refits: Refits,
+        *,
+        clock: Callable[[], float],
+        listener: EngineListener,
+    ) -> None:
+        self.settings = settings
+        self.refits = refits
+        self.clock = clock
+        self.listener = listener
+        self._pool = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="refresh")
+        self._claims = threading.Lock()  # taken to mark a target refreshing, for no overlap
+
+    def submit(self, target: Target) -> None:
+        """Refresh on the pool, unless a refresh of the target is in flight."""
+        if self._claim(target):
+            self._pool.submit(self._refresh, target)
+
+    def run(self, target: Target) -> bool:
+        """Refresh in the calling thread; False, doing nothing, while one is in flight."""
+        if not self._claim(target):
+            return False
+        self._refresh(target)
+        return True
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _claim(self, target: Target) -> bool:
+        with self._claims:
+            if target.refreshing:
+                return False
+            target.refreshing = True
         target.next_refresh = self.clock() + self.settings.refresh_seconds
-        self._io.submit(self._refresh, target)
+        return True
 
     def _refresh(self, target: Target) -> None:
         try:
             fetched = self._fetch(target)
             if fetched is not None:
                 with target.lock:  # held only to fold in and publish, never during a query
-                    self._apply(target, *fetched)
+                    target.fold_in(*fetched, freshness_limit(self.settings, target.spec))
         except Exception:
             log.exception("refresh of %s failed unexpectedly", target.target_id)
         finally:
             target.refreshing = False
         retry_due = target.fit_failures == 0 or self.clock() >= target.next_refit
         if target.model is None and not target.fit_pending and len(target.buffer) and retry_due:
-            self._submit_fit(target)
+            self.refits.submit(target)
 
     def _fetch(self, target: Target) -> tuple[pd.Series, tuple[float, float]] | None:
-        """New grid points since the last refresh, and the current value; None on failure.
-
-        Only this target's refresh extends its buffer, and refreshes of one target never
-        overlap, so reading `buffer.last` here needs no lock.
-        """
-        spec, now = target.spec, self.clock()
-        step = spec.step_seconds
-        end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
-        last = target.buffer.last
-        start = (
-            end - pd.Timedelta(seconds=spec.history_window_seconds - step)
-            if last is None
-            else (last + target.step).to_pydatetime()
-        )
+        """New grid points since the last refresh, and the current value; None on failure."""
         try:
-            points = pd.Series(dtype=float)
-            if start <= end:
-                try:
-                    points = target.source.query_range(spec.query, start, end, step)
-                except SourceError:
-                    if last is None:
-                        raise
-                    # No new points in an incremental window: the instant query below decides.
-            stamp, value = target.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
+            fetched = target.read(self.clock())
         except (SourceError, SourceUnavailableError) as exc:
             with target.lock:  # a fit may be publishing at the same moment
                 target.refresh_failures += 1
@@ -303,41 +344,38 @@ class Engine:
             target.mark_first_value()  # a request waiting for the first value gets this error now
             return None
         self.listener.refresh_finished(target.target_id, True)
-        return points, (stamp.timestamp(), value)
+        return fetched
 
-    def _apply(self, target: Target, points: pd.Series, current: tuple[float, float]) -> None:
-        added = target.buffer.extend(points)
-        target.score_arrivals(added)
-        if target.model is not None and not added.empty:
-            try:
-                target.model.update(self._training_view(target, added))
-            except ForecasterError as exc:
-                log.warning("update of %s failed, refitting: %s", target.target_id, exc)
-                target.model = None
-        self._publish(target, current=current)
-        target.mark_first_value()
 
-    def _submit_fit(self, target: Target) -> None:
+class Refits:
+    """Fits on the fit pool, landed in their targets: a fit that fails, or that cannot catch
+    up with the newest bins, keeps the target's last good model."""
+
+    def __init__(
+        self,
+        pool: FitPool,
+        settings: EngineSettings,
+        *,
+        clock: Callable[[], float],
+        listener: EngineListener,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.clock = clock
+        self.listener = listener
+
+    def submit(self, target: Target) -> None:
+        """Refit in a worker, unless a fit of the target is in flight."""
         with target.lock:
             if target.fit_pending:  # the loop and a refresh may both ask
                 return
             target.fit_pending = True
-            series = self._training_view(target, target.buffer.series())
-            request = FitRequest(
-                model=target.spec.model,
-                step_seconds=target.spec.step_seconds,
-                start=series.index[0],
-                values=series.to_numpy(),
-                quantile=target.spec.quantile,
-                horizon=1 + target.lead_steps,
-                previous=pickle.dumps(target.model) if target.model is not None else None,
-                time_zone=target.spec.time_zone,
-            )
+            request = target.fit_request()
         began = time.perf_counter()
-        future = self.fits.submit(request)
-        future.add_done_callback(lambda done: self._fitted(target, done, began))
+        future = self.pool.submit(request)
+        future.add_done_callback(lambda done: self._landed(target, done, began))
 
-    def _fitted(self, target: Target, future: Future[FallbackFit], began: float) -> None:
+    def _landed(self, target: Target, future: Future[FallbackFit], began: float) -> None:
         seconds = time.perf_counter() - began
         now = self.clock()
         with target.lock:
@@ -358,76 +396,14 @@ class Engine:
                 log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
                          "; ".join(f"{m}: {why}" for m, why in fit.failures))
             model = fit.model
-            newer = self._training_view(target, target.buffer.series())
-            newer = newer[newer.index > model.last_timestamp_]
             try:
-                model.update(newer)
+                target.catch_up(model)
             except ForecasterError as exc:
                 target.fit_failures += 1
                 self.listener.fit_finished(target.target_id, seconds, False, fit.fell_back)
                 log.warning("fitted model of %s could not catch up: %s", target.target_id, exc)
                 return
             target.fits += 1
-            self.fits.fit_landed()
+            self.pool.fit_landed()
             self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
-            target.model = model
-            target.snapshot = replace(target.snapshot, fitted_at=now, model=model.name)
-            current = target.snapshot.current_value
-            if current is not None and target.snapshot.current_time is not None:
-                self._publish(target, current=(target.snapshot.current_time, current))
-
-    @staticmethod
-    def _training_view(target: Target, points: pd.Series) -> pd.Series:
-        """What the models see: bins in the target's excludeFromTraining windows missing."""
-        return mask_windows(points, target.spec.step_seconds, target.spec.exclude_from_training)
-
-    def _publish(self, target: Target, current: tuple[float, float]) -> None:
-        """Predict from the model (if any) and swap in a new snapshot."""
-        spec = target.spec
-        horizon = 1 + target.lead_steps
-        forecast = None
-        error = None
-        model = target.model
-        if model is not None:
-            behind = current[0] - model.last_timestamp_.timestamp()
-            if behind > freshness_limit(self.settings, spec) + spec.step_seconds:
-                # New points stopped arriving while the current value still does: a forecast
-                # from the old origin would plan for a time already past. Serve reactively.
-                error = f"history is {behind:.0f}s behind the current value; serving it"
-            elif (target.snapshot.forecast is not None
-                  and target.forecast_made_by == (model, model.last_timestamp_)):
-                forecast = target.snapshot.forecast  # no new point since: the same forecast
-            else:
-                try:
-                    quantiles = sorted({*BAND_QUANTILES, spec.quantile})
-                    forecast = model.predict(horizon, quantiles)
-                    target.forecast_made_by = (model, model.last_timestamp_)
-                except Exception as exc:  # a broken model must not stop the target: refit it
-                    log.exception("prediction for %s failed; refitting", target.target_id)
-                    target.model = None
-                    target.fit_failures += 1
-                    error = f"prediction failed: {exc}"
-        if forecast is not None:
-            target.expect(forecast)
-        last_point = float(target.buffer.values[-1]) if len(target.buffer) else math.nan
-        planned = plan(forecast, current[1], spec.quantile, horizon,
-                       smoother=target.smoother, last_point=last_point)
-        # A scheduled event counts from now to the end of the interval new pods will serve.
-        replicas = scheduled_minimum(
-            spec.scheduled_min_replicas, current[0], current[0] + horizon * spec.step_seconds
-        )
-        if replicas is not None:
-            minimum = replicas * spec.target_value
-            planned = replace(planned, value=max(planned.value, minimum),
-                              scheduled_minimum=minimum)
-        target.snapshot = Snapshot(
-            current_value=current[1],
-            current_time=current[0],
-            forecast=forecast,
-            model=target.snapshot.model,
-            fitted_at=target.snapshot.fitted_at,
-            planned=planned,
-            last_error=error,
-            history_points=len(target.buffer),
-        )
-
+            target.adopt(model, now, freshness_limit(self.settings, target.spec))

@@ -1,28 +1,39 @@
 """One live target: its spec, history, model and published snapshot, and how it is named.
 
 A target's mutable parts change only under its lock, in the engine's threads; readers take
-the immutable `Snapshot` without one. Each decision-horizon forecast is kept until its bin
-arrives and then scored, so the service reports how its recent forecasts fared.
+the immutable `Snapshot` without one. What a refresh reads is folded in here, and a new
+snapshot published from the model's forecast and the plan. Each decision-horizon forecast
+is kept until its bin arrives and then scored, so the service reports how its recent
+forecasts fared.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import pickle
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 
 from forecaster.config import EngineSettings
+from forecaster.errors import ForecasterError, SourceError
+from forecaster.fitting import FitRequest
 from forecaster.models import Forecast, ForecastModel
 from forecaster.models.calibration import ScoreWindow
-from forecaster.policy import ForecastSmoother, PlannedLoad, smoothing_weight
-from forecaster.series import GridBuffer
+from forecaster.policy import ForecastSmoother, PlannedLoad, plan, smoothing_weight
+from forecaster.series import GridBuffer, mask_windows
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
+from forecaster.windows import scheduled_minimum
 
+log = logging.getLogger(__name__)
+
+BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)  # the forecast's published quantiles, and the spec's
 ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
 
 
@@ -166,6 +177,131 @@ class Target:
         if self.pending and len(added):
             newest = added.index[-1]
             self.pending = {t: v for t, v in self.pending.items() if t > newest}
+
+    # -- what the engine's threads do to a target ------------------------------------------
+
+    def read(self, now: float) -> tuple[pd.Series, tuple[float, float]]:
+        """New grid points since the last bin (the whole window at first) and the current
+        value (epoch seconds, value), from the source; SourceError or SourceUnavailableError.
+
+        Only this target's refresh extends its buffer, and refreshes of one target never
+        overlap, so reading `buffer.last` here needs no lock.
+        """
+        spec, step = self.spec, self.spec.step_seconds
+        end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
+        last = self.buffer.last
+        start = (
+            end - pd.Timedelta(seconds=spec.history_window_seconds - step)
+            if last is None
+            else (last + self.step).to_pydatetime()
+        )
+        points = pd.Series(dtype=float)
+        if start <= end:
+            try:
+                points = self.source.query_range(spec.query, start, end, step)
+            except SourceError:
+                if last is None:
+                    raise
+                # No new points in an incremental window: the instant query below decides.
+        stamp, value = self.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
+        return points, (stamp.timestamp(), value)
+
+    def training_view(self, points: pd.Series) -> pd.Series:
+        """What the models see: bins in the target's excludeFromTraining windows missing."""
+        return mask_windows(points, self.spec.step_seconds, self.spec.exclude_from_training)
+
+    def fold_in(self, points: pd.Series, current: tuple[float, float], freshness: float) -> None:
+        """Add what a refresh read, bring the model up to date and publish; under `lock`."""
+        added = self.buffer.extend(points)
+        self.score_arrivals(added)
+        if self.model is not None and not added.empty:
+            try:
+                self.model.update(self.training_view(added))
+            except ForecasterError as exc:
+                log.warning("update of %s failed, refitting: %s", self.target_id, exc)
+                self.model = None
+        self.publish(current, freshness)
+        self.mark_first_value()
+
+    def fit_request(self) -> FitRequest:
+        """What a worker needs to refit this target; under `lock`, so that the model it
+        replaces is pickled as a consistent copy."""
+        series = self.training_view(self.buffer.series())
+        return FitRequest(
+            model=self.spec.model,
+            step_seconds=self.spec.step_seconds,
+            start=series.index[0],
+            values=series.to_numpy(),
+            quantile=self.spec.quantile,
+            horizon=1 + self.lead_steps,
+            previous=pickle.dumps(self.model) if self.model is not None else None,
+            time_zone=self.spec.time_zone,
+        )
+
+    def catch_up(self, model: ForecastModel) -> None:
+        """Bring a fitted model up to the newest bin (it was fitted on an older copy); under
+        `lock`. ForecasterError when it cannot."""
+        newer = self.training_view(self.buffer.series())
+        model.update(newer[newer.index > model.last_timestamp_])
+
+    def adopt(self, model: ForecastModel, now: float, freshness: float) -> None:
+        """Make a caught-up model the target's and publish its forecast; under `lock`."""
+        self.model = model
+        self.snapshot = replace(self.snapshot, fitted_at=now, model=model.name)
+        current = self.snapshot.current_value
+        if current is not None and self.snapshot.current_time is not None:
+            self.publish((self.snapshot.current_time, current), freshness)
+
+    def publish(self, current: tuple[float, float], freshness: float) -> None:
+        """Predict from the model (if any) and swap in a new snapshot; under `lock`.
+        `freshness` is the target's freshness_limit."""
+        spec = self.spec
+        horizon = 1 + self.lead_steps
+        forecast = None
+        error = None
+        model = self.model
+        if model is not None:
+            behind = current[0] - model.last_timestamp_.timestamp()
+            if behind > freshness + spec.step_seconds:
+                # New points stopped arriving while the current value still does: a forecast
+                # from the old origin would plan for a time already past. Serve reactively.
+                error = f"history is {behind:.0f}s behind the current value; serving it"
+            elif (self.snapshot.forecast is not None
+                  and self.forecast_made_by == (model, model.last_timestamp_)):
+                forecast = self.snapshot.forecast  # no new point since: the same forecast
+            else:
+                try:
+                    quantiles = sorted({*BAND_QUANTILES, spec.quantile})
+                    forecast = model.predict(horizon, quantiles)
+                    self.forecast_made_by = (model, model.last_timestamp_)
+                except Exception as exc:  # a broken model must not stop the target: refit it
+                    log.exception("prediction for %s failed; refitting", self.target_id)
+                    self.model = None
+                    self.fit_failures += 1
+                    error = f"prediction failed: {exc}"
+        if forecast is not None:
+            self.expect(forecast)
+        last_point = float(self.buffer.values[-1]) if len(self.buffer) else math.nan
+        planned = plan(forecast, current[1], spec.quantile, horizon,
+                       smoother=self.smoother, last_point=last_point)
+        # A scheduled event counts from now to the end of the interval new pods will serve.
+        replicas = scheduled_minimum(
+            spec.scheduled_min_replicas, current[0], current[0] + horizon * spec.step_seconds
+        )
+        if replicas is not None:
+            minimum = replicas * spec.target_value
+            planned = replace(planned, value=max(planned.value, minimum),
+                              scheduled_minimum=minimum)
+        self.snapshot = Snapshot(
+            current_value=current[1],
+            current_time=current[0],
+            forecast=forecast,
+            model=self.snapshot.model,
+            fitted_at=self.snapshot.fitted_at,
+            planned=planned,
+            last_error=error,
+            history_points=len(self.buffer),
+        )
 
 
 def freshness_limit(settings: EngineSettings, spec: TriggerSpec) -> float:

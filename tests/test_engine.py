@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,28 @@ DATA = Path(__file__).parent.parent / "data"
 AWS = "aws_elb_request_count_8c0756"
 SPEC = TriggerSpec(server_address="http://replay.demo", query=AWS, target_value=10.0,
                    model="seasonal_naive")
+NO_POINTS = pd.Series(dtype=float)  # a reading of the current value with no new grid point
+
+
+class Clock:
+    """Wall time, moved on by `ahead` seconds: the engine's clock in these tests."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
 
 
 @pytest.fixture
-def engine() -> Iterator[Engine]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def engine(clock: Clock) -> Iterator[Engine]:
     engine = Engine(EngineSettings(refresh_seconds=3600, idle_seconds=60),
-                    fit_pool=ThreadPoolExecutor(1))
+                    clock=clock, fit_pool=ThreadPoolExecutor(1))
     yield engine
     engine.stop()
 
@@ -67,13 +84,12 @@ def test_a_request_spec_change_replaces_an_unconfigured_target(
 
 
 def test_idle_targets_are_dropped_and_configured_ones_kept(
-    engine: Engine, source: ReplaySource
+    engine: Engine, clock: Clock, source: ReplaySource
 ) -> None:
     engine.ensure_target("demo/aws/idle", SPEC, source)
     engine.ensure_target("demo/aws/kept", SPEC, source, configured=True)
     _wait_for_forecast(engine, "demo/aws/idle")
-    later = time.time() + 120
-    engine.clock = lambda: later
+    clock.ahead = 120
     engine.tick()
     assert [t.target_id for t in engine.targets()] == ["demo/aws/kept"]
 
@@ -89,8 +105,7 @@ def test_a_forecast_from_history_that_stopped_advancing_is_not_served(
     current = target.snapshot.current_time
     assert current is not None
     later = current + freshness_limit(engine.settings, SPEC) + 2 * SPEC.step_seconds
-    with target.lock:
-        engine._publish(target, current=(later, 42.0))
+    engine.observe("demo/aws/m", NO_POINTS, (later, 42.0))
     snapshot = target.snapshot
     assert snapshot.forecast is None and snapshot.planned is not None
     assert snapshot.planned.mode == "reactive" and snapshot.planned.value == 42.0
@@ -106,8 +121,7 @@ def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_at_the_load
     assert before.forecast is not None and before.current_time is not None
     assert before.planned is not None
     last_point = float(target.buffer.values[-1])
-    with target.lock:
-        engine._apply(target, pd.Series(dtype=float), (before.current_time + 30, 1e6))
+    engine.observe("demo/aws/m", NO_POINTS, (before.current_time + 30, 1e6))
     after = target.snapshot
     assert after.forecast is before.forecast  # no new point: not predicted again
     assert after.planned is not None
@@ -117,16 +131,14 @@ def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_at_the_load
     assert after.planned.value == max(before.planned.smoothed or 0.0, last_point) < 1e6
     # A reading below the last point lowers it (the lower of the two is the load held).
     low = last_point / 2
-    with target.lock:
-        engine._apply(target, pd.Series(dtype=float), (before.current_time + 60, low))
+    engine.observe("demo/aws/m", NO_POINTS, (before.current_time + 60, low))
     assert target.snapshot.planned is not None and target.snapshot.planned.floor == low
 
     model = target.model
     assert model is not None
     step = pd.Timedelta(seconds=SPEC.step_seconds)
     newer = pd.Series([5.0], index=[model.last_timestamp_ + step])
-    with target.lock:
-        engine._apply(target, newer, (before.current_time + 330, 5.0))
+    engine.observe("demo/aws/m", newer, (before.current_time + 330, 5.0))
     moved = target.snapshot.forecast
     assert moved is not None and moved is not before.forecast
     assert moved.timestamps[0] == before.forecast.timestamps[0] + step
@@ -142,14 +154,12 @@ def test_a_scheduled_minimum_raises_the_plan_only_while_its_window_meets_the_lea
     spec = replace(SPEC, scheduled_min_replicas=(soon, later))
     target = engine.ensure_target("demo/aws/event", spec, source)
     _wait_for_forecast(engine, "demo/aws/event")
-    with target.lock:
-        engine._publish(target, current=(now, 1.0))
+    engine.observe("demo/aws/event", NO_POINTS, (now, 1.0))
     planned = target.snapshot.planned
     assert planned is not None and planned.scheduled_minimum == 40 * SPEC.target_value
     assert planned.value == 40 * SPEC.target_value
     assert engine.is_active("demo/aws/event")
-    with target.lock:
-        engine._publish(target, current=(now - 3600, 1.0))  # an hour earlier: no window near
+    engine.observe("demo/aws/event", NO_POINTS, (now - 3600, 1.0))  # an hour earlier: none near
     planned = target.snapshot.planned
     assert planned is not None and planned.scheduled_minimum is None
     assert planned.value < 40 * SPEC.target_value
@@ -202,3 +212,47 @@ def test_the_target_time_zone_reaches_its_fits(source: ReplaySource) -> None:
         engine.stop()
     assert [r.time_zone for r in pool.requests] == ["Europe/Paris"]
     assert type(target.model).__name__ == "LocalTime"
+
+
+class Heard:
+    """An EngineListener that queues what it is told, so a test waits on it, not on time."""
+
+    def __init__(self) -> None:
+        self.fits: queue.Queue[tuple[str, bool]] = queue.Queue()
+        self.refreshes: queue.Queue[tuple[str, bool]] = queue.Queue()
+
+    def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None:
+        self.fits.put((target_id, ok))
+
+    def refresh_finished(self, target_id: str, ok: bool) -> None:
+        self.refreshes.put((target_id, ok))
+
+
+def test_refit_now_refits_at_the_next_pass_and_run_refresh_reads_in_the_calling_thread(
+    clock: Clock, source: ReplaySource
+) -> None:
+    heard = Heard()
+    engine = Engine(EngineSettings(refresh_seconds=3600, refit_seconds=3600), clock=clock,
+                    fit_pool=ThreadPoolExecutor(1), listener=heard)
+    try:
+        target = engine.ensure_target("demo/aws/m", SPEC, source)
+        assert heard.refreshes.get(timeout=30) == ("demo/aws/m", True)
+        assert heard.fits.get(timeout=60) == ("demo/aws/m", True)  # the first fit
+        engine.tick()
+        assert not target.fit_pending  # the next refit is an hour away
+        engine.refit_now("demo/aws/m")
+        engine.tick()
+        assert heard.fits.get(timeout=60) == ("demo/aws/m", True)
+        assert target.fits == 2
+
+        last = target.buffer.last
+        assert last is not None
+        clock.ahead = 2 * SPEC.step_seconds  # two new bins
+        asked = clock()
+        assert engine.run_refresh("demo/aws/m")
+        assert heard.refreshes.get_nowait() == ("demo/aws/m", True)  # done before it returned
+        assert target.buffer.last == last + 2 * target.step
+        current_time = target.snapshot.current_time
+        assert current_time is not None and int(asked) <= current_time <= clock()
+    finally:
+        engine.stop()

@@ -27,13 +27,13 @@ from forecaster.api import render
 from forecaster.api.inputs import MAX_POINTS
 from forecaster.api.openapi import PAGE_PATHS, openapi_document
 from forecaster.config import ConfiguredTarget
-from forecaster.engine import BAND_QUANTILES
 from forecaster.models import fit_with_fallback
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.series import to_grid
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
+from forecaster.target import BAND_QUANTILES
 from tests.prometheus_server import PrometheusServer
 from tests.rest_support import (
     CLOSED_SERVER,
