@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
-from forecaster.scaler.bridge import ScalerBridge
+from forecaster.scaler.bridge import FRONT_SILENCE_SECONDS, ScalerBridge
 from forecaster.sources import HistorySource
 from forecaster.targets import SourceRegistry, TargetResolver
 from forecaster.telemetry import Telemetry
@@ -37,6 +37,7 @@ class Service:
         clock: Callable[[], float] = time.time,
         source: HistorySource | None = None,
         fit_pool: Executor | None = None,
+        front_silence_seconds: float = FRONT_SILENCE_SECONDS,
     ) -> None:
         from forecaster.api import HttpServer, create_app
 
@@ -55,6 +56,7 @@ class Service:
         self.scaler = ScalerBridge(
             settings, self.engine, self.resolver,
             on_request=self.telemetry.grpc_request, on_exit=self._scaler_exited,
+            front_silence_seconds=front_silence_seconds,
         )
         self.grpc_port = self.scaler.port
         try:

@@ -22,7 +22,6 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
-from forecaster.scaler import bridge
 from forecaster.scaler.bridge import front_command
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -53,13 +52,28 @@ def _settings(grpc_port: int = 0) -> Settings:
     )
 
 
+@contextlib.contextmanager
+def _started(**kwargs: float) -> Iterator[Service]:
+    service = Service(_settings(), source=ReplaySource.from_folder(DATA),
+                      fit_pool=ThreadPoolExecutor(1), **kwargs)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture
 def service() -> Iterator[Service]:
-    service = Service(_settings(), source=ReplaySource.from_folder(DATA),
-                      fit_pool=ThreadPoolExecutor(1))
-    service.start()
-    yield service
-    service.stop()
+    with _started() as service:
+        yield service
+
+
+@pytest.fixture
+def quick_to_worry() -> Iterator[Service]:
+    """A service whose /healthz calls the front stuck after 2 s of silence (10 s by default)."""
+    with _started(front_silence_seconds=2.0) as service:
+        yield service
 
 
 def _request(target_value: str = "10") -> pb.GetMetricsRequest:
@@ -150,9 +164,9 @@ def test_the_service_stops_and_fails_when_the_front_dies(service: Service) -> No
 
 
 def test_healthz_fails_while_the_front_is_stuck_and_recovers_with_it(
-    service: Service, monkeypatch: pytest.MonkeyPatch
+    quick_to_worry: Service,
 ) -> None:
-    monkeypatch.setattr(bridge, "FRONT_SILENCE_SECONDS", 2.0)
+    service = quick_to_worry
     url = f"http://127.0.0.1:{service.http_port}/healthz"
     assert requests.get(url, timeout=5).json() == {"status": "ok"}
     os.kill(service.scaler.pid, signal.SIGSTOP)  # alive, socket open, answering nothing

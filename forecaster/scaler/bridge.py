@@ -110,7 +110,8 @@ class ScalerBridge:
     The constructor starts the process and waits until it has bound its port (a taken port
     or unreadable TLS files raise RuntimeError here); `start` lets it answer calls. If the
     front exits on its own, `on_exit` is called: the service then stops, so that Kubernetes
-    restarts the pod rather than leave it serving HTTP with no scaler.
+    restarts the pod rather than leave it serving HTTP with no scaler. Silent for longer than
+    `front_silence_seconds`, the front is reported stuck by `problem`.
     """
 
     def __init__(
@@ -121,8 +122,10 @@ class ScalerBridge:
         *,
         on_request: Callable[[str, str, int], None],
         on_exit: Callable[[], None] | None = None,
+        front_silence_seconds: float = FRONT_SILENCE_SECONDS,
     ) -> None:
         self.engine = engine
+        self.front_silence_seconds = front_silence_seconds
         self.resolver = resolver
         self.on_request = on_request
         self.on_exit = on_exit or (lambda: None)
@@ -170,14 +173,15 @@ class ScalerBridge:
         self._thread.start()
 
     def problem(self) -> str | None:
-        """Why the front cannot answer KEDA (exited, or silent past FRONT_SILENCE_SECONDS),
+        """Why the front cannot answer KEDA (exited, or silent past front_silence_seconds),
         None while it reports on time. For /healthz: a wedged front needs a restart."""
         if self._process.poll() is not None:
             return f"the gRPC scaler front process exited with code {self._process.returncode}"
         silent = time.monotonic() - self._heard
-        if self._thread.is_alive() and silent > FRONT_SILENCE_SECONDS:
+        limit = self.front_silence_seconds
+        if self._thread.is_alive() and silent > limit:
             return (f"the gRPC scaler front process has not reported for {silent:.0f}s "
-                    f"(limit {FRONT_SILENCE_SECONDS:.0f}s): its event loop is stuck")
+                    f"(limit {limit:.0f}s): its event loop is stuck")
         return None
 
     def stop(self, grace_seconds: float = 5.0) -> None:
