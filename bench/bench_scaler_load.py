@@ -865,8 +865,8 @@ class Bench:
         parties = {"service: engine (this process)": ["self"],
                    "service: gRPC front": [str(front_pid(self.service))],
                    "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
-        if self.prometheus is not None and self.prometheus._process is not None:
-            parties["prometheus"] = [str(self.prometheus._process.pid)]
+        if self.prometheus is not None and self.prometheus.pid is not None:
+            parties["prometheus"] = [str(self.prometheus.pid)]
         parties.update(self.experiment_pids)
         return parties
 

@@ -225,6 +225,11 @@ class PrometheusServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it is started, else None."""
+        return self._process.pid if self._process is not None else None
+
     def backfill(self) -> None:
         """Fill the data dir once: copy `blocks_dir` if given, then backfill each file."""
         if self._backfilled:

@@ -25,7 +25,7 @@ from forecaster.service import Service
 from forecaster.spec import parse_trigger_metadata
 from tests import test_telemetry
 from tests.prometheus_server import PrometheusServer
-from tests.test_scaler_service import _ref, _settings, _wait_for
+from tests.test_scaler_service import scaled_object_ref, scaler_settings, wait_until
 from tests.test_telemetry import MODEL, Live
 
 # The same fixtures as test_telemetry's (module-scoped: this module gets its own service).
@@ -51,12 +51,12 @@ def evil(live: Live) -> str:
 
     The scaler refuses a name that is no Kubernetes name, so the target is registered as one
     of the operator's configured targets would be, whose names are not checked."""
-    ref = _ref(live.prometheus.url, model=MODEL, query=EVIL_QUERY)
+    ref = scaled_object_ref(live.prometheus.url, model=MODEL, query=EVIL_QUERY)
     spec, _ = parse_trigger_metadata(dict(ref.scalerMetadata), known_models=MODEL_FACTORIES)
     tid = f"shop/{EVIL_NAME}/{spec.effective_metric_name}"
     source = live.service.sources.for_address(spec.server_address)
     target = live.service.engine.ensure_target(tid, spec, source, configured=True)
-    _wait_for(lambda: target.snapshot.forecast is not None, timeout=60)
+    wait_until(lambda: target.snapshot.forecast is not None, timeout=60)
     return target.target_id
 
 
@@ -141,7 +141,7 @@ def test_page_lists_targets_and_escapes_names_and_queries(live: Live, evil: str)
 
 
 def test_page_without_targets_says_so(prometheus_now: PrometheusServer) -> None:
-    service = Service(_settings(prometheus_now.url))
+    service = Service(scaler_settings(prometheus_now.url))
     service.start()
     try:
         html = requests.get(f"http://127.0.0.1:{service.http_port}/", timeout=10).text

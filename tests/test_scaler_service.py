@@ -26,21 +26,11 @@ from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.series import to_grid
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
-from tests.prometheus_server import (
-    PrometheusServer,
-    held_each_minute,
-    load_trace,
-)
+from tests.prometheus_server import PrometheusServer
 from tests.rest_support import make_blocks
 
-TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = 300
 SECRET = "s3cr3t-token-do-not-log"
-
-
-def _live_trace(now: datetime) -> pd.Series:
-    """The bundled trace from 14 days ago to 2 hours ahead, held each minute."""
-    return held_each_minute(load_trace(TRACE), now)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +58,7 @@ class Clock:
         return time.time() + self.offset
 
 
-def _settings(url: str, **engine: float) -> Settings:
+def scaler_settings(url: str, **engine: float) -> Settings:
     return Settings(
         engine=EngineSettings(
             refresh_seconds=engine.get("refresh_seconds", 1.0),
@@ -106,7 +96,7 @@ def _stub(service: Service) -> Iterator[pb_grpc.ExternalScalerStub]:
 
 @pytest.fixture
 def service(live_prometheus: PrometheusServer, make_service: Callable[..., Service]) -> Service:
-    return make_service(_settings(live_prometheus.url))
+    return make_service(scaler_settings(live_prometheus.url))
 
 
 @pytest.fixture
@@ -114,7 +104,7 @@ def stub(service: Service) -> Iterator[pb_grpc.ExternalScalerStub]:
     yield from _stub(service)
 
 
-def _ref(url: str, **metadata: str) -> pb.ScaledObjectRef:
+def scaled_object_ref(url: str, **metadata: str) -> pb.ScaledObjectRef:
     base = {
         "serverAddress": url,
         "query": 'sum(web_requests{job="web"})',
@@ -135,7 +125,7 @@ def _register(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> str:
     return name
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -162,14 +152,14 @@ def _expected_planned(url: str, query: str, model: str, quantile: float, horizon
 def test_keda_call_order_serves_the_planned_load(
     service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
 ) -> None:
-    ref = _ref(live_prometheus.url)
+    ref = scaled_object_ref(live_prometheus.url)
     spec = stub.GetMetricSpec(ref, timeout=10)
     (metric,) = spec.metricSpecs
     assert metric.targetSizeFloat == pytest.approx(16.7)
     assert metric.targetSize == 17
     assert _register(stub, ref) == metric.metricName
     target_id = f"shop/web/{metric.metricName}"
-    _wait_for(lambda: service.engine.get(target_id).snapshot.forecast is not None)
+    wait_until(lambda: service.engine.get(target_id).snapshot.forecast is not None)
 
     # The engine's process pushes a changed answer to the gRPC front within a quarter of a
     # second, and a 5-minute boundary may pass between the two computations: ask again for
@@ -195,7 +185,7 @@ def test_keda_call_order_serves_the_planned_load(
     assert planned.value >= planned.current  # the reactive floor
 
     assert stub.IsActive(ref, timeout=10).result is True
-    quiet = _ref(live_prometheus.url, activationValue="1000000")
+    quiet = scaled_object_ref(live_prometheus.url, activationValue="1000000")
     assert stub.IsActive(quiet, timeout=10).result is False
 
 
@@ -204,9 +194,9 @@ def test_default_metric_name_is_stable_across_restarts(
 ) -> None:
     names = []
     for _ in range(2):
-        service = make_service(_settings(live_prometheus.url))
+        service = make_service(scaler_settings(live_prometheus.url))
         for stub in _stub(service):
-            names.append(stub.GetMetricSpec(_ref(live_prometheus.url), timeout=10)
+            names.append(stub.GetMetricSpec(scaled_object_ref(live_prometheus.url), timeout=10)
                          .metricSpecs[0].metricName)
         service.stop()
     # The server, the query, and each setting that differs from its default (model here).
@@ -241,7 +231,7 @@ def test_bad_metadata_is_invalid_argument_naming_the_key(
     change: dict[str, str | None],
     key: str,
 ) -> None:
-    ref = _ref(live_prometheus.url)
+    ref = scaled_object_ref(live_prometheus.url)
     for name, value in change.items():
         if value is None:
             del ref.scalerMetadata[name]
@@ -269,7 +259,7 @@ def test_bad_metadata_is_invalid_argument_naming_the_key(
 def test_unconfigured_server_address_is_refused(
     stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
 ) -> None:
-    ref = _ref("http://127.0.0.1:1")
+    ref = scaled_object_ref("http://127.0.0.1:1")
     name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=10)
@@ -281,7 +271,7 @@ def test_unconfigured_server_address_is_refused(
 def test_wrong_metric_name_is_invalid_argument(
     stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
 ) -> None:
-    ref = _ref(live_prometheus.url)
+    ref = scaled_object_ref(live_prometheus.url)
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName="s0-other"),
                         timeout=10)
@@ -301,7 +291,7 @@ def test_unusable_query_results_are_unavailable_with_the_reason(
     stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer, query: str,
     words: list[str],
 ) -> None:
-    ref = _ref(live_prometheus.url, query=query)
+    ref = scaled_object_ref(live_prometheus.url, query=query)
     name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=20)
@@ -321,25 +311,25 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
     own = PrometheusServer(blocks_dir=live_blocks, workdir=tmp_path / "own")
     with own:
         clock = Clock()
-        service = make_service(_settings(own.url), clock=clock)
+        service = make_service(scaler_settings(own.url), clock=clock)
         for stub in _stub(service):
-            ref = _ref(own.url)
+            ref = scaled_object_ref(own.url)
             name = _register(stub, ref)
             target = service.engine.get(f"shop/web/{name}")
-            _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
+            wait_until(lambda: target.snapshot.forecast is not None)  # noqa: B023
             request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
 
             def served() -> float:
                 return stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat  # noqa: B023
 
             # the engine pushes the new answer to the gRPC front within a push interval
-            _wait_for(lambda: served() == service.engine.serve(target.target_id).value,  # noqa: B023
+            wait_until(lambda: served() == service.engine.serve(target.target_id).value,  # noqa: B023
                       timeout=10)
             before = served()
 
             own.stop()
             failures = target.refresh_failures
-            _wait_for(lambda: target.refresh_failures > failures, timeout=30)  # noqa: B023
+            wait_until(lambda: target.refresh_failures > failures, timeout=30)  # noqa: B023
             assert served() == before  # the last good forecast, while fresh
 
             clock.offset = 2 * STEP + 1  # past max(2 x refresh, 2 x step)
@@ -361,10 +351,10 @@ def test_new_target_answers_reactively_until_its_first_fit(
     # The only fit worker is kept busy, so the new target has no model yet.
     busy = ThreadPoolExecutor(1)
     busy.submit(time.sleep, 30)
-    service = make_service(_settings(live_prometheus.url), fit_pool=busy)
+    service = make_service(scaler_settings(live_prometheus.url), fit_pool=busy)
     try:
         for stub in _stub(service):
-            ref = _ref(live_prometheus.url)
+            ref = scaled_object_ref(live_prometheus.url)
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
             value = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
                                     timeout=15).metricValues[0]
@@ -379,7 +369,7 @@ def test_new_target_answers_reactively_until_its_first_fit(
 def test_stream_is_active_sends_at_once_and_ends_when_the_client_goes(
     service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
 ) -> None:
-    stream = stub.StreamIsActive(_ref(live_prometheus.url), timeout=30)
+    stream = stub.StreamIsActive(scaled_object_ref(live_prometheus.url), timeout=30)
     began = time.monotonic()
     first = next(stream)
     assert first.result is True
@@ -401,7 +391,7 @@ def test_health_service_reports_serving(service: Service) -> None:
 def test_dry_run_serves_the_current_load_and_keeps_the_decision(
     live_prometheus: PrometheusServer, make_service: Callable[..., Service]
 ) -> None:
-    base = _settings(live_prometheus.url)
+    base = scaler_settings(live_prometheus.url)
     settings = Settings(
         engine=EngineSettings(refresh_seconds=1.0, fit_workers=1, first_value_wait_seconds=10.0,
                               dry_run=True),
@@ -409,10 +399,10 @@ def test_dry_run_serves_the_current_load_and_keeps_the_decision(
     )
     service = make_service(settings)
     for stub in _stub(service):
-        ref = _ref(live_prometheus.url)
+        ref = scaled_object_ref(live_prometheus.url)
         name = _register(stub, ref)
         target = service.engine.get(f"shop/web/{name}")
-        _wait_for(lambda: target.snapshot.forecast is not None)  # noqa: B023
+        wait_until(lambda: target.snapshot.forecast is not None)  # noqa: B023
         served = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
                                  timeout=10).metricValues[0].metricValueFloat
         decision = target.snapshot.planned

@@ -28,7 +28,8 @@ from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.target import Target, freshness_limit, target_labels
 from tests.prometheus_server import PrometheusServer, write_openmetrics
-from tests.test_scaler_service import _live_trace, _ref, _settings, _wait_for
+from tests.rest_support import live_trace
+from tests.test_scaler_service import scaled_object_ref, scaler_settings, wait_until
 
 DASHBOARD = Path(__file__).parent.parent / "keda" / "grafana-dashboard.json"
 MODEL = "seasonal_naive"  # the cheapest real model: the tests are about what is exported
@@ -48,15 +49,15 @@ class Live:
         return f"http://127.0.0.1:{self.service.http_port}"
 
     def ref(self, **metadata: str) -> pb.ScaledObjectRef:
-        return _ref(self.prometheus.url, model=MODEL, **metadata)
+        return scaled_object_ref(self.prometheus.url, model=MODEL, **metadata)
 
 
 @pytest.fixture(scope="module")
 def prometheus_now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    """The trace from 14 days ago to 2 hours ahead (see test_scaler_service._live_trace), so
+    """The trace from 14 days ago to 2 hours ahead (see rest_support.live_trace), so
     instant queries find a value however long the session has run."""
     root = tmp_path_factory.mktemp("telemetry-prom")
-    write_openmetrics(_live_trace(datetime.now(UTC)), "web_requests", root / "web.om",
+    write_openmetrics(live_trace(datetime.now(UTC)), "web_requests", root / "web.om",
                       {"job": "web"})
     with PrometheusServer([root / "web.om"], workdir=root / "server") as server:
         yield server
@@ -65,20 +66,20 @@ def prometheus_now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometh
 @pytest.fixture(scope="module")
 def live(prometheus_now: PrometheusServer) -> Iterator[Live]:
     fits = ThreadPoolExecutor(1, thread_name_prefix="test-fit")  # no process spawn: faster
-    service = Service(_settings(prometheus_now.url), fit_pool=fits)
+    service = Service(scaler_settings(prometheus_now.url), fit_pool=fits)
     service.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             stub = pb_grpc.ExternalScalerStub(channel)
-            ref = _ref(prometheus_now.url, model=MODEL)
+            ref = scaled_object_ref(prometheus_now.url, model=MODEL)
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
             stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=20)
             target = service.engine.get(f"shop/web/{name}")
-            _wait_for(lambda: target.snapshot.forecast is not None, timeout=60)
+            wait_until(lambda: target.snapshot.forecast is not None, timeout=60)
             live = Live(service, stub, prometheus_now, target)
             # The front reports its call counts every half second: tests that count calls
             # start once the registering call above is in.
-            _wait_for(lambda: any(
+            wait_until(lambda: any(
                 s.labels.get("method") == "GetMetrics" and s.value >= 1
                 for s in scrape(live).get("forecaster_requests_total", [])), timeout=10)
             yield live
@@ -258,16 +259,16 @@ def test_a_new_target_reports_the_reactive_fallback_until_its_first_fit(
     gate_pool = ThreadPoolExecutor(1, thread_name_prefix="test-held-fit")
     released = threading.Event()
     gate_pool.submit(released.wait, 60)
-    service = Service(_settings(prometheus_now.url), fit_pool=gate_pool)
+    service = Service(scaler_settings(prometheus_now.url), fit_pool=gate_pool)
     service.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             stub = pb_grpc.ExternalScalerStub(channel)
-            ref = _ref(prometheus_now.url, model=MODEL)
+            ref = scaled_object_ref(prometheus_now.url, model=MODEL)
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
             stub.IsActive(ref, timeout=20)  # KEDA's next calls register the target
             target = service.engine.get(f"shop/web/{name}")
-            _wait_for(lambda: target.snapshot.planned is not None, timeout=30)
+            wait_until(lambda: target.snapshot.planned is not None, timeout=30)
             live = Live(service, stub, prometheus_now, target)
             samples = scrape(live)
         ids = {"namespace": "shop", "name": "web", "metric": name}
