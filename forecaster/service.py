@@ -60,10 +60,9 @@ class Service:
         )
         self.grpc_port = self.scaler.port
         try:
-            self.app = create_app(settings, self.engine, self.resolver)
-            self.app.extensions["forecaster.telemetry"] = self.telemetry
-            self.app.extensions["forecaster.liveness"] = self.scaler.problem
-            self.app.extensions["forecaster.readiness"] = self.not_ready
+            self.app = create_app(settings, self.engine, self.resolver,
+                                  telemetry=self.telemetry, liveness=self.scaler.problem,
+                                  readiness=self.not_ready)
             self.http_server = HttpServer(self.app, settings.host, settings.http_port)
         except BaseException:  # a taken HTTP port: no scaler process left behind
             self.scaler.stop(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, cast
 
 from flask import Flask, Response, jsonify
@@ -14,19 +15,39 @@ from forecaster.api.errors import error_response, register_error_handlers
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.targets import TargetResolver
+from forecaster.telemetry import Telemetry
 
 HTTP_THREADS = 8
 LOOP_SLICE_SECONDS = 0.2
 MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
-def create_app(settings: Settings, engine: Engine, resolver: TargetResolver) -> Flask:
-    """The Flask app for one engine; no global state, so tests build as many as they like."""
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    resolver: TargetResolver,
+    *,
+    telemetry: Telemetry | None = None,
+    liveness: Callable[[], str | None] | None = None,
+    readiness: Callable[[], str | None] | None = None,
+) -> Flask:
+    """The Flask app for one engine; no global state, so tests build as many as they like.
+
+    With `telemetry`, /metrics serves its registry and every request is counted. `liveness`
+    says why the process cannot serve (None when it can), for /healthz; `readiness` why it
+    should get no new connections, for /readyz.
+    """
     app = Flask("forecaster")
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413
     app.extensions["forecaster.engine"] = engine
     app.extensions["forecaster.resolver"] = resolver
+    if telemetry is not None:
+        app.extensions["forecaster.telemetry"] = telemetry
+    if liveness is not None:
+        app.extensions["forecaster.liveness"] = liveness
+    if readiness is not None:
+        app.extensions["forecaster.readiness"] = readiness
 
     @app.get("/healthz")
     def healthz() -> Response | tuple[Response, int]:
