@@ -280,8 +280,8 @@ def _check_target(
         if not getattr(target, key):
             raise InvalidInputError(f"{where}.{key}", "must not be empty")
     try:
-        spec, _ = parse_trigger_metadata({**defaults, **target.metadata},
-                                         known_models=MODEL_FACTORIES)
+        spec, _ = parse_trigger_metadata(target.metadata, known_models=MODEL_FACTORIES,
+                                         defaults=defaults)
     except InvalidInputError as exc:
         from_defaults = exc.field in defaults and exc.field not in target.metadata
         origin = "defaults" if from_defaults else f"{where}.metadata"

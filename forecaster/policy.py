@@ -210,6 +210,8 @@ class PlannedLoad:
     smoothed: float | None = None
     # The reactive floor: the lower of the current load and the last grid point's.
     floor: float = math.nan
+    # The log of the factor a maxUnderProvisioned controller put on the plan (None: none).
+    slo_level: float | None = None
 
     @property
     def floored(self) -> bool:

@@ -91,9 +91,14 @@ class SloController:
         """The replicas the last decision asks for."""
         return self._hpa.replicas
 
+    def serve(self, planned_load: float) -> float:
+        """The load to serve for a plan at the current level, without counting it as a
+        decision (a plan restated between two intervals)."""
+        return planned_load * math.exp(self.level)
+
     def decide(self, planned_load: float) -> float:
         """The load to serve for a plan: planned_load x exp(level); NaN (no plan) holds."""
-        served = planned_load * math.exp(self.level)
+        served = self.serve(planned_load)
         self._hpa = hpa_step(self._hpa, served, self.policy)
         self._pending.append((planned_load, self._hpa.replicas))
         return served

@@ -63,6 +63,8 @@ METADATA_KEYS: Mapping[str, str] = {
     "targetValue": "target_value",
     "startupSeconds": "startup_seconds",
     "quantile": "quantile",
+    "maxUnderProvisioned": "max_under_provisioned",
+    "scaleDownStabilization": "scale_down_stabilization_seconds",
     "planHalfLife": "plan_half_life_seconds",
     "historyWindow": "history_window_seconds",
     "step": "step_seconds",
@@ -94,6 +96,8 @@ _IDENTITY_KEYS = frozenset({"serverAddress", "query", "targetValue", "metricName
 
 DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
 MIN_STEPS_IN_HISTORY = 10
+DEFAULT_MAX_UNDER_PROVISIONED = 0.05
+MAX_STABILIZATION_SECONDS = 3_600
 # Bounds on what one trigger may ask for: each keeps a target's memory and its queries to
 # Prometheus within what one service of many targets can hold.
 MAX_STARTUP_SECONDS = 6 * 3_600
@@ -132,6 +136,12 @@ class TriggerSpec:
     target_value: float
     startup_seconds: int = 300
     quantile: float = 0.9
+    # The share of intervals allowed short of capacity, held by a controller on the plan
+    # (forecaster.slo); None when `quantile` was set: the quantile is then planned as it is.
+    max_under_provisioned: float | None = DEFAULT_MAX_UNDER_PROVISIONED
+    # The ScaledObject's scale-down stabilization window, for the HPA arithmetic the
+    # controller replays from its own plans.
+    scale_down_stabilization_seconds: int = 300
     # The plan follows an average of recent quantile forecasts with this half-life; 0: none.
     plan_half_life_seconds: int = DEFAULT_PLAN_HALF_LIFE_SECONDS
     history_window_seconds: int = 14 * 86_400
@@ -271,8 +281,17 @@ def parse_trigger_metadata(
     """
     for key, value in metadata.items():
         _string_value(key, value)
-    metadata = {**(defaults or {}), **resolve_from_env(metadata)}
+    explicit = resolve_from_env(metadata)
+    defaults = _level_defaults(defaults or {}, explicit)
+    metadata = {**defaults, **explicit}
     values = {key: _string_value(key, metadata[key]) for key in METADATA_KEYS if key in metadata}
+    if "quantile" in values and "maxUnderProvisioned" in values:
+        where = "the trigger" if "quantile" in explicit else "the config's defaults"
+        raise InvalidInputError(
+            "maxUnderProvisioned",
+            f"and 'quantile' are both set in {where}: maxUnderProvisioned holds a share of "
+            f"intervals short of capacity, quantile plans one fixed quantile; keep one",
+        )
     unknown = sorted(
         key
         for key in metadata
@@ -310,6 +329,15 @@ def parse_trigger_metadata(
             values, "startupSeconds", _startup_seconds, TriggerSpec.startup_seconds
         ),
         quantile=_optional(values, "quantile", _quantile, TriggerSpec.quantile),
+        max_under_provisioned=(
+            None if "quantile" in values else _optional(
+                values, "maxUnderProvisioned", _share, DEFAULT_MAX_UNDER_PROVISIONED
+            )
+        ),
+        scale_down_stabilization_seconds=_optional(
+            values, "scaleDownStabilization", _stabilization,
+            TriggerSpec.scale_down_stabilization_seconds,
+        ),
         plan_half_life_seconds=_optional(
             values, "planHalfLife", parse_duration, TriggerSpec.plan_half_life_seconds
         ),
@@ -460,6 +488,37 @@ def _quantile(text: str, key: str) -> float:
     return value
 
 
+def _level_defaults(defaults: Mapping[str, str], explicit: Mapping[str, str]) -> dict[str, str]:
+    """The config's defaults under a trigger: a trigger's explicit quantile or
+    maxUnderProvisioned beats the other key's value from the defaults."""
+    chosen = dict(defaults)
+    for key, other in (("quantile", "maxUnderProvisioned"), ("maxUnderProvisioned", "quantile")):
+        if key in explicit and other not in explicit:
+            chosen.pop(other, None)
+    return chosen
+
+
+def _share(text: str, key: str) -> float:
+    value = _number(text, key)
+    if not 0 < value < 0.5:
+        raise InvalidInputError(
+            key,
+            f"must be in (0, 0.5): the share of intervals allowed short of capacity, such as "
+            f"'0.05'; got {reprlib.repr(text)}",
+        )
+    return value
+
+
+def _stabilization(text: str, key: str) -> int:
+    seconds = parse_duration(text, key)
+    if seconds > MAX_STABILIZATION_SECONDS:
+        raise InvalidInputError(
+            key, f"must be at most {format_duration(MAX_STABILIZATION_SECONDS)!r} (the HPA's "
+            f"own limit); got {reprlib.repr(text)}",
+        )
+    return seconds
+
+
 def _positive_duration(text: str, key: str) -> int:
     seconds = parse_duration(text, key)
     if seconds < 1:
@@ -542,6 +601,8 @@ _CANONICAL: dict[str, Callable[[str, str], object]] = {
     "historyWindow": _history_window,
     "step": _step,
     "activationValue": _activation_value,
+    "maxUnderProvisioned": _share,
+    "scaleDownStabilization": _stabilization,
 }
 _BUILT_IN: dict[str, str] = {
     "startupSeconds": str(TriggerSpec.startup_seconds),
@@ -551,6 +612,8 @@ _BUILT_IN: dict[str, str] = {
     "step": str(TriggerSpec.step_seconds),
     "model": TriggerSpec.model,
     "activationValue": str(TriggerSpec.activation_value),
+    "maxUnderProvisioned": str(DEFAULT_MAX_UNDER_PROVISIONED),
+    "scaleDownStabilization": str(TriggerSpec.scale_down_stabilization_seconds),
     "timeZone": TriggerSpec.time_zone,
     "excludeFromTraining": "",
     "scheduledMinReplicas": "",

@@ -25,8 +25,15 @@ from forecaster.errors import ForecasterError, SourceError
 from forecaster.fitting import FitRequest
 from forecaster.models import Forecast, ForecastModel
 from forecaster.models.calibration import ScoreWindow
-from forecaster.policy import ForecastSmoother, PlannedLoad, plan, smoothing_weight
+from forecaster.policy import (
+    ForecastSmoother,
+    PlannedLoad,
+    ScalingPolicy,
+    plan,
+    smoothing_weight,
+)
 from forecaster.series import GridBuffer, mask_windows
+from forecaster.slo import SloController
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
 from forecaster.windows import scheduled_minimum
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)  # the forecast's published quantiles, and the spec's
 ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
+SHARE_WINDOWS = {"1d": 86_400, "7d": 7 * 86_400}  # the achieved share is reported over these
 
 
 def target_id(namespace: str, name: str, metric_name: str) -> str:
@@ -75,6 +83,19 @@ class Snapshot:
     planned: PlannedLoad | None = None
     last_error: str | None = None
     history_points: int = 0
+    share: ShareHeld | None = None
+
+
+@dataclass(frozen=True)
+class ShareHeld:
+    """How a target holds its maxUnderProvisioned: the share asked, the share of judged
+    intervals short of capacity over each of SHARE_WINDOWS (None before the first), and the
+    controller's level (the log of its factor on the plan)."""
+
+    asked: float
+    level: float
+    achieved: dict[str, float | None]
+    judged: dict[str, int]
 
 
 @dataclass
@@ -114,6 +135,10 @@ class Target:
             smoothing_weight(self.spec.step_seconds, self.spec.plan_half_life_seconds),
             self.spec.step_seconds,
         )
+        self.slo = controller_for(self.spec, self.lead_steps)
+        # 1.0 per judged interval that ran short, 0.0 per interval served: the last week.
+        self.shortfalls = ScoreWindow(max(1, SHARE_WINDOWS["7d"] // self.spec.step_seconds))
+        self.decided_at: pd.Timestamp | None = None  # the origin of the controller's last decision
         self.model: ForecastModel | None = None
         # The model and origin the published forecast came from: a refresh that adds no new
         # point (most of them, with a 30 s refresh and a 5 m step) reuses that forecast.
@@ -214,6 +239,7 @@ class Target:
         """Add what a refresh read, bring the model up to date and publish; under `lock`."""
         added = self.buffer.extend(points)
         self.score_arrivals(added)
+        self.judge(added)
         if self.model is not None and not added.empty:
             try:
                 self.model.update(self.training_view(added))
@@ -288,6 +314,7 @@ class Target:
         replicas = scheduled_minimum(
             spec.scheduled_min_replicas, current[0], current[0] + horizon * spec.step_seconds
         )
+        planned = self.hold_share(planned)
         if replicas is not None:
             minimum = replicas * spec.target_value
             planned = replace(planned, value=max(planned.value, minimum),
@@ -301,7 +328,65 @@ class Target:
             planned=planned,
             last_error=error,
             history_points=len(self.buffer),
+            share=self.share_held(),
         )
+
+    # -- holding maxUnderProvisioned (forecaster.slo) ----------------------------------------
+
+    def judge(self, added: pd.Series) -> None:
+        """Tell the controller each new interval's demand, in order, so that it judges the
+        decision that was ready in it. Intervals that arrived together past the first had no
+        decision of their own: each gets a held one, which keeps decisions and intervals in
+        step."""
+        if self.slo is None or self.decided_at is None:
+            return  # no decision yet: nothing to judge
+        for position, demand in enumerate(added.to_numpy(dtype=float)):
+            if position:
+                self.slo.decide(math.nan)
+            judged, short = self.slo.intervals, self.slo.misses
+            self.slo.observe(float(demand))
+            if self.slo.intervals > judged:
+                self.shortfalls.append(float(self.slo.misses > short))
+
+    def hold_share(self, planned: PlannedLoad) -> PlannedLoad:
+        """The plan the controller serves: its first plan at a new origin is its decision for
+        that interval; later ones (a refresh between two points, a refit) are served at the
+        same level without counting again."""
+        if self.slo is None:
+            return planned
+        origin = self.buffer.last
+        if origin is not None and origin != self.decided_at:
+            served = self.slo.decide(planned.value)
+            self.decided_at = origin
+        else:
+            served = self.slo.serve(planned.value)
+        return replace(planned, value=served, slo_level=self.slo.level)
+
+    def share_held(self) -> ShareHeld | None:
+        if self.slo is None:
+            return None
+        shortfalls = self.shortfalls.values()
+        achieved: dict[str, float | None] = {}
+        judged: dict[str, int] = {}
+        for window, seconds in SHARE_WINDOWS.items():
+            recent = shortfalls[-max(1, seconds // self.spec.step_seconds):]
+            judged[window] = int(recent.size)
+            achieved[window] = float(recent.mean()) if recent.size else None
+        return ShareHeld(self.slo.share, self.slo.level, achieved, judged)
+
+
+def controller_for(spec: TriggerSpec, lead_steps: int) -> SloController | None:
+    """The target's maxUnderProvisioned controller, replaying the HPA arithmetic of the
+    trigger's targetValue and scaleDownStabilization; None for a fixed quantile."""
+    if spec.max_under_provisioned is None:
+        return None
+    policy = ScalingPolicy(
+        target_per_replica=spec.target_value,
+        stabilization_steps=max(
+            1, math.ceil(spec.scale_down_stabilization_seconds / spec.step_seconds)
+        ),
+    )
+    return SloController(spec.max_under_provisioned, policy, lead_steps)
 
 
 def freshness_limit(settings: EngineSettings, spec: TriggerSpec) -> float:

@@ -213,6 +213,21 @@ class TargetCollector(Collector):
                 "forecaster_last_fit_timestamp_seconds",
                 "When the target's model was last fitted (Unix time).",
             ),
+            "asked_share": gauge(
+                "forecaster_max_under_provisioned_ratio",
+                "The trigger's maxUnderProvisioned: the share of intervals allowed short of "
+                "capacity.",
+            ),
+            "achieved_share": gauge(
+                "forecaster_under_provisioned_ratio",
+                "The share of judged intervals whose demand exceeded the capacity the plans "
+                "had ready (HPA arithmetic replayed from the plans), over the window.",
+                ("window",),
+            ),
+            "plan_level": gauge(
+                "forecaster_plan_level",
+                "The log of the factor the maxUnderProvisioned controller puts on the plan.",
+            ),
         }
 
     def _add_target(
@@ -251,6 +266,13 @@ class TargetCollector(Collector):
                 families["predicted"].add_metric([*labels, f"{quantile:g}"], float(values[-1]))
         if snapshot.fitted_at is not None:
             families["fitted_at"].add_metric(labels, snapshot.fitted_at)
+        share = snapshot.share
+        if share is not None:
+            families["asked_share"].add_metric(labels, share.asked)
+            families["plan_level"].add_metric(labels, share.level)
+            for window, achieved in share.achieved.items():
+                if achieved is not None:
+                    families["achieved_share"].add_metric([*labels, window], achieved)
         accuracy = target.accuracy()
         families["scored"].add_metric(labels, accuracy.scored)
         if accuracy.last_abs_error is not None:

@@ -447,3 +447,51 @@ def test_object_refs_are_kubernetes_names(namespace: str, name: str, key: str) -
     assert caught.value.field == key
     assert "\n" not in str(caught.value).replace("\\n", "")
     check_object_ref("shop", "web.v2-canary")
+
+
+# --- maxUnderProvisioned against quantile ------------------------------------------------
+
+
+def test_the_share_is_held_by_default_and_a_quantile_fixes_the_level() -> None:
+    assert parse()[0].max_under_provisioned == 0.05
+    assert parse(maxUnderProvisioned="0.01")[0].max_under_provisioned == 0.01
+    fixed, _ = parse(quantile="0.95")
+    assert (fixed.max_under_provisioned, fixed.quantile) == (None, 0.95)
+    assert parse(scaleDownStabilization="10m")[0].scale_down_stabilization_seconds == 600
+
+
+def test_a_triggers_explicit_key_beats_the_other_from_the_defaults() -> None:
+    def spec(metadata: dict[str, str], defaults: dict[str, str]) -> TriggerSpec:
+        return parse_trigger_metadata({**REQUIRED, **metadata}, known_models=KNOWN_MODELS,
+                                      defaults=defaults)[0]
+
+    assert spec({"quantile": "0.8"}, {"maxUnderProvisioned": "0.1"}).max_under_provisioned is None
+    held = spec({"maxUnderProvisioned": "0.02"}, {"quantile": "0.8"})
+    assert (held.max_under_provisioned, held.quantile) == (0.02, 0.9)
+    assert spec({}, {"quantile": "0.8"}).max_under_provisioned is None
+    assert spec({}, {"maxUnderProvisioned": "0.2"}).max_under_provisioned == 0.2
+
+
+@pytest.mark.parametrize(
+    ("metadata", "defaults"),
+    [({"quantile": "0.9", "maxUnderProvisioned": "0.05"}, {}),
+     ({}, {"quantile": "0.9", "maxUnderProvisioned": "0.05"})],
+)
+def test_both_keys_in_one_place_are_refused_naming_both(
+    metadata: dict[str, str], defaults: dict[str, str]
+) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        parse_trigger_metadata({**REQUIRED, **metadata}, known_models=KNOWN_MODELS,
+                               defaults=defaults)
+    assert caught.value.field == "maxUnderProvisioned" and "'quantile'" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [("maxUnderProvisioned", "0.5", "(0, 0.5)"), ("maxUnderProvisioned", "0", "(0, 0.5)"),
+     ("maxUnderProvisioned", "lots", "finite decimal"),
+     ("scaleDownStabilization", "2h", "at most '1h'")],
+)
+def test_share_and_stabilization_bounds(key: str, value: str, words: str) -> None:
+    error = error_for({**REQUIRED, key: value})
+    assert error.field == key and words in error.reason

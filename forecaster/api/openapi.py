@@ -290,7 +290,8 @@ _SCHEMAS: dict[str, Any] = {
                      "floored", "scheduledMinimum",
                      "horizonSteps", "startupSeconds",
                      "targetValuePerReplica", "minReplicas", "maxReplicas", "currentReplicas",
-                     "tolerance", "recommendation", "replicas", "limitedBy"],
+                     "tolerance", "recommendation", "replicas", "limitedBy", "planLevel",
+                     "underProvisioned"],
         "properties": {
             "target": {"type": "string"},
             "mode": {"type": "string", "enum": ["forecast", "reactive"]},
@@ -318,6 +319,31 @@ _SCHEMAS: dict[str, Any] = {
                 **_number(), "description": "replicas x targetValue of a scheduledMinReplicas "
                 "window over the lead time (null when none)"}),
             "horizonSteps": {"type": "integer"},
+            "planLevel": _nullable({
+                **_number(), "description": "the log of the factor the maxUnderProvisioned "
+                "controller put on the plan (null for a fixed quantile)"}),
+            "underProvisioned": _nullable({
+                "type": "object",
+                "description": "how the target holds its maxUnderProvisioned (null for a "
+                "fixed quantile): intervals whose demand exceeded the capacity the plans had "
+                "ready, replayed with the HPA's arithmetic",
+                "required": ["asked", "achieved", "judgedIntervals", "level"],
+                "properties": {
+                    "asked": _number(),
+                    "achieved": {
+                        "type": "object",
+                        "required": ["1d", "7d"],
+                        "properties": {"1d": _nullable(_number()), "7d": _nullable(_number())},
+                    },
+                    "judgedIntervals": {
+                        "type": "object",
+                        "required": ["1d", "7d"],
+                        "properties": {"1d": {"type": "integer", "minimum": 0},
+                                       "7d": {"type": "integer", "minimum": 0}},
+                    },
+                    "level": _number(),
+                },
+            }),
             "startupSeconds": {"type": "integer"},
             "targetValuePerReplica": _number(),
             "minReplicas": {"type": "integer"},

@@ -15,7 +15,7 @@ from forecaster.api.inputs import finite
 from forecaster.engine import Engine
 from forecaster.models import Forecast
 from forecaster.policy import PlannedLoad
-from forecaster.target import Target, freshness_limit
+from forecaster.target import ShareHeld, Target, freshness_limit
 
 
 def iso(moment: float | pd.Timestamp | None) -> str | None:
@@ -126,4 +126,17 @@ def planned_json(planned: PlannedLoad) -> dict[str, Any]:
         "floored": planned.floored,
         "scheduledMinimum": finite(planned.scheduled_minimum),
         "horizonSteps": planned.horizon_steps,
+        "planLevel": finite(planned.slo_level),
+    }
+
+
+def share_json(share: ShareHeld | None) -> dict[str, Any] | None:
+    """How the target holds its maxUnderProvisioned (null for a fixed quantile)."""
+    if share is None:
+        return None
+    return {
+        "asked": share.asked,
+        "achieved": {window: finite(value) for window, value in share.achieved.items()},
+        "judgedIntervals": dict(share.judged),
+        "level": finite(share.level),
     }

@@ -270,6 +270,7 @@ def get_decision(namespace: str, name: str, metric: str) -> Response:
         recommendation=recommendation,
         replicas=replicas,
         limitedBy=limited_by,
+        underProvisioned=render.share_json(target.snapshot.share),
     )
 
 
