@@ -270,9 +270,10 @@ class TargetCollector(Collector):
         if share is not None:
             families["asked_share"].add_metric(labels, share.asked)
             families["plan_level"].add_metric(labels, share.level)
-            for window, achieved in share.achieved.items():
-                if achieved is not None:
-                    families["achieved_share"].add_metric([*labels, window], achieved)
+            for window, achieved in share.achieved.items():  # NaN until an interval is judged
+                families["achieved_share"].add_metric(
+                    [*labels, window], math.nan if achieved is None else achieved
+                )
         accuracy = target.accuracy()
         families["scored"].add_metric(labels, accuracy.scored)
         if accuracy.last_abs_error is not None:
