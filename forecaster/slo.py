@@ -76,6 +76,7 @@ class SloController:
         self.misses = 0
         self.intervals = 0
         self._hpa = HpaState()
+        self._hpa_before = HpaState()  # before the latest decision, for `redecide`
         # Decisions not yet judged: (planned load, replicas), oldest first.
         self._pending: deque[tuple[float, int | None]] = deque()
         # Judged decisions to calibrate on: (planned load, demand).
@@ -91,17 +92,22 @@ class SloController:
         """The replicas the last decision asks for."""
         return self._hpa.replicas
 
-    def serve(self, planned_load: float) -> float:
-        """The load to serve for a plan at the current level, without counting it as a
-        decision (a plan restated between two intervals)."""
-        return planned_load * math.exp(self.level)
-
     def decide(self, planned_load: float) -> float:
         """The load to serve for a plan: planned_load x exp(level); NaN (no plan) holds."""
-        served = self.serve(planned_load)
+        served = planned_load * math.exp(self.level)
+        self._hpa_before = self._hpa
         self._hpa = hpa_step(self._hpa, served, self.policy)
         self._pending.append((planned_load, self._hpa.replicas))
         return served
+
+    def redecide(self, planned_load: float) -> float:
+        """Replace the latest decision with a plan restated for the same interval (the live
+        service plans again at each refresh, and after a refit): the last plan made for an
+        interval is its decision, as in a backtest's one plan per interval."""
+        if self._pending:
+            self._pending.pop()
+            self._hpa = self._hpa_before
+        return self.decide(planned_load)
 
     def observe(self, demand: float) -> None:
         """The demand of the interval that just ended; judges the decision ready in it."""

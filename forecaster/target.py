@@ -349,17 +349,19 @@ class Target:
                 self.shortfalls.append(float(self.slo.misses > short))
 
     def hold_share(self, planned: PlannedLoad) -> PlannedLoad:
-        """The plan the controller serves: its first plan at a new origin is its decision for
-        that interval; later ones (a refresh between two points, a refit) are served at the
-        same level without counting again."""
+        """The plan the controller serves, and counts as its decision for the interval it
+        will be ready in: a later plan at the same origin (a refresh between two points, a
+        refit landing) replaces that decision, so the last plan made is the one judged."""
         if self.slo is None:
             return planned
         origin = self.buffer.last
-        if origin is not None and origin != self.decided_at:
+        if origin is None:  # no interval yet to decide for
+            return planned
+        if origin != self.decided_at:
             served = self.slo.decide(planned.value)
             self.decided_at = origin
         else:
-            served = self.slo.serve(planned.value)
+            served = self.slo.redecide(planned.value)
         return replace(planned, value=served, slo_level=self.slo.level)
 
     def share_held(self) -> ShareHeld | None:
