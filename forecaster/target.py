@@ -307,7 +307,7 @@ class Target:
                     error = f"prediction failed: {exc}"
         if forecast is not None:
             self.expect(forecast)
-        last_point = float(self.buffer.values[-1]) if len(self.buffer) else math.nan
+        last_point = self.reading_before(current[0])
         planned = plan(forecast, current[1], spec.quantile, horizon,
                        smoother=self.smoother, last_point=last_point)
         # A scheduled event counts from now to the end of the interval new pods will serve.
@@ -330,6 +330,14 @@ class Target:
             history_points=len(self.buffer),
             share=self.share_held(),
         )
+
+    def reading_before(self, current_time: float) -> float:
+        """The grid point before the current reading, for the floor's "last two readings":
+        the last one, unless the current reading is that point itself (NaN when none)."""
+        values, last = self.buffer.values, self.buffer.last
+        if last is not None and current_time <= last.timestamp():
+            return float(values[-2]) if len(values) > 1 else math.nan
+        return float(values[-1]) if len(values) else math.nan
 
     # -- holding maxUnderProvisioned (forecaster.slo) ----------------------------------------
 

@@ -1,0 +1,89 @@
+"""One plan: the live target and the backtest plan the same load, interval by interval.
+
+The backtest's simulation and a live Target are driven over the same trace: the target folds
+in one grid point per interval with the current value equal to it, as a refresh would, and
+refits at the backtest's refit times with the backtest's own fit function, run in this
+process. Their planned loads must agree to a relative 1e-9."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from forecaster.backtest.simulate import BacktestConfig, evaluation_start, simulate
+from forecaster.fitting import fit_job
+from forecaster.series import read_csv, to_grid
+from forecaster.spec import TriggerSpec
+from forecaster.target import Target
+
+TRACE = Path(__file__).parent.parent / "data" / "twitter_volume_aapl.csv"  # no gaps
+STEP = pd.Timedelta("5min")
+TARGET_VALUE = 26.98
+
+
+class NoSource:
+    """The target is fed by fold_in: a source that is never read."""
+
+    def query_range(self, *args: object) -> pd.Series:
+        raise AssertionError("not read")
+
+    def query_instant(self, *args: object) -> tuple[object, float]:
+        raise AssertionError("not read")
+
+
+@pytest.mark.parametrize("model", ["seasonal_naive", "holt_winters"])
+def test_the_live_target_plans_what_the_backtest_plans(model: str) -> None:
+    grid = to_grid(read_csv(TRACE).iloc[: 6 * 288 * 5], STEP)  # six days of the trace
+    config = BacktestConfig(
+        target=TARGET_VALUE, step=STEP, startup=pd.Timedelta("10min"), eval_days=0.5,
+        refit=pd.Timedelta("1h"), model=model, quantile=0.9, max_under_provisioned=None,
+        plan_half_life=pd.Timedelta(0),
+    )
+    decisions = simulate(grid, config).decisions
+    lead, refit = config.lead_steps, int(config.refit / STEP)
+    start = evaluation_start(grid, config)
+    first = start - 1 - lead
+
+    spec = TriggerSpec(
+        server_address="http://replay.demo", query="q", target_value=TARGET_VALUE,
+        startup_seconds=600, quantile=0.9, max_under_provisioned=None,
+        plan_half_life_seconds=0, history_window_seconds=90 * 86_400, step_seconds=300,
+        model=model,
+    )
+    target = Target("t/t/m", spec, NoSource())  # type: ignore[arg-type]
+    values = grid.demand
+    refit_times = {start + k * refit for k in range(-((start - first) // refit) - 1, 200)}
+
+    def fold(upto: int, position: int) -> None:  # points [position, upto) as one refresh
+        points = values.iloc[position:upto]
+        stamp = points.index[-1]
+        with target.lock:
+            target.fold_in(points, (stamp.timestamp(), float(points.iloc[-1])), math.inf)
+
+    def refit_through(position: int) -> None:  # the backtest's fit: the grid before position
+        with target.lock:
+            request = target.fit_request()
+        fitted = fit_job(request).model
+        with target.lock:
+            target.catch_up(fitted)
+            target.adopt(fitted, 0.0, math.inf)
+
+    first_refit = max(t for t in refit_times if t <= first + 1)
+    fold(first_refit, 0)
+    refit_through(first_refit)
+    planned = []
+    for t in range(first_refit, first + len(decisions)):
+        fold(t + 1, t)
+        if t + 1 in refit_times:  # the backtest refits before deciding at t
+            refit_through(t + 1)
+        if t >= first:
+            assert target.snapshot.planned is not None
+            planned.append(target.snapshot.planned.value)
+
+    expected = decisions["forecast"].to_numpy()
+    assert len(planned) == len(expected) == 144
+    for interval, (live, replayed) in enumerate(zip(planned, expected, strict=True)):
+        assert live == pytest.approx(replayed, rel=1e-9), f"interval {interval}"
