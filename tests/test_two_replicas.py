@@ -180,7 +180,7 @@ class Replica:
         """What a container's end does: every process in it killed at once (its own session
         here, as its PID namespace there), the gRPC front and fit workers too."""
         os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        self.process.wait(timeout=30)  # a loaded machine reaps slowly
 
     def stop(self) -> None:
         if self.process.poll() is None:
