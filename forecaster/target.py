@@ -135,10 +135,8 @@ class Target:
             smoothing_weight(self.spec.step_seconds, self.spec.plan_half_life_seconds),
             self.spec.step_seconds,
         )
-        self.slo = controller_for(self.spec, self.lead_steps)
-        # 1.0 per judged interval that ran short, 0.0 per interval served: the last week.
-        self.shortfalls = ScoreWindow(max(1, SHARE_WINDOWS["7d"] // self.spec.step_seconds))
-        self.decided_at: pd.Timestamp | None = None  # the origin of the controller's last decision
+        controller = controller_for(self.spec, self.lead_steps)
+        self.share_keeper = ShareKeeper(controller, self.spec.step_seconds) if controller else None
         self.model: ForecastModel | None = None
         # The model and origin the published forecast came from: a refresh that adds no new
         # point (most of them, with a 30 s refresh and a 5 m step) reuses that forecast.
@@ -239,7 +237,8 @@ class Target:
         """Add what a refresh read, bring the model up to date and publish; under `lock`."""
         added = self.buffer.extend(points)
         self.score_arrivals(added)
-        self.judge(added)
+        if self.share_keeper is not None:
+            self.share_keeper.judge(added)
         if self.model is not None and not added.empty:
             try:
                 self.model.update(self.training_view(added))
@@ -314,7 +313,8 @@ class Target:
         replicas = scheduled_minimum(
             spec.scheduled_min_replicas, current[0], current[0] + horizon * spec.step_seconds
         )
-        planned = self.hold_share(planned)
+        if self.share_keeper is not None and self.buffer.last is not None:
+            planned = self.share_keeper.hold(planned, self.buffer.last)
         if replicas is not None:
             minimum = replicas * spec.target_value
             planned = replace(planned, value=max(planned.value, minimum),
@@ -328,7 +328,7 @@ class Target:
             planned=planned,
             last_error=error,
             history_points=len(self.buffer),
-            share=self.share_held(),
+            share=self.share_keeper.status() if self.share_keeper is not None else None,
         )
 
     def reading_before(self, current_time: float) -> float:
@@ -339,50 +339,55 @@ class Target:
             return float(values[-2]) if len(values) > 1 else math.nan
         return float(values[-1]) if len(values) else math.nan
 
-    # -- holding maxUnderProvisioned (forecaster.slo) ----------------------------------------
+
+class ShareKeeper:
+    """A target's maxUnderProvisioned: its controller, the decisions it judged over the last
+    week, and the origin of its latest decision. Calls come under the target's lock."""
+
+    def __init__(self, controller: SloController, step_seconds: int) -> None:
+        self.controller = controller
+        self.step_seconds = step_seconds
+        # 1.0 per judged interval that ran short, 0.0 per interval served: the last week.
+        self.shortfalls = ScoreWindow(max(1, SHARE_WINDOWS["7d"] // step_seconds))
+        self.decided_at: pd.Timestamp | None = None
 
     def judge(self, added: pd.Series) -> None:
         """Tell the controller each new interval's demand, in order, so that it judges the
         decision that was ready in it. Intervals that arrived together past the first had no
         decision of their own: each gets a held one, which keeps decisions and intervals in
         step."""
-        if self.slo is None or self.decided_at is None:
+        if self.decided_at is None:
             return  # no decision yet: nothing to judge
+        controller = self.controller
         for position, demand in enumerate(added.to_numpy(dtype=float)):
             if position:
-                self.slo.decide(math.nan)
-            judged, short = self.slo.intervals, self.slo.misses
-            self.slo.observe(float(demand))
-            if self.slo.intervals > judged:
-                self.shortfalls.append(float(self.slo.misses > short))
+                controller.decide(math.nan)
+            judged, short = controller.intervals, controller.misses
+            controller.observe(float(demand))
+            if controller.intervals > judged:
+                self.shortfalls.append(float(controller.misses > short))
 
-    def hold_share(self, planned: PlannedLoad) -> PlannedLoad:
+    def hold(self, planned: PlannedLoad, origin: pd.Timestamp) -> PlannedLoad:
         """The plan the controller serves, and counts as its decision for the interval it
         will be ready in: a later plan at the same origin (a refresh between two points, a
         refit landing) replaces that decision, so the last plan made is the one judged."""
-        if self.slo is None:
-            return planned
-        origin = self.buffer.last
-        if origin is None:  # no interval yet to decide for
-            return planned
         if origin != self.decided_at:
-            served = self.slo.decide(planned.value)
+            served = self.controller.decide(planned.value)
             self.decided_at = origin
         else:
-            served = self.slo.redecide(planned.value)
-        return replace(planned, value=served, slo_level=self.slo.level)
+            served = self.controller.redecide(planned.value)
+        return replace(planned, value=served, slo_level=self.controller.level)
 
-    def share_held(self) -> ShareHeld | None:
-        if self.slo is None:
-            return None
+    def status(self) -> ShareHeld:
         shortfalls = self.shortfalls.values()
         achieved: dict[str, float | None] = {}
         judged: dict[str, int] = {}
         for window, seconds in SHARE_WINDOWS.items():
-            recent = shortfalls[-max(1, seconds // self.spec.step_seconds):]
+            recent = shortfalls[-max(1, seconds // self.step_seconds):]
             judged[window] = int(recent.size)
             achieved[window] = float(recent.mean()) if recent.size else None
-        return ShareHeld(self.slo.share, self.slo.level, achieved, judged)
+        controller = self.controller
+        return ShareHeld(controller.share, controller.level, achieved, judged)
 
 
 def controller_for(spec: TriggerSpec, lead_steps: int) -> SloController | None:

@@ -94,13 +94,13 @@ def test_a_fixed_quantile_has_no_controller() -> None:
 def test_a_restated_plan_between_two_points_is_not_a_second_decision() -> None:
     target = Target("t/t/m", _spec(), NoSource())  # type: ignore[arg-type]
     _feed(target, np.full(10, 50.0))
-    assert target.slo is not None
-    pending = target.slo.intervals
+    assert target.share_keeper is not None
+    pending = target.share_keeper.controller.intervals
     stamp = START + 9 * pd.Timedelta(seconds=STEP)
     for seconds in (30, 60, 90):  # refreshes that bring the current value, no new point
         with target.lock:
             target.fold_in(pd.Series(dtype=float), (stamp.timestamp() + seconds, 80.0), 1e9)
-    assert target.slo.intervals == pending
+    assert target.share_keeper.controller.intervals == pending
     planned = target.snapshot.planned
     assert planned is not None and planned.slo_level is not None
     assert math.isclose(planned.value, 80.0 * math.exp(planned.slo_level))
@@ -117,8 +117,8 @@ def test_the_level_survives_a_refit_and_a_change_of_model() -> None:
         while target.model is None:
             assert time.monotonic() < deadline, "no first fit"
             time.sleep(0.05)
-        controller = target.slo
-        assert controller is not None
+        assert target.share_keeper is not None
+        controller = target.share_keeper.controller
         controller.level = 0.3  # as if it had learned that much
         first_model = target.model
         engine.refit_now("demo/nasa/m")
@@ -126,6 +126,6 @@ def test_the_level_survives_a_refit_and_a_change_of_model() -> None:
         while target.model is first_model:
             assert time.monotonic() < deadline, "no refit"
             time.sleep(0.05)
-        assert target.slo is controller and controller.level == 0.3
+        assert target.share_keeper.controller is controller and controller.level == 0.3
     finally:
         engine.stop()
