@@ -20,7 +20,11 @@ A config file (every key optional)::
     targets:                                                  # forecast before KEDA first asks
       - {namespace: shop, name: web, metadata: {serverAddress: ..., query: ..., targetValue: "50"}}
     tls: {certFile: /tls/tls.crt, keyFile: /tls/tls.key, clientCAFile: /tls/ca.crt}
-    apiToken: {file: /var/run/secrets/api/token}              # or env: NAME
+    apiToken: {file: /var/run/secrets/api/token}              # or env: NAME; every HTTP route
+                                                              # but /healthz and /readyz needs it
+    metricsToken: {file: /var/run/secrets/metrics/token}      # or env: NAME; /metrics only
+    api:
+      allowQueries: false       # true: POST /api/v1/forecast may query Prometheus (needs apiToken)
 """
 
 from __future__ import annotations
@@ -63,6 +67,15 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """What the REST API lets a caller do beyond reading forecasts."""
+
+    # An ad-hoc forecast of a PromQL query runs it with forecaster's own Prometheus
+    # credentials, so it is off unless the operator turns it on (and sets apiToken).
+    allow_queries: bool = False
+
+
+@dataclass(frozen=True)
 class ConfiguredTarget:
     """A target the operator lists, forecast from start-up on."""
 
@@ -83,13 +96,17 @@ class Settings:
     tls: TlsSettings | None = None
     api_token: str | None = None
     demo: bool = False
+    metrics_token: str | None = None  # for scrapes: accepted on /metrics only
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     def __repr__(self) -> str:
         token = None if self.api_token is None else "***"
+        metrics = None if self.metrics_token is None else "***"
         return (
             f"Settings(engine={self.engine!r}, servers={self.servers!r}, "
             f"targets={len(self.targets)}, grpc_port={self.grpc_port}, "
-            f"http_port={self.http_port}, tls={self.tls is not None}, api_token={token!r})"
+            f"http_port={self.http_port}, tls={self.tls is not None}, api_token={token!r}, "
+            f"metrics_token={metrics!r}, api={self.api!r})"
         )
 
 
@@ -120,6 +137,11 @@ def load_settings(
         raw["prometheus"] = [*servers, {"url": env[f"{ENV_PREFIX}PROMETHEUS_URL"]}]
     if f"{ENV_PREFIX}API_TOKEN_FILE" in env:
         raw["apiToken"] = {"file": env[f"{ENV_PREFIX}API_TOKEN_FILE"]}
+    # The scrape token as a value (a Secret's key in the pod's env) or as a file.
+    if f"{ENV_PREFIX}METRICS_TOKEN" in env:
+        raw["metricsToken"] = {"env": f"{ENV_PREFIX}METRICS_TOKEN"}
+    if f"{ENV_PREFIX}METRICS_TOKEN_FILE" in env:
+        raw["metricsToken"] = {"file": env[f"{ENV_PREFIX}METRICS_TOKEN_FILE"]}
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
@@ -144,7 +166,9 @@ KNOWN_KEYS = {
     "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
     "maxTargets",
     "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo", "dryRun",
+    "metricsToken", "api",
 }
+API_KEYS = ("allowQueries",)
 
 
 def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
@@ -188,7 +212,16 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         tls=_tls(raw.get("tls")),
         api_token=_secret(raw.get("apiToken"), "apiToken", env),
         demo=_bool(raw.get("demo", False), "demo"),
+        metrics_token=_secret(raw.get("metricsToken"), "metricsToken", env),
+        api=_api(raw.get("api")),
     )
+    if settings.api.allow_queries and settings.api_token is None:
+        raise InvalidInputError(
+            "api.allowQueries",
+            "needs apiToken: a query runs with forecaster's own Prometheus credentials, so "
+            "only callers with the API token may send one; set apiToken: {file: PATH} or "
+            "{env: NAME}, or leave allowQueries false",
+        )
     return settings
 
 
@@ -319,7 +352,12 @@ def _file_secret(path: Any, where: str) -> str:
 def _env_secret(name: Any, where: str, env: Mapping[str, str]) -> str:
     if str(name) not in env:
         raise InvalidInputError(where, f"environment variable {str(name)!r} is not set")
-    return env[str(name)]
+    # Stripped like a file's: a Secret made with --from-file often ends in a newline. An
+    # empty one is refused: an empty token would turn its check off.
+    secret = env[str(name)].strip()
+    if not secret:
+        raise InvalidInputError(where, f"environment variable {str(name)!r} is empty")
+    return secret
 
 
 SERVER_KEYS = (
@@ -379,6 +417,17 @@ def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerCo
     except InvalidInputError as exc:
         field_name = _SERVER_FIELDS.get(exc.field, exc.field)
         raise InvalidInputError(f"{where}.{field_name}", exc.reason) from exc
+
+
+def _api(value: Any) -> ApiSettings:
+    if value is None:
+        return ApiSettings()
+    if not isinstance(value, dict):
+        raise InvalidInputError("api", f"must be a mapping, got {type(value).__name__}")
+    _known_keys(value, "api", API_KEYS)
+    return ApiSettings(
+        allow_queries=_bool(value.get("allowQueries", False), "api.allowQueries"),
+    )
 
 
 def _tls(value: Any) -> TlsSettings | None:

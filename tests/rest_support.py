@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import requests
 
-from forecaster.config import ConfiguredTarget, EngineSettings, Settings
+from forecaster.config import ApiSettings, ConfiguredTarget, EngineSettings, Settings
 from forecaster.sources.prometheus import PrometheusServerConfig
 from tests.prometheus_server import backfill, held_each_minute, load_trace, write_openmetrics
 
@@ -62,6 +62,8 @@ def settings(
     *,
     targets: tuple[ConfiguredTarget, ...] = (),
     api_token: str | None = None,
+    metrics_token: str | None = None,
+    allow_queries: bool = False,
 ) -> Settings:
     return Settings(
         engine=EngineSettings(
@@ -79,6 +81,8 @@ def settings(
         http_port=0,
         host="127.0.0.1",
         api_token=api_token,
+        metrics_token=metrics_token,
+        api=ApiSettings(allow_queries=allow_queries),
     )
 
 
