@@ -1,19 +1,297 @@
-"""The security settings of the HTTP side: apiToken, metricsToken and the `api:` section,
-read from the config file and the environment, and refused naming their field."""
+"""Who may call what over real HTTP: the API token on every route but the probes (over the
+app's own URL map), the scrape token on /metrics alone, and the page's sign-in and session
+cookie; the settings behind them; the OpenAPI document and the examples under keda/ agree.
+
+The services run for real (waitress on 127.0.0.1, port 0) over a real Prometheus."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+import requests
+import yaml
 
-from forecaster.config import load_settings
+from forecaster.api import create_app
+from forecaster.api.auth import SESSION_COOKIE, SESSION_SECONDS, session_cookie
+from forecaster.api.openapi import openapi_document
+from forecaster.config import ConfiguredTarget, EngineSettings, Settings, load_settings
+from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError
+from forecaster.service import Service
+from forecaster.targets import SourceRegistry, TargetResolver
+from tests.prometheus_server import PrometheusServer
+from tests.rest_support import (
+    WEB_QUERY,
+    assert_error,
+    make_blocks,
+    metadata,
+    settings,
+    wait_for,
+)
 
 TOKEN = "api-t0ken-never-shown"
 SCRAPE = "scrape-t0ken-never-shown"
+WEB = "shop/web/web-rps"
+PROBES = frozenset({"/healthz", "/readyz"})
+SIGN_IN = "/login"
+KEDA_EXAMPLES = Path(__file__).parent.parent / "keda" / "examples"
+
+
+# -- the app's routes, for parametrizing ---------------------------------------------------
+
+
+def _url_map() -> list[tuple[str, str]]:
+    """(rule, method) of every route the app serves, from an app built here."""
+    engine = Engine(EngineSettings(), fit_pool=ThreadPoolExecutor(1))
+    try:
+        app = create_app(Settings(), engine, TargetResolver(engine, Settings(), SourceRegistry(())))
+        return sorted(
+            (rule.rule, method)
+            for rule in app.url_map.iter_rules()
+            if rule.endpoint != "static"
+            for method in rule.methods or ()
+            if method not in ("HEAD", "OPTIONS")
+        )
+    finally:
+        engine.stop()
+
+
+ROUTES = _url_map()
+GUARDED = [(rule, method) for rule, method in ROUTES if rule not in PROBES | {SIGN_IN}]
+
+
+def _concrete(rule: str) -> str:
+    """A URL for a rule, naming the configured target."""
+    values = dict(zip(("namespace", "name", "metric"), WEB.split("/"), strict=True))
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", lambda m: values[m.group(1)], rule)
+
+
+def _points(n: int) -> list[dict[str, Any]]:
+    stamps = pd.date_range("2024-05-01", periods=n, freq="5min", tz="UTC")
+    values = 100 + 50 * np.sin(2 * np.pi * np.arange(n) / 288)
+    return [{"timestamp": t.strftime("%Y-%m-%dT%H:%M:%SZ"), "value": float(v)}
+            for t, v in zip(stamps, values, strict=True)]
+
+
+INLINE = {"series": _points(300), "model": "naive", "horizon": 3}
+
+
+# -- services ------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    service: Service
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.service.http_port}"
+
+    def call(self, method: str, path: str, *, token: str | None = None,
+             **kwargs: Any) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        kwargs.setdefault("allow_redirects", False)
+        return requests.request(method, f"{self.base}{path}", headers=headers, timeout=60,
+                                **kwargs)
+
+    def query_body(self) -> dict[str, Any]:
+        url = self.service.settings.servers[0].url
+        return {"serverAddress": url, "query": WEB_QUERY, "historyWindow": "1d",
+                "model": "naive", "horizon": 3}
+
+
+@contextmanager
+def _serving(config: Settings) -> Iterator[Served]:
+    service = Service(config)
+    service.start()
+    try:
+        yield Served(service)
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def security_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    root = tmp_path_factory.mktemp("security")
+    with PrometheusServer(blocks_dir=make_blocks(root), workdir=root / "prom") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def secured(security_prometheus: PrometheusServer) -> Iterator[Served]:
+    """apiToken, metricsToken and queries on; one configured target with a forecast."""
+    url = security_prometheus.url
+    web = ConfiguredTarget("shop", "web", metadata(url, model="naive"))
+    config = settings(url, targets=(web,), api_token=TOKEN, metrics_token=SCRAPE,
+                      allow_queries=True)
+    with _serving(config) as served:
+        wait_for(lambda: served.service.engine.get(WEB).snapshot.forecast is not None)
+        yield served
+
+
+@pytest.fixture(scope="module")
+def default(security_prometheus: PrometheusServer) -> Iterator[Served]:
+    """What a config without tokens or an `api:` section gives."""
+    with _serving(settings(security_prometheus.url)) as served:
+        yield served
+
+
+# -- the API token on every route but the probes -------------------------------------------
+
+
+CREDENTIALS = {
+    "none": {},
+    "wrong": {"Authorization": "Bearer not-the-token"},
+    "scheme": {"Authorization": f"Basic {TOKEN}"},
+    "metrics-token": {"Authorization": f"Bearer {SCRAPE}"},  # opens /metrics, tested below
+}
+REFUSED = [(rule, method, credentials) for rule, method in GUARDED for credentials in CREDENTIALS
+           if not (credentials == "metrics-token" and rule == "/metrics")]
+
+
+@pytest.mark.parametrize(("rule", "method", "credentials"), REFUSED,
+                         ids=[f"{m} {r} {c}" for r, m, c in REFUSED])
+def test_every_route_but_the_probes_needs_the_api_token(
+    secured: Served, rule: str, method: str, credentials: str
+) -> None:
+    headers = CREDENTIALS[credentials]
+    response = secured.call(method, _concrete(rule), headers=headers, json=INLINE)
+    error = assert_error(response, 401, "unauthenticated", "Authorization")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    for secret in (TOKEN, SCRAPE, WEB, WEB_QUERY):  # nothing of the service shows
+        assert secret not in response.text
+    assert "apiToken" in error["message"]
+
+
+@pytest.mark.parametrize(("rule", "method"), GUARDED, ids=[f"{m} {r}" for r, m in GUARDED])
+def test_every_route_answers_with_the_api_token(secured: Served, rule: str, method: str) -> None:
+    body = INLINE if rule == "/api/v1/forecast" else None
+    response = secured.call(method, _concrete(rule), token=TOKEN, json=body)
+    assert response.status_code == 200, (rule, response.status_code, response.text[:300])
+
+
+@pytest.mark.parametrize("path", sorted(PROBES))
+def test_the_probes_need_no_token(secured: Served, path: str) -> None:
+    assert secured.call("GET", path).status_code == 200
+    assert secured.call("GET", path, token="wrong").status_code == 200
+
+
+def test_an_unknown_route_is_401_before_404(secured: Served) -> None:
+    assert_error(secured.call("GET", "/api/v1/no-such-route"), 401, "unauthenticated")
+    assert_error(secured.call("GET", "/api/v1/no-such-route", token=TOKEN), 404, "not_found")
+
+
+# -- the scrape token ----------------------------------------------------------------------
+
+
+def test_the_metrics_token_opens_metrics(secured: Served) -> None:
+    response = secured.call("GET", "/metrics", token=SCRAPE)
+    assert response.status_code == 200
+    assert "forecaster_planned_load" in response.text
+    assert secured.call("GET", "/metrics", token=TOKEN).status_code == 200
+
+
+def test_a_metrics_token_alone_guards_only_metrics(security_prometheus: PrometheusServer) -> None:
+    with _serving(settings(security_prometheus.url, metrics_token=SCRAPE)) as served:
+        error = assert_error(served.call("GET", "/metrics"), 401, "unauthenticated")
+        assert "metricsToken" in error["message"] and "apiToken" not in error["message"]
+        assert served.call("GET", "/metrics", token=SCRAPE).status_code == 200
+        assert served.call("GET", "/api/v1/targets").status_code == 200
+        assert served.call("GET", "/").status_code == 200
+
+
+# -- the page: sign in once, then a cookie -------------------------------------------------
+
+
+def _sign_in(served: Served, session: requests.Session, token: str) -> requests.Response:
+    return session.post(f"{served.base}{SIGN_IN}", data={"token": token}, timeout=10,
+                        allow_redirects=False)
+
+
+def test_a_browser_without_the_cookie_is_sent_to_the_sign_in_form(secured: Served) -> None:
+    response = secured.call("GET", "/", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert response.status_code == 303 and response.headers["Location"] == "login"
+    form = secured.call("GET", SIGN_IN)
+    assert form.status_code == 200 and form.headers["Content-Type"].startswith("text/html")
+    assert '<form method="post" action="login">' in form.text
+    assert 'type="password"' in form.text and 'name="token"' in form.text
+    assert "form-action 'self'" in form.headers["Content-Security-Policy"]
+
+
+def test_signing_in_sets_a_session_cookie_that_reads_the_page_and_plots(secured: Served) -> None:
+    with requests.Session() as browser:
+        response = _sign_in(secured, browser, TOKEN)
+        assert response.status_code == 303 and response.headers["Location"] == "./"
+        cookie = SimpleCookie(response.headers["Set-Cookie"])[SESSION_COOKIE]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+        assert int(cookie["max-age"]) == SESSION_SECONDS
+        assert TOKEN not in response.headers["Set-Cookie"]
+
+        page = browser.get(f"{secured.base}/", timeout=10)
+        assert page.status_code == 200 and WEB in page.text
+        plots = re.findall(r'<img class="plot" src="([^"]+)"', page.text)
+        assert plots
+        for src in plots:
+            plot = browser.get(f"{secured.base}{src}", timeout=30)
+            assert plot.status_code == 200 and plot.headers["Content-Type"] == "image/png"
+        for path in ("/metrics", "/api/v1/targets", "/openapi.json"):
+            assert browser.get(f"{secured.base}{path}", timeout=10).status_code == 200
+        # The cookie reads; it never writes.
+        posted = browser.post(f"{secured.base}/api/v1/forecast", json=INLINE, timeout=60)
+        assert_error(posted, 401, "unauthenticated")
+
+
+def test_a_wrong_token_goes_back_to_the_form_without_a_cookie(secured: Served) -> None:
+    with requests.Session() as browser:
+        response = _sign_in(secured, browser, "not-the-token")
+        assert response.status_code == 303
+        assert response.headers["Location"] == "login#wrong-token"
+        assert "Set-Cookie" not in response.headers
+        assert SESSION_COOKIE not in browser.cookies
+    assert_error(secured.call("POST", SIGN_IN, data={}), 400, "invalid_argument", "token")
+    assert_error(secured.call("POST", SIGN_IN, data={"token": "  "}), 400, "invalid_argument",
+                 "token")
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        session_cookie(TOKEN, int(time.time()) - 1),  # expired
+        session_cookie("another-token", int(time.time()) + 3600),  # made with another token
+        session_cookie(TOKEN, int(time.time()) + 3600)[:-1] + "0",  # tampered
+        f"{int(time.time()) + 3600}.{TOKEN}",  # the token itself is not a session
+        TOKEN,
+        "",
+    ],
+    ids=["expired", "other-token", "tampered", "token-inside", "token", "empty"],
+)
+def test_only_a_current_cookie_from_this_token_reads(secured: Served, cookie: str) -> None:
+    response = secured.call("GET", "/api/v1/targets", cookies={SESSION_COOKIE: cookie})
+    assert_error(response, 401, "unauthenticated")
+    fresh = session_cookie(TOKEN, int(time.time()) + 60)
+    good = secured.call("GET", "/api/v1/targets", cookies={SESSION_COOKIE: fresh})
+    assert good.status_code == 200
+
+
+def test_without_an_api_token_the_sign_in_form_says_the_page_is_open(default: Served) -> None:
+    assert "No apiToken is configured" in default.call("GET", SIGN_IN).text
+    response = default.call("POST", SIGN_IN, data={"token": "anything"})
+    assert response.status_code == 303 and "Set-Cookie" not in response.headers
+    assert default.call("GET", "/").status_code == 200
 
 
 # -- the settings --------------------------------------------------------------------------
@@ -62,3 +340,58 @@ def test_bad_security_settings_name_their_field(
         load_settings(_config(tmp_path, raw), env=env)
     assert refused.value.field == field
     assert SCRAPE not in str(refused.value)
+
+
+# -- the document and the examples say what the code does ----------------------------------
+
+
+def test_the_openapi_document_states_each_operations_security() -> None:
+    document = openapi_document()
+    schemes = document["components"]["securitySchemes"]
+    assert set(schemes) == {"bearerAuth", "metricsToken", "sessionCookie"}
+    assert schemes["sessionCookie"]["name"] == SESSION_COOKIE
+    flask_paths = {re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule) for rule, _ in ROUTES}
+    assert set(document["paths"]) == flask_paths
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            names = {name for option in operation["security"] for name in option}
+            if path in PROBES | {SIGN_IN}:
+                assert operation["security"] == [], (path, method)
+                continue
+            assert "bearerAuth" in names and "401" in operation["responses"], (path, method)
+            assert ("metricsToken" in names) == (path == "/metrics"), (path, method)
+            assert ("sessionCookie" in names) == (method == "get"), (path, method)
+
+
+def _yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+
+
+def test_the_metrics_api_example_sends_the_api_token_keda_style(secured: Served) -> None:
+    """KEDA's metrics-api trigger with `authMode: bearer` sends `Authorization: Bearer <the
+    TriggerAuthentication's token parameter>`; the example wires it to a Secret."""
+    docs = _yaml_docs(KEDA_EXAMPLES / "metrics-api" / "scaledobject.yaml")
+    (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    (trigger,) = scaled["spec"]["triggers"]
+    (auth,) = [d for d in docs if d["kind"] == "TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert auth["metadata"]["namespace"] == scaled["metadata"]["namespace"]
+    assert trigger["metadata"]["authMode"] == "bearer"
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "token" and ref["name"] and ref["key"]
+    path = f"/api/v1/targets/{WEB}/metric"  # the example's route, on this test's target
+    assert re.fullmatch(r"http://[^/]+/api/v1/targets/[^/]+/[^/]+/[^/]+/metric",
+                        trigger["metadata"]["url"])
+    assert_error(secured.call("GET", path), 401, "unauthenticated")
+    assert secured.call("GET", path, token=TOKEN).status_code == 200
+
+
+def test_the_service_monitor_scrapes_with_a_bearer_token(secured: Served) -> None:
+    docs = _yaml_docs(KEDA_EXAMPLES / "monitoring" / "servicemonitors.yaml")
+    (monitor,) = [d for d in docs if d["metadata"]["name"] == "forecaster"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert set(endpoint["authorization"]["credentials"]) == {"name", "key"}
+    assert_error(secured.call("GET", endpoint["path"]), 401, "unauthenticated")
+    assert secured.call("GET", endpoint["path"], token=SCRAPE).status_code == 200

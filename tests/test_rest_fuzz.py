@@ -1,5 +1,7 @@
 """The OpenAPI document drives schemathesis against the real service over HTTP: no answer is a
 500, every error (every 503 included) is the one JSON shape, and answers match the document.
+The service has an apiToken, and every call carries the token, so the
+fuzzing reaches past the token check (which tests/test_api_security.py tests).
 
 Bounded: a few examples per operation, no shrinking, derandomized, so the run is short and
 repeatable (well under a minute on two busy cores).
@@ -43,7 +45,7 @@ def fuzz_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Promet
 def fuzz_service(fuzz_prometheus: PrometheusServer) -> Iterator[Service]:
     url = fuzz_prometheus.url
     web = ConfiguredTarget("shop", "web", metadata(url, model="seasonal_naive"))
-    service = Service(service_settings(url, targets=(web,)))
+    service = Service(service_settings(url, targets=(web,), api_token=TOKEN))
     service.start()
     try:
         wait_for(lambda: service.engine.get("shop/web/web-rps").snapshot.forecast is not None)
@@ -53,6 +55,7 @@ def fuzz_service(fuzz_prometheus: PrometheusServer) -> Iterator[Service]:
 
 
 PROMETHEUS = "http://prometheus.placeholder:9090"  # swapped for the test server's url
+TOKEN = "fuzz-t0ken"
 
 
 def _aimed(document: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +140,8 @@ def test_api_answers_within_the_document(
 ) -> None:
     if isinstance(case.body, dict) and case.body.get("serverAddress") == PROMETHEUS:
         case.body["serverAddress"] = fuzz_prometheus.url
-    response = case.call(base_url=f"http://127.0.0.1:{fuzz_service.http_port}", timeout=60)
+    response = case.call(base_url=f"http://127.0.0.1:{fuzz_service.http_port}", timeout=60,
+                         headers={"Authorization": f"Bearer {TOKEN}"}, allow_redirects=False)
     case.validate_response(
         response,
         checks=[

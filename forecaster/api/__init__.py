@@ -10,7 +10,7 @@ from flask import Flask, Response, jsonify
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
-from forecaster.api.auth import require_bearer_token
+from forecaster.api.auth import require_tokens
 from forecaster.api.errors import error_response, register_error_handlers
 from forecaster.config import Settings
 from forecaster.engine import Engine
@@ -63,7 +63,7 @@ def create_app(
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(pages.blueprint)
     register_error_handlers(app)
-    require_bearer_token(app, settings.api_token)
+    require_tokens(app, settings.api_token, settings.metrics_token)
     return app
 
 

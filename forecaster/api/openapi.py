@@ -2,7 +2,8 @@
 
 Written out by hand, next to the routes it describes; tests/test_rest_api.py checks that its
 paths and methods are exactly the app's routes, and tests/test_rest_fuzz.py fuzzes the app
-from it. The page routes (/, /metrics, plot.png) live in forecaster/api/pages.py.
+from it. The page routes (/, /metrics, plot.png, /login) live in forecaster/api/pages.py; who may
+call what is forecaster/api/auth.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from forecaster.models import MODEL_FACTORIES
 API_VERSION = "1.0.0"
 TARGET = "/api/v1/targets/{namespace}/{name}/{metric}"
 PAGE_PLOT = "/targets/{namespace}/{name}/{metric}/plot.png"
-PAGE_PATHS = frozenset({"/", "/metrics", f"{TARGET}/plot.png", PAGE_PLOT})
+PAGE_PATHS = frozenset({"/", "/metrics", f"{TARGET}/plot.png", PAGE_PLOT, "/login"})
 
 _REF = "#/components/schemas/"
 
@@ -66,8 +67,14 @@ _UNAUTHENTICATED = {"$ref": "#/components/responses/Unauthenticated"}
 _NOT_FOUND = {"$ref": "#/components/responses/NotFound"}
 _INVALID = {"$ref": "#/components/responses/InvalidArgument"}
 _UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
-# A token is needed only when apiToken is configured.
-_SECURED: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+# A token is needed only when apiToken is configured (`{}`: nothing, when it is not). The
+# session cookie reads (GET) but never writes; /metrics also takes the scrape token.
+_OPEN: list[dict[str, list[str]]] = []
+_SECURED: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}, {"sessionCookie": []}]
+_SECURED_WRITE: list[dict[str, list[str]]] = [{}, {"bearerAuth": []}]
+_SECURED_METRICS: list[dict[str, list[str]]] = [
+    {}, {"bearerAuth": []}, {"metricsToken": []}, {"sessionCookie": []}
+]
 
 _TARGET_PARAMETERS = [
     {
@@ -444,30 +451,75 @@ def _target_get(summary: str, description: str, ok: dict[str, Any], *, parameter
 _PATHS: dict[str, Any] = {
     "/healthz": _get("Liveness", "200 while the process serves HTTP and its gRPC scaler "
                      "front answers; 503 with the reason when the front has exited or has not "
-                     "reported for 10 s (stuck): a restart is the cure.",
+                     "reported for 10 s (stuck): a restart is the cure. Never needs a token.",
                      {"200": _json("alive", "Health"), "503": _UNAVAILABLE},
-                     operationId="healthz", tags=["probes"]),
+                     security=_OPEN, operationId="healthz", tags=["probes"]),
     "/readyz": _get(
         "Readiness",
         "200 while the gRPC scaler serves (and saved state is loaded); 503 with the reason "
         "while starting, once shutting down, or while the gRPC front is stuck. Never a "
-        "question of Prometheus.",
+        "question of Prometheus, and never needs a token.",
         {"200": _json("ready", "Ready"), "503": _UNAVAILABLE},
-        operationId="readyz", tags=["probes"],
+        security=_OPEN, operationId="readyz", tags=["probes"],
     ),
     "/openapi.json": _get("This document", "The OpenAPI 3 description of this service.",
                           {"200": {"description": "the document",
                                    "content": {"application/json": {"schema": {
-                                       "type": "object"}}}}},
-                          operationId="openapi", tags=["meta"]),
-    "/": _get("Overview page", "An HTML page of the targets (forecaster/api/pages.py).",
+                                       "type": "object"}}}},
+                           "401": _UNAUTHENTICATED},
+                          security=_SECURED, operationId="openapi", tags=["meta"]),
+    "/": _get("Overview page", "An HTML page of the targets (forecaster/api/pages.py). With "
+              "apiToken configured, a browser without the session cookie (one that asks for "
+              "text/html) is sent to /login; other clients get 401.",
               {"200": {"description": "the page", "content": {"text/html": {
-                  "schema": {"type": "string"}}}}}, operationId="index", tags=["pages"]),
+                  "schema": {"type": "string"}}}},
+               "303": {"description": "not signed in: to the sign-in form (Location: login)"},
+               "401": _UNAUTHENTICATED},
+              security=_SECURED, operationId="index", tags=["pages"]),
+    "/login": {
+        "get": {
+            "summary": "Sign-in form",
+            "description": "An HTML form that exchanges the apiToken for the session cookie "
+            "(POST /login). Open, like the probes.",
+            "operationId": "loginForm",
+            "tags": ["pages"],
+            "security": _OPEN,
+            "responses": {"200": {"description": "the form", "content": {"text/html": {
+                "schema": {"type": "string"}}}}},
+        },
+        "post": {
+            "summary": "Sign in",
+            "description": "Checks the form field `token` against the apiToken. Right: 303 "
+            "to the page with `Set-Cookie: forecaster_session=...; HttpOnly; "
+            "SameSite=Strict` (valid 12 hours, for GET requests; it holds an HMAC keyed by the "
+            "token, never the token). Wrong: 303 back to the form (`login#wrong-token`). "
+            "Without apiToken configured: 303 to the page.",
+            "operationId": "login",
+            "tags": ["pages"],
+            "security": _OPEN,
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": {
+                    "type": "object",
+                    "required": ["token"],
+                    "properties": {"token": {"type": "string", "minLength": 1,
+                                             "pattern": "\\S"}},
+                }}},
+            },
+            "responses": {
+                "303": {"description": "to the page (signed in) or back to the form",
+                        "headers": {"Location": {"schema": {"type": "string"}}}},
+                "400": _INVALID,
+            },
+        },
+    },
     "/metrics": _get("Prometheus metrics", "The service's own metrics, in Prometheus' text "
-                     "exposition format.",
+                     "exposition format. Takes the apiToken, or the metricsToken a scraper "
+                     "holds (which opens nothing else).",
                      {"200": {"description": "metrics", "content": {"text/plain": {
-                         "schema": {"type": "string"}}}}}, operationId="metrics",
-                     tags=["pages"]),
+                         "schema": {"type": "string"}}}},
+                      "401": _UNAUTHENTICATED},
+                     security=_SECURED_METRICS, operationId="metrics", tags=["pages"]),
     "/api/v1/targets": _get(
         "List targets",
         "Every target with its status: model in use, last fit, age of the newest value and "
@@ -533,14 +585,16 @@ _PATHS: dict[str, Any] = {
     ),
     PAGE_PLOT: {"get": {
         "summary": "Forecast plot for the page",
-        "description": "The same plot, outside /api/ so the page's <img> tags load it without "
-        "a token (forecaster/api/pages.py).",
+        "description": "The same plot, for the page's <img> tags, which send the session "
+        "cookie (forecaster/api/pages.py).",
         "operationId": "getPagePlot",
         "tags": ["pages"],
+        "security": _SECURED,
         "parameters": _TARGET_PARAMETERS,
         "responses": {
             "200": {"description": "the plot", "content": {"image/png": {
                 "schema": {"type": "string", "format": "binary"}}}},
+            "401": _UNAUTHENTICATED,
             "404": _NOT_FOUND,
             "503": _UNAVAILABLE,
         },
@@ -556,7 +610,7 @@ _PATHS: dict[str, Any] = {
             "series is 422 naming `query`; an unreachable Prometheus is 503.",
             "operationId": "postForecast",
             "tags": ["forecasts"],
-            "security": _SECURED,
+            "security": _SECURED_WRITE,
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"oneOf": [
@@ -584,21 +638,31 @@ _DOCUMENT: dict[str, Any] = {
         "metric name); URLs carry it as three path segments: "
         "`/api/v1/targets/{namespace}/{name}/{metric}/...`. Every error is JSON of one shape, "
         "`{\"error\": {\"code\", \"message\", \"field\"}}`; a 503 carries Retry-After. With "
-        "`apiToken` configured, every /api/ route needs `Authorization: Bearer <token>`.",
+        "`apiToken` configured, every route but /healthz, /readyz and /login needs "
+        "`Authorization: Bearer <apiToken>`, or for GET the session cookie that POST /login "
+        "sets; /metrics also takes `metricsToken`.",
     },
     "paths": _PATHS,
     "components": {
         "schemas": _SCHEMAS,
         "responses": {
             "InvalidArgument": _error("a parameter breaks a rule; `field` names it"),
-            "Unauthenticated": _error("apiToken is configured and the bearer token is missing "
-                                      "or wrong"),
+            "Unauthenticated": _error("a token is configured and the request carries none "
+                                      "that this route accepts (bearer token or, for GET, "
+                                      "the session cookie)"),
             "NotFound": _error("no such target (it is registered by KEDA's first call, or "
                                "listed under `targets:` in the config)"),
             "Unavailable": _unavailable("no fresh data or model yet, Prometheus unreachable, "
                                         "or busy; retry after Retry-After seconds"),
         },
-        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer",
+                           "description": "the config's apiToken"},
+            "metricsToken": {"type": "http", "scheme": "bearer",
+                             "description": "the config's metricsToken: /metrics only"},
+            "sessionCookie": {"type": "apiKey", "in": "cookie", "name": "forecaster_session",
+                              "description": "set by POST /login; GET and HEAD only"},
+        },
     },
 }
 

@@ -1,19 +1,36 @@
-"""What people and Prometheus look at: the HTML page, plots, and /metrics."""
+"""What people and Prometheus look at: the HTML page, plots, /metrics, and the sign-in form.
+
+With apiToken set, a browser cannot send the bearer header for the page and its <img> tags:
+it signs in once at /login, which exchanges the token for an HttpOnly, SameSite=Strict session
+cookie (forecaster/api/auth.py) that reads the page, the plots, /metrics and the API's GETs.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, current_app, render_template_string, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    redirect,
+    render_template_string,
+    request,
+    url_for,
+)
 from flask.sansio.blueprints import BlueprintSetupState
 from prometheus_client.exposition import choose_encoder
+from werkzeug.wrappers import Response as BaseResponse
 
+from forecaster.api.auth import SESSION_COOKIE, SESSION_SECONDS, session_cookie, token_matches
 from forecaster.api.errors import error_response
+from forecaster.config import Settings
 from forecaster.engine import Engine
-from forecaster.errors import UnknownTargetError
+from forecaster.errors import InvalidInputError, UnknownTargetError
 from forecaster.plots import PlotCache
 from forecaster.policy import planned_replicas
 from forecaster.target import Target, freshness_limit, target_id, target_labels
@@ -126,6 +143,45 @@ alt="load, forecast and planned replicas of {{ row.target_id }}">
 """
 
 
+# The sign-in form: no script; the message for a wrong token shows when the URL's fragment
+# names it (a redirect to login#wrong-token), so the form needs no query parameter.
+_LOGIN_STYLE = _STYLE + """
+form{background:#fff;border:1px solid #e5e5e5;border-radius:6px;padding:16px;max-width:420px}
+input[type=password]{width:100%;box-sizing:border-box;padding:6px;margin:8px 0}
+#wrong-token{display:none}#wrong-token:target{display:block}
+"""
+LOGIN_CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; style-src {_csp_hash(_LOGIN_STYLE)}; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+_LOGIN_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>forecaster: sign in</title>
+<style>{{ style|safe }}</style>
+</head>
+<body>
+<h1>forecaster</h1>
+{% if configured %}
+<p id="wrong-token" class="error">That is not the configured apiToken.</p>
+<form method="post" action="login">
+<label for="token">API token (the config's <code>apiToken</code>)</label>
+<input type="password" id="token" name="token" autocomplete="current-password" required
+autofocus>
+<button type="submit">Sign in</button>
+</form>
+<p class="meta">Signing in sets a cookie that reads this page for
+{{ hours }} hours.</p>
+{% else %}
+<p class="meta">No apiToken is configured: the <a href="./">page</a> needs no sign-in.</p>
+{% endif %}
+</body>
+</html>
+"""
+
+
 @dataclass(frozen=True)
 class _Row:
     target_id: str
@@ -182,14 +238,50 @@ def metrics() -> Response:
 # file may, and its plot should still load.
 @blueprint.get("/api/v1/targets/<namespace>/<path:name>/<metric>/plot.png")
 def plot(namespace: str, name: str, metric: str) -> Response:
-    """The plot as part of the REST API (behind the API token when one is set)."""
+    """The plot as part of the REST API."""
     return _plot(namespace, name, metric)
 
 
 @blueprint.get("/targets/<namespace>/<path:name>/<metric>/plot.png")
 def page_plot(namespace: str, name: str, metric: str) -> Response:
-    """The same plot for the page's <img> tags, open like the page: a browser sends no token."""
+    """The same plot for the page's <img> tags (which send the session cookie)."""
     return _plot(namespace, name, metric)
+
+
+@blueprint.get("/login")
+def login_form() -> Response:
+    """The sign-in form: open, like the probes, since it is how a browser gets in."""
+    settings: Settings = current_app.config["SETTINGS"]
+    html = render_template_string(
+        _LOGIN_PAGE, style=_LOGIN_STYLE, configured=bool(settings.api_token),
+        hours=SESSION_SECONDS // 3600,
+    )
+    response = Response(html, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = LOGIN_CONTENT_SECURITY_POLICY
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@blueprint.post("/login")
+def login() -> BaseResponse:
+    """Exchange the API token (form field `token`) for the session cookie, then go to the
+    page; a wrong token goes back to the form, which says so."""
+    given = request.form.get("token")
+    if not given or not given.strip():
+        raise InvalidInputError("token", "is required: the form field 'token' with the apiToken")
+    settings: Settings = current_app.config["SETTINGS"]
+    token = settings.api_token
+    if not token:  # nothing to sign in to
+        return redirect("./", code=303)
+    if not token_matches(given.strip(), token):
+        return redirect("login#wrong-token", code=303)
+    expires = int(time.time()) + SESSION_SECONDS
+    response = redirect("./", code=303)
+    response.set_cookie(
+        SESSION_COOKIE, session_cookie(token, expires), max_age=SESSION_SECONDS, path="/",
+        secure=request.is_secure, httponly=True, samesite="Strict",
+    )
+    return response
 
 
 def _plot(namespace: str, name: str, metric: str) -> Response:
