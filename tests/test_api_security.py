@@ -1,6 +1,7 @@
 """Who may call what over real HTTP: the API token on every route but the probes (over the
-app's own URL map), the scrape token on /metrics alone, and the page's sign-in and session
-cookie; the settings behind them; the OpenAPI document and the examples under keda/ agree.
+app's own URL map), the scrape token on /metrics alone, the page's sign-in and session cookie,
+and Prometheus queries off by default; the settings behind them; the OpenAPI document and the
+examples under keda/ agree.
 
 The services run for real (waitress on 127.0.0.1, port 0) over a real Prometheus."""
 
@@ -38,6 +39,7 @@ from tests.rest_support import (
     make_blocks,
     metadata,
     settings,
+    strict_json,
     wait_for,
 )
 
@@ -294,6 +296,44 @@ def test_without_an_api_token_the_sign_in_form_says_the_page_is_open(default: Se
     assert default.call("GET", "/").status_code == 200
 
 
+# -- Prometheus queries through the API ----------------------------------------------------
+
+
+def test_queries_are_off_by_default_with_a_json_error_naming_the_setting(
+    default: Served,
+) -> None:
+    response = default.call("POST", "/api/v1/forecast", json=default.query_body())
+    error = assert_error(response, 403, "permission_denied", "query")
+    assert "api: {allowQueries: true}" in error["message"]
+    assert "apiToken" in error["message"] and "'series'" in error["message"]
+    # Refused before anything is validated or sent: no Prometheus is asked.
+    body = {"serverAddress": "http://elsewhere:9090", "query": "up"}
+    assert_error(default.call("POST", "/api/v1/forecast", json=body), 403, "permission_denied")
+
+
+def test_inline_series_stay_open_without_a_token(default: Served) -> None:
+    answer = strict_json(default.call("POST", "/api/v1/forecast", json=INLINE))
+    assert answer["model"] == "naive" and len(answer["points"]) == 3
+
+
+def test_queries_allowed_without_an_api_token_are_still_refused(
+    security_prometheus: PrometheusServer,
+) -> None:
+    with _serving(settings(security_prometheus.url, allow_queries=True)) as served:
+        response = served.call("POST", "/api/v1/forecast", json=served.query_body())
+        error = assert_error(response, 403, "permission_denied", "query")
+        assert "apiToken" in error["message"]
+
+
+def test_queries_on_need_the_api_token_and_then_answer(secured: Served) -> None:
+    body = secured.query_body()
+    assert_error(secured.call("POST", "/api/v1/forecast", json=body), 401, "unauthenticated")
+    assert_error(secured.call("POST", "/api/v1/forecast", json=body, token=SCRAPE), 401,
+                 "unauthenticated")
+    answer = strict_json(secured.call("POST", "/api/v1/forecast", json=body, token=TOKEN))
+    assert answer["historyPoints"] == 288 and len(answer["points"]) == 3
+
+
 # -- the settings --------------------------------------------------------------------------
 
 
@@ -361,6 +401,8 @@ def test_the_openapi_document_states_each_operations_security() -> None:
             assert "bearerAuth" in names and "401" in operation["responses"], (path, method)
             assert ("metricsToken" in names) == (path == "/metrics"), (path, method)
             assert ("sessionCookie" in names) == (method == "get"), (path, method)
+    adhoc = document["paths"]["/api/v1/forecast"]["post"]
+    assert "403" in adhoc["responses"] and "allowQueries" in adhoc["description"]
 
 
 def _yaml_docs(path: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The REST API over real HTTP: a real Prometheus, the real Service on port 0, targets registered
 from the config file and by a gRPC GetMetricSpec call (as KEDA's first call does).
 
-The service here has an apiToken, so every call carries the token; who may
+The service here has an apiToken and allows queries, so every call carries the token; who may
 call what, and the defaults, are tested in tests/test_api_security.py."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def service(rest_prometheus: PrometheusServer) -> Iterator[Service]:
         ConfiguredTarget("shop", "web", metadata(url)),
         ConfiguredTarget("shop", "team/web", metadata(url, model="naive", metricName="slash")),
     )
-    service = Service(settings(url, targets=configured, api_token=TOKEN))
+    service = Service(settings(url, targets=configured, api_token=TOKEN, allow_queries=True))
     service.start()
     try:
         _register(service, "shop", "api", metadata(url, model="seasonal_naive",

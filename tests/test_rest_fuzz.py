@@ -1,6 +1,6 @@
 """The OpenAPI document drives schemathesis against the real service over HTTP: no answer is a
 500, every error (every 503 included) is the one JSON shape, and answers match the document.
-The service has an apiToken, and every call carries the token, so the
+The service has an apiToken and allows queries, and every call carries the token, so the
 fuzzing reaches past the token check (which tests/test_api_security.py tests).
 
 Bounded: a few examples per operation, no shrinking, derandomized, so the run is short and
@@ -45,7 +45,7 @@ def fuzz_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Promet
 def fuzz_service(fuzz_prometheus: PrometheusServer) -> Iterator[Service]:
     url = fuzz_prometheus.url
     web = ConfiguredTarget("shop", "web", metadata(url, model="seasonal_naive"))
-    service = Service(service_settings(url, targets=(web,), api_token=TOKEN))
+    service = Service(service_settings(url, targets=(web,), api_token=TOKEN, allow_queries=True))
     service.start()
     try:
         wait_for(lambda: service.engine.get("shop/web/web-rps").snapshot.forecast is not None)

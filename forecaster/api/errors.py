@@ -6,6 +6,7 @@
 | ---------------------------------------- | ------ | ------------------- |
 | InvalidInputError                        | 400    | invalid_argument    |
 | (missing or wrong bearer token)          | 401    | unauthenticated     |
+| PermissionDenied (a feature the config turns off) | 403 | permission_denied |
 | UnknownTargetError, an unknown route     | 404    | not_found           |
 | a known route with another method        | 405    | method_not_allowed  |
 | a body over MAX_CONTENT_LENGTH, too many points | 413 | payload_too_large |
@@ -86,6 +87,12 @@ class Busy(ApiError):
     """Every slot for bounded work is taken; retry after `retry_after` seconds."""
 
     status, code = 503, "unavailable"
+
+
+class PermissionDenied(ApiError):
+    """The caller may be who it says, but the config does not allow this (e.g. queries)."""
+
+    status, code = 403, "permission_denied"
 
 
 class Unauthenticated(ApiError):

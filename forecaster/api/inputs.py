@@ -125,6 +125,13 @@ class AdhocRequest:
         return (self.history_window_seconds or 0) // self.step_seconds
 
 
+def wants_query(body: Any) -> bool:
+    """Whether a body asks for a forecast of a Prometheus query rather than of inline points."""
+    return isinstance(body, dict) and "series" not in body and bool(
+        {"query", "serverAddress"} & set(body)
+    )
+
+
 def adhoc_request(body: Any) -> AdhocRequest:
     """Validate the body of an ad-hoc forecast; see the OpenAPI document for its schema."""
     if not isinstance(body, dict):

@@ -606,8 +606,11 @@ _PATHS: dict[str, Any] = {
             "on a configured Prometheus server over `historyWindow`, and forecasts `horizon` "
             f"steps. Bounded: a body of at most 2 MiB, at most {MAX_POINTS} points, steps of "
             f"at most {MAX_STEP_SECONDS}s, and at most 2 ad-hoc fits at once (503 with "
-            "Retry-After past that). A query Prometheus answers with other than one clean "
-            "series is 422 naming `query`; an unreachable Prometheus is 503.",
+            "Retry-After past that). A query runs with forecaster's own Prometheus "
+            "credentials, so it is refused (403 naming the setting) unless the config sets "
+            "`api: {allowQueries: true}`, which needs apiToken. A query Prometheus answers "
+            "with other than one clean series is 422 naming `query`; an unreachable "
+            "Prometheus is 503.",
             "operationId": "postForecast",
             "tags": ["forecasts"],
             "security": _SECURED_WRITE,
@@ -620,6 +623,8 @@ _PATHS: dict[str, Any] = {
                 "200": _json("the forecast", "AdhocForecast"),
                 "400": _INVALID,
                 "401": _UNAUTHENTICATED,
+                "403": _error("a query, and the config does not allow queries "
+                              "(api.allowQueries) or sets no apiToken"),
                 "413": _error("the body, or the points in it, are over the limits"),
                 "422": _error("no model could be fitted, or the query's answer is unusable"),
                 "503": _UNAVAILABLE,

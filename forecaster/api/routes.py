@@ -22,7 +22,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
 from forecaster.api import inputs, render
-from forecaster.api.errors import Busy, Unprocessable
+from forecaster.api.errors import Busy, PermissionDenied, Unprocessable
 from forecaster.api.openapi import openapi_document
 from forecaster.config import Settings
 from forecaster.engine import Engine
@@ -307,12 +307,15 @@ def get_metric(namespace: str, name: str, metric: str) -> Response:
 
 @blueprint.post("/api/v1/forecast")
 def post_forecast() -> Response:
-    """An ad-hoc forecast of inline points or of a query on a configured Prometheus server.
+    """An ad-hoc forecast of inline points, or of a query on a configured Prometheus server
+    when the config allows queries (api.allowQueries, which needs apiToken).
 
     The fit runs in this request, bounded: at most MAX_POINTS points, and at most ADHOC_SLOTS
     fits at once (503 with Retry-After past that).
     """
     body = _json_body()
+    if inputs.wants_query(body):
+        _check_queries_allowed()
     wanted = inputs.adhoc_request(body)
     state = _state()
     if not state.adhoc_slots.acquire(blocking=False):
@@ -347,6 +350,22 @@ def post_forecast() -> Response:
         failures=[{"model": model, "reason": reason} for model, reason in fit.failures],
         historyPoints=int(grid.filled.notna().sum()),
         **render.forecast_json(forecast, wanted.horizon, wanted.quantiles),
+    )
+
+
+def _check_queries_allowed() -> None:
+    """A query runs with forecaster's own Prometheus credentials: only when the operator
+    allowed it, and only for callers holding the API token (checked before any route)."""
+    settings = _settings()
+    if settings.api.allow_queries and settings.api_token:
+        return
+    missing = ("apiToken: {file: PATH}" if settings.api.allow_queries
+               else "api: {allowQueries: true} (with apiToken)")
+    raise PermissionDenied(
+        f"forecasts of a Prometheus query are off on this service: a query runs with "
+        f"forecaster's own Prometheus credentials. Send the points inline as 'series', or "
+        f"have the operator add {missing} to the config",
+        field="query",
     )
 
 
