@@ -1,13 +1,14 @@
 """Who may call what over real HTTP: the API token on every route but the probes (over the
 app's own URL map), the scrape token on /metrics alone, the page's sign-in and session cookie,
-and Prometheus queries off by default; the settings behind them; the OpenAPI document and the
-examples under keda/ agree.
+Prometheus queries off by default, and ad-hoc fits that run outside the serving process; the
+settings behind them; the OpenAPI document and the examples under keda/ agree.
 
 The services run for real (waitress on 127.0.0.1, port 0) over a real Prometheus."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ import requests
 import yaml
 
 from forecaster.api import create_app
+from forecaster.api.adhoc import OOM_SCORE_ADJ, AdhocJob, AdhocRunner
 from forecaster.api.auth import SESSION_COOKIE, SESSION_SECONDS, session_cookie
+from forecaster.api.errors import Busy
 from forecaster.api.openapi import openapi_document
 from forecaster.config import ConfiguredTarget, EngineSettings, Settings, load_settings
 from forecaster.engine import Engine
@@ -380,6 +383,89 @@ def test_bad_security_settings_name_their_field(
         load_settings(_config(tmp_path, raw), env=env)
     assert refused.value.field == field
     assert SCRAPE not in str(refused.value)
+
+
+# -- ad-hoc forecasts run in a worker process ----------------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_an_adhoc_forecast_runs_in_a_worker_of_normal_priority_first_for_the_oom_killer(
+) -> None:
+    runner = AdhocRunner()
+    body = {"series": _points(600), "model": "seasonal_naive", "horizon": 12}
+    try:
+        with runner.reserve() as slot:
+            answer = slot.run(AdhocJob(body=json.dumps(body).encode()))
+        assert answer.error is None and answer.json is not None
+        assert len(json.loads(answer.json)["points"]) == 12
+        worker = answer.worker_pid
+        assert worker not in (0, os.getpid())
+        assert os.getpriority(os.PRIO_PROCESS, worker) == os.getpriority(os.PRIO_PROCESS, 0)
+        oom = Path(f"/proc/{worker}/oom_score_adj").read_text()
+        assert int(oom) == OOM_SCORE_ADJ > int(Path("/proc/self/oom_score_adj").read_text())
+    finally:
+        runner.close()
+
+
+def test_idle_workers_are_shut_down() -> None:
+    runner = AdhocRunner(idle_seconds=0.5)
+    body = {"series": _points(50), "model": "naive", "horizon": 1}
+    try:
+        with runner.reserve() as slot:
+            worker = slot.run(AdhocJob(body=json.dumps(body).encode())).worker_pid
+        wait_for(lambda: not runner.started and _gone(worker), timeout=30)
+    finally:
+        runner.close()
+
+
+def test_a_refusal_in_the_worker_comes_back_with_its_field() -> None:
+    runner = AdhocRunner()
+    too_short = {"series": _points(1), "model": "naive"}
+    bad_value = {"series": [*_points(3000)[:-1], {"timestamp": "2024-06-01T00:00:00Z",
+                                                   "value": -1}]}
+    try:
+        with runner.reserve() as slot:
+            short = slot.run(AdhocJob(body=json.dumps(too_short).encode()))
+            bad = slot.run(AdhocJob(body=json.dumps(bad_value).encode()))
+            query = slot.run(AdhocJob(body=b'{"serverAddress": "http://p:9090", "query": "up"}'))
+        assert short.json is None and short.error is not None
+        assert short.error[0] == "unprocessable" and short.error[2] == "series"
+        assert "needs at least" in short.error[1]
+        assert bad.error == ("invalid", bad.error[1], "series[2999].value")
+        assert query.json is None and query.query is not None and query.query.query == "up"
+    finally:
+        runner.close()
+
+
+def test_a_large_body_is_parsed_in_the_worker_and_refused_with_its_field(
+    default: Served,
+) -> None:
+    points = _points(3000)
+    points[1500] = {"timestamp": points[1500]["timestamp"], "value": "many"}
+    response = default.call("POST", "/api/v1/forecast", json={"series": points})
+    assert_error(response, 400, "invalid_argument", "series[1500].value")
+    padded = json.dumps(default.query_body()) + " " * 20_000  # a query body past the early check
+    response = default.call("POST", "/api/v1/forecast", data=padded,
+                            headers={"Content-Type": "application/json"})
+    assert "allowQueries" in assert_error(response, 403, "permission_denied", "query")["message"]
+
+
+def test_slots_are_given_back_when_a_reservation_is_not_used() -> None:
+    runner = AdhocRunner(slots=1)
+    with runner.reserve():
+        with pytest.raises(Busy, match="already running") as refused:
+            runner.reserve()
+        assert refused.value.retry_after is not None and refused.value.retry_after >= 1
+    with runner.reserve():  # given back on leaving the block
+        pass
+    runner.close()
 
 
 # -- the document and the examples say what the code does ----------------------------------

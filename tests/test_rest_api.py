@@ -29,6 +29,7 @@ from openapi_spec_validator import validate as validate_spec
 from forecaster.api import render
 from forecaster.api.inputs import MAX_POINTS
 from forecaster.api.openapi import PAGE_PATHS, openapi_document
+from forecaster.api.routes import ADHOC_KEY
 from forecaster.config import ConfiguredTarget
 from forecaster.models import fit_with_fallback
 from forecaster.scaler.generated import externalscaler_pb2 as pb
@@ -558,7 +559,7 @@ def test_adhoc_query_on_an_unreachable_server_is_503(
 def test_adhoc_fits_beyond_the_slots_are_503_with_retry_after(
     call: Callable[..., requests.Response], service: Service
 ) -> None:
-    slots = service.app.extensions["forecaster.api"].adhoc_slots
+    slots = service.app.extensions[ADHOC_KEY].free
     taken = [slots.acquire(blocking=False) for _ in range(2)]
     try:
         assert all(taken)

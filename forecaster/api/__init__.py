@@ -10,6 +10,7 @@ from flask import Flask, Response, jsonify
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
+from forecaster.api.adhoc import AdhocRunner
 from forecaster.api.auth import require_tokens
 from forecaster.api.errors import error_response, register_error_handlers
 from forecaster.config import Settings
@@ -75,6 +76,7 @@ class HttpServer:
     """
 
     def __init__(self, app: Flask, host: str, port: int, threads: int = HTTP_THREADS) -> None:
+        self._app = app
         # waitress's stubs type the server as a union without the attributes used here.
         self._server = cast(
             Any, create_server(app, host=host, port=port, threads=threads, ident="forecaster")
@@ -102,3 +104,6 @@ class HttpServer:
             if isinstance(dispatcher, HTTPChannel):
                 dispatcher.close()
         self._server.close()
+        for extension in self._app.extensions.values():
+            if isinstance(extension, AdhocRunner):
+                extension.close()  # ad-hoc forecasts' worker processes

@@ -6,6 +6,7 @@ the client wrote it (`horizon`, `series[3].value`), or PayloadTooLarge for the s
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import reprlib
@@ -123,6 +124,14 @@ class AdhocRequest:
     def history_steps(self) -> int:
         """Steps of history a query asks Prometheus for."""
         return (self.history_window_seconds or 0) // self.step_seconds
+
+
+def parse_body(data: bytes) -> Any:
+    """A request body as JSON; InvalidInputError naming `body` when it is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputError("body", f"must be a JSON object: {exc}") from None
 
 
 def wants_query(body: Any) -> bool:

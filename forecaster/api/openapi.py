@@ -602,11 +602,11 @@ _PATHS: dict[str, Any] = {
     "/api/v1/forecast": {
         "post": {
             "summary": "An ad-hoc forecast",
-            "description": "Fits a model in the request to inline `series`, or to `query` "
-            "on a configured Prometheus server over `historyWindow`, and forecasts `horizon` "
-            f"steps. Bounded: a body of at most 2 MiB, at most {MAX_POINTS} points, steps of "
-            f"at most {MAX_STEP_SECONDS}s, and at most 2 ad-hoc fits at once (503 with "
-            "Retry-After past that). A query runs with forecaster's own Prometheus "
+            "description": "Fits a model, in a worker process, to inline `series`, or to "
+            "`query` on a configured Prometheus server over `historyWindow`, and forecasts "
+            f"`horizon` steps. Bounded: a body of at most 2 MiB, at most {MAX_POINTS} points, "
+            f"steps of at most {MAX_STEP_SECONDS}s, and at most 2 ad-hoc fits at once (503 "
+            "with Retry-After past that). A query runs with forecaster's own Prometheus "
             "credentials, so it is refused (403 naming the setting) unless the config sets "
             "`api: {allowQueries: true}`, which needs apiToken. A query Prometheus answers "
             "with other than one clean series is 422 naming `query`; an unreachable "

@@ -3,13 +3,13 @@
 
 A target's id is `namespace/name/metricName`; URLs carry it as three path segments:
 `/api/v1/targets/<namespace>/<name>/<metric>/...`. Reads come from the engine's published
-snapshots and never wait on a fit; the two kinds of heavier work (an ad-hoc fit, a forecast
-longer than the snapshot's) run in the request, each kind at most N at a time (503 past that).
+snapshots and never wait on a fit; the two kinds of heavier work, each at most N at a time
+(503 past that), are an ad-hoc fit (in a worker process: forecaster/api/adhoc.py) and a
+forecast longer than the snapshot's (predicted in the request from a copy of the model).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -22,18 +22,18 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
 from forecaster.api import inputs, render
-from forecaster.api.errors import Busy, PermissionDenied, Unprocessable
+from forecaster.api.adhoc import AdhocJob, AdhocRunner
+from forecaster.api.errors import Busy, PayloadTooLarge, PermissionDenied, Unprocessable
 from forecaster.api.openapi import openapi_document
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.errors import (
-    ForecasterError,
     InvalidInputError,
     NotReadyError,
 )
-from forecaster.models import Forecast, fit_with_fallback
+from forecaster.fitting import release_free_memory
+from forecaster.models import Forecast
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step, recommend
-from forecaster.series import to_grid
 from forecaster.sources import HistorySource
 from forecaster.target import Snapshot, Target, freshness_limit, target_id
 from forecaster.targets import TargetResolver
@@ -42,12 +42,12 @@ blueprint = Blueprint("api", __name__)
 
 # `path:` for the name, as for the plots: KEDA names never hold a slash, a configured one may.
 TARGET = "/api/v1/targets/<namespace>/<path:name>/<metric>"
-ADHOC_SLOTS = 2  # ad-hoc fits at once
 FORECAST_SLOTS = 2  # forecasts beyond the snapshot at once
 BUSY_RETRY_AFTER_SECONDS = 5
 CACHE_ENTRIES = 64
-FIT_HORIZON = 2  # what the engine fits for; longer horizons are predicted from that fit
 MAX_REPLICAS = 100_000
+ADHOC_KEY = "forecaster.adhoc"
+SMALL_BODY_BYTES = 16 * 1024  # a query body's fields (query at most 10,000 chars) fit
 
 
 class ForecastCache:
@@ -79,9 +79,6 @@ class ForecastCache:
 class ApiState:
     """Per-app limits and caches (no module-level state: tests build many apps)."""
 
-    adhoc_slots: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(ADHOC_SLOTS)
-    )
     forecast_slots: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(FORECAST_SLOTS)
     )
@@ -92,6 +89,7 @@ class ApiState:
 @blueprint.record_once
 def _setup(state: BlueprintSetupState) -> None:
     state.app.extensions["forecaster.api"] = ApiState()
+    state.app.extensions[ADHOC_KEY] = AdhocRunner()
 
 
 def _engine() -> Engine:
@@ -310,47 +308,47 @@ def post_forecast() -> Response:
     """An ad-hoc forecast of inline points, or of a query on a configured Prometheus server
     when the config allows queries (api.allowQueries, which needs apiToken).
 
-    The fit runs in this request, bounded: at most MAX_POINTS points, and at most ADHOC_SLOTS
-    fits at once (503 with Retry-After past that).
+    Parsing, fit, prediction and rendering run in a worker process (forecaster/api/adhoc.py),
+    bounded: at most MAX_POINTS points, and at most adhoc.SLOTS forecasts at once (503 with
+    Retry-After past that).
     """
-    body = _json_body()
+    data = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 from Flask
+    wanted = _small_request(data)
+    runner: AdhocRunner = current_app.extensions[ADHOC_KEY]
+    with runner.reserve() as slot:  # the query, too, counts against the slots
+        if wanted is None:
+            answer = slot.run(AdhocJob(body=data))  # inline points: answered; a query: parsed
+            wanted = answer.query
+        if wanted is not None:
+            history = None if wanted.series is not None else _query_history(wanted)
+            answer = slot.run(AdhocJob(request=wanted, history=history))
+    if answer.error is not None:
+        raise _refusal(*answer.error)
+    response = Response(answer.json, mimetype="application/json")
+    # The raw body and the answer leave freed blocks with the C allocator; once the answer is
+    # sent, they go back to the system.
+    response.call_on_close(release_free_memory)
+    return response
+
+
+def _small_request(data: bytes) -> inputs.AdhocRequest | None:
+    """A body up to SMALL_BODY_BYTES (every query body) is parsed here, so that a refused query
+    costs no worker; a larger one (None) is parsed in the worker."""
+    if len(data) > SMALL_BODY_BYTES:
+        return None
+    body = inputs.parse_body(data)
     if inputs.wants_query(body):
         _check_queries_allowed()
-    wanted = inputs.adhoc_request(body)
-    state = _state()
-    if not state.adhoc_slots.acquire(blocking=False):
-        raise Busy(
-            f"{ADHOC_SLOTS} ad-hoc forecasts are already running; retry shortly",
-            retry_after=BUSY_RETRY_AFTER_SECONDS,
-        )
-    try:
-        if wanted.series is not None:
-            history, where = wanted.series, "series"
-        else:
-            history, where = _query_history(wanted), "historyWindow"
-        step = pd.Timedelta(seconds=wanted.step_seconds)
-        try:
-            grid = to_grid(history, step)
-            # Models that tune themselves to a quantile (auto, gbm_quantile) get the highest
-            # one asked for, as the scaler gives them the one it provisions for.
-            quantile = max(wanted.quantiles) if max(wanted.quantiles) >= 0.5 else 0.9
-            fit = fit_with_fallback(
-                wanted.model, grid.filled, step, quantile=quantile, horizon=FIT_HORIZON
-            )
-        except InvalidInputError:
-            raise
-        except ForecasterError as exc:  # too little history for any model, even the fallbacks
-            raise Unprocessable(f"{exc}", field=where) from exc
-        forecast = fit.model.predict(wanted.horizon, wanted.quantiles)
-    finally:
-        state.adhoc_slots.release()
-    return jsonify(
-        requestedModel=wanted.model,
-        fellBack=fit.fell_back,
-        failures=[{"model": model, "reason": reason} for model, reason in fit.failures],
-        historyPoints=int(grid.filled.notna().sum()),
-        **render.forecast_json(forecast, wanted.horizon, wanted.quantiles),
-    )
+    return inputs.adhoc_request(body)
+
+
+def _refusal(kind: str, message: str, field: str | None) -> Exception:
+    """A worker's refusal as the error it was there."""
+    if kind == "invalid":
+        return InvalidInputError(field or "body", message)
+    if kind == "too_large":
+        return PayloadTooLarge(message, field=field)
+    return Unprocessable(message, field=field)
 
 
 def _check_queries_allowed() -> None:
@@ -369,14 +367,6 @@ def _check_queries_allowed() -> None:
     )
 
 
-def _json_body() -> Any:
-    data = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 from Flask
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInputError("body", f"must be a JSON object: {exc}") from None
-
-
 def _adhoc_source(address: str) -> HistorySource:
     """Only servers the operator configured; an ad-hoc query never goes anywhere else."""
     settings = _settings()
@@ -390,6 +380,7 @@ def _adhoc_source(address: str) -> HistorySource:
 
 
 def _query_history(wanted: inputs.AdhocRequest) -> pd.Series:
+    _check_queries_allowed()  # again: a query body padded past SMALL_BODY_BYTES came by the worker
     source = _adhoc_source(wanted.server_address or "")
     step = wanted.step_seconds
     now = _engine().clock()
