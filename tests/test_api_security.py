@@ -1,7 +1,7 @@
-"""Who may call what over real HTTP: the API token on every route but the probes (over the
-app's own URL map), the scrape token on /metrics alone, the page's sign-in and session cookie,
-Prometheus queries off by default, and ad-hoc fits that run outside the serving process; the
-settings behind them; the OpenAPI document and the examples under keda/ agree.
+"""Who may call what over real HTTP, and what the HTTP side holds up against: the API token on
+every route but the probes (over the app's own URL map), the scrape token on /metrics alone, the
+page's sign-in and session cookie, Prometheus queries off by default, idle connections that
+must not starve the probes, and ad-hoc fits that run outside the serving process.
 
 The services run for real (waitress on 127.0.0.1, port 0) over a real Prometheus."""
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,8 @@ from forecaster.api.adhoc import OOM_SCORE_ADJ, AdhocJob, AdhocRunner
 from forecaster.api.auth import SESSION_COOKIE, SESSION_SECONDS, session_cookie
 from forecaster.api.errors import Busy
 from forecaster.api.openapi import openapi_document
+from forecaster.api.routes import ADHOC_KEY
+from forecaster.api.server import CONNECTION_LIMIT
 from forecaster.config import ConfiguredTarget, EngineSettings, Settings, load_settings
 from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError
@@ -51,6 +56,7 @@ SCRAPE = "scrape-t0ken-never-shown"
 WEB = "shop/web/web-rps"
 PROBES = frozenset({"/healthz", "/readyz"})
 SIGN_IN = "/login"
+IDLE_CONNECTIONS = 500
 KEDA_EXAMPLES = Path(__file__).parent.parent / "keda" / "examples"
 
 
@@ -383,6 +389,93 @@ def test_bad_security_settings_name_their_field(
         load_settings(_config(tmp_path, raw), env=env)
     assert refused.value.field == field
     assert SCRAPE not in str(refused.value)
+
+
+# -- idle connections never starve the probes ----------------------------------------------
+
+
+@pytest.fixture
+def many_descriptors() -> Iterator[None]:
+    """Room for the idle connections' both ends (client and server run in this process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * IDLE_CONNECTIONS
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.fail(f"the open-file limit {hard} is below the {wanted} this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextmanager
+def _idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    try:
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_probes_answer_with_500_idle_connections_open(
+    default: Served, many_descriptors: None
+) -> None:
+    with _idle_connections(default.service.http_port, IDLE_CONNECTIONS) as sockets:
+        for path in ("/healthz", "/readyz", "/healthz"):
+            began = time.monotonic()
+            response = requests.get(f"{default.base}{path}", timeout=5)  # the bounded wait
+            assert response.status_code == 200, response.text
+            print(f"{path} with {IDLE_CONNECTIONS} idle connections: "
+                  f"{(time.monotonic() - began) * 1000:.0f} ms")
+        # Room was made by closing idle connections: the server holds at most its limit.
+        wait_for(lambda: sum(map(_closed_by_server, sockets))
+                 >= IDLE_CONNECTIONS - CONNECTION_LIMIT, timeout=10)
+
+
+def test_a_request_in_flight_is_not_closed_to_make_room(
+    security_prometheus: PrometheusServer, many_descriptors: None
+) -> None:
+    """The first ad-hoc forecast of a fresh service waits for its worker process to start, then
+    for a model selection (seconds): idle connections pile up past the limit meanwhile."""
+    body = {"series": _points(6000), "model": "auto", "horizon": 12}
+    opened: list[socket.socket] = []
+    answered: list[requests.Response | requests.RequestException] = []
+
+    def post(served: Served) -> None:
+        try:
+            answered.append(served.call("POST", "/api/v1/forecast", json=body))
+        except requests.RequestException as exc:  # the connection closed under it
+            answered.append(exc)
+
+    with _serving(settings(security_prometheus.url)) as served:
+        runner: AdhocRunner = served.service.app.extensions[ADHOC_KEY]
+        thread = threading.Thread(target=post, args=(served,))
+        thread.start()
+        try:
+            wait_for(lambda: runner.started, timeout=30)  # the request is in its worker now
+            while thread.is_alive() and len(opened) < IDLE_CONNECTIONS:
+                opened.append(socket.create_connection(
+                    ("127.0.0.1", served.service.http_port), timeout=10))
+            at_answer = len(opened) if not thread.is_alive() else IDLE_CONNECTIONS
+            thread.join(timeout=120)
+        finally:
+            thread.join(timeout=120)
+            for sock in opened:
+                sock.close()
+    assert answered, "no answer"
+    assert at_answer > CONNECTION_LIMIT, f"the forecast ended after {at_answer} connections"
+    (answer,) = answered
+    assert isinstance(answer, requests.Response), answer
+    assert answer.status_code == 200, answer.text
 
 
 # -- ad-hoc forecasts run in a worker process ----------------------------------------------

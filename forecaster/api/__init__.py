@@ -8,11 +8,11 @@ from typing import Any, cast
 
 from flask import Flask, Response, jsonify
 from waitress.channel import HTTPChannel
-from waitress.server import create_server
 
 from forecaster.api.adhoc import AdhocRunner
 from forecaster.api.auth import require_tokens
 from forecaster.api.errors import error_response, register_error_handlers
+from forecaster.api.server import IdleEvictingServer
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.targets import TargetResolver
@@ -72,14 +72,14 @@ class HttpServer:
     """waitress in a thread of this process, beside the engine, with a clean stop.
 
     waitress's own run() only ends on a signal; here the loop polls in short slices and
-    checks a flag, so stop() never closes sockets under a running loop.
+    checks a flag, so stop() never closes sockets under a running loop. Idle connections
+    never keep the probes out (forecaster/api/server.py).
     """
 
     def __init__(self, app: Flask, host: str, port: int, threads: int = HTTP_THREADS) -> None:
         self._app = app
-        # waitress's stubs type the server as a union without the attributes used here.
         self._server = cast(
-            Any, create_server(app, host=host, port=port, threads=threads, ident="forecaster")
+            Any, IdleEvictingServer(app, host=host, port=port, threads=threads, ident="forecaster")
         )
         self.port = int(self._server.effective_port)
         self._stopping = threading.Event()
@@ -87,8 +87,9 @@ class HttpServer:
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
+            # poll(), not select(): select() fails once a descriptor number passes 1024.
             self._server.asyncore.loop(
-                timeout=LOOP_SLICE_SECONDS, map=self._server._map, count=1
+                timeout=LOOP_SLICE_SECONDS, map=self._server._map, count=1, use_poll=True
             )
 
     def start(self) -> None:
