@@ -136,6 +136,9 @@ def test_page_lists_targets_and_escapes_names_and_queries(live: Live, evil: str)
     assert html.count('class="target-row"') == len(live.service.engine) == 2
     for target in live.service.engine.targets():
         assert target.spec.effective_metric_name in html
+        share = target.snapshot.share
+        assert share is not None  # maxUnderProvisioned by default: the row says how it holds
+        assert f"(asked ≤ {share.asked:.1%})" in html
     for external in ("http://", "https://", "//"):  # nothing loads from elsewhere
         assert f'src="{external}' not in html and f'href="{external}' not in html
 

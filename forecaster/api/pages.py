@@ -33,7 +33,7 @@ from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError, UnknownTargetError
 from forecaster.plots import PlotCache
 from forecaster.policy import planned_replicas
-from forecaster.target import Target, freshness_limit, target_id, target_labels
+from forecaster.target import ShareHeld, Target, freshness_limit, target_id, target_labels
 from forecaster.telemetry import Telemetry
 
 blueprint = Blueprint("pages", __name__)
@@ -108,7 +108,8 @@ in the config file.</div>
 {% else %}
 <table id="targets">
 <thead><tr><th>target</th><th>model</th><th>mode</th><th>data</th>
-<th>current</th><th>planned load</th><th>planned replicas</th><th>accuracy</th></tr></thead>
+<th>current</th><th>planned load</th><th>planned replicas</th><th>short of capacity</th>
+<th>accuracy</th></tr></thead>
 <tbody>
 {% for row in rows %}
 <tr class="target-row" data-target="{{ row.target_id }}">
@@ -122,6 +123,7 @@ in the config file.</div>
 <td class="num">{{ row.current }}</td>
 <td class="num">{{ row.planned }}</td>
 <td class="num">{{ row.replicas }}<br><small>at {{ row.target_value }} each</small></td>
+<td class="share">{{ row.share }}</td>
 <td>{{ row.accuracy }}</td>
 </tr>
 {% endfor %}
@@ -199,6 +201,7 @@ class _Row:
     planned: str
     replicas: str
     target_value: str
+    share: str
     accuracy: str
     error: str | None
     plot_url: str
@@ -328,6 +331,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _share_text(share: ShareHeld | None) -> str:
+    """The share of intervals short of capacity against the one asked, over the last day and
+    week, and the controller's factor on the plan."""
+    if share is None:
+        return "fixed quantile"
+    achieved = " · ".join(
+        f"{share.achieved[window]:.1%} over {window}" for window in ("1d", "7d")
+        if share.achieved[window] is not None
+    )
+    return (f"{achieved or 'not judged yet'} (asked ≤ {share.asked:.1%}); "
+            f"plan × {math.exp(share.level):.2f}")
+
+
 def _row(engine: Engine, target: Target, index: int) -> _Row:
     snapshot, spec = target.snapshot, target.spec
     namespace, name, metric = target_labels(target.target_id)
@@ -368,6 +384,7 @@ def _row(engine: Engine, target: Target, index: int) -> _Row:
             else "–"
         ),
         target_value=_number(spec.target_value),
+        share=_share_text(snapshot.share),
         accuracy=accuracy_text,
         error=snapshot.last_error,
         plot_url=url_for(".page_plot", namespace=namespace, name=name, metric=metric),
