@@ -29,7 +29,7 @@ DEFAULT_TOLERANCE = 0.1
 # 2.0000000000000004 in floats, and means 2 replicas.
 ROUNDING_TOLERANCE = 1e-9
 
-Mode = Literal["forecast", "reactive", "dry_run"]
+Mode = Literal["forecast", "reactive", "dry_run", "outage"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,8 @@ class PlannedLoad:
     floor: float = math.nan
     # The log of the factor a maxUnderProvisioned controller put on the plan (None: none).
     slo_level: float | None = None
+    # In an outage (mode "outage"): when the source stopped answering (epoch seconds).
+    outage_since: float | None = None
 
     @property
     def floored(self) -> bool:

@@ -18,6 +18,7 @@ A ScaledObject trigger looks like::
           planHalfLife: 10m     # 0 plans each quantile forecast as it is
           excludeFromTraining: "2026-11-20T10:00Z/2026-11-20T14:30Z"   # an incident
           scheduledMinReplicas: "2026-12-24T08:00/2026-12-24T20:00=12" # a campaign, local time
+          outageHorizon: 30m    # forecast through a Prometheus outage this long; 0: off
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from forecaster.windows import Window, parse_windows
 
 __all__ = [
     "AUTO_MODEL",
+    "DEFAULT_OUTAGE_HORIZON_SECONDS",
     "DEFAULT_PLAN_HALF_LIFE_SECONDS",
     "IGNORED_KEDA_KEYS",
+    "MAX_OUTAGE_HORIZON_SECONDS",
     "MAX_TARGET_VALUE",
     "METADATA_KEYS",
     "MIN_TARGET_VALUE",
@@ -74,6 +77,7 @@ METADATA_KEYS: Mapping[str, str] = {
     "timeZone": "time_zone",
     "excludeFromTraining": "exclude_from_training",
     "scheduledMinReplicas": "scheduled_min_replicas",
+    "outageHorizon": "outage_horizon_seconds",
 }
 """Each metadata key this scaler reads, and the TriggerSpec field it fills."""
 
@@ -95,12 +99,14 @@ MAX_TARGET_VALUE = 1e15
 _IDENTITY_KEYS = frozenset({"serverAddress", "query", "targetValue", "metricName"})
 
 DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
+DEFAULT_OUTAGE_HORIZON_SECONDS = 30 * 60
 MIN_STEPS_IN_HISTORY = 10
 DEFAULT_MAX_UNDER_PROVISIONED = 0.05
 MAX_STABILIZATION_SECONDS = 3_600
 # Bounds on what one trigger may ask for: each keeps a target's memory and its queries to
 # Prometheus within what one service of many targets can hold.
 MAX_STARTUP_SECONDS = 6 * 3_600
+MAX_OUTAGE_HORIZON_SECONDS = 6 * 3_600
 MAX_HISTORY_SECONDS = 90 * 86_400
 MIN_STEP_SECONDS = 10
 MAX_STEP_SECONDS = 3_600
@@ -154,6 +160,8 @@ class TriggerSpec:
     exclude_from_training: tuple[Window, ...] = ()
     # While one overlaps the lead-time window, the planned load is at least replicas x target.
     scheduled_min_replicas: tuple[Window, ...] = ()
+    # While Prometheus cannot be reached, plan from the model's path this long; 0: not at all.
+    outage_horizon_seconds: int = DEFAULT_OUTAGE_HORIZON_SECONDS
 
     @property
     def effective_metric_name(self) -> str:
@@ -360,6 +368,9 @@ def parse_trigger_metadata(
             values.get("scheduledMinReplicas", ""), "scheduledMinReplicas", time_zone,
             with_replicas=True,
         ),
+        outage_horizon_seconds=_optional(
+            values, "outageHorizon", _outage_horizon, TriggerSpec.outage_horizon_seconds
+        ),
     )
     return spec, unknown
 
@@ -536,6 +547,17 @@ def _history_window(text: str, key: str) -> int:
     return seconds
 
 
+def _outage_horizon(text: str, key: str) -> int:
+    seconds = parse_duration(text, key)
+    if seconds > MAX_OUTAGE_HORIZON_SECONDS:
+        raise InvalidInputError(
+            key, f"must be at most {format_duration(MAX_OUTAGE_HORIZON_SECONDS)!r}: how long "
+            f"to plan from the model's forecast while Prometheus cannot be reached, '0' for not "
+            f"at all; got {reprlib.repr(text)}",
+        )
+    return seconds
+
+
 def _step(text: str, key: str) -> int:
     seconds = parse_duration(text, key)
     if not MIN_STEP_SECONDS <= seconds <= MAX_STEP_SECONDS:
@@ -603,6 +625,7 @@ _CANONICAL: dict[str, Callable[[str, str], object]] = {
     "activationValue": _activation_value,
     "maxUnderProvisioned": _share,
     "scaleDownStabilization": _stabilization,
+    "outageHorizon": _outage_horizon,
 }
 _BUILT_IN: dict[str, str] = {
     "startupSeconds": str(TriggerSpec.startup_seconds),
@@ -617,4 +640,5 @@ _BUILT_IN: dict[str, str] = {
     "timeZone": TriggerSpec.time_zone,
     "excludeFromTraining": "",
     "scheduledMinReplicas": "",
+    "outageHorizon": str(TriggerSpec.outage_horizon_seconds),
 }

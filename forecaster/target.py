@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 BAND_QUANTILES = (0.05, 0.1, 0.5, 0.9, 0.95)  # the forecast's published quantiles, and the spec's
 ACCURACY_WINDOW = 288  # decision-horizon forecasts scored against what then happened
 SHARE_WINDOWS = {"1d": 86_400, "7d": 7 * 86_400}  # the achieved share is reported over these
+# Through an outage the plan holds at least this quantile (or the spec's, if higher), times
+# exp(the SLO level + OUTAGE_MARGIN): bench/README.md, "Outages", has the figures behind both.
+OUTAGE_QUANTILE = 0.95
+OUTAGE_MARGIN = 0.1
 
 
 def target_id(namespace: str, name: str, metric_name: str) -> str:
@@ -72,6 +76,27 @@ class Accuracy:
 
 
 @dataclass(frozen=True)
+class Outage:
+    """The source stopped answering at `since` (epoch seconds); `path` is what the model then
+    forecast, far enough ahead to plan from to the end of outageHorizon (None: no model)."""
+
+    since: float
+    path: Forecast | None
+    quantile: float
+
+
+def outage_quantile(spec: TriggerSpec) -> float:
+    """The quantile an outage plan holds: OUTAGE_QUANTILE, or the spec's when higher."""
+    return max(OUTAGE_QUANTILE, spec.quantile)
+
+
+def outage_factor(level: float) -> float:
+    """The factor on the outage path's quantile: OUTAGE_MARGIN above `level`, the SLO
+    controller's log-factor on the target's plans (0 without one)."""
+    return math.exp(level + OUTAGE_MARGIN)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What a target knows at one moment; replaced whole, never mutated."""
 
@@ -84,6 +109,7 @@ class Snapshot:
     last_error: str | None = None
     history_points: int = 0
     share: ShareHeld | None = None
+    outage: Outage | None = None  # set while the source cannot be reached
 
 
 @dataclass(frozen=True)
@@ -235,6 +261,7 @@ class Target:
 
     def fold_in(self, points: pd.Series, current: tuple[float, float], freshness: float) -> None:
         """Add what a refresh read, bring the model up to date and publish; under `lock`."""
+        end_outage(self)
         added = self.buffer.extend(points)
         self.score_arrivals(added)
         if self.share_keeper is not None:
@@ -329,6 +356,7 @@ class Target:
             last_error=error,
             history_points=len(self.buffer),
             share=self.share_keeper.status() if self.share_keeper is not None else None,
+            outage=self.snapshot.outage,
         )
 
     def reading_before(self, current_time: float) -> float:
@@ -407,3 +435,59 @@ def controller_for(spec: TriggerSpec, lead_steps: int) -> SloController | None:
 def freshness_limit(settings: EngineSettings, spec: TriggerSpec) -> float:
     """Seconds a forecast stays usable after its newest data: max(2 x refresh, 2 x step)."""
     return max(2 * settings.refresh_seconds, 2 * spec.step_seconds)
+
+
+# -- through an outage of the source ------------------------------------------------------
+
+def outage_path(target: Target, model: ForecastModel, now: float, freshness: float) -> Forecast:
+    """What `model` forecasts from its last bin to the interval that pods started at the
+    end of an outage beginning `now` would serve: the end of outageHorizon, or of the
+    data's freshness if later. Predicts only; call with a copy of the model, unlocked."""
+    spec, step = target.spec, target.spec.step_seconds
+    current_time = target.snapshot.current_time
+    end = now + spec.outage_horizon_seconds
+    if current_time is not None:
+        end = max(end, current_time + freshness)
+    elapsed = (math.floor(end / step) * step - model.last_timestamp_.timestamp()) // step
+    quantiles = sorted({*BAND_QUANTILES, spec.quantile, outage_quantile(spec)})
+    return model.predict(max(0, int(elapsed)) + 1 + target.lead_steps, quantiles)
+
+def outage_plan(target: Target, snapshot: Snapshot, now: float) -> PlannedLoad | None:
+    """The load to plan for at `now` from the snapshot's outage path, for the interval
+    pods started now would serve; None when the path does not reach it."""
+    outage = snapshot.outage
+    if outage is None or outage.path is None:
+        return None
+    path, spec, horizon = outage.path, target.spec, 1 + target.lead_steps
+    step = spec.step_seconds
+    elapsed = max(0, int((math.floor(now / step) * step - path.origin.timestamp()) // step))
+    if elapsed + horizon > path.horizon:
+        return None
+    ahead = Forecast(  # the path as if forecast from the bin that is the newest now
+        origin=path.origin + elapsed * path.step,
+        step=path.step,
+        mean=path.mean[elapsed:],
+        quantiles={q: values[elapsed:] for q, values in path.quantiles.items()},
+        model=path.model,
+    )
+    current = snapshot.current_value if snapshot.current_value is not None else math.nan
+    planned = plan(ahead, current, outage.quantile, horizon, reactive_floor=False)
+    keeper = target.share_keeper  # the controller's level on this target's plans, if any
+    level = keeper.controller.level if keeper is not None else 0.0
+    planned = replace(planned, value=planned.value * outage_factor(level), floor=math.nan,
+                      mode="outage", outage_since=outage.since)
+    replicas = scheduled_minimum(spec.scheduled_min_replicas, now, now + horizon * step)
+    if replicas is not None:
+        minimum = replicas * spec.target_value
+        planned = replace(planned, value=max(planned.value, minimum),
+                          scheduled_minimum=minimum)
+    return planned
+
+def end_outage(target: Target) -> None:
+    """The source answers again: no outage plan from here on; under `lock`."""
+    outage = target.snapshot.outage
+    if outage is not None:
+        target.snapshot = replace(target.snapshot, outage=None)
+        began = datetime.fromtimestamp(outage.since, UTC).isoformat(timespec="seconds")
+        log.info("target %s: its source answers again (the outage began at %s)",
+                 target.target_id, began)

@@ -209,6 +209,12 @@ class TargetCollector(Collector):
                 "forecaster_reactive_fallback",
                 "1 while the decision is the current load because there is no forecast yet.",
             ),
+            "outage": gauge(
+                "forecaster_serving_outage_forecast",
+                "1 while Prometheus cannot be reached and the decision is planned from the "
+                "model's forecast made when the outage began (outageHorizon); see "
+                "forecaster_data_age_seconds for how long ago data last came.",
+            ),
             "fitted_at": gauge(
                 "forecaster_last_fit_timestamp_seconds",
                 "When the target's model was last fitted (Unix time).",
@@ -252,6 +258,9 @@ class TargetCollector(Collector):
         planned = snapshot.planned
         fresh = planned is not None and age <= freshness_limit(self.engine.settings, spec)
         families["fresh"].add_metric(labels, float(fresh))
+        outage = self.engine.serving_outage(target.target_id)
+        families["outage"].add_metric(labels, float(outage is not None))
+        planned = outage or planned  # what GetMetrics serves
         if planned is not None:
             families["planned"].add_metric(labels, planned.value)
             families["replicas"].add_metric(

@@ -313,7 +313,7 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
         clock = Clock()
         service = make_service(scaler_settings(own.url), clock=clock)
         for stub in _stub(service):
-            ref = scaled_object_ref(own.url)
+            ref = scaled_object_ref(own.url, outageHorizon="0")  # no outage forecast
             name = _register(stub, ref)
             target = service.engine.get(f"shop/web/{name}")
             wait_until(lambda: target.snapshot.forecast is not None)  # noqa: B023

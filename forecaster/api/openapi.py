@@ -113,6 +113,9 @@ _DURATION = {
          "description": "a whole number with one unit s, m, h, d or w"},
     ]
 }
+_OUTAGE_SINCE = _nullable({
+    "type": "string", "format": "date-time",
+    "description": "in an outage: when Prometheus stopped answering (null otherwise)"})
 _QUANTILE = {"type": "number", "minimum": 0, "maximum": 1, "exclusiveMinimum": True,
              "exclusiveMaximum": True}
 _QUANTILES_PARAM = f"^(0?\\.[0-9]{{1,12}})(,0?\\.[0-9]{{1,12}}){{0,{MAX_QUANTILES - 1}}}$"
@@ -160,7 +163,7 @@ _SCHEMAS: dict[str, Any] = {
     "TargetStatus": {
         "type": "object",
         "required": ["id", "namespace", "name", "metric", "configured", "model", "requestedModel",
-                     "mode", "lastFit", "lastPoint", "ageSeconds", "fresh",
+                     "mode", "outageSince", "lastFit", "lastPoint", "ageSeconds", "fresh",
                      "freshnessLimitSeconds", "currentValue", "plannedValue", "historyPoints",
                      "accuracy", "fits", "lastError", "spec"],
         "properties": {
@@ -173,7 +176,11 @@ _SCHEMAS: dict[str, Any] = {
                            "description": "listed in the config file (never dropped as idle)"},
             "model": _nullable({"type": "string", "description": "the model in use"}),
             "requestedModel": {"type": "string"},
-            "mode": _nullable({"type": "string", "enum": ["forecast", "reactive"]}),
+            "mode": _nullable({
+                "type": "string", "enum": ["forecast", "reactive", "outage"],
+                "description": "outage: Prometheus cannot be reached, and the decision is "
+                "planned from the forecast the model made when it stopped answering"}),
+            "outageSince": _OUTAGE_SINCE,
             "lastFit": _nullable({"type": "string", "format": "date-time"}),
             "lastPoint": _nullable({"type": "string", "format": "date-time",
                                     "description": "time of the newest value read"}),
@@ -295,13 +302,17 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["target", "mode", "dryRun", "quantile", "forecastAtQuantile",
                      "smoothedForecast", "peakOverLead", "current", "floor", "planned",
                      "floored", "scheduledMinimum",
-                     "horizonSteps", "startupSeconds",
+                     "horizonSteps", "outageSince", "startupSeconds",
                      "targetValuePerReplica", "minReplicas", "maxReplicas", "currentReplicas",
                      "tolerance", "recommendation", "replicas", "limitedBy", "planLevel",
                      "underProvisioned"],
         "properties": {
             "target": {"type": "string"},
-            "mode": {"type": "string", "enum": ["forecast", "reactive"]},
+            "mode": {"type": "string", "enum": ["forecast", "reactive", "outage"],
+                     "description": "outage: Prometheus cannot be reached; planned is the "
+                     "forecast made when it stopped answering, at quantile, raised by a "
+                     "margin, for up to the trigger's outageHorizon (503 after)"},
+            "outageSince": _OUTAGE_SINCE,
             "dryRun": {"type": "boolean",
                        "description": "the engine runs dry: KEDA is served the current load, "
                        "and these numbers are what the forecast would have planned"},
@@ -319,7 +330,8 @@ _SCHEMAS: dict[str, Any] = {
                 "load and the last grid point's, so a one-step spike does not raise it"}),
             "planned": {**_number(),
                         "description": "max(smoothedForecast, floor, scheduledMinimum): "
-                        "the load to plan for"},
+                        "the load to plan for; in an outage max(forecastAtQuantile x the "
+                        "outage margin, scheduledMinimum), with no floor"},
             "floored": {"type": "boolean",
                         "description": "the floor was above the smoothed forecast"},
             "scheduledMinimum": _nullable({
@@ -371,9 +383,11 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "value": {**_number(), "description": "the planned load (valueLocation: value)"},
             "target": {**_number(), "description": "the target value per replica"},
-            "mode": {"type": "string", "enum": ["forecast", "reactive", "dry_run"],
+            "mode": {"type": "string", "enum": ["forecast", "reactive", "dry_run", "outage"],
                      "description": "dry_run: the engine runs dry, so value is the current "
-                     "load while forecasts are still published"},
+                     "load while forecasts are still published; outage: Prometheus cannot "
+                     "be reached and value is planned from the forecast made when it stopped "
+                     "answering (see the decision)"},
             "current": _number(),
             "active": {"type": "boolean"},
             "metricName": {"type": "string"},
@@ -558,7 +572,9 @@ _PATHS: dict[str, Any] = {
         "The scaling decision",
         "The load to plan for (the quantile forecast for the interval new pods will serve, "
         "floored by the current load) and the replicas the HPA would choose for it, with the "
-        "numbers. 503 when the data is not fresh.",
+        "numbers. 503 when the data is not fresh, unless Prometheus cannot be reached and "
+        "the trigger's outageHorizon has not run out: then the decision is planned from the "
+        "forecast made when it stopped answering (mode `outage`).",
         _json("the decision", "Decision"),
         parameters=[
             _replicas("minReplicas", 0, "lower bound applied to the recommendation (default 1)"),

@@ -12,6 +12,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from flask import (
     Blueprint,
@@ -29,6 +30,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from forecaster.api.auth import SESSION_COOKIE, SESSION_SECONDS, session_cookie, token_matches
 from forecaster.api.errors import error_response
 from forecaster.config import Settings
+from forecaster.durations import format_duration
 from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError, UnknownTargetError
 from forecaster.plots import PlotCache
@@ -65,6 +67,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .fresh{background:#dff3e3;color:#1b5e20}.stale{background:#fde2e1;color:#b71c1c}
 .waiting{background:#eee;color:#555}.reactive{background:#fff3cd;color:#7a5b00}
 .forecast{background:#e3ecf9;color:#1f4e79}
+.outage{background:#b71c1c;color:#fff}
 code{font-size:12px;color:#444;word-break:break-all}
 section.target{background:#fff;border:1px solid #e5e5e5;border-radius:6px;padding:12px;
 margin-bottom:16px}
@@ -117,7 +120,8 @@ in the config file.</div>
 <code>{{ row.metric }}</code></td>
 <td>{{ row.model }}{% if row.requested != row.model %}<br><small>asked: {{ row.requested }}
 </small>{% endif %}</td>
-<td><span class="badge {{ row.mode }}">{{ row.mode }}</span></td>
+<td><span class="badge {{ row.mode }}">{{ row.mode }}</span>
+{%- if row.outage %}<br><small class="outage-note">{{ row.outage }}</small>{% endif %}</td>
 <td><span class="badge {{ row.freshness }}">{{ row.freshness }}</span>
 {%- if row.age is not none %}<br><small>{{ row.age }} old</small>{% endif %}</td>
 <td class="num">{{ row.current }}</td>
@@ -195,6 +199,7 @@ class _Row:
     model: str
     requested: str
     mode: str
+    outage: str | None
     freshness: str
     age: str | None
     current: str
@@ -344,10 +349,15 @@ def _share_text(share: ShareHeld | None) -> str:
             f"plan × {math.exp(share.level):.2f}")
 
 
+def _clock_time(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _row(engine: Engine, target: Target, index: int) -> _Row:
     snapshot, spec = target.snapshot, target.spec
     namespace, name, metric = target_labels(target.target_id)
-    planned = snapshot.planned
+    outage = engine.serving_outage(target.target_id)
+    planned = outage or snapshot.planned
     age = engine.age(snapshot)
     if planned is None:
         freshness = "waiting"
@@ -375,6 +385,11 @@ def _row(engine: Engine, target: Target, index: int) -> _Row:
         model=snapshot.model or "none",
         requested=spec.model,
         mode=planned.mode if planned is not None else "waiting",
+        outage=(
+            f"Prometheus unreachable since {_clock_time(outage.outage_since)} UTC: planned "
+            f"from the forecast made then, for up to {format_duration(spec.outage_horizon_seconds)}"
+            if outage is not None and outage.outage_since is not None else None
+        ),
         freshness=freshness,
         age=_duration(age) if math.isfinite(age) else None,
         current=_number(snapshot.current_value),

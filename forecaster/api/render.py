@@ -47,20 +47,22 @@ def target_status(engine: Engine, target: Target) -> dict[str, Any]:
     age = engine.age(snapshot)
     limit = freshness_limit(engine.settings, spec)
     accuracy = target.accuracy()
+    planned = engine.serving_outage(target.target_id) or snapshot.planned
     return {
         "id": target.target_id,
         **split_id(target.target_id),
         "configured": target.configured,
         "model": snapshot.model,
         "requestedModel": spec.model,
-        "mode": snapshot.planned.mode if snapshot.planned is not None else None,
+        "mode": planned.mode if planned is not None else None,
+        "outageSince": iso(planned.outage_since) if planned is not None else None,
         "lastFit": iso(snapshot.fitted_at),
         "lastPoint": iso(snapshot.current_time),
         "ageSeconds": finite(age),
         "fresh": age <= limit,
         "freshnessLimitSeconds": limit,
         "currentValue": finite(snapshot.current_value),
-        "plannedValue": finite(snapshot.planned.value) if snapshot.planned else None,
+        "plannedValue": finite(planned.value) if planned is not None else None,
         "historyPoints": snapshot.history_points,
         "accuracy": {
             "scored": accuracy.scored,
@@ -127,6 +129,7 @@ def planned_json(planned: PlannedLoad) -> dict[str, Any]:
         "scheduledMinimum": finite(planned.scheduled_minimum),
         "horizonSteps": planned.horizon_steps,
         "planLevel": finite(planned.slo_level),
+        "outageSince": iso(planned.outage_since),
     }
 
 
