@@ -18,13 +18,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Protocol
 
 import pandas as pd
 
 from forecaster.config import EngineSettings
-from forecaster.durations import format_duration
 from forecaster.errors import (
     ForecasterError,
     NotReadyError,
@@ -39,14 +37,12 @@ from forecaster.policy import PlannedLoad
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import (
-    Outage,
     Snapshot,
     Target,
+    begin_outage,
     end_outage,
     freshness_limit,
-    outage_path,
-    outage_plan,
-    outage_quantile,
+    serve_through_outage,
 )
 
 log = logging.getLogger(__name__)
@@ -204,7 +200,9 @@ class Engine:
         outage = snapshot.outage
         # Dry run serves KEDA what a reactive scaler would have: nothing through an outage.
         if outage is not None and outage.path is not None and not self.settings.dry_run:
-            return self._outage_plan(target, snapshot, age, limit)
+            return serve_through_outage(
+                target, snapshot, self.clock(), age, limit, self.settings.refresh_seconds
+            )
         if age > limit:
             reason = f"; last error: {snapshot.last_error}" if snapshot.last_error else ""
             raise NotReadyError(
@@ -216,28 +214,6 @@ class Engine:
             # The decision stays published (REST, /metrics); KEDA gets the reactive value.
             return replace(snapshot.planned, value=snapshot.planned.current, mode="dry_run")
         return snapshot.planned
-
-    def _outage_plan(
-        self, target: Target, snapshot: Snapshot, age: float, limit: float
-    ) -> PlannedLoad:
-        """The plan from the outage path while the data are fresh or the outage is within
-        outageHorizon; NotReadyError, naming both, after."""
-        assert snapshot.outage is not None
-        now, since = self.clock(), snapshot.outage.since
-        horizon = target.spec.outage_horizon_seconds
-        planned = None
-        if now - since <= horizon or age <= limit:
-            planned = outage_plan(target, snapshot, now)
-        if planned is None:
-            began = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
-            reason = f"; last error: {snapshot.last_error}" if snapshot.last_error else ""
-            raise NotReadyError(
-                f"target {target.target_id}: its Prometheus outage began at {began} and "
-                f"outageHorizon is {format_duration(horizon)}, now past; its data are "
-                f"{age:.0f}s old, over the {limit:.0f}s freshness limit{reason}",
-                retry_after_seconds=self.settings.refresh_seconds,
-            )
-        return planned
 
     def serving_outage(self, target_id: str) -> PlannedLoad | None:
         """The outage plan the target serves now, if it serves one."""
@@ -384,7 +360,7 @@ class Refreshes:
             fetched = target.read(self.clock())
         except (SourceError, SourceUnavailableError) as exc:
             if isinstance(exc, SourceUnavailableError):  # an outage; SourceError is data
-                self._begin_outage(target)
+                begin_outage(target, self.clock(), freshness_limit(self.settings, target.spec))
             with target.lock:  # a fit may be publishing at the same moment
                 if not isinstance(exc, SourceUnavailableError):
                     end_outage(target)  # it answers again, with no usable data: no outage
@@ -396,33 +372,6 @@ class Refreshes:
             return None
         self.listener.refresh_finished(target.target_id, True)
         return fetched
-
-    def _begin_outage(self, target: Target) -> None:
-        """Once per outage: keep the model's forecast far enough ahead to plan from through
-        outageHorizon. The model is copied under the lock and predicts outside it; no fit."""
-        horizon = target.spec.outage_horizon_seconds
-        if horizon == 0 or target.snapshot.outage is not None:
-            return
-        now = self.clock()
-        with target.lock:
-            model = copy.deepcopy(target.model)
-        path = None
-        if model is not None:
-            try:
-                path = outage_path(target, model, now, freshness_limit(self.settings, target.spec))
-            except Exception:  # the last plan still serves while fresh, as without a path
-                log.exception("forecast through the outage of %s failed", target.target_id)
-        with target.lock:
-            target.snapshot = replace(
-                target.snapshot, outage=Outage(now, path, outage_quantile(target.spec))
-            )
-        if path is None:
-            log.warning("target %s: Prometheus cannot be reached and there is no model to "
-                        "forecast from; its last plan serves while fresh", target.target_id)
-        else:
-            log.warning("target %s: Prometheus cannot be reached; serving the plan from its "
-                        "model's forecast for up to outageHorizon %s", target.target_id,
-                        format_duration(horizon))
 
 
 class Refits:

@@ -9,6 +9,7 @@ forecasts fared.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import pickle
@@ -21,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from forecaster.config import EngineSettings
-from forecaster.errors import ForecasterError, SourceError
+from forecaster.durations import format_duration
+from forecaster.errors import ForecasterError, NotReadyError, SourceError
 from forecaster.fitting import FitRequest
 from forecaster.models import Forecast, ForecastModel
 from forecaster.models.calibration import ScoreWindow
@@ -491,3 +493,52 @@ def end_outage(target: Target) -> None:
         began = datetime.fromtimestamp(outage.since, UTC).isoformat(timespec="seconds")
         log.info("target %s: its source answers again (the outage began at %s)",
                  target.target_id, began)
+
+
+def begin_outage(target: Target, now: float, freshness: float) -> None:
+    """Once per outage: keep the model's forecast far enough ahead to plan from through
+    outageHorizon. The model is copied under the lock and predicts outside it; no fit."""
+    horizon = target.spec.outage_horizon_seconds
+    if horizon == 0 or target.snapshot.outage is not None:
+        return
+    with target.lock:
+        model = copy.deepcopy(target.model)
+    path = None
+    if model is not None:
+        try:
+            path = outage_path(target, model, now, freshness)
+        except Exception:  # the last plan still serves while fresh, as without a path
+            log.exception("forecast through the outage of %s failed", target.target_id)
+    with target.lock:
+        target.snapshot = replace(
+            target.snapshot, outage=Outage(now, path, outage_quantile(target.spec))
+        )
+    if path is None:
+        log.warning("target %s: Prometheus cannot be reached and there is no model to "
+                    "forecast from; its last plan serves while fresh", target.target_id)
+    else:
+        log.warning("target %s: Prometheus cannot be reached; serving the plan from its "
+                    "model's forecast for up to outageHorizon %s", target.target_id,
+                    format_duration(horizon))
+
+
+def serve_through_outage(
+    target: Target, snapshot: Snapshot, now: float, age: float, limit: float, retry: float
+) -> PlannedLoad:
+    """The plan from the outage path while the data are fresh or the outage is within
+    outageHorizon; NotReadyError, naming both, after."""
+    assert snapshot.outage is not None
+    since, horizon = snapshot.outage.since, target.spec.outage_horizon_seconds
+    planned = None
+    if now - since <= horizon or age <= limit:
+        planned = outage_plan(target, snapshot, now)
+    if planned is None:
+        began = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+        reason = f"; last error: {snapshot.last_error}" if snapshot.last_error else ""
+        raise NotReadyError(
+            f"target {target.target_id}: its Prometheus outage began at {began} and "
+            f"outageHorizon is {format_duration(horizon)}, now past; its data are "
+            f"{age:.0f}s old, over the {limit:.0f}s freshness limit{reason}",
+            retry_after_seconds=retry,
+        )
+    return planned
