@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from forecaster.errors import (
     InvalidInputError,
     NotFittedError,
 )
+from forecaster.fitting import fit_job
 from forecaster.models import (
     MODEL_FACTORIES,
     Forecast,
@@ -28,6 +30,9 @@ from forecaster.models import (
 )
 from forecaster.models.ets import HoltWinters
 from forecaster.models.selection import Auto
+from forecaster.sources.replay import ReplaySource
+from forecaster.spec import MIN_STEPS_IN_HISTORY, TriggerSpec
+from forecaster.target import Target
 
 STEP = pd.Timedelta("5min")
 DAY_STEPS = 288
@@ -326,6 +331,37 @@ def test_a_history_too_short_for_a_season_falls_back_to_naive(requested: str) ->
         ["holt_winters", "seasonal_naive"] if requested == "holt_winters" else ["seasonal_naive"]
     )
     assert all(reason for _, reason in fit.failures)
+
+
+def test_a_history_exactly_min_history_long_fits_that_model(name: str) -> None:
+    needed = make_model(name, STEP).min_history()
+    fit = fit_with_fallback(name, seasonal(needed), STEP)
+    assert not fit.fell_back, fit.failures
+
+
+# Off the step grid on purpose: a refresh happens at any second.
+REPLAY_NOW = 1_717_171_717.25
+
+
+def test_a_history_window_of_exactly_min_history_steps_fits_that_model(name: str) -> None:
+    """Through the engine's own fetch (Target.read into its buffer, then the fit request a
+    worker gets): a window of min_history steps must hold min_history observed bins."""
+    source = ReplaySource.from_folder(
+        Path(__file__).parent.parent / "data", clock=lambda: REPLAY_NOW
+    )
+    step_seconds = int(STEP.total_seconds())
+    spec = TriggerSpec(server_address="http://replay.demo", query="aws_elb_request_count_8c0756",
+                       target_value=10.0, model=name, step_seconds=step_seconds)
+    horizon = 1 + Target("probe", spec, source).lead_steps
+    needed = max(make_model(name, STEP, horizon=horizon).min_history(), MIN_STEPS_IN_HISTORY)
+    target = Target("t", replace(spec, history_window_seconds=needed * step_seconds), source)
+    points, _ = target.read(REPLAY_NOW)
+    target.buffer.extend(points)
+    request = target.fit_request()
+    assert request.horizon == horizon
+    assert int(np.isfinite(request.values).sum()) == needed
+    fit = fit_job(request)
+    assert not fit.fell_back, fit.failures
 
 
 def test_no_model_fits_one_point() -> None:

@@ -123,7 +123,10 @@ class ReplaySource:
     ) -> pd.Series:
         trace, offset = self._trace(query)
         first = math.ceil(start.timestamp())
-        times = np.arange(first, end.timestamp() + 1e-9, step_seconds, dtype=np.int64)
+        # Whole seconds, as Prometheus's grid: at epoch magnitudes a float `end + 1e-9` is
+        # `end` itself, and arange would leave out the point at `end`.
+        last = math.floor(end.timestamp())
+        times = np.arange(first, last + 1, step_seconds, dtype=np.int64)
         values = trace.window_means(trace.wrap(times - offset), step_seconds)
         keep = np.isfinite(values)
         index = pd.DatetimeIndex(pd.to_datetime(times[keep], unit="s", utc=True), name="timestamp")
