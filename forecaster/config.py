@@ -153,6 +153,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidInputError("config", f"cannot read {str(path)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError("config", f"{str(path)!r} is not UTF-8 text") from exc
     except yaml.YAMLError as exc:
         raise InvalidInputError("config", f"{str(path)!r} is not valid YAML: {exc}") from exc
     if data is None:

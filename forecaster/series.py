@@ -56,11 +56,26 @@ def read_csv(path: str | Path) -> pd.Series:
     """Read a `timestamp,value` CSV of raw observations; raise naming the line on bad input."""
     path = Path(path)
     try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide 'timestamp'.
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except OSError as exc:
         raise InvalidInputError("input", f"cannot read {str(path)!r}: {exc.strerror}") from exc
-    return parse_csv_text(text)
+    try:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide 'timestamp'.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InvalidInputError(
+            "input",
+            f"{str(path)!r} is not UTF-8 text (byte {data[exc.start]:#04x}); "
+            "save it as UTF-8",
+            line=line,
+        ) from exc
+    try:
+        return parse_csv_text(text)
+    except InvalidInputError as exc:  # say which file: the demo reads a folder of them
+        raise InvalidInputError(
+            exc.field, f"{exc.reason} (in {str(path)!r})", line=exc.line
+        ) from exc
 
 
 def parse_csv_text(text: str) -> pd.Series:
@@ -112,6 +127,17 @@ def _parse_times(raw: list[str], line_numbers: np.ndarray) -> pd.DatetimeIndex:
             "timestamp",
             f"cannot parse {reprlib.repr(raw[i])} as an ISO-8601 time "
             "(e.g. 2024-05-01T12:00:00Z)",
+            line=int(line_numbers[i]),
+        )
+    # Parsing keeps a coarser unit where nanoseconds overflow; the grid is in nanoseconds.
+    first, last = pd.Timestamp.min.tz_localize("UTC"), pd.Timestamp.max.tz_localize("UTC")
+    outside = np.flatnonzero(((parsed < first) | (parsed > last)).to_numpy())
+    if outside.size:
+        i = int(outside[0])
+        raise InvalidInputError(
+            "timestamp",
+            f"{reprlib.repr(raw[i])} is outside the supported range "
+            f"{first.date()} .. {last.date()}",
             line=int(line_numbers[i]),
         )
     return pd.DatetimeIndex(parsed).as_unit("ns")

@@ -331,3 +331,28 @@ def test_known_at_end_is_what_a_grid_ending_there_holds(
     # Away from a running gap it agrees with the full grid.
     if not np.isnan(full.demand.iloc[position]):
         assert live.iloc[position] == full.filled.iloc[position]
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it_and_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"timestamp,value\n2024-01-01T00:00:00Z,5\n2024-01-01T00:05:00Z,\xe9\n")
+    with pytest.raises(InvalidInputError) as caught:
+        read_csv(path)
+    assert caught.value.line == 3
+    assert "latin1.csv" in str(caught.value) and "UTF-8" in str(caught.value)
+
+
+@pytest.mark.parametrize(("stamp", "line"), [("2300-01-01T00:00:00Z", 3),
+                                             ("1500-01-01T00:00:00Z", 2)])
+def test_a_time_beyond_nanoseconds_is_refused_naming_the_file_and_line(
+    tmp_path: Path, stamp: str, line: int
+) -> None:
+    rows = ["2024-01-01T00:00:00Z,5", f"{stamp},5"]
+    if line == 2:
+        rows.reverse()
+    path = tmp_path / "far.csv"
+    path.write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    with pytest.raises(InvalidInputError) as caught:
+        read_csv(path)
+    assert (caught.value.field, caught.value.line) == ("timestamp", line)
+    assert stamp in str(caught.value) and "far.csv" in str(caught.value)
