@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import reprlib
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pandas as pd
 
-from forecaster.durations import parse_duration
+from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import ForecasterError, InsufficientHistoryError, InvalidInputError
 from forecaster.fitting import pin_math_threads
-from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
+from forecaster.spec import (
+    DEFAULT_PLAN_HALF_LIFE_SECONDS,
+    MAX_STARTUP_SECONDS,
+    MAX_STEP_SECONDS,
+    MAX_TARGET_VALUE,
+    MIN_STEP_SECONDS,
+    MIN_TARGET_VALUE,
+)
+
+if TYPE_CHECKING:
+    from forecaster.series import RegularSeries
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -53,44 +64,120 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _duration(field: str) -> argparse._ActionType:
+MAX_PORT = 65_535
+# export's per-request timeout: a query unanswered in a day will not be answered, and a socket
+# cannot wait as long as a Timedelta can say.
+MAX_TIMEOUT_SECONDS = 86_400
+# Kubernetes counts replicas in an int32.
+MAX_REPLICAS = 2**31 - 1
+# The longest duration a pandas Timedelta holds, in whole days: the bound of a flag whose
+# meaning has none ("refit every N" longer than the trace simply never refits).
+LONGEST_DURATION_SECONDS = int(pd.Timedelta.max.total_seconds()) // 86_400 * 86_400
+
+
+def _duration(
+    field: str, low: int = 0, high: int = LONGEST_DURATION_SECONDS
+) -> argparse._ActionType:
+    """A flag's duration parser, bounded to [low, high] seconds before pandas sees it."""
+
     def parse(text: str) -> pd.Timedelta:
         try:
-            return pd.Timedelta(seconds=parse_duration(text, field))
+            seconds = parse_duration(text, field)
         except InvalidInputError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+        if not low <= seconds <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be from {format_duration(low)!r} to {format_duration(high)!r}; "
+                f"got {reprlib.repr(text)}"
+            )
+        return pd.Timedelta(seconds=seconds)
 
     parse.__name__ = "duration"
     return parse
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{reprlib.repr(text)} is not a number") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a positive finite number, got {reprlib.repr(text)}"
+        )
     return value
 
 
-def _quantile(text: str) -> float:
+def _target(text: str) -> float:
+    value = _number(text)
+    if not MIN_TARGET_VALUE <= value <= MAX_TARGET_VALUE:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be from {MIN_TARGET_VALUE} to {MAX_TARGET_VALUE:.0e}, like a trigger's "
+            f"targetValue; got {reprlib.repr(text)}: scale the trace instead"
+        )
+    return value
+
+
+def _replicas(low: int) -> argparse._ActionType:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number, got {reprlib.repr(text)}"
+            ) from None
+        if not low <= value <= MAX_REPLICAS:
+            raise argparse.ArgumentTypeError(
+                f"must be from {low} to {MAX_REPLICAS:,} (Kubernetes' int32); "
+                f"got {reprlib.repr(text)}"
+            )
+        return value
+
+    parse.__name__ = "replicas"
+    return parse
+
+
+def _port(text: str) -> int:
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number, got {reprlib.repr(text)}"
+        ) from None
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 (any free port) to {MAX_PORT}, got {reprlib.repr(text)}"
+        )
+    return value
+
+
+def _path(text: str) -> Path:
+    if not text.strip():  # Path("") is ".", the current folder: never what was meant
+        raise argparse.ArgumentTypeError("must not be empty; give a path")
+    return Path(text)
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _quantile(text: str) -> float:
+    value = _number(text)
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {reprlib.repr(text)}")
     return value
 
 
 def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0.0 < value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {reprlib.repr(text)}")
     return value
 
 
@@ -104,14 +191,21 @@ def _time_zone(text: str) -> str:
 
 
 def _timestamp(text: str) -> pd.Timestamp:
-    message = f"{text!r} is not an ISO-8601 time (e.g. 2024-05-01T00:00Z)"
+    message = f"{reprlib.repr(text)} is not an ISO-8601 time (e.g. 2024-05-01T00:00Z)"
     try:
         value = pd.Timestamp(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(message) from None
     if pd.isna(value):  # "", "NaT" and "nan" give NaT rather than an error
         raise argparse.ArgumentTypeError(message)
-    return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")
+    value = value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")
+    # Later steps work in nanoseconds, which span 1677-09-21 .. 2262-04-11 only.
+    first, last = pd.Timestamp.min.ceil("D"), pd.Timestamp.max.floor("D")
+    if not first.tz_localize("UTC") <= value <= last.tz_localize("UTC"):
+        raise argparse.ArgumentTypeError(
+            f"must be from {first.date()} to {last.date()}, got {reprlib.repr(text)}"
+        )
+    return value
 
 
 def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -123,19 +217,20 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         description="Replay a timestamp,value CSV decision by decision (no look-ahead) and "
         "compare predictive scaling with a reactive HPA and a perfect-foresight oracle.",
     )
-    p.add_argument("input", type=Path, help="CSV with columns timestamp,value")
-    p.add_argument("--target", type=_positive_float, required=True,
+    p.add_argument("input", type=_path, help="CSV with columns timestamp,value")
+    p.add_argument("--target", type=_target, required=True,
                    help="load one replica handles (the HPA target value)")
-    p.add_argument("--step", type=_duration("step"), default=pd.Timedelta("5min"),
-                   help="grid step (default 5m)")
-    p.add_argument("--startup", type=_duration("startup"), default=pd.Timedelta("5min"),
+    p.add_argument("--step", type=_duration("step", MIN_STEP_SECONDS, MAX_STEP_SECONDS),
+                   default=pd.Timedelta("5min"), help="grid step (default 5m)")
+    p.add_argument("--startup", type=_duration("startup", 0, MAX_STARTUP_SECONDS),
+                   default=pd.Timedelta("5min"),
                    help="pod start-up time, the lead time (default 5m)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--eval-start", type=_timestamp, default=None,
                       help="first evaluated interval (ISO-8601); off-grid rounds up")
     when.add_argument("--eval-days", type=_positive_float, default=4.0,
                       help="evaluate the last N days (default 4)")
-    p.add_argument("--refit", type=_duration("refit"), default=pd.Timedelta("1h"),
+    p.add_argument("--refit", type=_duration("refit", 1), default=pd.Timedelta("1h"),
                    help="refit interval, anchored at the evaluation start (default 1h)")
     p.add_argument("--model", default="auto", choices=sorted(MODEL_FACTORIES),
                    help="forecasting model (default auto: chosen by backtesting recent history)")
@@ -154,15 +249,20 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    default=pd.Timedelta(seconds=DEFAULT_PLAN_HALF_LIFE_SECONDS),
                    help="half-life of the moving average of quantile forecasts that the plan "
                    "follows (default 10m; 0 plans each forecast as it is)")
-    p.add_argument("--min-replicas", type=int, default=1)
-    p.add_argument("--max-replicas", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--min-replicas", type=_replicas(0), default=1)
+    p.add_argument("--max-replicas", type=_replicas(1), default=None)
+    p.add_argument("--out", type=_path, default=None,
                    help="output folder (default out/backtest/<input name>)")
     p.set_defaults(handler=_run_backtest)
 
 
 def _run_backtest(args: argparse.Namespace) -> int:
-    from forecaster.backtest import BacktestConfig, run_backtest, write_outputs
+    from forecaster.backtest import (
+        BacktestConfig,
+        check_output_folder,
+        run_backtest,
+        write_outputs,
+    )
     from forecaster.backtest.report import format_table
     from forecaster.series import read_csv, to_grid
 
@@ -189,12 +289,29 @@ def _run_backtest(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
     )
     grid = to_grid(read_csv(args.input), config.step)
+    if args.eval_start is None:
+        _check_eval_days(args.eval_days, grid)
     out = args.out or Path("out") / "backtest" / args.input.stem
+    check_output_folder(out)
     result = run_backtest(grid, config, name=args.input.stem, progress=ProgressBar("backtest"))
     write_outputs(result, out)
     print(format_table([result.summary]))
     print(f"\nwrote {out}/decisions.csv, forecasts.csv, summary.json, report.png")
     return 0
+
+
+def _check_eval_days(days: float, grid: RegularSeries) -> None:
+    """--eval-days must fit in the trace, from one step to all of it but its first step."""
+    index = grid.demand.index
+    span = (index[-1] - index[0]).total_seconds()
+    step = grid.step.total_seconds()
+    if not step <= days * 86_400 <= span:
+        raise InvalidInputError(
+            "--eval-days",
+            f"must be from one step ({step / 86_400:.4g}) to the trace's "
+            f"{span / 86_400:.4g} days ({index[0].isoformat()} .. {index[-1].isoformat()}); "
+            f"got {days:g}",
+        )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -204,14 +321,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Start the engine, the gRPC external scaler and the HTTP API. Settings come "
         "from --config (or FORECASTER_CONFIG), then FORECASTER_* variables, then these flags.",
     )
-    p.add_argument("--config", type=Path, default=None, help="YAML settings file")
-    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
-    p.add_argument("--http-port", type=int, default=None, help="HTTP port (default 8080)")
-    p.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
+    p.add_argument("--config", type=_path, default=None, help="YAML settings file")
+    p.add_argument("--grpc-port", type=_port, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--http-port", type=_port, default=None, help="HTTP port (default 8080)")
+    p.add_argument("--host", type=_text, default=None,
+                   help="address to bind (default 0.0.0.0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--demo", action="store_true",
                    help="serve the bundled traces, replayed as live targets (no Prometheus)")
-    p.add_argument("--demo-data", type=Path, default=None,
+    p.add_argument("--demo-data", type=_path, default=None,
                    help="folder of timestamp,value CSV traces for --demo (default: data/)")
     p.set_defaults(handler=_run_serve)
 
@@ -224,12 +342,25 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host}
     settings = load_settings(args.config, overrides=overrides)
+    _check_host(settings.host, "--host" if args.host is not None else "host")
     source = None
     if args.demo:
         from forecaster.demo import demo_setup
 
         settings, source = demo_setup(settings, args.demo_data)
     return run_until_signalled(Service(settings, source=source))
+
+
+def _check_host(host: str, field: str) -> None:
+    """Fail before anything starts when the address to bind cannot be resolved."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidInputError(
+            field, f"cannot resolve {reprlib.repr(host)} to an address to bind ({exc})"
+        ) from None
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -247,16 +378,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                       help="export the N days before --end (default 14)")
     p.add_argument("--end", type=_timestamp, default=None,
                    help="last point (ISO-8601; default now, floored to the step)")
-    p.add_argument("--step", type=_duration("step"), default=pd.Timedelta("1min"),
-                   help="resolution (default 1m)")
-    p.add_argument("--out", type=Path, default=None, help="CSV file to write (default stdout)")
-    p.add_argument("--bearer-token-file", default=None, help="file holding a bearer token")
+    p.add_argument("--step", type=_duration("step", 1, MAX_STEP_SECONDS),
+                   default=pd.Timedelta("1min"), help="resolution (default 1m)")
+    p.add_argument("--out", type=_path, default=None, help="CSV file to write (default stdout)")
+    p.add_argument("--bearer-token-file", type=_path, default=None,
+                   help="file holding a bearer token")
     p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
                    help="extra HTTP header, e.g. X-Scope-OrgID=team-a (repeatable)")
-    p.add_argument("--ca-file", default=None, help="CA bundle to verify an https server")
+    p.add_argument("--ca-file", type=_path, default=None,
+                   help="CA bundle to verify an https server")
     p.add_argument("--insecure-skip-verify", action="store_true",
                    help="do not verify the server's TLS certificate")
-    p.add_argument("--timeout", type=_duration("timeout"), default=pd.Timedelta("30s"),
+    p.add_argument("--timeout", type=_duration("timeout", 1, MAX_TIMEOUT_SECONDS),
+                   default=pd.Timedelta("30s"),
                    help="per-request timeout (default 30s)")
     p.set_defaults(handler=_run_export)
 
@@ -268,9 +402,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
     server = export.export_server(
         args.server,
-        bearer_token_file=args.bearer_token_file,
+        bearer_token_file=None if args.bearer_token_file is None else str(args.bearer_token_file),
         headers=[export.parse_header(text) for text in args.header],
-        ca_file=args.ca_file,
+        ca_file=None if args.ca_file is None else str(args.ca_file),
         insecure_skip_verify=args.insecure_skip_verify,
         timeout_seconds=args.timeout.total_seconds(),
     )
@@ -298,7 +432,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} "
+                  f"(see {self.prog} --help)\n")
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: some carry a library's multi-line text (a YAML parser's)."""
+    return " ".join(message.split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,10 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (InvalidInputError, InsufficientHistoryError) as exc:
-        print(f"forecaster: error: {exc}", file=sys.stderr)
+        print(f"forecaster: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ForecasterError as exc:
-        print(f"forecaster: error: {exc}", file=sys.stderr)
+        print(f"forecaster: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -16,9 +16,9 @@ every value here comes from.
 from __future__ import annotations
 
 import math
-import os
 import re
 import reprlib
+import ssl
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,15 +58,29 @@ _FLAG_FOR_FIELD = {
 }
 
 
+# RFC 9110: a field name is a token; a value is visible characters, spaces and tabs (bytes
+# above 0x7F pass as Latin-1, which is how requests sends them).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
 def parse_header(text: str) -> tuple[str, str]:
     """`Name=value` (as given to --header) as a (name, value) pair."""
     name, sep, value = text.partition("=")
-    if not sep or not name.strip():
+    name, value = name.strip(), value.strip()
+    if not sep or not _HEADER_NAME.fullmatch(name):
         raise InvalidInputError(
             "--header",
-            f"must be NAME=VALUE, such as X-Scope-OrgID=team-a; got {reprlib.repr(text)}",
+            "must be NAME=VALUE with a name of letters, digits and -, such as "
+            f"X-Scope-OrgID=team-a; got {reprlib.repr(text)}",
         )
-    return name.strip(), value.strip()
+    if not _HEADER_VALUE.fullmatch(value):
+        raise InvalidInputError(
+            "--header",
+            f"the value of {name} holds a line break, a control character or a character "
+            f"beyond Latin-1, which HTTP cannot carry; got {reprlib.repr(text)}",
+        )
+    return name, value
 
 
 def export_server(
@@ -103,7 +117,7 @@ def export_server(
             raise InvalidInputError("--header", f"gives {name!r} twice; give each header once")
         merged[name] = value
     try:
-        return PrometheusServerConfig(
+        server = PrometheusServerConfig(
             url=url,
             bearer_token_file=bearer_token_file,
             headers=merged,
@@ -117,6 +131,11 @@ def export_server(
         for field_name, flag in _FLAG_FOR_FIELD.items():
             reason = reason.replace(field_name, flag)
         raise InvalidInputError(_FLAG_FOR_FIELD.get(exc.field, exc.field), reason) from exc
+    if bearer_token_file is not None:
+        _check_token_file(bearer_token_file)
+    if ca_file is not None:
+        _check_ca_file(ca_file)
+    return server
 
 
 def export_window(
@@ -138,6 +157,17 @@ def export_window(
     if start is None:
         if not (days > 0 and math.isfinite(days)):
             raise InvalidInputError("--days", f"must be a positive number, got {days!r}")
+        # Counted before timedelta(days=...) is built: it overflows past 999,999,999 days.
+        points = math.floor(days * 86_400 / step_seconds) + 1
+        if points > MAX_EXPORT_POINTS:
+            raise InvalidInputError(
+                "--days",
+                f"{days:g} days at --step {format_duration(step_seconds)!r} makes "
+                f"{points:,} points, more than {MAX_EXPORT_POINTS:,}: give fewer days or "
+                "raise --step",
+            )
+        if timedelta(days=days) < timedelta(seconds=1):
+            raise InvalidInputError("--days", f"must cover at least 1 second, got {days:g}")
         start = end - timedelta(days=days)
     start = _utc(start)
     if start >= end:
@@ -188,19 +218,28 @@ def write_csv(series: pd.Series, out: TextIO) -> int:
 
 def write_csv_file(series: pd.Series, path: Path) -> int:
     """write_csv to `path`; called once every point is fetched, so a failed query writes nothing."""
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        return write_csv(series, handle)
+    try:
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            return write_csv(series, handle)
+    except OSError as exc:
+        raise InvalidInputError("--out", f"cannot write {str(path)!r} ({exc.strerror})") from exc
 
 
 def check_output_path(path: Path) -> None:
-    """Fail before querying when --out cannot be written."""
+    """Fail before querying when --out cannot be written; leaves the file system as it was."""
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise InvalidInputError("--out", f"{str(path)!r} is a directory; give a file name")
     if not folder.is_dir():
         raise InvalidInputError("--out", f"folder {str(folder)!r} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise InvalidInputError("--out", f"folder {str(folder)!r} is not writable")
+    existed = path.exists()
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        with path.open("a" if existed else "x"):
+            pass
+    except OSError as exc:
+        raise InvalidInputError("--out", f"cannot write {str(path)!r} ({exc.strerror})") from exc
+    if not existed:
+        path.unlink()
 
 
 def summary(series: pd.Series, destination: str) -> str:
@@ -219,6 +258,30 @@ def summary(series: pd.Series, destination: str) -> str:
             f"(a request rate is >= 0)"
         )
     return line
+
+
+def _check_token_file(path: str) -> None:
+    try:
+        token = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(
+            "--bearer-token-file", f"cannot read {path!r} ({exc.strerror})"
+        ) from exc
+    try:
+        token.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            "--bearer-token-file", f"{path!r} is not UTF-8 text; a token is"
+        ) from None
+
+
+def _check_ca_file(path: str) -> None:
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise InvalidInputError(
+            "--ca-file", f"{path!r} is not a PEM bundle of CA certificates ({exc})"
+        ) from exc
 
 
 def _utc(value: datetime) -> datetime:

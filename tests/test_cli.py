@@ -126,10 +126,10 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(
 @pytest.mark.parametrize(
     ("arguments", "words"),
     [
-        (["--step", "0"], ["step", "positive"]),
+        (["--step", "0"], ["--step", "'10s'", "'1h'", "'0'"]),
         (["--eval-start="], ["--eval-start", "''"]),
         (["--eval-start", "NaT"], ["--eval-start", "'NaT'"]),
-        (["--eval-days", "100"], ["history before the evaluation start"]),
+        (["--eval-days", "14.02"], ["history before the evaluation start"]),
         (["--min-replicas", "3", "--max-replicas", "2"], ["max_replicas"]),
         (["--time-zone", "Mars/Base"], ["--time-zone", "IANA time zone", "'Mars/Base'"]),
     ],
@@ -153,3 +153,152 @@ def test_more_bad_inputs_in_process(
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert not (tmp_path / "out").exists()
+
+
+# --- every flag of every subcommand, through the installed `forecaster` command -------------
+
+FORECASTER = Path(sys.executable).with_name("forecaster")
+NOWHERE = "http://127.0.0.1:1"  # every case below must fail before any query
+EXPORT = ["export", "--server", NOWHERE, "--query", "up"]
+BACKTEST = ["backtest", str(AWS), "--target", "16.7", "--model", "naive"]
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Bad files for the cases below, by the placeholder that names them."""
+    not_utf8 = folder / "latin1.csv"
+    not_utf8.write_bytes(b"timestamp,value\n2024-01-01T00:00:00Z,5\n2024-01-01T00:05:00Z,\xe9\n")
+    far = folder / "year2300.csv"
+    far.write_text("timestamp,value\n2024-01-01T00:00:00Z,5\n2300-01-01T00:00:00Z,5\n")
+    early = folder / "year1500.csv"
+    early.write_text("timestamp,value\n1500-01-01T00:00:00Z,5\n2024-01-01T00:00:00Z,5\n")
+    binary = folder / "binary.dat"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    traces = folder / "traces"
+    traces.mkdir()
+    (traces / "latin1.csv").write_bytes(not_utf8.read_bytes())
+    return {"{latin1}": str(not_utf8), "{year2300}": str(far), "{year1500}": str(early),
+            "{binary}": str(binary), "{traces}": str(traces), "{folder}": str(folder)}
+
+
+# case -> (the whole command line after `forecaster`, words the one line must contain)
+EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
+    # the input file
+    "input-not-utf8": (["backtest", "{latin1}", "--target", "1"],
+                       ["input", "latin1.csv", "line 3", "UTF-8"]),
+    "input-year-2300": (["backtest", "{year2300}", "--target", "1"],
+                        ["timestamp", "year2300.csv", "line 3", "2300-01-01", "2262-04-11"]),
+    "input-year-1500": (["backtest", "{year1500}", "--target", "1"],
+                        ["timestamp", "year1500.csv", "line 2", "1677-09-21"]),
+    "input-folder": (["backtest", "{folder}", "--target", "1"], ["input", "Is a directory"]),
+    "input-empty": (["backtest", "", "--target", "1"], ["input", "empty"]),
+    # backtest's numbers and durations
+    "target-denormal": ([*BACKTEST, "--target", "1e-320"], ["--target", "'1e-320'", "0.001"]),
+    "target-huge": ([*BACKTEST, "--target", "1e300"], ["--target", "'1e300'", "1e+15"]),
+    "target-nan": ([*BACKTEST, "--target", "nan"], ["--target", "'nan'"]),
+    "target-empty": ([*BACKTEST, "--target", ""], ["--target", "''"]),
+    "startup-huge": ([*BACKTEST, "--startup", "999999999999w"],
+                     ["--startup", "'999999999999w'", "'6h'"]),
+    "step-huge": ([*BACKTEST, "--step", "999999999999w"], ["--step", "'999999999999w'", "'1h'"]),
+    "step-below-10s": ([*BACKTEST, "--step", "5s"], ["--step", "'5s'", "'10s'"]),
+    "refit-huge": ([*BACKTEST, "--refit", "999999999999w"], ["--refit", "'999999999999w'"]),
+    "plan-half-life-huge": ([*BACKTEST, "--plan-half-life", "999999999999w"],
+                            ["--plan-half-life", "'999999999999w'"]),
+    "eval-days-huge": ([*BACKTEST, "--eval-days", "1e9"], ["--eval-days", "1e+09", "14.02 days"]),
+    "eval-days-tiny": ([*BACKTEST, "--eval-days", "1e-300"], ["--eval-days", "1e-300"]),
+    "eval-start-9999": ([*BACKTEST, "--eval-start", "9999-01-01"],
+                        ["--eval-start", "'9999-01-01'", "2262-04-11"]),
+    "min-replicas-huge": ([*BACKTEST, "--min-replicas", "1" + "0" * 30],
+                          ["--min-replicas", "2,147,483,647"]),
+    "min-replicas-negative": ([*BACKTEST, "--min-replicas", "-1"], ["--min-replicas", "'-1'"]),
+    "max-replicas-zero": ([*BACKTEST, "--max-replicas", "0"], ["--max-replicas", "'0'"]),
+    # backtest's output folder
+    "out-unwritable": ([*BACKTEST, "--eval-days", "0.5", "--out", "/proc/forbidden"],
+                       ["--out", "'/proc'"]),
+    "out-is-a-file": ([*BACKTEST, "--eval-days", "0.5", "--out", str(AWS)],
+                      ["--out", AWS.name, "not a folder"]),
+    "out-under-a-file": ([*BACKTEST, "--eval-days", "0.5", "--out", "/dev/null/x"],
+                         ["--out", "'/dev/null'", "not a folder"]),
+    "out-empty": ([*BACKTEST, "--out", ""], ["--out", "empty"]),
+    # export
+    "export-days-huge": ([*EXPORT, "--days", "1e9"], ["--days", "1e+09", "2,000,000"]),
+    "export-days-tiny": ([*EXPORT, "--days", "1e-300"], ["--days", "1e-300"]),
+    "export-step-huge": ([*EXPORT, "--step", "999999999999w"], ["--step", "'1h'"]),
+    "export-timeout-huge": ([*EXPORT, "--timeout", "999999999999w"], ["--timeout", "'1d'"]),
+    "export-start-2300": ([*EXPORT, "--start", "2300-01-01"], ["--start", "'2300-01-01'"]),
+    "export-out-unwritable": ([*EXPORT, "--out", "/proc/forbidden"],
+                              ["--out", "'/proc/forbidden'"]),
+    "export-out-empty": ([*EXPORT, "--out", ""], ["--out", "empty"]),
+    "export-token-not-utf8": ([*EXPORT, "--bearer-token-file", "{binary}"],
+                              ["--bearer-token-file", "binary.dat", "UTF-8"]),
+    "export-token-folder": ([*EXPORT, "--bearer-token-file", "{folder}"],
+                            ["--bearer-token-file", "not a readable file"]),
+    "export-ca-not-pem": ([*EXPORT, "--ca-file", "{binary}"], ["--ca-file", "binary.dat", "PEM"]),
+    "export-header-newline": ([*EXPORT, "--header", "X-Scope-OrgID=a\nb"],
+                              ["--header", "X-Scope-OrgID", "line break"]),
+    "export-header-name": ([*EXPORT, "--header", "X Org=a"], ["--header", "'X Org=a'"]),
+    # serve
+    "serve-config-not-utf8": (["serve", "--config", "{binary}"], ["config", "binary.dat", "UTF-8"]),
+    "serve-config-folder": (["serve", "--config", "{folder}"], ["config", "Is a directory"]),
+    "serve-config-empty": (["serve", "--config", ""], ["--config", "empty"]),
+    "serve-port-huge": (["serve", "--grpc-port", "99999999"], ["--grpc-port", "'99999999'"]),
+    "serve-port-negative": (["serve", "--http-port", "-1"], ["--http-port", "'-1'"]),
+    "serve-host-empty": (["serve", "--host", ""], ["--host", "empty"]),
+    "serve-host-unresolvable": (["serve", "--host", "no such host", "--grpc-port", "0",
+                                 "--http-port", "0"], ["--host", "'no such host'"]),
+    "serve-demo-not-utf8": (["serve", "--demo", "--demo-data", "{traces}", "--grpc-port", "0",
+                             "--http-port", "0"], ["latin1.csv", "line 3", "UTF-8"]),
+    # argparse's own errors
+    "no-command": ([], ["command", "forecaster --help"]),
+    "unknown-flag": ([*BACKTEST, "--bogus"], ["--bogus", "forecaster --help"]),
+}
+
+
+def _run_forecaster(arguments: list[str], folder: Path) -> Run:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [str(FORECASTER), *arguments], capture_output=True, text=True, timeout=120, cwd=folder,
+        env=env, check=False,
+    )
+    return Run(completed.returncode, completed.stdout, completed.stderr, folder / "out")
+
+
+@pytest.fixture(scope="module")
+def flag_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    files = _files(tmp_path_factory.mktemp("files"))
+    jobs = {}
+    for case, (arguments, _) in EVERY_FLAG.items():
+        filled = []
+        for argument in arguments:
+            for placeholder, path in files.items():
+                argument = argument.replace(placeholder, path)
+            filled.append(argument)
+        jobs[case] = filled
+    folders = {case: tmp_path_factory.mktemp(case) for case in jobs}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(_run_forecaster, args, folders[case])
+                   for case, args in jobs.items()}
+        return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", sorted(EVERY_FLAG))
+def test_every_flag_mistake_exits_2_with_one_line_naming_it(
+    flag_runs: dict[str, Run], case: str
+) -> None:
+    run = flag_runs[case]
+    assert run.code == 2, (run.code, run.stderr[-2000:])
+    assert run.stdout == ""
+    lines = run.stderr.strip("\n").split("\n")
+    assert len(lines) == 1, run.stderr[-2000:]
+    assert lines[0].startswith("forecaster") and "error:" in lines[0]
+    for word in EVERY_FLAG[case][1]:
+        assert word in lines[0], (word, lines[0])
+    assert list(run.out.parent.iterdir()) == [], "nothing written where the command ran"
+
+
+def test_help_still_prints_usage_and_exits_0() -> None:
+    completed = subprocess.run([str(FORECASTER), "backtest", "--help"], capture_output=True,
+                               text=True, timeout=60, check=False)
+    assert completed.returncode == 0
+    assert completed.stdout.startswith("usage: forecaster backtest")
+    assert "--eval-days" in completed.stdout and completed.stderr == ""

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from forecaster.cli import main
-from forecaster.export import format_value, write_csv
+from forecaster.errors import InvalidInputError
+from forecaster.export import check_output_path, format_value, parse_header, write_csv
 from tests.prometheus_server import PrometheusServer
 
 QUERY = 'demo_requests{instance="a"}'  # the trace itself; instance "b" holds half of it
@@ -247,3 +248,19 @@ def test_values_are_written_as_given() -> None:
     ]
     for value in series:
         assert float(format_value(float(value))) == value
+
+
+def test_checking_the_output_path_leaves_nothing_behind(tmp_path: Path) -> None:
+    check_output_path(tmp_path / "new.csv")
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept.csv"
+    kept.write_text("timestamp,value\n")
+    check_output_path(kept)
+    assert kept.read_text() == "timestamp,value\n"
+
+
+@pytest.mark.parametrize("text", ["X-A=b\nc", "X-A=b\rc", "X A=b", "=b", "X-A=€"])
+def test_a_header_http_cannot_carry_is_refused(text: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        parse_header(text)
+    assert caught.value.field == "--header"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -14,9 +15,12 @@ import pandas as pd
 
 from forecaster.backtest.scoring import forecast_accuracy, score_policy
 from forecaster.backtest.simulate import BacktestConfig, Simulation, simulate
+from forecaster.errors import InvalidInputError
 from forecaster.series import RegularSeries
 
-__all__ = ["BacktestConfig", "BacktestResult", "run_backtest", "write_outputs"]
+__all__ = [
+    "BacktestConfig", "BacktestResult", "check_output_folder", "run_backtest", "write_outputs",
+]
 
 DECISION_COLUMNS = [
     "timestamp", "demand", "forecast", "forecast_at_quantile", "slo_level", "replicas",
@@ -117,8 +121,33 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def check_output_folder(out: Path) -> None:
+    """Fail before a long run when `out` cannot be made a writable folder; creates nothing."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is" if existing == out else f"is under {str(existing)!r}, which is"
+        raise InvalidInputError("--out", f"{str(out)!r} {what} not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(
+            "--out", f"cannot create files in {str(existing)!r} ({exc.strerror})"
+        ) from exc
+
+
 def write_outputs(result: BacktestResult, out: Path) -> None:
     """decisions.csv, forecasts.csv, summary.json and report.png under `out`."""
+    try:
+        _write_outputs(result, out)
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else out
+        raise InvalidInputError("--out", f"cannot write {str(where)!r} ({exc.strerror})") from exc
+
+
+def _write_outputs(result: BacktestResult, out: Path) -> None:
     from forecaster.backtest.report import plot_report
 
     out.mkdir(parents=True, exist_ok=True)
