@@ -9,6 +9,13 @@ by gain x (1 - share), each interval served lowers it by gain x share: adaptive 
 inference (Gibbs & Candes 2021) on the log of a factor, so the running share of misses
 converges to `share` whatever the demand does, as long as the level can move far enough.
 
+The gain sets how close: over n judged intervals the misses differ from share x n by at most
+the range the level travels divided by the gain (Gibbs & Candes 2021). The
+misses allowed, share x n, shrink with the share, so below the default share the gain grows
+as 1 / share: the bound then stays the same fraction of the allowed misses, and the level
+falls between misses (by gain x share per interval served) as fast as at the default. At
+larger shares the tolerance is in points of share, not in misses, and the gain stays.
+
 A controller that starts cold spends its first misses finding the level: `calibrate()` sets
 the level, from the decisions it remembers (past plans and their demands only), to the
 lowest one that would have held the share over them, and starts counting anew.
@@ -25,11 +32,16 @@ from forecaster.errors import InvalidInputError
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step
 
 DEFAULT_SHARE = 0.05
-DEFAULT_GAIN = 0.05
+DEFAULT_GAIN = 0.05  # at DEFAULT_SHARE and above; see default_gain
 # How far the level may go: a factor of e^-3 (0.05) to e^5 (148) on the plan.
 LEVEL_BOUNDS = (-3.0, 5.0)
 DEFAULT_MEMORY_STEPS = 576  # two days of 5-minute decisions to calibrate on
 CALIBRATION_ITERATIONS = 24
+
+
+def default_gain(share: float) -> float:
+    """The level's gain for a share: DEFAULT_GAIN, times DEFAULT_SHARE / share below it."""
+    return DEFAULT_GAIN * max(1.0, DEFAULT_SHARE / share)
 
 
 class SloController:
@@ -38,7 +50,7 @@ class SloController:
     Call `observe(demand)` at the end of each interval with its demand (NaN when unknown),
     then `decide(planned_load)`: it returns the load to serve. The decision made at the end
     of interval t is ready in t + 1 + `lead_steps`, and is judged when that interval's
-    demand arrives.
+    demand arrives. `gain` defaults to `default_gain(share)`.
 
     >>> from forecaster.policy import ScalingPolicy
     >>> slo = SloController(0.05, ScalingPolicy(target_per_replica=10.0), lead_steps=1)
@@ -54,7 +66,7 @@ class SloController:
         policy: ScalingPolicy,
         lead_steps: int,
         *,
-        gain: float = DEFAULT_GAIN,
+        gain: float | None = None,
         level: float = 0.0,
         memory_steps: int = DEFAULT_MEMORY_STEPS,
     ) -> None:
@@ -64,6 +76,8 @@ class SloController:
             )
         if lead_steps < 0:
             raise InvalidInputError("lead_steps", f"must be >= 0, got {lead_steps!r}")
+        if gain is None:
+            gain = default_gain(share)
         if not (math.isfinite(gain) and gain > 0):
             raise InvalidInputError("gain", f"must be a positive number, got {gain!r}")
         if memory_steps < 0:

@@ -17,7 +17,13 @@ import pytest
 
 from forecaster.errors import InvalidInputError
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step
-from forecaster.slo import LEVEL_BOUNDS, SloController
+from forecaster.slo import (
+    DEFAULT_GAIN,
+    DEFAULT_SHARE,
+    LEVEL_BOUNDS,
+    SloController,
+    default_gain,
+)
 
 WARMUP = 288
 COUNTED = 2016
@@ -106,7 +112,8 @@ def test_the_share_holds_within_a_point_after_a_week(sequence: str, share: float
     assert controller.intervals == judged.sum()
     assert controller.misses == short.sum()  # its own count is the HPA's, interval by interval
     assert controller.intervals >= COUNTED
-    assert abs(controller.achieved - share) <= 0.01, (sequence, controller.achieved)
+    tolerance = 0.005 if share < 0.05 else 0.01  # half a point at 1%, one above
+    assert abs(controller.achieved - share) <= tolerance, (sequence, controller.achieved)
 
 
 @pytest.mark.parametrize("sequence", sorted(SEQUENCES))
@@ -121,6 +128,18 @@ def test_a_fixed_plan_of_the_same_quantile_misses_the_share(sequence: str) -> No
     judged = np.isfinite(ready)
     share = float((demand[judged] > ready[judged] * TARGET).mean())
     assert abs(share - 0.05) > 0.03
+
+
+@pytest.mark.parametrize("share", SHARES)
+def test_below_the_default_share_the_gain_grows_as_one_over_the_share(share: float) -> None:
+    """Between misses the level falls by gain x share per interval: as fast at 1% as at 5%."""
+    controller = SloController(share, ScalingPolicy(TARGET), 0, level=1.0)
+    controller.decide(100.0)
+    controller.observe(1.0)  # served
+    fall = 1.0 - controller.level
+    assert controller.gain == default_gain(share)
+    assert fall == pytest.approx(DEFAULT_GAIN * max(share, DEFAULT_SHARE))
+    assert SloController(share, ScalingPolicy(TARGET), 0, gain=0.5).gain == 0.5
 
 
 def test_the_served_load_is_the_plan_times_the_level() -> None:
