@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -184,14 +184,7 @@ class Auto(ForecastModel):
         coverage_tolerance: float = COVERAGE_TOLERANCE,
     ) -> None:
         super().__init__(step)
-        if not 0.0 < quantile < 1.0:
-            raise InvalidInputError("quantile", f"must be in (0, 1), got {quantile!r}")
-        if horizon < 1:
-            raise InvalidInputError("horizon", f"must be at least 1 step, got {horizon!r}")
-        if not candidates or "auto" in candidates:
-            raise InvalidInputError(
-                "candidates", f"need at least one model other than 'auto', got {candidates!r}"
-            )
+        check_auto_arguments(quantile, horizon, candidates)
         self.quantile = quantile
         self.horizon = horizon
         self.candidates = tuple(candidates)
@@ -244,23 +237,19 @@ class Auto(ForecastModel):
         previous: Auto | None = getattr(self, "previous_", None)
         self.previous_ = None
         window = max(1, int(self.calibration_window / self.step))
+        validations: dict[str, _Validation] = {}
         if previous is not None and self._can_reuse(previous, fit_end):
             selection = previous.selection_
-            order = [selection.chosen, *_ranked(selection)]
-            model = self._fit_first(order, values, selection)
-            self.tracker_ = ScoreTracker(model, self.horizon, window, self.floor_)
-            if model.name == previous.model_.name:
-                self.tracker_.carry_scores(previous.tracker_)
-            self.selection_ = selection
-            self.model_ = model
-            return
-        selection, validations = self._select(values, fit_end)
-        order = [selection.chosen, *_ranked(selection)]
-        model = self._fit_first(order, values, selection)
+        else:
+            previous = None
+            selection, validations = self._select(values, fit_end)
+        model = self._fit_first([selection.chosen, *_ranked(selection)], values, selection)
         self.tracker_ = ScoreTracker(model, self.horizon, window, self.floor_)
-        if model.name in validations:
+        if previous is not None and model.name == previous.model_.name:
+            self.tracker_.carry_scores(previous.tracker_)
+        elif model.name in validations:
             self.tracker_.carry_scores(validations[model.name].tracker)
-        if model.name != selection.chosen:
+        if previous is None and model.name != selection.chosen:
             selection = _with_chosen(selection, model.name, self._needs_calibration(selection))
         self.selection_ = selection
         self.model_ = model
@@ -282,31 +271,19 @@ class Auto(ForecastModel):
     def _fit_first(
         self, order: Sequence[str], values: np.ndarray, selection: Selection
     ) -> ForecastModel:
-        from forecaster.models.ensemble import Ensemble
-
-        failures = []
-        observed = int(np.isfinite(values).sum())
-        for name in dict.fromkeys([*order, *PREFERENCE]):
-            model = self._make(name)
-            if isinstance(model, Ensemble):
-                model.weights = selection.weights_for(name)
-            if observed < model.min_history():
-                failures.append(f"{name}: needs {model.min_history()} observed steps")
-                continue
-            try:
-                model.fit_start_ = self.fit_start_
-                model._fit(values)
-            except FIT_ERRORS as exc:
-                failures.append(f"{name}: {type(exc).__name__}: {exc}")
-                continue
-            assert self.fit_end_ is not None
-            model.last_timestamp_ = self.fit_end_
-            return model
-        raise InsufficientHistoryError(
-            "auto (no candidate could be fitted: " + "; ".join(failures) + ")",
-            needed=min(self._make(n).min_history() for n in self.candidates),
-            available=observed,
+        assert self.fit_end_ is not None
+        names = [*dict.fromkeys([*order, *PREFERENCE])]
+        failures: list[str] = []
+        model = fit_first(
+            names, self._make, values, selection, self.fit_start_, self.fit_end_, failures
         )
+        if model is None:
+            raise InsufficientHistoryError(
+                "auto (no candidate could be fitted: " + "; ".join(failures) + ")",
+                needed=min(self._make(n).min_history() for n in self.candidates),
+                available=int(np.isfinite(values).sum()),
+            )
+        return model
 
     def _select(
         self, values: np.ndarray, fit_end: pd.Timestamp
@@ -340,22 +317,7 @@ class Auto(ForecastModel):
                     validations[name] = validation
             order = {name: k for k, name in enumerate(self.candidates)}
             scores.sort(key=lambda s: order[s.name])
-        scored = {s.name: s for s in scores if s.plan_cost is not None}
-        if scored:
-            best = min(
-                scored.values(), key=lambda s: (s.plan_cost, self.candidates.index(s.name))
-            )
-            chosen = best.name
-            kept = scored.get(self.default) if self.default is not None else None
-            if (
-                kept is not None
-                and kept.plan_cost is not None
-                and best.plan_cost is not None
-                and best.plan_cost > (1.0 - self.margin) * kept.plan_cost
-            ):
-                chosen = kept.name
-        else:
-            chosen = next((c for c in PREFERENCE if c in self.candidates), self.candidates[0])
+        chosen = choose(scores, self.candidates, self.default, self.margin)
         selection = Selection(
             chosen, fit_end, self.quantile, self.horizon, max(steps, 0), tuple(scores),
             ensemble_weights=tuple(weights.items()),
@@ -363,14 +325,7 @@ class Auto(ForecastModel):
         return _with_chosen(selection, chosen, self._needs_calibration(selection)), validations
 
     def _needs_calibration(self, selection: Selection) -> bool:
-        """Whether to calibrate the chosen model: as asked, else when its own 80% interval
-        missed its coverage in validation (or was not validated)."""
-        if self.calibrate is not None:
-            return self.calibrate
-        score = next((s for s in selection.scores if s.name == selection.chosen), None)
-        if score is None or score.coverage_80 is None or not np.isfinite(score.coverage_80):
-            return True
-        return abs(score.coverage_80 - 0.8) > self.coverage_tolerance
+        return needs_calibration(selection, self.calibrate, self.coverage_tolerance)
 
     def _validate(
         self, name: str, train: np.ndarray, held: np.ndarray
@@ -391,15 +346,16 @@ class Auto(ForecastModel):
                 CandidateScore(name, None, None, None, None, time.perf_counter() - began, error),
                 None,
             )
-        cost, pinball, mae, coverage = self._score(validation, train, held)
-        return CandidateScore(name, cost, pinball, mae, coverage, fit_seconds), validation
+        score = CandidateScore(name, *self._score(validation, train, held), fit_seconds)
+        return score, validation
+
+    def _score(
+        self, v: _Validation, train: np.ndarray, held: np.ndarray
+    ) -> tuple[float | None, float | None, float, float]:
+        return score_validation(v, train, held, self.horizon, self.quantile, self.floor_)
 
     def _members(self, name: str) -> list[str]:
-        """The registry names of an ensemble candidate's members, [] for other models."""
-        from forecaster.models.ensemble import Ensemble
-
-        model = self._make(name)
-        return [m.name for m in model.members] if isinstance(model, Ensemble) else []
+        return ensemble_members(self._make(name))
 
     def _compose(
         self,
@@ -422,51 +378,18 @@ class Auto(ForecastModel):
         model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
         tracker = self._tracker(model, held, mean)
         validation = _Validation(tracker, mean, raw)
-        cost, pinball, mae, coverage = self._score(validation, train, held)
-        score = CandidateScore(name, cost, pinball, mae, coverage, 0.0)
+        score = CandidateScore(name, *self._score(validation, train, held), 0.0)
         return score, validation, tuple(model.weights.items())
 
     def _tracker(self, model: ForecastModel, held: np.ndarray, means: np.ndarray) -> ScoreTracker:
         window = max(1, int(self.calibration_window / self.step))
-        tracker = ScoreTracker(model, self.horizon, window, self.floor_)
-        for h in range(self.horizon):
-            targets = held[h:]
-            levels = np.maximum(means[: len(targets), h], 0.0)
-            scores = (targets - levels) / level_scale(levels, self.floor_)
-            tracker.scores[h].extend(scores[np.isfinite(scores)])
-        return tracker
+        return validation_tracker(model, held, means, self.horizon, window, self.floor_)
 
     def _roll(self, model: ForecastModel, held: np.ndarray) -> _Validation:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             means, raws = _forecast_path(model, held, self.horizon, (0.1, 0.9, self.quantile))
         return _Validation(self._tracker(model, held, means), means, raws)
-
-    def _score(
-        self, v: _Validation, train: np.ndarray, held: np.ndarray
-    ) -> tuple[float | None, float | None, float, float]:
-        """Plan cost and pinball loss of the floored plan at (quantile, horizon), the plan
-        being the model's own quantile; MAE; the model's own 80% coverage."""
-        h = self.horizon
-        origins = len(held) - h + 1  # origin k forecasts held[k + h - 1]
-        actual = held[h - 1 : h - 1 + origins]
-        mean = v.mean[:origins, h - 1]
-        lower = np.maximum(mean + v.raw[0, :origins, h - 1], 0.0)
-        upper_80 = np.maximum(mean + v.raw[1, :origins, h - 1], 0.0)
-        upper = np.maximum(mean + v.raw[2, :origins, h - 1], 0.0)
-        # The demand known at origin k: the last value before held[k], held for a gap.
-        known = pd.Series(np.r_[train[-1:], held[: origins - 1]]).ffill().to_numpy()
-        plan = np.where(np.isfinite(known), np.maximum(upper, known), upper)
-        plan = np.maximum(plan, self.floor_)  # a zero plan cannot be scaled up to any demand
-        finite = np.isfinite(actual) & np.isfinite(plan)
-        if not finite.any():
-            return None, None, float("nan"), float("nan")
-        cost = plan_cost(actual[finite], plan[finite])
-        pinball = pinball_loss(actual[finite], plan[finite], self.quantile)
-        mae = float(np.mean(np.abs(actual[finite] - mean[finite])))
-        inside = (actual >= lower) & (actual <= upper_80)
-        coverage = float(inside[finite].mean())
-        return (cost if np.isfinite(cost) else None), pinball, mae, coverage
 
     # -- running -----------------------------------------------------------------------
 
@@ -478,6 +401,133 @@ class Auto(ForecastModel):
         if self.selection_.calibrated:
             return self.tracker_.calibrated(horizon, self.min_scores)
         return self.tracker_.forecast(horizon)
+
+
+def check_auto_arguments(quantile: float, horizon: int, candidates: Sequence[str]) -> None:
+    """Auto's own arguments, refused with the field and the bound."""
+    if not 0.0 < quantile < 1.0:
+        raise InvalidInputError("quantile", f"must be in (0, 1), got {quantile!r}")
+    if horizon < 1:
+        raise InvalidInputError("horizon", f"must be at least 1 step, got {horizon!r}")
+    if not candidates or "auto" in candidates:
+        raise InvalidInputError(
+            "candidates", f"need at least one model other than 'auto', got {candidates!r}"
+        )
+
+
+def ensemble_members(model: ForecastModel) -> list[str]:
+    """The registry names of an ensemble's members, [] for other models."""
+    from forecaster.models.ensemble import Ensemble
+
+    return [m.name for m in model.members] if isinstance(model, Ensemble) else []
+
+
+def fit_first(
+    names: Sequence[str],
+    make: Callable[[str], ForecastModel],
+    values: np.ndarray,
+    selection: Selection,
+    fit_start: pd.Timestamp,
+    fit_end: pd.Timestamp,
+    failures: list[str],
+) -> ForecastModel | None:
+    """The first of `names` (in order of preference) that fits `values`, an ensemble with
+    the member weights of `selection`; None when none does, with why in `failures`."""
+    from forecaster.models.ensemble import Ensemble
+
+    observed = int(np.isfinite(values).sum())
+    for name in names:
+        model = make(name)
+        if isinstance(model, Ensemble):
+            model.weights = selection.weights_for(name)
+        if observed < model.min_history():
+            failures.append(f"{name}: needs {model.min_history()} observed steps")
+            continue
+        try:
+            model.fit_start_ = fit_start
+            model._fit(values)
+        except FIT_ERRORS as exc:
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        model.last_timestamp_ = fit_end
+        return model
+    return None
+
+
+def score_validation(
+    v: _Validation, train: np.ndarray, held: np.ndarray, horizon: int, quantile: float,
+    floor: float,
+) -> tuple[float | None, float | None, float, float]:
+    """Plan cost and pinball loss of the floored plan at (quantile, horizon), the plan
+    being the model's own quantile; MAE; the model's own 80% coverage."""
+    h = horizon
+    origins = len(held) - h + 1  # origin k forecasts held[k + h - 1]
+    actual = held[h - 1 : h - 1 + origins]
+    mean = v.mean[:origins, h - 1]
+    lower = np.maximum(mean + v.raw[0, :origins, h - 1], 0.0)
+    upper_80 = np.maximum(mean + v.raw[1, :origins, h - 1], 0.0)
+    upper = np.maximum(mean + v.raw[2, :origins, h - 1], 0.0)
+    # The demand known at origin k: the last value before held[k], held for a gap.
+    known = pd.Series(np.r_[train[-1:], held[: origins - 1]]).ffill().to_numpy()
+    plan = np.where(np.isfinite(known), np.maximum(upper, known), upper)
+    plan = np.maximum(plan, floor)  # a zero plan cannot be scaled up to any demand
+    finite = np.isfinite(actual) & np.isfinite(plan)
+    if not finite.any():
+        return None, None, float("nan"), float("nan")
+    cost = plan_cost(actual[finite], plan[finite])
+    pinball = pinball_loss(actual[finite], plan[finite], quantile)
+    mae = float(np.mean(np.abs(actual[finite] - mean[finite])))
+    inside = (actual >= lower) & (actual <= upper_80)
+    coverage = float(inside[finite].mean())
+    return (cost if np.isfinite(cost) else None), pinball, mae, coverage
+
+
+def choose(
+    scores: Sequence[CandidateScore], candidates: Sequence[str], default: str | None,
+    margin: float,
+) -> str:
+    """The cheapest scored candidate, unless `default` is within `margin` of it; with none
+    scored, the first of PREFERENCE among the candidates."""
+    scored = {s.name: s for s in scores if s.plan_cost is not None}
+    if not scored:
+        return next((c for c in PREFERENCE if c in candidates), candidates[0])
+    best = min(scored.values(), key=lambda s: (s.plan_cost, list(candidates).index(s.name)))
+    kept = scored.get(default) if default is not None else None
+    if (
+        kept is not None
+        and kept.plan_cost is not None
+        and best.plan_cost is not None
+        and best.plan_cost > (1.0 - margin) * kept.plan_cost
+    ):
+        return kept.name
+    return best.name
+
+
+def needs_calibration(
+    selection: Selection, calibrate: bool | None, coverage_tolerance: float
+) -> bool:
+    """Whether to calibrate the chosen model: as asked, else when its own 80% interval
+    missed its coverage in validation (or was not validated)."""
+    if calibrate is not None:
+        return calibrate
+    score = next((s for s in selection.scores if s.name == selection.chosen), None)
+    if score is None or score.coverage_80 is None or not np.isfinite(score.coverage_80):
+        return True
+    return abs(score.coverage_80 - 0.8) > coverage_tolerance
+
+
+def validation_tracker(
+    model: ForecastModel, held: np.ndarray, means: np.ndarray, horizon: int, window: int,
+    floor: float,
+) -> ScoreTracker:
+    """A ScoreTracker holding a validation run's scaled out-of-sample errors per horizon."""
+    tracker = ScoreTracker(model, horizon, window, floor)
+    for h in range(horizon):
+        targets = held[h:]
+        levels = np.maximum(means[: len(targets), h], 0.0)
+        scores = (targets - levels) / level_scale(levels, floor)
+        tracker.scores[h].extend(scores[np.isfinite(scores)])
+    return tracker
 
 
 def member_weights(maes: Sequence[float | None]) -> np.ndarray:
