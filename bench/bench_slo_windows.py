@@ -2,7 +2,7 @@
 
     python bench/bench_slo_windows.py [--windows 13] [--share 0.05] [--model auto]
 
-Each window is a full `forecaster backtest` (two days of calibration before it) whose
+Each window is a full `forecaster backtest` (six days of calibration before it) whose
 evaluation starts one day before the previous one's, back from each trace's last 4 days; a
 window that leaves too little history to fit on is skipped. Prints one row per window: asked
 and achieved share, unserved share and replica-hours over the oracle's, as run.

@@ -10,15 +10,20 @@ inference (Gibbs & Candes 2021) on the log of a factor, so the running share of 
 converges to `share` whatever the demand does, as long as the level can move far enough.
 
 The gain sets how close: over n judged intervals the misses differ from share x n by at most
-the range the level travels divided by the gain (Gibbs & Candes 2021). The
-misses allowed, share x n, shrink with the share, so below the default share the gain grows
-as 1 / share: the bound then stays the same fraction of the allowed misses, and the level
-falls between misses (by gain x share per interval served) as fast as at the default. At
-larger shares the tolerance is in points of share, not in misses, and the gain stays.
+the range the level travels divided by the gain (Gibbs & Candes 2021). The misses allowed,
+share x n, shrink with the share, so below the default share the gain grows as 1 / share:
+the bound then stays the same fraction of the allowed misses, and the level falls between
+misses (by gain x share per interval served) as fast as at the default. At larger shares the
+tolerance is in points of share, not in misses, and the gain stays.
 
 A controller that starts cold spends its first misses finding the level: `calibrate()` sets
 the level, from the decisions it remembers (past plans and their demands only), to the
-lowest one that would have held the share over them, and starts counting anew.
+lowest one that would have held the share over them, and starts counting anew. It remembers
+six days: bursts of demand come on some days and not others, and a level calibrated on two
+days that held none starts far below the one the next days need, which the gain then has to
+make up in misses (at 5%, two days allow 29 misses, six days 86). Starting close, the level
+only has to follow slow drifts, and a small gain does that without chasing each burst (a
+burst raises the level for the intervals after it, which rarely need it).
 
 It holds no model: its state survives a refit or a change of model, and it pickles.
 """
@@ -26,16 +31,18 @@ It holds no model: its state survives a refit or a change of model, and it pickl
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
+from collections.abc import Iterator
 
 from forecaster.errors import InvalidInputError
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step
 
 DEFAULT_SHARE = 0.05
-DEFAULT_GAIN = 0.05  # at DEFAULT_SHARE and above; see default_gain
+DEFAULT_GAIN = 0.025  # at DEFAULT_SHARE and above; see default_gain
 # How far the level may go: a factor of e^-3 (0.05) to e^5 (148) on the plan.
 LEVEL_BOUNDS = (-3.0, 5.0)
-DEFAULT_MEMORY_STEPS = 576  # two days of 5-minute decisions to calibrate on
+DEFAULT_MEMORY_STEPS = 1728  # six days of 5-minute decisions to calibrate on
 CALIBRATION_ITERATIONS = 24
 
 
@@ -57,7 +64,7 @@ class SloController:
     >>> served = [slo.decide(100.0) for _ in range(2)]
     >>> slo.observe(150.0)  # the first decision's interval: 10 replicas, 150 > 100
     >>> slo.misses, slo.intervals, round(slo.level, 4)
-    (1, 1, 0.0475)
+    (1, 1, 0.0238)
     """
 
     def __init__(
@@ -93,8 +100,7 @@ class SloController:
         self._hpa_before = HpaState()  # before the latest decision, for `redecide`
         # Decisions not yet judged: (planned load, replicas), oldest first.
         self._pending: deque[tuple[float, int | None]] = deque()
-        # Judged decisions to calibrate on: (planned load, demand).
-        self._memory: deque[tuple[float, float]] = deque(maxlen=memory_steps)
+        self._memory = _Memory(memory_steps)  # judged decisions to calibrate on
 
     @property
     def achieved(self) -> float:
@@ -130,7 +136,7 @@ class SloController:
         planned, replicas = self._pending.popleft()
         if math.isnan(demand) or replicas is None:
             return
-        self._memory.append((planned, demand))
+        self._memory.append(planned, demand)
         miss = demand > replicas * self.policy.target_per_replica
         self.intervals += 1
         self.misses += int(miss)
@@ -170,3 +176,29 @@ class SloController:
 def _bounded(level: float) -> float:
     low, high = LEVEL_BOUNDS
     return min(max(level, low), high)
+
+
+class _Memory:
+    """The last `size` (planned load, demand) pairs, in two float arrays rather than a deque
+    of tuples, because every target of the service keeps one."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._planned = array("d")
+        self._demand = array("d")
+
+    def append(self, planned: float, demand: float) -> None:
+        if self.size == 0:
+            return
+        self._planned.append(planned)
+        self._demand.append(demand)
+        if len(self._planned) >= 2 * self.size:  # trim in blocks: amortized O(1)
+            del self._planned[: -self.size]
+            del self._demand[: -self.size]
+
+    def __len__(self) -> int:
+        return min(len(self._planned), self.size)
+
+    def __iter__(self) -> Iterator[tuple[float, float]]:
+        start = len(self._planned) - len(self)
+        return zip(self._planned[start:], self._demand[start:], strict=True)

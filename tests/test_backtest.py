@@ -410,7 +410,7 @@ def test_refits_follow_the_schedule_and_updates_use_every_observation() -> None:
 def test_the_backtest_holds_the_asked_share_where_the_plan_as_it_is_does_not() -> None:
     """Lognormal noise around a daily cycle: the naive model's q0.9 (its own error sample)
     runs short in about 4% of intervals; asked for 1% or 10%, the controller, calibrated on
-    the two days before, holds it over the four evaluated days."""
+    the five days before, holds it over the four evaluated days."""
     rng = np.random.default_rng(11)
     t = np.arange(288 * 9)
     level = 200.0 + 150.0 * np.sin(2 * np.pi * t / 288)

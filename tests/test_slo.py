@@ -158,7 +158,7 @@ def test_a_decision_is_judged_one_plus_lead_intervals_later() -> None:
     assert controller.intervals == 0  # neither interval had a decision of its own ready
     controller.observe(101.0)  # the first decision's interval
     assert (controller.intervals, controller.misses) == (1, 1)
-    assert controller.level == pytest.approx(0.05 * 0.95)
+    assert controller.level == pytest.approx(DEFAULT_GAIN * 0.95)
 
 
 def test_a_missing_demand_is_not_counted() -> None:
@@ -181,6 +181,19 @@ def test_calibration_picks_the_lowest_level_that_held_the_share_over_memory() ->
     # and it serves the rest of the sequence near the share from the start
     run(controller, plans[1000:], demand[1000:])
     assert abs(controller.achieved - 0.05) <= 0.015
+
+
+@pytest.mark.parametrize(("memory_steps", "short"), [(10, 0.0), (50, 0.2), (0, 0.0)])
+def test_calibration_remembers_the_last_memory_steps_decisions(
+    memory_steps: int, short: float
+) -> None:
+    """Ten misses, then forty intervals served: a memory of ten has forgotten the misses."""
+    controller = SloController(0.05, ScalingPolicy(TARGET), 0, memory_steps=memory_steps)
+    for demand in [1000.0] * 10 + [50.0] * 40:
+        controller.decide(100.0)
+        controller.observe(demand)
+    assert controller.intervals == 50
+    assert controller.shortfall_at(0.0) == short
 
 
 def test_the_level_stays_in_bounds() -> None:

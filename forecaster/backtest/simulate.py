@@ -59,8 +59,9 @@ class BacktestConfig:
     # The share of intervals allowed short: a controller moves a level on the plan to hold
     # it (forecaster.slo). None plans the quantile as it is.
     max_under_provisioned: float | None = 0.05
-    # Decisions replayed before the evaluation start for the controller to calibrate on.
-    warmup: pd.Timedelta = pd.Timedelta(days=2)
+    # Decisions replayed before the evaluation start for the controller to calibrate on: six
+    # days, as SloController remembers in service (DEFAULT_MEMORY_STEPS).
+    warmup: pd.Timedelta = pd.Timedelta(days=6)
 
     def __post_init__(self) -> None:
         if self.step <= pd.Timedelta(0):
@@ -108,7 +109,10 @@ class BacktestConfig:
     def controller(self) -> SloController | None:
         if self.max_under_provisioned is None:
             return None
-        return SloController(self.max_under_provisioned, self.policy(), self.lead_steps)
+        return SloController(
+            self.max_under_provisioned, self.policy(), self.lead_steps,
+            memory_steps=math.ceil(self.warmup / self.step),
+        )
 
 
 @dataclass
