@@ -57,12 +57,17 @@ class EngineListener(Protocol):
 
     def refresh_finished(self, target_id: str, ok: bool) -> None: ...
 
+    def fit_worker_died(self, cause: str) -> None: ...
+
 
 class _NoListener:
     def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None:
         pass
 
     def refresh_finished(self, target_id: str, ok: bool) -> None:
+        pass
+
+    def fit_worker_died(self, cause: str) -> None:
         pass
 
 
@@ -80,7 +85,7 @@ class Engine:
         settings: EngineSettings,
         *,
         clock: Callable[[], float] = time.time,
-        fit_pool: Executor | None = None,
+        fit_pool: Executor | FitPool | None = None,
         listener: EngineListener | None = None,
     ) -> None:
         self.settings = settings
@@ -88,7 +93,8 @@ class Engine:
         self.listener: EngineListener = listener or _NoListener()
         self._targets: dict[str, Target] = {}
         self._registry_lock = threading.Lock()
-        self.fits = FitPool(settings.fit_workers, executor=fit_pool)
+        self.fits = (fit_pool if isinstance(fit_pool, FitPool)
+                     else FitPool(settings.fit_workers, executor=fit_pool))
         self._refits = Refits(self.fits, settings, clock=clock, listener=self.listener)
         self._refreshes = Refreshes(settings, self._refits, clock=clock, listener=self.listener)
         self._stop = threading.Event()
@@ -390,6 +396,7 @@ class Refits:
         self.settings = settings
         self.clock = clock
         self.listener = listener
+        pool.notify_deaths(listener.fit_worker_died)
 
     def submit(self, target: Target) -> None:
         """Refit in a worker, unless a fit of the target is in flight."""
@@ -399,7 +406,11 @@ class Refits:
             target.fit_pending = True
             request = target.fit_request()
         began = time.perf_counter()
-        future = self.pool.submit(request)
+        try:
+            future = self.pool.submit(request)
+        except Exception as exc:  # the pool is shut down: fail the fit, free the target
+            future = Future()
+            future.set_exception(exc)
         future.add_done_callback(lambda done: self._landed(target, done, began))
 
     def _landed(self, target: Target, future: Future[FallbackFit], began: float) -> None:

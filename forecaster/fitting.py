@@ -1,21 +1,33 @@
 """Fits in worker processes: what a worker is sent, what it runs, and the pool that owns them.
 
 A fit runs in a spawned process, one math thread each and at a lower priority, so that it
-never holds up the process answering KEDA. The pool also hands the memory of replaced
-models back to the system while fits land (`FitPool.trim_if_due`).
+never holds up the process answering KEDA; a worker ends with the process that spawned it.
+The pool replaces a worker that dies, and hands the memory of replaced models back to the
+system while fits land (`FitPool.trim_if_due`).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
+import signal
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,9 +35,15 @@ import pandas as pd
 if TYPE_CHECKING:
     from forecaster.models import FallbackFit
 
+log = logging.getLogger(__name__)
+
 MATH_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 WORKER_NICENESS = 10
 TRIM_INTERVAL_SECONDS = 60.0  # at most this often, while fits land: see FitPool.trim_if_due
+FIT_TRIES = 2  # a fit whose worker dies is tried once more: twice, it may be what kills it
+PARENT_POLL_SECONDS = 0.5  # how often a worker without PR_SET_PDEATHSIG looks for its parent
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+EXIT_STATUS_WAIT_SECONDS = 1.0  # for the exit status of a worker found dead
 
 
 def pin_math_threads(*, override: bool = False) -> None:
@@ -42,11 +60,56 @@ def pin_math_threads(*, override: bool = False) -> None:
     threadpool_limits(limits=1)
 
 
-def pin_worker_threads() -> None:
-    """Fit workers: one math thread each, and a lower priority than the process answering
-    KEDA (measured: GetMetrics during refits went from 789 to 1,845 calls/s)."""
+def exit_with_parent(parent: int) -> Literal["signal", "watch"]:
+    """End this process when `parent` ends, even by SIGKILL: the kernel's parent-death
+    signal on Linux ("signal"), else a thread that watches the parent pid ("watch")."""
+    if sys.platform == "linux":
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:  # it died before the signal was armed
+                os._exit(1)
+            return "signal"
+    watch_parent(parent)
+    return "watch"
+
+
+def watch_parent(parent: int, poll_seconds: float = PARENT_POLL_SECONDS) -> threading.Thread:
+    """A daemon thread that ends this process once its parent is no longer `parent` (an
+    orphan is adopted by another process)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def prepare_worker(parent: int) -> None:
+    """A fit worker's initializer: a lower priority than the process answering KEDA
+    (measured: GetMetrics during refits went from 789 to 1,845 calls/s), one math thread,
+    and an exit with the engine's process."""
     os.nice(WORKER_NICENESS)
     pin_math_threads(override=True)
+    exit_with_parent(parent)
+
+
+def spawn_workers(workers: int) -> ProcessPoolExecutor:
+    """An executor of `workers` spawned fit worker processes (spawned on demand)."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=prepare_worker,
+        initargs=(os.getpid(),),
+    )
 
 
 def release_free_memory() -> bool:
@@ -102,14 +165,20 @@ def fit_job(request: FitRequest) -> FallbackFit:
 
 
 class FitPool:
-    """The worker processes that fit, and the memory trimming their results call for.
+    """The worker processes that fit, their replacement when one dies, and the memory
+    trimming their results call for.
 
     >>> pool = FitPool(2)                                       # doctest: +SKIP
     >>> pool.submit(request).add_done_callback(publish)         # doctest: +SKIP
     >>> pool.fit_landed(); pool.trim_if_due()                   # doctest: +SKIP
+    >>> pool.problem()                                          # doctest: +SKIP
     >>> pool.shutdown()                                         # doctest: +SKIP
 
-    Any `Executor` may stand in for the processes (tests fit in a thread).
+    A worker that dies (a signal such as the OOM killer's) breaks a ProcessPoolExecutor for
+    good; here the pool is replaced and each fit it held is tried once more. A fit whose
+    second try also loses its worker fails with `FitWorkerDied`. `executor_factory` builds
+    each executor (spawned workers by default); an `executor` given alone stands in for the
+    processes (tests fit in a thread) and is not replaced.
     """
 
     def __init__(
@@ -117,26 +186,57 @@ class FitPool:
         workers: int,
         *,
         executor: Executor | None = None,
+        executor_factory: Callable[[], Executor] | None = None,
         trim_interval_seconds: float = TRIM_INTERVAL_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.executor = executor or ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=pin_worker_threads,
-        )
+        if executor_factory is None:
+            executor_factory = (
+                (lambda: spawn_workers(workers)) if executor is None else _not_replaceable
+            )
+        self.executor_factory = executor_factory
         self.trim_interval_seconds = trim_interval_seconds
         self._monotonic = monotonic
         self._landed_since_trim = 0  # fits published since memory was last trimmed
         self._last_trim = monotonic()
+        self._lock = threading.Lock()
+        self._executor = executor  # built by the factory on the first fit, and after a death
+        self._problem: str | None = None
+        self._deaths = 0
+        self._broken: weakref.WeakKeyDictionary[Executor, tuple[WorkerDeath, ...]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._death_listeners: list[Callable[[str], None]] = []
+        self._closed = False
+        # Every executor is fed from this one thread: a worker spawned by a thread exits when
+        # that thread does (PR_SET_PDEATHSIG follows the parent thread), and this one lasts as
+        # long as the pool.
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="fit-sender")
 
     def submit(self, request: FitRequest) -> Future[FallbackFit]:
-        """Fit in a worker; the future holds the fit, or the worker's exception."""
-        return self.executor.submit(fit_job, request)
+        """Fit in a worker; the future holds the fit, or the worker's exception
+        (`FitWorkerDied` when its worker died on both tries). RuntimeError once shut down."""
+        fit: Future[FallbackFit] = Future()
+        self._sender.submit(self._send, request, fit, ())
+        return fit
+
+    def notify_deaths(self, listener: Callable[[str], None]) -> None:
+        """Call `listener` with the cause of each worker death (for the service's metrics)."""
+        self._death_listeners.append(listener)
+
+    @property
+    def deaths(self) -> int:
+        """Worker processes found dead since the pool started."""
+        return self._deaths
+
+    def problem(self) -> str | None:
+        """Why fits cannot run (no executor or worker process could be started), None once a
+        fit lands again. For /healthz: a process that cannot fit needs a restart."""
+        return self._problem
 
     def pids(self) -> list[int]:
         """The worker processes' ids, in order (none before the first fit, or in a thread)."""
-        processes, _ = self._internals()
+        processes, _ = _internals(self._executor)
         return sorted(int(pid) for pid in processes)
 
     def fit_landed(self) -> None:
@@ -158,10 +258,16 @@ class FitPool:
 
     def shutdown(self) -> None:
         """Cancel queued fits and end the workers; a fit in flight is abandoned."""
+        with self._lock:
+            self._closed = True
+        self._sender.shutdown(wait=True)  # fits still queued there are cancelled, not sent
+        executor = self._executor
+        if executor is None:
+            return
         # A fit in flight would hold up the exit (Kubernetes sends SIGTERM at any time): end
         # the worker processes too.
-        processes, manager = self._internals()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        processes, manager = _internals(executor)
+        executor.shutdown(wait=False, cancel_futures=True)
         for process in processes.values():
             process.terminate()
         # Let the pool's manager thread finish before the interpreter does: Python 3.11's exit
@@ -170,11 +276,167 @@ class FitPool:
         if manager is not None:
             manager.join(timeout=10)
 
-    def _internals(self) -> tuple[dict[int, multiprocessing.process.BaseProcess],
-                                  threading.Thread | None]:
-        """The executor's worker processes by pid, and its manager thread. The one place that
-        reads ProcessPoolExecutor's private attributes: it offers no public way to end its
-        workers or to wait for its manager thread, and both are needed at shutdown."""
-        processes = dict(getattr(self.executor, "_processes", None) or {})
-        manager = getattr(self.executor, "_executor_manager_thread", None)
-        return processes, manager if isinstance(manager, threading.Thread) else None
+    # -- sending, and replacing a broken executor ----------------------------------------------
+
+    def _send(self, request: FitRequest, fit: Future[FallbackFit],
+              deaths: tuple[WorkerDeath, ...]) -> None:
+        """On the sender thread: hand the fit to the current executor, built if need be."""
+        try:
+            executor = self._current()
+        except _Closed:
+            fit.cancel()
+            return
+        except Exception as exc:  # no executor: the fit fails with the reason
+            fit.set_exception(FitWorkerDied(deaths, replacement_error=exc) if deaths else exc)
+            return
+        try:
+            job = executor.submit(fit_job, request)
+        except BrokenExecutor:  # a worker died while idle: noticed on this submit
+            self._retry(request, fit, (*deaths, *self._replace(executor)))
+            return
+        except OSError as exc:  # no worker process could be spawned (pid or fd limits)
+            self._cannot_start(exc)
+            fit.set_exception(exc)
+            return
+        except Exception as exc:  # shut down meanwhile
+            fit.set_exception(exc)
+            return
+        job.add_done_callback(lambda done: self._returned(executor, request, fit, deaths, done))
+
+    def _returned(self, executor: Executor, request: FitRequest, fit: Future[FallbackFit],
+                  deaths: tuple[WorkerDeath, ...], job: Future[FallbackFit]) -> None:
+        """In the executor's thread: pass the outcome on, or try again after a death."""
+        if job.cancelled():
+            fit.cancel()
+            return
+        error = job.exception()
+        if error is None:
+            self._problem = None  # fits run again
+            fit.set_result(job.result())
+        elif not isinstance(error, BrokenExecutor) or self._closed:
+            fit.set_exception(error)
+        else:
+            self._retry(request, fit, (*deaths, *self._replace(executor)))
+
+    def _retry(self, request: FitRequest, fit: Future[FallbackFit],
+               deaths: tuple[WorkerDeath, ...]) -> None:
+        if len(deaths) >= FIT_TRIES:
+            fit.set_exception(FitWorkerDied(deaths))
+            return
+        try:
+            self._sender.submit(self._send, request, fit, deaths)
+        except RuntimeError:  # shut down
+            fit.cancel()
+
+    def _current(self) -> Executor:
+        with self._lock:
+            if self._closed:
+                raise _Closed
+            if self._executor is None:
+                try:
+                    self._executor = self.executor_factory()
+                except Exception as exc:
+                    self._cannot_start(exc)
+                    raise
+            return self._executor
+
+    def _cannot_start(self, error: Exception) -> None:
+        """Say so on /healthz until a fit lands again."""
+        self._problem = f"the fit pool cannot start worker processes: {error}"
+        log.error("%s", self._problem)
+
+    def _replace(self, executor: Executor) -> tuple[WorkerDeath, ...]:
+        """The deaths that broke `executor`, found once; the next fit builds its successor."""
+        with self._lock:
+            known = self._broken.get(executor)
+            if known is not None:
+                return known[:1]  # another fit it held: the same death, counted once
+            deaths = _deaths_of(executor)
+            self._broken[executor] = deaths
+            if self._executor is executor:
+                self._executor = None
+            self._deaths += len(deaths)
+        for death in deaths:
+            log.warning("%s; replacing the fit pool and trying its fits once more", death)
+            for listener in self._death_listeners:
+                listener(str(death))
+        return deaths[:1]
+
+
+@dataclass(frozen=True)
+class WorkerDeath:
+    """A fit worker process found dead: its pid and exit code (negative: the signal), when
+    known."""
+
+    pid: int | None
+    exitcode: int | None
+
+    def __str__(self) -> str:
+        if self.pid is None or self.exitcode is None:
+            return "a fit worker process died; its exit status is unknown"
+        if self.exitcode < 0:
+            number = -self.exitcode
+            try:
+                name = f" ({signal.Signals(number).name})"
+            except ValueError:
+                name = ""
+            return f"fit worker process {self.pid} was killed by signal {number}{name}"
+        return f"fit worker process {self.pid} exited with code {self.exitcode}"
+
+
+class FitWorkerDied(RuntimeError):
+    """A fit lost its worker process on every try, or no new worker could be started."""
+
+    def __init__(self, deaths: tuple[WorkerDeath, ...],
+                 replacement_error: BaseException | None = None) -> None:
+        self.deaths = deaths
+        self.replacement_error = replacement_error
+        if replacement_error is not None:
+            message = (f"{deaths[-1]}, and no new fit worker could be started: "
+                       f"{replacement_error}")
+        else:
+            message = (f"its worker process died on each of {len(deaths)} tries: "
+                       + "; then ".join(str(death) for death in deaths))
+        super().__init__(message)
+
+
+class _Closed(Exception):
+    pass
+
+
+def _not_replaceable() -> Executor:
+    raise RuntimeError("the executor given to the fit pool broke, and it has no "
+                       "executor_factory to build another")
+
+
+def _deaths_of(executor: Executor) -> tuple[WorkerDeath, ...]:
+    """The workers of a broken executor that had exited when it broke (the rest it ends with
+    SIGTERM, after its fits are failed), at least one."""
+    processes, _ = _internals(executor)
+    dead = []
+    for pid, process in processes.items():
+        # Its sentinel closes as it exits, a moment before the kernel has its exit status.
+        if process.exitcode is None and _sentinel_ready(process):
+            process.join(EXIT_STATUS_WAIT_SECONDS)
+        if process.exitcode is not None:
+            dead.append(WorkerDeath(int(pid), process.exitcode))
+    first = [death for death in dead if death.exitcode != -signal.SIGTERM] or dead
+    return tuple(first) or (WorkerDeath(None, None),)
+
+
+def _sentinel_ready(process: multiprocessing.process.BaseProcess) -> bool:
+    try:
+        return bool(multiprocessing.connection.wait([process.sentinel], timeout=0))
+    except (OSError, ValueError):  # closed: the process was joined and closed
+        return False
+
+
+def _internals(executor: Executor | None) -> tuple[
+    dict[int, multiprocessing.process.BaseProcess], threading.Thread | None
+]:
+    """The executor's worker processes by pid, and its manager thread. The one place that
+    reads ProcessPoolExecutor's private attributes: it offers no public way to end its
+    workers, to wait for its manager thread or to say how a worker died, and all are needed."""
+    processes = dict(getattr(executor, "_processes", None) or {})
+    manager = getattr(executor, "_executor_manager_thread", None)
+    return processes, manager if isinstance(manager, threading.Thread) else None

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
+from forecaster.fitting import FitPool
 from forecaster.scaler.bridge import FRONT_SILENCE_SECONDS, ScalerBridge
 from forecaster.sources import HistorySource
 from forecaster.targets import SourceRegistry, TargetResolver
@@ -36,7 +37,7 @@ class Service:
         *,
         clock: Callable[[], float] = time.time,
         source: HistorySource | None = None,
-        fit_pool: Executor | None = None,
+        fit_pool: Executor | FitPool | None = None,
         front_silence_seconds: float = FRONT_SILENCE_SECONDS,
     ) -> None:
         from forecaster.api import HttpServer, create_app
@@ -61,7 +62,7 @@ class Service:
         self.grpc_port = self.scaler.port
         try:
             self.app = create_app(settings, self.engine, self.resolver,
-                                  telemetry=self.telemetry, liveness=self.scaler.problem,
+                                  telemetry=self.telemetry, liveness=self.problem,
                                   readiness=self.not_ready)
             self.http_server = HttpServer(self.app, settings.host, settings.http_port)
         except BaseException:  # a taken HTTP port: no scaler process left behind
@@ -90,6 +91,11 @@ class Service:
     def _scaler_exited(self) -> None:
         self.failed = True
         self.stopped.set()
+
+    def problem(self) -> str | None:
+        """Why the process cannot do its work and needs a restart (for /healthz), None when
+        it can: a stuck or exited gRPC front, or a fit pool that cannot start workers."""
+        return self.scaler.problem() or self.engine.fits.problem()
 
     def not_ready(self) -> str | None:
         """Why the pod should get no new connections (for /readyz), None when it may. Never

@@ -66,6 +66,12 @@ class Telemetry:
             "Fits that failed with the requested model and fell back to a baseline.",
             registry=registry,
         )
+        self.worker_deaths = Counter(
+            "forecaster_fit_worker_deaths",
+            "Fit worker processes found dead (killed by a signal, such as the OOM killer's, or "
+            "exited); each is replaced and its fits tried once more.",
+            registry=registry,
+        )
         self.refreshes = Counter(
             "forecaster_refreshes",
             "Refreshes of a target's data from its source, by outcome.",
@@ -99,6 +105,9 @@ class Telemetry:
 
     def refresh_finished(self, target_id: str, ok: bool) -> None:
         self.refreshes.labels("ok" if ok else "failed").inc()
+
+    def fit_worker_died(self, cause: str) -> None:
+        self.worker_deaths.inc()
 
     # -- interfaces --------------------------------------------------------------------------
 

@@ -227,6 +227,9 @@ class Heard:
     def refresh_finished(self, target_id: str, ok: bool) -> None:
         self.refreshes.put((target_id, ok))
 
+    def fit_worker_died(self, cause: str) -> None:
+        pass
+
 
 def test_refit_now_refits_at_the_next_pass_and_run_refresh_reads_in_the_calling_thread(
     clock: Clock, source: ReplaySource

@@ -1,37 +1,81 @@
-"""The fit pool: real spawned workers, pinned, ended at shutdown; the trimming schedule."""
+"""The fit pool: real spawned workers, pinned, at the lowest priority, ended at shutdown and
+with the engine's process, replaced when one dies; the trimming schedule."""
 
 from __future__ import annotations
 
 import os
+import queue
+import signal
+import subprocess
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pytest
 
-from forecaster.fitting import FitPool, FitRequest, fit_job
+from forecaster.fitting import (
+    FitPool,
+    FitRequest,
+    FitWorkerDied,
+    WorkerDeath,
+    fit_job,
+    spawn_workers,
+)
+from forecaster.models import FallbackFit
 from forecaster.series import read_csv, to_grid
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = pd.Timedelta(minutes=5)
 
 
-def _request(steps: int = 2016) -> FitRequest:
+def _request(steps: int = 2016, model: str = "seasonal_naive") -> FitRequest:
     grid = to_grid(read_csv(TRACE), STEP).filled.iloc[:steps]
-    return FitRequest(model="seasonal_naive", step_seconds=int(STEP.total_seconds()),
+    return FitRequest(model=model, step_seconds=int(STEP.total_seconds()),
                       start=grid.index[0], values=grid.to_numpy(), quantile=0.9, horizon=2,
                       previous=None)
+
+
+def _ended(pid: int) -> bool:
+    """No such process, or a zombie nobody reaps yet (a container's init may not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _ended(pid):
             return True
         time.sleep(0.05)
     return False
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+    return value
+
+
+@pytest.fixture
+def deaths() -> queue.Queue[str]:
+    return queue.Queue()
+
+
+@pytest.fixture
+def pool(deaths: queue.Queue[str]) -> Iterator[FitPool]:
+    pool = FitPool(1)
+    pool.notify_deaths(deaths.put)
+    yield pool
+    pool.shutdown()
 
 
 def test_a_worker_process_fits_at_low_priority_and_shutdown_ends_it() -> None:
@@ -46,6 +90,149 @@ def test_a_worker_process_fits_at_low_priority_and_shutdown_ends_it() -> None:
     finally:
         pool.shutdown()
     assert _gone(pid), "shutdown left the worker process running"
+
+
+def _kill_when_spawned(pool: FitPool, fit: Future[FallbackFit], before: list[int]) -> int:
+    """kill -9 the worker a fit spawned (booting or fitting: the fit is in flight)."""
+    (pid,) = _wait_for(lambda: [p for p in pool.pids() if p not in before])
+    assert not fit.done()
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_worker_killed_in_a_fit_is_replaced_and_the_fit_tried_again(
+    pool: FitPool, deaths: queue.Queue[str]
+) -> None:
+    request = _request()
+    fit = pool.submit(request)
+    killed = _kill_when_spawned(pool, fit, [])
+    assert fit.result(timeout=120).model.name == "seasonal_naive"
+    assert deaths.get_nowait() == f"fit worker process {killed} was killed by signal 9 (SIGKILL)"
+    assert pool.deaths == 1 and pool.problem() is None
+    (replacement,) = pool.pids()
+    assert replacement != killed
+    assert pool.submit(request).result(timeout=120).model.name == "seasonal_naive"
+    assert pool.pids() == [replacement] and deaths.empty()
+
+
+def test_a_fit_whose_worker_dies_twice_fails_with_both_causes(
+    pool: FitPool, deaths: queue.Queue[str]
+) -> None:
+    fit = pool.submit(_request())
+    first = _kill_when_spawned(pool, fit, [])
+    second = _kill_when_spawned(pool, fit, [first])
+    with pytest.raises(FitWorkerDied) as died:
+        fit.result(timeout=60)
+    assert died.value.deaths == (WorkerDeath(first, -9), WorkerDeath(second, -9))
+    assert str(died.value) == (
+        f"its worker process died on each of 2 tries: fit worker process {first} was killed "
+        f"by signal 9 (SIGKILL); then fit worker process {second} was killed by signal 9 "
+        "(SIGKILL)"
+    )
+    assert [deaths.get_nowait(), deaths.get_nowait()] == [str(d) for d in died.value.deaths]
+    assert pool.submit(_request()).result(timeout=120).model.name == "seasonal_naive"
+    assert pool.deaths == 2 and pool.problem() is None
+
+
+def test_a_worker_that_died_idle_is_replaced_at_the_next_fit(
+    pool: FitPool, deaths: queue.Queue[str]
+) -> None:
+    pool.submit(_request()).result(timeout=120)
+    (idle,) = pool.pids()
+    os.kill(idle, signal.SIGTERM)  # as `kill` would: an exit status other than SIGKILL's
+    assert _gone(idle)
+    assert pool.submit(_request()).result(timeout=120).model.name == "seasonal_naive"
+    assert deaths.get(timeout=5) == f"fit worker process {idle} was killed by signal 15 (SIGTERM)"
+    assert pool.deaths == 1 and pool.pids() != [idle]
+
+
+class Flaky:
+    """Real spawned workers, except while `failing`: then no executor can be built."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def __call__(self) -> Executor:
+        if self.failing:
+            raise OSError(11, "Resource temporarily unavailable")
+        return spawn_workers(1)
+
+
+def test_a_pool_that_cannot_be_rebuilt_says_so_until_it_can() -> None:
+    factory = Flaky()
+    pool = FitPool(1, executor_factory=factory)
+    try:
+        fit = pool.submit(_request())
+        factory.failing = True
+        killed = _kill_when_spawned(pool, fit, [])
+        with pytest.raises(FitWorkerDied) as died:
+            fit.result(timeout=60)
+        assert str(died.value) == (
+            f"fit worker process {killed} was killed by signal 9 (SIGKILL), and no new fit "
+            "worker could be started: [Errno 11] Resource temporarily unavailable"
+        )
+        assert pool.problem() == ("the fit pool cannot start worker processes: "
+                                  "[Errno 11] Resource temporarily unavailable")
+        with pytest.raises(OSError):  # still failing: the next fit says why at once
+            pool.submit(_request()).result(timeout=60)
+        factory.failing = False
+        assert pool.submit(_request()).result(timeout=120).model.name == "seasonal_naive"
+        assert pool.problem() is None and pool.deaths == 1
+    finally:
+        pool.shutdown()
+
+
+def test_a_given_executor_that_breaks_is_not_replaced() -> None:
+    pool = FitPool(1, executor=spawn_workers(1))
+    try:
+        fit = pool.submit(_request())
+        _kill_when_spawned(pool, fit, [])
+        with pytest.raises(FitWorkerDied, match="it has no executor_factory"):
+            fit.result(timeout=60)
+        problem = pool.problem()
+        assert problem is not None and "executor_factory" in problem
+    finally:
+        pool.shutdown()
+
+
+def test_submit_after_shutdown_raises() -> None:
+    pool = FitPool(1, executor=ThreadPoolExecutor(1))
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(_request())
+
+
+WATCHED = """
+import os, sys, threading
+from forecaster.fitting import watch_parent
+watch_parent(os.getppid(), poll_seconds=0.05)
+print("watching", flush=True)
+threading.Event().wait()
+"""
+
+PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_without_the_parent_death_signal_a_watch_thread_ends_the_orphan() -> None:
+    with subprocess.Popen([sys.executable, "-c", PARENT, WATCHED], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            assert not _ended(child)
+            parent.kill()
+            parent.wait(10)
+            assert _gone(child, timeout=5), "the orphan outlived its parent"
+        finally:
+            parent.kill()
+            if not _ended(child):
+                os.kill(child, signal.SIGKILL)
 
 
 def test_a_thread_pool_stands_in_and_fits_what_a_worker_would() -> None:
