@@ -1,7 +1,7 @@
 """Fits in worker processes: what a worker is sent, what it runs, and the pool that owns them.
 
-A fit runs in a spawned process, one math thread each and at a lower priority, so that it
-never holds up the process answering KEDA; a worker ends with the process that spawned it.
+A fit runs in a spawned process, one math thread each and at the lowest CPU priority, so that
+it never holds up the process answering KEDA; a worker ends with the process that spawned it.
 The pool replaces a worker that dies, and hands the memory of replaced models back to the
 system while fits land (`FitPool.trim_if_due`).
 """
@@ -38,12 +38,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MATH_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-WORKER_NICENESS = 10
+WORKER_NICENESS = 10  # where SCHED_IDLE is refused
 TRIM_INTERVAL_SECONDS = 60.0  # at most this often, while fits land: see FitPool.trim_if_due
 FIT_TRIES = 2  # a fit whose worker dies is tried once more: twice, it may be what kills it
 PARENT_POLL_SECONDS = 0.5  # how often a worker without PR_SET_PDEATHSIG looks for its parent
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 EXIT_STATUS_WAIT_SECONDS = 1.0  # for the exit status of a worker found dead
+
+Priority = Literal["idle", "nice"]
 
 
 def pin_math_threads(*, override: bool = False) -> None:
@@ -58,6 +60,20 @@ def pin_math_threads(*, override: bool = False) -> None:
         else:
             os.environ.setdefault(name, "1")
     threadpool_limits(limits=1)
+
+
+def lower_priority(priority: Priority = "idle") -> Priority:
+    """Give this process's CPU to every other one: SCHED_IDLE ("idle", which Linux lets any
+    user set) runs it only on a core nothing else wants; nice 10 ("nice") only weighs it
+    lower, and is the fallback where SCHED_IDLE is refused. Returns the one in force."""
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except (AttributeError, OSError):  # not Linux, or refused (a seccomp profile)
+            pass
+    os.nice(WORKER_NICENESS)
+    return "nice"
 
 
 def exit_with_parent(parent: int) -> Literal["signal", "watch"]:
@@ -93,22 +109,21 @@ def watch_parent(parent: int, poll_seconds: float = PARENT_POLL_SECONDS) -> thre
     return thread
 
 
-def prepare_worker(parent: int) -> None:
-    """A fit worker's initializer: a lower priority than the process answering KEDA
-    (measured: GetMetrics during refits went from 789 to 1,845 calls/s), one math thread,
-    and an exit with the engine's process."""
-    os.nice(WORKER_NICENESS)
+def prepare_worker(priority: Priority, parent: int) -> None:
+    """A fit worker's initializer: the lowest CPU priority (measured: see bench/README.md,
+    bench_fit_priority.py), one math thread, and an exit with the engine's process."""
+    lower_priority(priority)
     pin_math_threads(override=True)
     exit_with_parent(parent)
 
 
-def spawn_workers(workers: int) -> ProcessPoolExecutor:
+def spawn_workers(workers: int, *, priority: Priority = "idle") -> ProcessPoolExecutor:
     """An executor of `workers` spawned fit worker processes (spawned on demand)."""
     return ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=prepare_worker,
-        initargs=(os.getpid(),),
+        initargs=(priority, os.getpid()),
     )
 
 

@@ -78,7 +78,7 @@ def pool(deaths: queue.Queue[str]) -> Iterator[FitPool]:
     pool.shutdown()
 
 
-def test_a_worker_process_fits_at_low_priority_and_shutdown_ends_it() -> None:
+def test_a_worker_process_fits_at_idle_priority_and_shutdown_ends_it() -> None:
     pool = FitPool(1)
     try:
         assert pool.pids() == []  # spawned on the first submit
@@ -86,10 +86,22 @@ def test_a_worker_process_fits_at_low_priority_and_shutdown_ends_it() -> None:
         assert fit.model.name == "seasonal_naive" and not fit.fell_back
         (pid,) = pool.pids()
         assert pid != os.getpid()
-        assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the engine's process keeps its own
     finally:
         pool.shutdown()
     assert _gone(pid), "shutdown left the worker process running"
+
+
+def test_workers_at_nice_10_where_asked() -> None:
+    pool = FitPool(1, executor_factory=lambda: spawn_workers(1, priority="nice"))
+    try:
+        pool.submit(_request()).result(timeout=120)
+        (pid,) = pool.pids()
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    finally:
+        pool.shutdown()
 
 
 def _kill_when_spawned(pool: FitPool, fit: Future[FallbackFit], before: list[int]) -> int:
