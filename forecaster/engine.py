@@ -59,6 +59,8 @@ class EngineListener(Protocol):
 
     def fit_worker_died(self, cause: str) -> None: ...
 
+    def spec_conflict(self, target_id: str) -> None: ...
+
 
 class _NoListener:
     def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None:
@@ -68,6 +70,9 @@ class _NoListener:
         pass
 
     def fit_worker_died(self, cause: str) -> None:
+        pass
+
+    def spec_conflict(self, target_id: str) -> None:
         pass
 
 
@@ -154,6 +159,7 @@ class Engine:
                     target.spec_conflict = spec
                     log.warning("target %s: a scaler request's trigger differs from the config "
                                 "file's; serving the config file's", target_id)
+                    self.listener.spec_conflict(target_id)
                 target.last_requested = now
                 return target
             full = len(self._targets) >= self.settings.max_targets

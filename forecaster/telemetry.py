@@ -66,6 +66,12 @@ class Telemetry:
             "Fits that failed with the requested model and fell back to a baseline.",
             registry=registry,
         )
+        self.spec_conflicts = Counter(
+            "forecaster_spec_conflicts",
+            "Scaler triggers that differ from the config file's target of the same id (the "
+            "config's is served); each differing spec is counted once.",
+            registry=registry,
+        )
         self.worker_deaths = Counter(
             "forecaster_fit_worker_deaths",
             "Fit worker processes found dead (killed by a signal, such as the OOM killer's, or "
@@ -108,6 +114,9 @@ class Telemetry:
 
     def fit_worker_died(self, cause: str) -> None:
         self.worker_deaths.inc()
+
+    def spec_conflict(self, target_id: str) -> None:
+        self.spec_conflicts.inc()
 
     # -- interfaces --------------------------------------------------------------------------
 

@@ -230,6 +230,9 @@ class Heard:
     def fit_worker_died(self, cause: str) -> None:
         pass
 
+    def spec_conflict(self, target_id: str) -> None:
+        pass
+
 
 def test_refit_now_refits_at_the_next_pass_and_run_refresh_reads_in_the_calling_thread(
     clock: Clock, source: ReplaySource

@@ -20,6 +20,7 @@ from typing import cast
 import grpc
 import pandas as pd
 import pytest
+import requests
 import yaml
 
 from forecaster.config import ConfiguredTarget, EngineSettings, Settings, load_settings
@@ -213,6 +214,33 @@ def _metric_name(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> s
     name = str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
     stub.IsActive(ref, timeout=20)
     return name
+
+
+def test_a_trigger_that_differs_from_a_configured_target_is_served_the_config_and_counted(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metadata = _metadata(prometheus.url, metricName="web-load")
+    configured = ConfiguredTarget("shop", "web", metadata)
+    service = make_service(
+        _settings((PrometheusServerConfig(url=prometheus.url),), targets=(configured,))
+    )
+    (target,) = service.engine.targets()
+    stub = stub_for(service)
+    differing = _ref(_keda({**metadata, "startupSeconds": "900"}))
+    assert stub.GetMetricSpec(differing, timeout=10).metricSpecs[0].metricName == "web-load"
+    for _ in range(3):  # KEDA's order, three polls
+        stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=differing, metricName="web-load"),
+                        timeout=15)
+        stub.IsActive(differing, timeout=10)
+    assert service.engine.get("shop/web/web-load") is target
+    assert target.spec.startup_seconds == 300  # the operator's spec is served
+    warnings = [r for r in caplog.records if "differs from the config" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    metrics = requests.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=10).text
+    assert "forecaster_spec_conflicts_total 1.0" in metrics
 
 
 def test_configured_target_is_fitted_at_start_up_and_requests_map_to_it(
