@@ -520,14 +520,18 @@ def _share(text: str, key: str) -> float:
     return value
 
 
-def _stabilization(text: str, key: str) -> int:
-    seconds = parse_duration(text, key)
-    if seconds > MAX_STABILIZATION_SECONDS:
+def _at_most(seconds: int, limit: int, text: str, key: str, why: str = "") -> int:
+    """`seconds`, or InvalidInputError naming `key` and the bound when over `limit`."""
+    if seconds > limit:
         raise InvalidInputError(
-            key, f"must be at most {format_duration(MAX_STABILIZATION_SECONDS)!r} (the HPA's "
-            f"own limit); got {reprlib.repr(text)}",
+            key, f"must be at most {format_duration(limit)!r}{why}; got {reprlib.repr(text)}"
         )
     return seconds
+
+
+def _stabilization(text: str, key: str) -> int:
+    seconds = parse_duration(text, key)
+    return _at_most(seconds, MAX_STABILIZATION_SECONDS, text, key, " (the HPA's own limit)")
 
 
 def _positive_duration(text: str, key: str) -> int:
@@ -538,24 +542,15 @@ def _positive_duration(text: str, key: str) -> int:
 
 
 def _history_window(text: str, key: str) -> int:
-    seconds = _positive_duration(text, key)
-    if seconds > MAX_HISTORY_SECONDS:
-        raise InvalidInputError(
-            key, f"must be at most {format_duration(MAX_HISTORY_SECONDS)!r}; "
-            f"got {reprlib.repr(text)}",
-        )
-    return seconds
+    return _at_most(_positive_duration(text, key), MAX_HISTORY_SECONDS, text, key)
 
 
 def _outage_horizon(text: str, key: str) -> int:
-    seconds = parse_duration(text, key)
-    if seconds > MAX_OUTAGE_HORIZON_SECONDS:
-        raise InvalidInputError(
-            key, f"must be at most {format_duration(MAX_OUTAGE_HORIZON_SECONDS)!r}: how long "
-            f"to plan from the model's forecast while Prometheus cannot be reached, '0' for not "
-            f"at all; got {reprlib.repr(text)}",
-        )
-    return seconds
+    return _at_most(
+        parse_duration(text, key), MAX_OUTAGE_HORIZON_SECONDS, text, key,
+        ": how long to plan from the model's forecast while Prometheus cannot be reached, "
+        "'0' for not at all",
+    )
 
 
 def _step(text: str, key: str) -> int:
