@@ -41,7 +41,7 @@ from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for tests.prometheus_server when run as a script
+    sys.path.insert(0, str(ROOT))  # for tests.support when run as a script
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -63,7 +63,7 @@ def log(message: str) -> None:
 def write_history(targets: int, path: Path) -> None:
     """`bench_requests{target="i"}`: the trace times (1 + i / targets), 14 days back to 2 hours
     ahead, a sample a minute (so instant queries always find one)."""
-    from tests.prometheus_server import load_trace
+    from tests.support.prometheus import load_trace
 
     grid = load_trace(TRACE).resample("5min").mean().ffill().bfill()
     end = pd.Timestamp(datetime.now(UTC)).floor("5min") + pd.Timedelta(hours=2)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from forecaster.config import ConfiguredTarget, EngineSettings, Settings
     from forecaster.service import Service
     from forecaster.sources.prometheus import PrometheusServerConfig
-    from tests.prometheus_server import PrometheusServer, backfill
+    from tests.support.prometheus import PrometheusServer, backfill
 
     with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp:
         root = Path(tmp)

@@ -90,7 +90,7 @@ from typing import Any  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for tests.prometheus_server when run as a script
+    sys.path.insert(0, str(ROOT))  # for tests.support when run as a script
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -133,7 +133,7 @@ class Fleet:
 
     @classmethod
     def from_trace(cls, targets: int, series: int) -> Fleet:
-        from tests.prometheus_server import load_trace
+        from tests.support.prometheus import load_trace
 
         grid = load_trace(TRACE).resample(f"{STEP}s").mean().ffill().bfill()
         return cls(grid.to_numpy(dtype=float), targets, min(series, targets))
@@ -622,7 +622,7 @@ class Bench:
             fleet = Fleet.from_trace(args.targets, args.series or args.targets)
             self.notes.append(f"history from memory (--no-prometheus), {fleet.series} series")
             return fleet, REPLAY_ADDRESS, ReplaySource(fleet)
-        from tests.prometheus_server import PrometheusServer, PrometheusServerError, backfill
+        from tests.support.prometheus import PrometheusServer, PrometheusServerError, backfill
 
         self.prometheus = PrometheusServer(workdir=self.workdir / "prometheus")
         stamps = sample_times(time.time())

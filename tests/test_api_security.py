@@ -40,8 +40,8 @@ from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError
 from forecaster.service import Service
 from forecaster.targets import SourceRegistry, TargetResolver
-from tests.prometheus_server import PrometheusServer
-from tests.rest_support import (
+from tests.support.prometheus import PrometheusServer
+from tests.support.rest import (
     WEB_QUERY,
     assert_error,
     make_blocks,

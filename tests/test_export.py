@@ -1,5 +1,5 @@
 """`forecaster export` against a real Prometheus holding the bundled trace (see
-tests/fixtures_prometheus.py), run as a user runs it: a subprocess, its CSV, its exit code.
+tests/conftest.py), run as a user runs it: a subprocess, its CSV, its exit code.
 
 The CSV it writes is then fed to `forecaster backtest`, the command it exists for. Bad flags
 are checked in-process through the same `main` (each subprocess costs seconds of imports), and
@@ -23,7 +23,7 @@ import pytest
 from forecaster.cli import main
 from forecaster.errors import InvalidInputError
 from forecaster.export import check_output_path, format_value, parse_header, write_csv
-from tests.prometheus_server import PrometheusServer
+from tests.support.prometheus import PrometheusServer
 
 QUERY = 'demo_requests{instance="a"}'  # the trace itself; instance "b" holds half of it
 DAYS_TO_EXPORT = 9

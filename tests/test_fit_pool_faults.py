@@ -23,7 +23,7 @@ from forecaster.fitting import FitPool, spawn_workers
 from forecaster.service import Service
 from forecaster.sources.replay import ReplaySource
 from forecaster.target import Target
-from tests.rest_support import assert_error
+from tests.support.rest import assert_error
 
 DATA = Path(__file__).parent.parent / "data"
 QUERY = "aws_elb_request_count_8c0756"

@@ -47,14 +47,14 @@ from forecaster.spec import (
     TriggerSpec,
     parse_trigger_metadata,
 )
-from tests.prometheus_server import PrometheusServer
+from tests.support.prometheus import PrometheusServer
 
 ROOT = Path(__file__).parent.parent
 KEDA = ROOT / "keda"
 TLS = KEDA / "examples" / "tls"
 METRICS_API = KEDA / "examples" / "metrics-api"
 YAML_FILES = sorted(KEDA.rglob("*.yaml"))
-TEST_QUERY = "sum(demo_requests)"  # what the test Prometheus holds (tests/fixtures_prometheus.py)
+TEST_QUERY = "sum(demo_requests)"  # what the test Prometheus holds (tests/conftest.py)
 # KEDA's authentication parameters for the external scaler (keda.sh/docs/2.17/scalers/external).
 KEDA_TLS_PARAMETERS = {"caCert", "tlsClientCert", "tlsClientKey"}
 

@@ -41,8 +41,8 @@ from forecaster.target import (
     outage_plan,
     outage_quantile,
 )
-from tests.prometheus_server import PrometheusServer
-from tests.rest_support import make_blocks
+from tests.support.prometheus import PrometheusServer
+from tests.support.rest import make_blocks
 from tests.test_scaler_service import Clock, scaled_object_ref, scaler_settings, wait_until
 
 STEP = 300

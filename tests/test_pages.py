@@ -24,7 +24,7 @@ from forecaster.plots import PNG_MAGIC, PlotCache, PlotData, render
 from forecaster.service import Service
 from forecaster.spec import parse_trigger_metadata
 from tests import test_telemetry
-from tests.prometheus_server import PrometheusServer
+from tests.support.prometheus import PrometheusServer
 from tests.test_scaler_service import scaled_object_ref, scaler_settings, wait_until
 from tests.test_telemetry import MODEL, Live
 

@@ -30,10 +30,7 @@ from forecaster.sources.prometheus import (
     PrometheusServerConfig,
     PrometheusSource,
 )
-from tests.prometheus_server import PrometheusServer, PrometheusServerError, write_openmetrics
-
-# Registers the `prometheus` fixtures when no conftest does; harmless when one does too.
-pytest_plugins = ["tests.fixtures_prometheus"]
+from tests.support.prometheus import PrometheusServer, PrometheusServerError, write_openmetrics
 
 SERIES_A = 'demo_requests{instance="a"}'
 TOKEN = "tok-S3CRET-4f9a"

@@ -38,8 +38,8 @@ from forecaster.series import to_grid
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
 from forecaster.target import BAND_QUANTILES
-from tests.prometheus_server import PrometheusServer
-from tests.rest_support import (
+from tests.support.prometheus import PrometheusServer
+from tests.support.rest import (
     CLOSED_SERVER,
     MULTI_QUERY,
     NAN_QUERY,

@@ -27,9 +27,9 @@ from schemathesis.specs.openapi.checks import (
 from forecaster.api.openapi import openapi_document
 from forecaster.config import ConfiguredTarget
 from forecaster.service import Service
-from tests.prometheus_server import PrometheusServer
-from tests.rest_support import error_of, make_blocks, metadata, wait_for
-from tests.rest_support import settings as service_settings
+from tests.support.prometheus import PrometheusServer
+from tests.support.rest import error_of, make_blocks, metadata, wait_for
+from tests.support.rest import settings as service_settings
 
 MAX_EXAMPLES = 12
 
@@ -109,7 +109,7 @@ def errors_are_one_json_shape(ctx: CheckContext, response: Any, case: Any) -> bo
 
 
 class _Answer:
-    """The bits of a requests.Response that rest_support.error_of reads."""
+    """The bits of a requests.Response that tests.support.rest.error_of reads."""
 
     def __init__(self, status: int, headers: dict[str, str], text: str) -> None:
         self.status_code = status

@@ -26,8 +26,8 @@ from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.series import to_grid
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
-from tests.prometheus_server import PrometheusServer
-from tests.rest_support import make_blocks
+from tests.support.prometheus import PrometheusServer
+from tests.support.rest import make_blocks
 
 STEP = 300
 SECRET = "s3cr3t-token-do-not-log"

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from forecaster.cli import main
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
-from tests.prometheus_server import PrometheusServer, backfill, write_openmetrics
+from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
 
 TOKEN = "serve-cli-bearer-token-0xfeed"
 LOAD = 12.5

@@ -29,7 +29,7 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig
-from tests.prometheus_server import (
+from tests.support.prometheus import (
     PrometheusServer,
     backfill,
     held_each_minute,

@@ -27,8 +27,8 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.target import Target, freshness_limit, target_labels
-from tests.prometheus_server import PrometheusServer, write_openmetrics
-from tests.rest_support import live_trace
+from tests.support.prometheus import PrometheusServer, write_openmetrics
+from tests.support.rest import live_trace
 from tests.test_scaler_service import scaled_object_ref, scaler_settings, wait_until
 
 DASHBOARD = Path(__file__).parent.parent / "keda" / "grafana-dashboard.json"
@@ -54,7 +54,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def prometheus_now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    """The trace from 14 days ago to 2 hours ahead (see rest_support.live_trace), so
+    """The trace from 14 days ago to 2 hours ahead (see tests.support.rest.live_trace), so
     instant queries find a value however long the session has run."""
     root = tmp_path_factory.mktemp("telemetry-prom")
     write_openmetrics(live_trace(datetime.now(UTC)), "web_requests", root / "web.om",

@@ -44,7 +44,7 @@ from forecaster.config import load_settings, with_overrides
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
-from tests.prometheus_server import PrometheusServer, backfill, write_openmetrics
+from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
 
 QUERY = 'sum(replica_requests{job="replicas"})'
 METRIC = "web-load"

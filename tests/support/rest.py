@@ -16,9 +16,9 @@ import requests
 
 from forecaster.config import ApiSettings, ConfiguredTarget, EngineSettings, Settings
 from forecaster.sources.prometheus import PrometheusServerConfig
-from tests.prometheus_server import backfill, held_each_minute, load_trace, write_openmetrics
+from tests.support.prometheus import backfill, held_each_minute, load_trace, write_openmetrics
 
-TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
+TRACE = Path(__file__).parents[2] / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = 300
 WEB_QUERY = 'sum(web_requests{job="web"})'
 MULTI_QUERY = "multi_requests"

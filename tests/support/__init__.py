@@ -1,0 +1,1 @@
+"""Helpers the tests share: a real Prometheus, REST clients, scaler builders, waiting."""
