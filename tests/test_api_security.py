@@ -48,8 +48,8 @@ from tests.support.rest import (
     metadata,
     settings,
     strict_json,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 TOKEN = "api-t0ken-never-shown"
 SCRAPE = "scrape-t0ken-never-shown"
@@ -150,7 +150,7 @@ def secured(security_prometheus: PrometheusServer) -> Iterator[Served]:
     config = settings(url, targets=(web,), api_token=TOKEN, metrics_token=SCRAPE,
                       allow_queries=True)
     with _serving(config) as served:
-        wait_for(lambda: served.service.engine.get(WEB).snapshot.forecast is not None)
+        wait_for(lambda: served.service.engine.get(WEB).snapshot.forecast is not None, timeout=90)
         yield served
 
 

@@ -20,6 +20,7 @@ from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import freshness_limit
 from forecaster.windows import Window
+from tests.support.waiting import wait_for
 
 DATA = Path(__file__).parent.parent / "data"
 AWS = "aws_elb_request_count_8c0756"
@@ -56,12 +57,6 @@ def source() -> ReplaySource:
     return ReplaySource.from_folder(DATA)
 
 
-def _wait_for_forecast(engine: Engine, target_id: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.get(target_id).snapshot.forecast is None:
-        assert time.monotonic() < deadline, "no forecast in time"
-        time.sleep(0.05)
-
 
 def test_a_configured_target_keeps_its_spec_when_a_request_differs(
     engine: Engine, source: ReplaySource, caplog: pytest.LogCaptureFixture
@@ -88,7 +83,7 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
 ) -> None:
     engine.ensure_target("demo/aws/idle", SPEC, source)
     engine.ensure_target("demo/aws/kept", SPEC, source, configured=True)
-    _wait_for_forecast(engine, "demo/aws/idle")
+    wait_for(lambda: engine.get("demo/aws/idle").snapshot.forecast is not None, timeout=30)
     clock.ahead = 120
     engine.tick()
     assert [t.target_id for t in engine.targets()] == ["demo/aws/kept"]
@@ -98,7 +93,7 @@ def test_a_forecast_from_history_that_stopped_advancing_is_not_served(
     engine: Engine, source: ReplaySource
 ) -> None:
     target = engine.ensure_target("demo/aws/m", SPEC, source)
-    _wait_for_forecast(engine, "demo/aws/m")
+    wait_for(lambda: engine.get("demo/aws/m").snapshot.forecast is not None, timeout=30)
     assert engine.serve("demo/aws/m").mode == "forecast"
     # The current value keeps arriving but the grid does not: past the freshness limit the
     # model's origin is too far behind, so the engine plans reactively and says why.
@@ -116,7 +111,7 @@ def test_a_refresh_without_new_points_reuses_the_forecast_and_floors_at_the_load
     engine: Engine, source: ReplaySource
 ) -> None:
     target = engine.ensure_target("demo/aws/m", SPEC, source)
-    _wait_for_forecast(engine, "demo/aws/m")
+    wait_for(lambda: engine.get("demo/aws/m").snapshot.forecast is not None, timeout=30)
     before = target.snapshot
     assert before.forecast is not None and before.current_time is not None
     assert before.planned is not None
@@ -153,7 +148,7 @@ def test_a_scheduled_minimum_raises_the_plan_only_while_its_window_meets_the_lea
     later = Window(now + lead + 600, now + 7200, replicas=90)
     spec = replace(SPEC, scheduled_min_replicas=(soon, later))
     target = engine.ensure_target("demo/aws/event", spec, source)
-    _wait_for_forecast(engine, "demo/aws/event")
+    wait_for(lambda: engine.get("demo/aws/event").snapshot.forecast is not None, timeout=30)
     engine.observe("demo/aws/event", NO_POINTS, (now, 1.0))
     planned = target.snapshot.planned
     assert planned is not None and planned.scheduled_minimum == 40 * SPEC.target_value
@@ -182,13 +177,13 @@ def test_excluded_windows_reach_the_model_as_missing_and_only_those(source: Repl
     engine = Engine(EngineSettings(refresh_seconds=3600), fit_pool=pool)
     try:
         plain = engine.ensure_target("demo/aws/plain", SPEC, source)
-        _wait_for_forecast(engine, "demo/aws/plain")
+        wait_for(lambda: engine.get("demo/aws/plain").snapshot.forecast is not None, timeout=30)
         history = plain.buffer.series()
         start, end = history.index[-100], history.index[-90]
         window = Window(start.timestamp(), end.timestamp())
         spec = replace(SPEC, exclude_from_training=(window,))
         engine.ensure_target("demo/aws/excluded", spec, source)
-        _wait_for_forecast(engine, "demo/aws/excluded")
+        wait_for(lambda: engine.get("demo/aws/excluded").snapshot.forecast is not None, timeout=30)
     finally:
         engine.stop()
     by_length = {len(r.values): r for r in pool.requests}
@@ -207,7 +202,7 @@ def test_the_target_time_zone_reaches_its_fits(source: ReplaySource) -> None:
     try:
         target = engine.ensure_target("demo/aws/paris", replace(SPEC, time_zone="Europe/Paris"),
                                       source)
-        _wait_for_forecast(engine, "demo/aws/paris")
+        wait_for(lambda: engine.get("demo/aws/paris").snapshot.forecast is not None, timeout=30)
     finally:
         engine.stop()
     assert [r.time_zone for r in pool.requests] == ["Europe/Paris"]

@@ -10,8 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from forecaster.service import Service
 from forecaster.sources.replay import ReplaySource
 from forecaster.target import Target
 from tests.support.rest import assert_error
+from tests.support.waiting import wait_for
 
 DATA = Path(__file__).parent.parent / "data"
 QUERY = "aws_elb_request_count_8c0756"
@@ -40,14 +40,6 @@ def _settings() -> Settings:
                               first_value_wait_seconds=20.0),
         targets=(WEB,), grpc_port=0, http_port=0, host="127.0.0.1",
     )
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"not in {timeout:g}s: {what}"
-        time.sleep(0.05)
-    return value
 
 
 def gone(pid: int) -> bool:
@@ -76,7 +68,7 @@ def the_target(service: Service) -> Target:
 
 def kill_the_worker_in_flight(service: Service) -> int:
     """kill -9 the worker as soon as the first fit has spawned it (booting, or fitting)."""
-    (pid,) = wait_until(service.engine.fits.pids, what="a fit worker")
+    (pid,) = wait_for(service.engine.fits.pids, what="a fit worker", timeout=60)
     assert the_target(service).fits == 0 and the_target(service).fit_pending
     os.kill(pid, signal.SIGKILL)
     return pid
@@ -97,7 +89,7 @@ def test_a_worker_killed_in_a_fit_is_replaced_the_fit_lands_and_the_death_is_cou
     with started(FitPool(1)) as (service, base):
         killed = kill_the_worker_in_flight(service)
         target = the_target(service)
-        wait_until(lambda: target.fits == 1, what="the retried fit")
+        wait_for(lambda: target.fits == 1, what="the retried fit", timeout=60)
         assert target.fit_failures == 0 and target.snapshot.forecast is not None
         assert metric(base, "forecaster_fit_worker_deaths_total") == 1.0
         assert metric(base, 'forecaster_fits_total{outcome="ok"}') == 1.0
@@ -106,7 +98,7 @@ def test_a_worker_killed_in_a_fit_is_replaced_the_fit_lands_and_the_death_is_cou
         assert replacement != killed and gone(killed)
 
         service.engine.refit_now(target.target_id)  # later fits work on the new worker
-        wait_until(lambda: target.fits == 2, what="a later fit")
+        wait_for(lambda: target.fits == 2, what="a later fit", timeout=60)
         assert service.engine.fits.pids() == [replacement]
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
         assert metric(base, "forecaster_fit_worker_deaths_total") == 1.0
@@ -132,7 +124,7 @@ def test_a_pool_that_cannot_be_rebuilt_fails_the_fit_with_its_cause_and_healthz(
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
         killed = kill_the_worker_in_flight(service)
         target = the_target(service)
-        wait_until(lambda: target.fit_failures == 1, what="the fit counted as failed")
+        wait_for(lambda: target.fit_failures == 1, what="the fit counted as failed", timeout=60)
         status = status_of_target(base)
         assert status["fits"]["failures"] == 1 and status["fits"]["count"] == 0
         error = status["lastError"]
@@ -178,7 +170,7 @@ def test_killing_the_engines_process_ends_its_fit_worker() -> None:
             assert not gone(worker)
             engine.kill()
             engine.wait(10)
-            wait_until(lambda: gone(worker), timeout=5, what="the orphaned worker's exit")
+            wait_for(lambda: gone(worker), timeout=5, what="the orphaned worker's exit")
         finally:
             engine.kill()
             if worker is not None and not gone(worker):

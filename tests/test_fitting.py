@@ -9,10 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -27,6 +26,7 @@ from forecaster.fitting import (
 )
 from forecaster.models import FallbackFit
 from forecaster.series import read_csv, to_grid
+from tests.support.waiting import wait_for
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 STEP = pd.Timedelta(minutes=5)
@@ -55,14 +55,6 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture
@@ -106,7 +98,7 @@ def test_workers_at_nice_10_where_asked() -> None:
 
 def _kill_when_spawned(pool: FitPool, fit: Future[FallbackFit], before: list[int]) -> int:
     """kill -9 the worker a fit spawned (booting or fitting: the fit is in flight)."""
-    (pid,) = _wait_for(lambda: [p for p in pool.pids() if p not in before])
+    (pid,) = wait_for(lambda: [p for p in pool.pids() if p not in before], timeout=60)
     assert not fit.done()
     os.kill(pid, signal.SIGKILL)
     return pid

@@ -48,6 +48,7 @@ from forecaster.spec import (
     parse_trigger_metadata,
 )
 from tests.support.prometheus import PrometheusServer
+from tests.support.waiting import wait_for_call
 
 ROOT = Path(__file__).parent.parent
 KEDA = ROOT / "keda"
@@ -481,21 +482,16 @@ def service(
     started.stop()
 
 
-def _until(call: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """call() once it stops raising UNAVAILABLE (the first refresh is still on its way)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            if exc.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-        time.sleep(0.2)
+
+def _unavailable(exc: Exception) -> bool:
+    """UNAVAILABLE: the first refresh is still on its way."""
+    return isinstance(exc, grpc.RpcError) and exc.code() is grpc.StatusCode.UNAVAILABLE
 
 
 def _metrics(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef, name: str) -> float:
     request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
-    (value,) = _until(lambda: stub.GetMetrics(request, timeout=10)).metricValues
+    (value,) = wait_for_call(lambda: stub.GetMetrics(request, timeout=10), timeout=30,
+                             retry=_unavailable, what="GetMetrics").metricValues
     return float(value.metricValueFloat)
 
 

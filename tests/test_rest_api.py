@@ -50,8 +50,8 @@ from tests.support.rest import (
     metadata,
     settings,
     strict_json,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 WEB = "shop/web/web-rps"  # configured
 API = "shop/api/api-rps"  # registered over gRPC
@@ -93,7 +93,8 @@ def service(rest_prometheus: PrometheusServer) -> Iterator[Service]:
                                                    metricName="api-rps"))
         _register(service, "shop", "nan", metadata(url, query=NAN_QUERY, metricName="nan-rps"))
         for tid in (WEB, API, SLASH):
-            wait_for(lambda tid=tid: service.engine.get(tid).snapshot.forecast is not None)
+            wait_for(lambda tid=tid: service.engine.get(tid).snapshot.forecast is not None,
+                     timeout=90)
         yield service
     finally:
         service.stop()

@@ -28,8 +28,9 @@ from forecaster.api.openapi import openapi_document
 from forecaster.config import ConfiguredTarget
 from forecaster.service import Service
 from tests.support.prometheus import PrometheusServer
-from tests.support.rest import error_of, make_blocks, metadata, wait_for
+from tests.support.rest import error_of, make_blocks, metadata
 from tests.support.rest import settings as service_settings
+from tests.support.waiting import wait_for
 
 MAX_EXAMPLES = 12
 
@@ -48,7 +49,8 @@ def fuzz_service(fuzz_prometheus: PrometheusServer) -> Iterator[Service]:
     service = Service(service_settings(url, targets=(web,), api_token=TOKEN, allow_queries=True))
     service.start()
     try:
-        wait_for(lambda: service.engine.get("shop/web/web-rps").snapshot.forecast is not None)
+        wait_for(lambda: service.engine.get("shop/web/web-rps").snapshot.forecast is not None,
+                 timeout=90)
         yield service
     finally:
         service.stop()

@@ -36,6 +36,7 @@ from tests.support.prometheus import (
     load_trace,
     write_openmetrics,
 )
+from tests.support.waiting import wait_for
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
 WEB = 'sum(web_requests{job="web"})'
@@ -201,14 +202,6 @@ def stub_for() -> Iterator[Callable[[Service], pb_grpc.ExternalScalerStub]]:
         channel.close()
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
-
-
 def _metric_name(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> str:
     """KEDA's first calls: the metric's name, then IsActive, which registers the target."""
     name = str(stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName)
@@ -257,7 +250,7 @@ def test_configured_target_is_fitted_at_start_up_and_requests_map_to_it(
     (target,) = service.engine.targets()
     assert target.target_id == "shop/web/web-load"
     assert target.configured
-    _wait_for(lambda: target.snapshot.forecast is not None)
+    wait_for(lambda: target.snapshot.forecast is not None, timeout=30)
     assert target.snapshot.history_points == 288  # 1d of 5m steps
 
     stub = stub_for(service)
@@ -358,7 +351,7 @@ def test_a_changed_trigger_for_the_same_scaled_object_starts_a_new_series(
         assert target is not before  # replaced, not patched
         assert target.spec.query == metadata["query"]
         assert target.spec.step_seconds == (600 if "step" in change else 300)
-        _wait_for(lambda t=target: t.snapshot.current_value is not None)  # type: ignore[misc]
+        wait_for(lambda t=target: t.snapshot.current_value is not None, timeout=30)  # type: ignore[misc]
         assert target.snapshot.history_points == points  # history fetched again on the new grid
         if value is not None:
             assert target.snapshot.current_value == value
@@ -390,19 +383,19 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
     clock.offset = 40  # nothing is idle yet
     _metric_name(stub, asked)  # asked about again at +40s
     clock.offset = 80  # forgotten: 80s idle; asked: 40s; warm: configured
-    _wait_for(lambda: len(service.engine) == 2)
+    wait_for(lambda: len(service.engine) == 2, timeout=30)
     assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {"asked", "warm"}
     assert service.engine.get(f"shop/asked/{name}").spec.query == WEB
     # Asked about again, it is registered anew, once the gRPC front has heard of the drop
     # (within a push interval; until then the call only counts as a request).
-    _wait_for(lambda: bool(_metric_name(stub, forgotten)) and len(service.engine) == 3,
+    wait_for(lambda: bool(_metric_name(stub, forgotten)) and len(service.engine) == 3,
               timeout=10 * PUSH_SECONDS)
     assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {
         "asked", "forgotten", "warm"
     }
 
     clock.offset = 1_000  # long after: only the configured target stays
-    _wait_for(lambda: len(service.engine) == 1)
+    wait_for(lambda: len(service.engine) == 1, timeout=30)
     (warm,) = service.engine.targets()
     assert warm.configured and warm.target_id.startswith("shop/warm/")
 
@@ -496,6 +489,6 @@ def test_the_configured_credentials_are_sent_to_the_server(
 
     # The file is read at each request: a rotated token is sent from the next refresh on.
     token_file.write_text("rotated-token")
-    _wait_for(lambda: proxy.requests_for(marker)[-1][1] == "Bearer rotated-token", timeout=15)
+    wait_for(lambda: proxy.requests_for(marker)[-1][1] == "Bearer rotated-token", timeout=15)
     assert TOKEN not in caplog.text
     assert TOKEN not in repr(settings)

@@ -45,6 +45,7 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
+from tests.support.waiting import wait_for
 
 QUERY = 'sum(replica_requests{job="replicas"})'
 METRIC = "web-load"
@@ -66,18 +67,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
 
-
-def _until(what: str, probe: Callable[[], T | None], timeout: float,
-           every: float = 0.2) -> T:
-    """probe()'s first result that is not None, polled until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(every)
 
 
 # -- history --------------------------------------------------------------------------------
@@ -222,12 +211,12 @@ def replicas(
     started = [_start(name, config, folder) for name in ("a", "b", "c")]
     try:
         for replica in started:
-            replica.grpc_port, replica.http_port = _until(
-                f"{replica.name} serving", replica.ports, STARTUP_SECONDS
+            replica.grpc_port, replica.http_port = wait_for(
+                replica.ports, STARTUP_SECONDS, what=f"{replica.name} serving"
             )
         for replica in started:
-            _until(f"{replica.name} ready", replica.ready_or_none, STARTUP_SECONDS)
-            _until(f"{replica.name}'s first fit", replica.fitted_or_none, STARTUP_SECONDS)
+            wait_for(replica.ready_or_none, STARTUP_SECONDS, what=f"{replica.name} ready")
+            wait_for(replica.fitted_or_none, STARTUP_SECONDS, what=f"{replica.name}'s first fit")
         yield started
     finally:
         for replica in started:
@@ -380,7 +369,7 @@ def test_replicas_agree_once_they_have_seen_the_same_newest_point(
                       _keda_round(pb_grpc.ExternalScalerStub(to_b), ref))
         return values if len(before | {a.origin(), b.origin()}) == 1 else None
 
-    planned_a, planned_b = _until("the same newest point on both replicas", agreed, 60)
+    planned_a, planned_b = wait_for(agreed, 60, what="the same newest point on both replicas")
     difference = abs(planned_a - planned_b) / max(planned_a, planned_b)
     print(f"\nplanned loads {planned_a:.4f} and {planned_b:.4f}: {difference:.4%} apart")
     assert difference < AGREEMENT, (planned_a, planned_b)
@@ -411,7 +400,7 @@ def test_readiness_stands_without_prometheus_and_falls_at_once_when_stopping(
     try:
         readyz = f"http://127.0.0.1:{service.http_port}/readyz"
         target = service.engine.get(TARGET_ID)
-        _until("a failed refresh", lambda: target.refresh_failures > 0 or None, 30)
+        wait_for(lambda: target.refresh_failures > 0 or None, 30, what="a failed refresh")
         assert requests.get(readyz, timeout=5).status_code == 200
         ref = _ref(dead)
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:

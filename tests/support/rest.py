@@ -4,8 +4,6 @@ a Service on port 0, and checks of the one JSON error shape."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,14 +82,6 @@ def settings(
         metrics_token=metrics_token,
         api=ApiSettings(allow_queries=allow_queries),
     )
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)
 
 
 def _no_constants(name: str) -> Any:
