@@ -4,6 +4,9 @@ ending now.
 The trace is written twice as `demo_requests`: `{job="demo", instance="a"}` with the trace's
 values and `{job="demo", instance="b"}` with half of them, so `demo_requests` alone is a
 multi-series answer and `sum(demo_requests)` is 1.5 times the trace.
+
+`prometheus_now` and `live` are module-scoped: each module that asks gets its own started
+service (tests.support.live).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.support import live
 from tests.support.prometheus import (
     PrometheusServer,
     backfill,
@@ -64,3 +68,17 @@ def prometheus_fresh(demo_blocks: Path, tmp_path: Path) -> Iterator[PrometheusSe
     server = PrometheusServer(blocks_dir=demo_blocks, workdir=tmp_path / "prom")
     with server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def prometheus_now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    """The trace up to two hours ahead (see tests.support.live): a module's own server."""
+    with live.prometheus_now(tmp_path_factory.mktemp("telemetry-prom")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", name="live")
+def live_fixture(prometheus_now: PrometheusServer) -> Iterator[live.Live]:
+    """A module's own started service with one forecast target (see tests.support.live)."""
+    with live.live_service(prometheus_now) as started:
+        yield started

@@ -43,7 +43,8 @@ from forecaster.target import (
 )
 from tests.support.prometheus import PrometheusServer
 from tests.support.rest import make_blocks
-from tests.test_scaler_service import Clock, scaled_object_ref, scaler_settings, wait_until
+from tests.support.scaler import Clock, scaled_object_ref, scaler_settings
+from tests.support.waiting import wait_for
 
 STEP = 300
 DATA = Path(__file__).parent.parent / "data"
@@ -199,7 +200,7 @@ def failing() -> Failing:
 
 def _started(engine: Engine, source: Failing, spec: TriggerSpec) -> str:
     engine.ensure_target("demo/aws/m", spec, source)
-    wait_until(lambda: engine.get("demo/aws/m").snapshot.forecast is not None, timeout=30)
+    wait_for(lambda: engine.get("demo/aws/m").snapshot.forecast is not None, timeout=30)
     return "demo/aws/m"
 
 
@@ -306,17 +307,17 @@ def test_prometheus_outage_serves_the_flagged_outage_plan_then_unavailable_then_
             stub.GetMetrics(request, timeout=15)
             engine = service.engine
             target = engine.get(f"shop/web/{name}")
-            wait_until(lambda: target.snapshot.forecast is not None)
+            wait_for(lambda: target.snapshot.forecast is not None, timeout=90)
             decision_url = f"{base}/api/v1/targets/shop/web/{name}/decision"
 
             def served() -> float:
                 return stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat
 
-            wait_until(lambda: served() == engine.serve(target.target_id).value, timeout=10)
+            wait_for(lambda: served() == engine.serve(target.target_id).value, timeout=10)
             assert _scrape(base)[("web", name)] == 0.0
 
             own.stop()
-            wait_until(lambda: target.snapshot.outage is not None, timeout=30)
+            wait_for(lambda: target.snapshot.outage is not None, timeout=30)
             outage = target.snapshot.outage
             assert outage is not None and outage.path is not None
             lead = target.lead_steps
@@ -327,7 +328,7 @@ def test_prometheus_outage_serves_the_flagged_outage_plan_then_unavailable_then_
                 return _reference(path.quantile(0.95), path.origin.timestamp(), clock(), lead)
 
             # GetMetrics serves the outage plan (pushed to the front within a push or so).
-            wait_until(lambda: served() == pytest.approx(expected(), rel=1e-9), timeout=10)
+            wait_for(lambda: served() == pytest.approx(expected(), rel=1e-9), timeout=10)
 
             decision = requests.get(decision_url, timeout=10)
             assert decision.status_code == 200
@@ -362,8 +363,8 @@ def test_prometheus_outage_serves_the_flagged_outage_plan_then_unavailable_then_
 
             # The same server again (same data dir and port): the service recovers by itself.
             own.start()
-            wait_until(lambda: target.snapshot.outage is None, timeout=30)
-            wait_until(lambda: engine.serve(target.target_id).mode == "forecast", timeout=30)
+            wait_for(lambda: target.snapshot.outage is None, timeout=30)
+            wait_for(lambda: engine.serve(target.target_id).mode == "forecast", timeout=30)
 
             def served_now() -> float | None:  # the front hears of the recovery a push later
                 try:
@@ -371,7 +372,7 @@ def test_prometheus_outage_serves_the_flagged_outage_plan_then_unavailable_then_
                 except grpc.RpcError:
                     return None
 
-            wait_until(lambda: served_now() == engine.serve(target.target_id).value, timeout=10)
+            wait_for(lambda: served_now() == engine.serve(target.target_id).value, timeout=10)
             assert requests.get(decision_url, timeout=10).json()["mode"] == "forecast"
             assert _scrape(base)[("web", name)] == 0.0
     finally:

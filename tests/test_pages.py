@@ -23,14 +23,10 @@ from forecaster.models import MODEL_FACTORIES
 from forecaster.plots import PNG_MAGIC, PlotCache, PlotData, render
 from forecaster.service import Service
 from forecaster.spec import parse_trigger_metadata
-from tests import test_telemetry
+from tests.support.live import MODEL, Live
 from tests.support.prometheus import PrometheusServer
-from tests.test_scaler_service import scaled_object_ref, scaler_settings, wait_until
-from tests.test_telemetry import MODEL, Live
-
-# The same fixtures as test_telemetry's (module-scoped: this module gets its own service).
-live = test_telemetry.live
-prometheus_now = test_telemetry.prometheus_now
+from tests.support.scaler import scaled_object_ref, scaler_settings
+from tests.support.waiting import wait_for
 
 EVIL_NAME = "<script>document.title='pwned'</script>"
 EVIL_QUERY = 'sum(web_requests{job="web"}) < 1e12'  # a real query with a '<' in it
@@ -56,7 +52,7 @@ def evil(live: Live) -> str:
     tid = f"shop/{EVIL_NAME}/{spec.effective_metric_name}"
     source = live.service.sources.for_address(spec.server_address)
     target = live.service.engine.ensure_target(tid, spec, source, configured=True)
-    wait_until(lambda: target.snapshot.forecast is not None, timeout=60)
+    wait_for(lambda: target.snapshot.forecast is not None, timeout=60)
     return target.target_id
 
 

@@ -28,9 +28,10 @@ from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
 from tests.support.prometheus import PrometheusServer
 from tests.support.rest import make_blocks
+from tests.support.scaler import SECRET, Clock, scaled_object_ref, scaler_settings
+from tests.support.waiting import wait_for
 
 STEP = 300
-SECRET = "s3cr3t-token-do-not-log"
 
 
 @pytest.fixture(scope="module")
@@ -46,32 +47,6 @@ def live_prometheus(
         blocks_dir=live_blocks, workdir=tmp_path_factory.mktemp("live-prom")
     ) as server:
         yield server
-
-
-class Clock:
-    """Real time plus an offset the test can move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
-def scaler_settings(url: str, **engine: float) -> Settings:
-    return Settings(
-        engine=EngineSettings(
-            refresh_seconds=engine.get("refresh_seconds", 1.0),
-            refit_seconds=3600.0,
-            fit_workers=1,
-            first_value_wait_seconds=10.0,
-        ),
-        servers=(PrometheusServerConfig(url=url, bearer_token=SECRET, timeout_seconds=2.0,
-                                        retries=1),),
-        grpc_port=0,
-        http_port=0,
-        host="127.0.0.1",
-    )
 
 
 @pytest.fixture
@@ -104,33 +79,12 @@ def stub(service: Service) -> Iterator[pb_grpc.ExternalScalerStub]:
     yield from _stub(service)
 
 
-def scaled_object_ref(url: str, **metadata: str) -> pb.ScaledObjectRef:
-    base = {
-        "serverAddress": url,
-        "query": 'sum(web_requests{job="web"})',
-        "targetValue": "16.7",
-        "model": "holt_winters",
-        "startupSeconds": "300",
-        "scalerAddress": "forecaster.autoscaling:50051",  # KEDA's own key, ignored
-    }
-    base.update(metadata)
-    return pb.ScaledObjectRef(name="web", namespace="shop", scalerMetadata=base)
-
-
 def _register(stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef) -> str:
     """KEDA's first calls: GetMetricSpec names the metric from the metadata alone, and
     GetMetrics with that name registers the target with the engine. Returns the name."""
     name: str = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
     stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=15)
     return name
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)
 
 
 def _expected_planned(url: str, query: str, model: str, quantile: float, horizon: int) -> float:
@@ -159,7 +113,7 @@ def test_keda_call_order_serves_the_planned_load(
     assert metric.targetSize == 17
     assert _register(stub, ref) == metric.metricName
     target_id = f"shop/web/{metric.metricName}"
-    wait_until(lambda: service.engine.get(target_id).snapshot.forecast is not None)
+    wait_for(lambda: service.engine.get(target_id).snapshot.forecast is not None, timeout=90)
 
     # The engine's process pushes a changed answer to the gRPC front within a quarter of a
     # second, and a 5-minute boundary may pass between the two computations: ask again for
@@ -316,20 +270,20 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
             ref = scaled_object_ref(own.url, outageHorizon="0")  # no outage forecast
             name = _register(stub, ref)
             target = service.engine.get(f"shop/web/{name}")
-            wait_until(lambda: target.snapshot.forecast is not None)  # noqa: B023
+            wait_for(lambda: target.snapshot.forecast is not None, timeout=90)  # noqa: B023
             request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name)
 
             def served() -> float:
                 return stub.GetMetrics(request, timeout=10).metricValues[0].metricValueFloat  # noqa: B023
 
             # the engine pushes the new answer to the gRPC front within a push interval
-            wait_until(lambda: served() == service.engine.serve(target.target_id).value,  # noqa: B023
+            wait_for(lambda: served() == service.engine.serve(target.target_id).value,  # noqa: B023
                       timeout=10)
             before = served()
 
             own.stop()
             failures = target.refresh_failures
-            wait_until(lambda: target.refresh_failures > failures, timeout=30)  # noqa: B023
+            wait_for(lambda: target.refresh_failures > failures, timeout=30)  # noqa: B023
             assert served() == before  # the last good forecast, while fresh
 
             clock.offset = 2 * STEP + 1  # past max(2 x refresh, 2 x step)
@@ -402,7 +356,7 @@ def test_dry_run_serves_the_current_load_and_keeps_the_decision(
         ref = scaled_object_ref(live_prometheus.url)
         name = _register(stub, ref)
         target = service.engine.get(f"shop/web/{name}")
-        wait_until(lambda: target.snapshot.forecast is not None)  # noqa: B023
+        wait_for(lambda: target.snapshot.forecast is not None, timeout=90)  # noqa: B023
         served = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
                                  timeout=10).metricValues[0].metricValueFloat
         decision = target.snapshot.planned

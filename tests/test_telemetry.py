@@ -11,8 +11,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -27,77 +25,12 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.target import Target, freshness_limit, target_labels
-from tests.support.prometheus import PrometheusServer, write_openmetrics
-from tests.support.rest import live_trace
-from tests.test_scaler_service import scaled_object_ref, scaler_settings, wait_until
+from tests.support.live import MODEL, Live, scrape
+from tests.support.prometheus import PrometheusServer
+from tests.support.scaler import scaled_object_ref, scaler_settings
+from tests.support.waiting import wait_for
 
 DASHBOARD = Path(__file__).parent.parent / "keda" / "grafana-dashboard.json"
-MODEL = "seasonal_naive"  # the cheapest real model: the tests are about what is exported
-
-
-@dataclass
-class Live:
-    """A started service with one target that has its first forecast."""
-
-    service: Service
-    stub: pb_grpc.ExternalScalerStub
-    prometheus: PrometheusServer
-    target: Target
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.service.http_port}"
-
-    def ref(self, **metadata: str) -> pb.ScaledObjectRef:
-        return scaled_object_ref(self.prometheus.url, model=MODEL, **metadata)
-
-
-@pytest.fixture(scope="module")
-def prometheus_now(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
-    """The trace from 14 days ago to 2 hours ahead (see tests.support.rest.live_trace), so
-    instant queries find a value however long the session has run."""
-    root = tmp_path_factory.mktemp("telemetry-prom")
-    write_openmetrics(live_trace(datetime.now(UTC)), "web_requests", root / "web.om",
-                      {"job": "web"})
-    with PrometheusServer([root / "web.om"], workdir=root / "server") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def live(prometheus_now: PrometheusServer) -> Iterator[Live]:
-    fits = ThreadPoolExecutor(1, thread_name_prefix="test-fit")  # no process spawn: faster
-    service = Service(scaler_settings(prometheus_now.url), fit_pool=fits)
-    service.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-            stub = pb_grpc.ExternalScalerStub(channel)
-            ref = scaled_object_ref(prometheus_now.url, model=MODEL)
-            name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
-            stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=20)
-            target = service.engine.get(f"shop/web/{name}")
-            wait_until(lambda: target.snapshot.forecast is not None, timeout=60)
-            live = Live(service, stub, prometheus_now, target)
-            # The front reports its call counts every half second: tests that count calls
-            # start once the registering call above is in.
-            wait_until(lambda: any(
-                s.labels.get("method") == "GetMetrics" and s.value >= 1
-                for s in scrape(live).get("forecaster_requests_total", [])), timeout=10)
-            yield live
-    finally:
-        service.stop()
-        fits.shutdown(wait=True, cancel_futures=True)
-
-
-def scrape(live: Live) -> dict[str, list[Sample]]:
-    """GET /metrics, parsed by prometheus_client's own parser: samples by sample name."""
-    response = requests.get(f"{live.base}/metrics", timeout=10)
-    assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    samples: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
 
 
 def value(samples: dict[str, list[Sample]], name: str, /, **labels: str) -> float:
@@ -268,7 +201,7 @@ def test_a_new_target_reports_the_reactive_fallback_until_its_first_fit(
             name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
             stub.IsActive(ref, timeout=20)  # KEDA's next calls register the target
             target = service.engine.get(f"shop/web/{name}")
-            wait_until(lambda: target.snapshot.planned is not None, timeout=30)
+            wait_for(lambda: target.snapshot.planned is not None, timeout=30)
             live = Live(service, stub, prometheus_now, target)
             samples = scrape(live)
         ids = {"namespace": "shop", "name": "web", "metric": name}
