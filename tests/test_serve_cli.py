@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from forecaster.cli import main
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
+from tests.support.waiting import wait_for
 
 TOKEN = "serve-cli-bearer-token-0xfeed"
 LOAD = 12.5
@@ -74,41 +76,37 @@ def _metadata(url: str) -> dict[str, str]:
     }
 
 
-def _wait_until_serving(process: subprocess.Popen[bytes], grpc_port: int, http_port: int,
-                        log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz",
-                                            timeout=1) as response:
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING and (
-                        response.status == 200
-                    ):
-                        return
-            except (grpc.RpcError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"serve not ready in {STARTUP_SECONDS}s:\n{log.read_text()}")
-            time.sleep(0.2)
+def _serving(process: subprocess.Popen[bytes], health: health_pb2_grpc.HealthStub,
+             http_port: int) -> bool:
+    """Both servers answer healthy; AssertionError at once if serve has exited."""
+    if process.poll() is not None:
+        raise AssertionError(f"serve exited with {process.returncode}")
+    try:
+        answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz",
+                                    timeout=1) as response:
+            return answer.status == health_pb2.HealthCheckResponse.SERVING and (
+                response.status == 200
+            )
+    except (grpc.RpcError, OSError):
+        return False
 
 
-def _wait_for_first_fit(http_port: int, log: Path) -> None:
-    """Until the configured target's first fit is done (in a worker process)."""
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        url = f"http://127.0.0.1:{http_port}/api/v1/targets"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            (target,) = json.loads(response.read())["targets"]
-        if target["fits"]["count"] >= 1:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no fit in {STARTUP_SECONDS}s: {target}\n{log.read_text()}")
-        time.sleep(0.2)
+def _fits(http_port: int) -> int:
+    """The configured target's fits so far (each in a worker process)."""
+    url = f"http://127.0.0.1:{http_port}/api/v1/targets"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        (target,) = json.loads(response.read())["targets"]
+    return int(target["fits"]["count"])
+
+
+@contextmanager
+def _log_on_failure(log: Path) -> Iterator[None]:
+    """A failed wait's message, followed by what serve logged."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()}") from None
 
 
 def test_serve_answers_keda_and_stops_gracefully_on_sigterm(
@@ -133,7 +131,10 @@ def test_serve_answers_keda_and_stops_gracefully_on_sigterm(
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=_env(),
         )
     try:
-        _wait_until_serving(process, grpc_port, http_port, log)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel, _log_on_failure(log):
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(lambda: _serving(process, health, http_port), STARTUP_SECONDS,
+                     what="serve ready", every=0.2)
         ref = pb.ScaledObjectRef(
             namespace="shop", name="web",
             scalerMetadata={**_metadata(prometheus.url), "scalerAddress": "forecaster:50051"},
@@ -149,7 +150,9 @@ def test_serve_answers_keda_and_stops_gracefully_on_sigterm(
             assert value.metricValue == 13
             # The first fit runs in a worker process; once done, the forecast is served. (A fit
             # still running at SIGTERM is waited for at exit: not what this test measures.)
-            _wait_for_first_fit(http_port, log)
+            with _log_on_failure(log):
+                wait_for(lambda: _fits(http_port) >= 1, STARTUP_SECONDS, what="the first fit",
+                         every=0.2)
             (value,) = stub.GetMetrics(request, timeout=15).metricValues
             assert value.metricValueFloat == pytest.approx(LOAD)
 
