@@ -40,7 +40,12 @@ import yaml
 
 from forecaster.durations import parse_duration
 from forecaster.errors import InvalidInputError
-from forecaster.sources.prometheus import DEFAULT_MAX_REPLY_BYTES, PrometheusServerConfig
+from forecaster.sources.prometheus import (
+    DEFAULT_MAX_CONCURRENT_QUERIES,
+    DEFAULT_MAX_REPLY_BYTES,
+    MAX_CONCURRENT_QUERIES_LIMIT,
+    PrometheusServerConfig,
+)
 
 ENV_PREFIX = "FORECASTER_"
 
@@ -364,13 +369,13 @@ def _env_secret(name: Any, where: str, env: Mapping[str, str]) -> str:
 
 SERVER_KEYS = (
     "url", "bearerTokenFile", "bearerTokenEnv", "basicAuth", "headers", "caFile",
-    "insecureSkipVerify", "timeout", "retries", "maxReplyBytes",
+    "insecureSkipVerify", "timeout", "retries", "maxReplyBytes", "maxConcurrentQueries",
 )
 # PrometheusServerConfig's field names, as the config file spells them.
 _SERVER_FIELDS = {
     "bearer_token": "bearerTokenEnv", "bearer_token_file": "bearerTokenFile",
     "basic_auth": "basicAuth", "ca_file": "caFile", "insecure_skip_verify": "insecureSkipVerify",
-    "timeout_seconds": "timeout",
+    "timeout_seconds": "timeout", "max_concurrent_queries": "maxConcurrentQueries",
 }
 
 
@@ -402,6 +407,8 @@ def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerCo
     retries = _int(item, "retries", 2, low=0, high=10, where=where)
     max_reply = _int(item, "maxReplyBytes", DEFAULT_MAX_REPLY_BYTES, low=1024, high=2**31,
                      where=where)
+    concurrent = _int(item, "maxConcurrentQueries", DEFAULT_MAX_CONCURRENT_QUERIES, low=1,
+                      high=MAX_CONCURRENT_QUERIES_LIMIT, where=where)
     skip_verify = _bool(item.get("insecureSkipVerify", False), f"{where}.insecureSkipVerify")
     try:
         return PrometheusServerConfig(
@@ -415,6 +422,7 @@ def _server(item: Any, where: str, env: Mapping[str, str]) -> PrometheusServerCo
             timeout_seconds=float(timeout),
             retries=retries,
             max_reply_bytes=max_reply,
+            max_concurrent_queries=concurrent,
         )
     except InvalidInputError as exc:
         field_name = _SERVER_FIELDS.get(exc.field, exc.field)

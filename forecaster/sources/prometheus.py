@@ -30,7 +30,13 @@ from urllib3.util.retry import Retry
 
 from forecaster.errors import InvalidInputError, SourceError, SourceUnavailableError
 
-__all__ = ["MAX_POINTS_PER_REQUEST", "PrometheusServerConfig", "PrometheusSource"]
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT_QUERIES",
+    "MAX_CONCURRENT_QUERIES_LIMIT",
+    "MAX_POINTS_PER_REQUEST",
+    "PrometheusServerConfig",
+    "PrometheusSource",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -39,6 +45,8 @@ MAX_POINTS_PER_REQUEST = 11_000
 
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_MAX_REPLY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_QUERIES = 4
+MAX_CONCURRENT_QUERIES_LIMIT = 64
 _READ_CHUNK_BYTES = 64 * 1024
 _BACKOFF_SECONDS = 0.25
 _BACKOFF_CAP_SECONDS = 2.0
@@ -78,6 +86,9 @@ class PrometheusServerConfig:
     # A reply larger than this is refused while it arrives: one runaway query must not take
     # the engine's memory (a 60 MB reply peaked at 682 MiB once parsed).
     max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    # Refreshes of this server's targets in flight at once: a hung server holds up only its
+    # own targets, never another server's.
+    max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT_QUERIES
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -121,6 +132,13 @@ class PrometheusServerConfig:
             raise InvalidInputError(
                 "max_reply_bytes", f"must be an integer >= 1024, got {self.max_reply_bytes!r}"
             )
+        concurrent = self.max_concurrent_queries
+        if (isinstance(concurrent, bool) or not isinstance(concurrent, int)
+                or not 1 <= concurrent <= MAX_CONCURRENT_QUERIES_LIMIT):
+            raise InvalidInputError(
+                "max_concurrent_queries",
+                f"must be an integer from 1 to {MAX_CONCURRENT_QUERIES_LIMIT}, got {concurrent!r}",
+            )
 
     def __repr__(self) -> str:
         # Secrets are masked, never shown: this repr ends up in logs and error reports.
@@ -136,7 +154,8 @@ class PrometheusServerConfig:
             f"headers={headers!r}, ca_file={self.ca_file!r}, "
             f"insecure_skip_verify={self.insecure_skip_verify!r}, "
             f"timeout_seconds={self.timeout_seconds!r}, retries={self.retries!r}, "
-            f"max_reply_bytes={self.max_reply_bytes!r})"
+            f"max_reply_bytes={self.max_reply_bytes!r}, "
+            f"max_concurrent_queries={self.max_concurrent_queries!r})"
         )
 
 
