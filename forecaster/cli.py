@@ -122,14 +122,18 @@ def _target(text: str) -> float:
     return value
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number, got {reprlib.repr(text)}"
+        ) from None
+
+
 def _replicas(low: int) -> argparse._ActionType:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be a whole number, got {reprlib.repr(text)}"
-            ) from None
+        value = _whole_number(text)
         if not low <= value <= MAX_REPLICAS:
             raise argparse.ArgumentTypeError(
                 f"must be from {low} to {MAX_REPLICAS:,} (Kubernetes' int32); "
@@ -142,12 +146,7 @@ def _replicas(low: int) -> argparse._ActionType:
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number, got {reprlib.repr(text)}"
-        ) from None
+    value = _whole_number(text)
     if not 0 <= value <= MAX_PORT:
         raise argparse.ArgumentTypeError(
             f"must be from 0 (any free port) to {MAX_PORT}, got {reprlib.repr(text)}"
