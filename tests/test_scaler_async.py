@@ -20,6 +20,7 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.sources.replay import ReplaySource
+from tests.support.scaler import refusals
 
 DATA = Path(__file__).parent.parent / "data"
 QUICK = "aws_elb_request_count_8c0756"
@@ -130,12 +131,9 @@ def test_targets_beyond_the_maximum_are_refused_with_resource_exhausted(
             # The spec is served from the metadata alone, so KEDA's fallback can count the
             # refusals that GetMetrics and IsActive give.
             assert stub.GetMetricSpec(over.scaledObjectRef, timeout=10).metricSpecs
-            for call in (lambda: stub.GetMetrics(over, timeout=10),
-                         lambda: stub.IsActive(over.scaledObjectRef, timeout=10)):
-                with pytest.raises(grpc.RpcError) as caught:
-                    call()
-                assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "maxTargets" in (caught.value.details() or "")
+            for error in refusals(stub, over.scaledObjectRef, over.metricName):
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "maxTargets" in (error.details() or "")
             assert stub.GetMetrics(first, timeout=10).metricValues  # the known one still is
             assert len(service.engine) == 1
     finally:

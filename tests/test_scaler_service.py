@@ -28,7 +28,7 @@ from forecaster.service import Service
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
 from tests.support.prometheus import PrometheusServer
 from tests.support.rest import make_blocks
-from tests.support.scaler import SECRET, Clock, scaled_object_ref, scaler_settings
+from tests.support.scaler import SECRET, Clock, refusals, scaled_object_ref, scaler_settings
 from tests.support.waiting import wait_for
 
 STEP = 300
@@ -199,15 +199,9 @@ def test_bad_metadata_is_invalid_argument_naming_the_key(
         name = "x"
     else:  # the spec is served, so KEDA's fallback counts the failures below
         name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
-    for call in (
-        lambda: stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
-                                timeout=10),
-        lambda: stub.IsActive(ref, timeout=10),
-    ):
-        with pytest.raises(grpc.RpcError) as caught:
-            call()
-        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert key in caught.value.details()
+    for error in refusals(stub, ref, name):
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert key in error.details()
 
 
 def test_unconfigured_server_address_is_refused(

@@ -32,6 +32,7 @@ from tests.support.prometheus import (
     write_openmetrics,
 )
 from tests.support.proxy import RecordingProxy
+from tests.support.scaler import refusals
 from tests.support.waiting import wait_for
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
@@ -365,15 +366,9 @@ def test_with_no_servers_configured_no_address_is_queried(
     marker = "no_server_marker"
     ref = _ref(_keda(_metadata(proxy.url, query=f"sum(absent_{marker})")))
     name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
-    for call in (
-        lambda: stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
-                                timeout=10),
-        lambda: stub.IsActive(ref, timeout=10),
-    ):
-        with pytest.raises(grpc.RpcError) as caught:
-            call()
-        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        details = caught.value.details() or ""
+    for error in refusals(stub, ref, name):
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = error.details() or ""
         assert "serverAddress" in details and "FORECASTER_PROMETHEUS_URL" in details
     assert not proxy.requests_for(marker)
     assert len(service.engine) == 0

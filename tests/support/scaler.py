@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import time
 
+import grpc
+import pytest
+
 from forecaster.config import EngineSettings, Settings
 from forecaster.scaler.generated import externalscaler_pb2 as pb
+from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.sources.prometheus import PrometheusServerConfig
 
 SECRET = "s3cr3t-token-do-not-log"
@@ -49,3 +53,21 @@ def scaled_object_ref(url: str, **metadata: str) -> pb.ScaledObjectRef:
     }
     base.update(metadata)
     return pb.ScaledObjectRef(name="web", namespace="shop", scalerMetadata=base)
+
+
+def refusals(
+    stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef, metric_name: str
+) -> list[grpc.RpcError]:
+    """KEDA's reads after GetMetricSpec, GetMetrics then IsActive, each of which must fail:
+    their errors, for the test to check (these are what KEDA's fallback counts)."""
+    errors = []
+    for call in (
+        lambda: stub.GetMetrics(
+            pb.GetMetricsRequest(scaledObjectRef=ref, metricName=metric_name), timeout=10
+        ),
+        lambda: stub.IsActive(ref, timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        errors.append(caught.value)
+    return errors
