@@ -591,9 +591,14 @@ def _forecast_path(
         return _average_paths(paths, [model.weight_of(m) for m in model.fitted_])
     means = np.empty((len(held), horizon))
     raws = np.empty((len(qs), len(held), horizon))
+    previous = None
     for k in range(len(held)):
         mean, errors = model._predict(horizon)
         means[k] = np.maximum(mean, 0.0)
-        raws[:, k] = np.quantile(errors, qs, axis=1) if errors.size else 0.0
+        if previous is not None and np.array_equal(errors, previous):
+            raws[:, k] = raws[:, k - 1]  # the same sample: sorting it again costs the most
+        else:
+            raws[:, k] = np.quantile(errors, qs, axis=1) if errors.size else 0.0
+        previous = errors
         model._update(held[k : k + 1])
     return means, raws
