@@ -1,5 +1,6 @@
 """PNG plots of a target: recent history, the forecast with its bands, the current value and
-the replicas the plan implies.
+the replicas the plan implies; and, for a target holding a maxUnderProvisioned, the share of
+its intervals that ran short of capacity against the share asked.
 
 Drawn on a bare `matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global figure
 state, so request threads may render at once. `PlotCache` keeps one PNG per target until the
@@ -18,6 +19,7 @@ import threading
 import time
 import zoneinfo
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import matplotlib.dates as mdates
@@ -36,12 +38,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HISTORY_WINDOW = pd.Timedelta(days=2)
 ZOOM_WINDOW = pd.Timedelta(hours=6)
 SIZE_INCHES = (9.0, 5.6)
+SHARE_SIZE_INCHES = (9.0, 2.8)
+SHARE_WINDOW = pd.Timedelta(days=1)  # the running share is taken over the last day
 DPI = 100
 CACHE_SIZE = 256
 
 HISTORY_COLOR = "#1f4e79"
 FORECAST_COLOR = "#d9731a"
 PLANNED_COLOR = "#2e7d32"
+ASKED_COLOR = "#b71c1c"
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,101 @@ def _replicas_axis(axes: Axes, data: PlotData) -> None:
               rotation=90, va="center", ha="left", fontsize=10, parse_math=False)
 
 
+@dataclass(frozen=True)
+class SharePlotData:
+    """What a share plot shows: the judged intervals' starts (epoch seconds, oldest first),
+    1.0 for each that ran short of capacity and 0.0 for each served, and the share asked."""
+
+    title: str
+    starts: np.ndarray
+    shortfalls: np.ndarray
+    asked: float
+    step_seconds: int
+    time_zone: str = "UTC"
+
+
+def share_data(target: Target) -> SharePlotData | None:
+    """The data for a target's share plot; None when it holds no maxUnderProvisioned."""
+    keeper = target.share_keeper
+    if keeper is None:
+        return None
+    with target.lock:  # the two windows grow together, under the lock
+        starts, shortfalls = keeper.history()
+    return SharePlotData(
+        title=f"{target.target_id}  ·  short of capacity",
+        starts=starts,
+        shortfalls=shortfalls,
+        asked=keeper.controller.share,
+        step_seconds=target.spec.step_seconds,
+        time_zone=target.spec.time_zone,
+    )
+
+
+def running_share(shortfalls: np.ndarray, window: int) -> np.ndarray:
+    """At each interval, the share of the last `window` judged intervals (fewer at first)
+    that ran short."""
+    totals = np.cumsum(np.r_[0.0, shortfalls])
+    counts = np.minimum(np.arange(1, shortfalls.size + 1), window)
+    ends = np.arange(1, shortfalls.size + 1)
+    return np.asarray((totals[ends] - totals[ends - counts]) / counts)
+
+
+def render_share(data: SharePlotData) -> bytes:
+    """The share of intervals short of capacity over the last day, at every judged interval
+    of the last week, with the share over the whole week and the share asked as lines."""
+    figure = Figure(figsize=SHARE_SIZE_INCHES, dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(
+        gridspec_kw={"left": 0.075, "right": 0.915, "top": 0.8, "bottom": 0.17},
+    )
+    figure.suptitle(data.title, fontsize=11, x=0.01, ha="left", parse_math=False)
+    if not data.starts.size:
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, "no interval judged yet: the first is judged once the interval "
+                  "its first plan was for has passed", ha="center", va="center", fontsize=10,
+                  color="#555555", transform=axes.transAxes)
+        return _png(figure)
+    tz = zoneinfo.ZoneInfo(data.time_zone)
+    window = max(1, int(SHARE_WINDOW.total_seconds()) // data.step_seconds)
+    # Once a whole window has been judged, the points before it (a share of fewer
+    # intervals) would only show noise: draw from the first full window on.
+    first = window - 1 if data.starts.size > window else 0
+    days = data.starts[first:] / 86_400.0
+    percent = 100.0 * running_share(data.shortfalls, window)[first:]
+    week = 100.0 * float(data.shortfalls.mean())
+    axes.plot(days, percent, color=HISTORY_COLOR, linewidth=1.2,
+              label=f"short over the last {_span(SHARE_WINDOW)}")
+    axes.axhline(week, color=HISTORY_COLOR, linewidth=0.9, linestyle=":",
+                 label=f"over these {data.starts.size:,} intervals: {week:.1f}%")
+    axes.axhline(100.0 * data.asked, color=ASKED_COLOR, linewidth=1.2, linestyle="--",
+                 label=f"asked: at most {100.0 * data.asked:g}%")
+    locator = mdates.AutoDateLocator(tz=tz, minticks=4, maxticks=8)
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=tz))
+    axes.set_ylabel("% of intervals")
+    axes.set_ylim(0, max(2.5 * 100.0 * data.asked, float(percent.max()) * 1.1))
+    axes.grid(True, color="#e0e0e0", linewidth=0.6)
+    axes.legend(loc="upper left", fontsize=8, ncols=3, frameon=False)
+    return _png(figure)
+
+
+def share_fingerprint(target: Target, snapshot: Snapshot) -> tuple[object, ...]:
+    """What a share plot shows, as a key: it changes only when an interval is judged."""
+    share = snapshot.share
+    return (None,) if share is None else (share.judged["7d"], share.achieved["7d"],
+                                          target.buffer.last)
+
+
+def plot_share(target: Target, snapshot: Snapshot | None = None) -> bytes:
+    """One target's share PNG (see `render_share`). The REST route answers 404 for a target
+    that holds no maxUnderProvisioned; the plot then says so, should anything ask."""
+    data = share_data(target)
+    if data is None:
+        data = SharePlotData(f"{target.target_id}  ·  a fixed quantile: no share is held",
+                             np.empty(0), np.empty(0), math.nan, target.spec.step_seconds)
+    return render_share(data)
+
+
 def _span(window: pd.Timedelta) -> str:
     hours = window / pd.Timedelta(hours=1)
     return f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} hours"
@@ -276,15 +376,24 @@ class _Entry:
 
 
 class PlotCache:
-    """The PNG of each target, redrawn only when what it shows changes; thread-safe.
+    """The PNG of each target (its plot, or what `draw` makes), redrawn only when what it
+    shows (`key`) changes; thread-safe.
 
     Beyond `size` targets the least recently drawn is dropped. `last_render_seconds` and
     `last_render_cpu_seconds` (the rendering thread's CPU time, which other load on the
     machine does not inflate) say what the latest drawing cost.
     """
 
-    def __init__(self, size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        size: int = CACHE_SIZE,
+        *,
+        draw: Callable[[Target, Snapshot], bytes] = plot_target,
+        key: Callable[[Target, Snapshot], tuple[object, ...]] = fingerprint,
+    ) -> None:
         self.size = size
+        self.draw = draw
+        self.key = key
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.renders = 0
@@ -298,15 +407,15 @@ class PlotCache:
         if (
             entry is not None
             and entry.target is target
-            and (entry.snapshot is snapshot or entry.key == fingerprint(target, snapshot))
+            and (entry.snapshot is snapshot or entry.key == self.key(target, snapshot))
         ):
             with self._lock:
                 if target.target_id in self._entries:
                     self._entries.move_to_end(target.target_id)
             return entry.png
-        key = fingerprint(target, snapshot)
+        key = self.key(target, snapshot)
         began, began_cpu = time.perf_counter(), time.thread_time()
-        png = plot_target(target, snapshot)  # outside the lock: renders may run side by side
+        png = self.draw(target, snapshot)  # outside the lock: renders may run side by side
         seconds, cpu = time.perf_counter() - began, time.thread_time() - began_cpu
         with self._lock:
             self._entries[target.target_id] = _Entry(target, snapshot, key, png)

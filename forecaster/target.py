@@ -377,8 +377,11 @@ class ShareKeeper:
     def __init__(self, controller: SloController, step_seconds: int) -> None:
         self.controller = controller
         self.step_seconds = step_seconds
-        # 1.0 per judged interval that ran short, 0.0 per interval served: the last week.
-        self.shortfalls = ScoreWindow(max(1, SHARE_WINDOWS["7d"] // step_seconds))
+        # 1.0 per judged interval that ran short, 0.0 per interval served: the last week,
+        # with each interval's start (epoch seconds) beside it for the page's plot.
+        week = max(1, SHARE_WINDOWS["7d"] // step_seconds)
+        self.shortfalls = ScoreWindow(week)
+        self.judged_times = ScoreWindow(week)
         self.decided_at: pd.Timestamp | None = None
 
     def judge(self, added: pd.Series) -> None:
@@ -389,6 +392,7 @@ class ShareKeeper:
         if self.decided_at is None:
             return  # no decision yet: nothing to judge
         controller = self.controller
+        starts = added.index
         for position, demand in enumerate(added.to_numpy(dtype=float)):
             if position:
                 controller.decide(math.nan)
@@ -396,6 +400,7 @@ class ShareKeeper:
             controller.observe(float(demand))
             if controller.intervals > judged:
                 self.shortfalls.append(float(controller.misses > short))
+                self.judged_times.append(pd.Timestamp(starts[position]).timestamp())
 
     def hold(self, planned: PlannedLoad, origin: pd.Timestamp) -> PlannedLoad:
         """The plan the controller serves, and counts as its decision for the interval it
@@ -407,6 +412,11 @@ class ShareKeeper:
         else:
             served = self.controller.redecide(planned.value)
         return replace(planned, value=served, slo_level=self.controller.level)
+
+    def history(self) -> tuple[np.ndarray, np.ndarray]:
+        """The judged intervals of the last week, oldest first: their starts (epoch seconds)
+        and 1.0 for each that ran short, 0.0 for each served; copies."""
+        return self.judged_times.values(), self.shortfalls.values()
 
     def status(self) -> ShareHeld:
         shortfalls = self.shortfalls.values()

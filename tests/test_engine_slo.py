@@ -83,6 +83,23 @@ def test_a_reactive_plan_is_raised_until_the_asked_share_holds() -> None:
     assert abs(_shortfall(served[tail], demand[tail], 1, 10.0) - share.achieved["7d"]) < 0.005
 
 
+def test_the_share_history_lists_each_judged_interval_at_its_start() -> None:
+    rng = np.random.default_rng(11)
+    demand = rng.uniform(20.0, 120.0, 400)
+    target = Target("t/t/m", _spec(), NoSource())  # type: ignore[arg-type]
+    _feed(target, demand)
+    assert target.share_keeper is not None
+    starts, shortfalls = target.share_keeper.history()
+    share = target.snapshot.share
+    assert share is not None
+    assert starts.size == shortfalls.size == share.judged["7d"] > 300
+    # Consecutive intervals on the grid, the newest one being the newest point fed.
+    assert np.all(np.diff(starts) == STEP)
+    assert starts[-1] == (START + (len(demand) - 1) * pd.Timedelta(seconds=STEP)).timestamp()
+    assert set(np.unique(shortfalls)) <= {0.0, 1.0}
+    assert math.isclose(float(shortfalls.mean()), share.achieved["7d"])  # type: ignore[arg-type]
+
+
 def test_a_fixed_quantile_has_no_controller() -> None:
     target = Target("t/t/m", _spec(max_under_provisioned=None), NoSource())  # type: ignore[arg-type]
     demand = np.full(20, 50.0)

@@ -14,13 +14,22 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import requests
 from PIL import Image
 
 from forecaster.models import MODEL_FACTORIES
-from forecaster.plots import PNG_MAGIC, PlotCache, PlotData, render
+from forecaster.plots import (
+    PNG_MAGIC,
+    PlotCache,
+    PlotData,
+    SharePlotData,
+    render,
+    render_share,
+    running_share,
+)
 from forecaster.service import Service
 from forecaster.spec import parse_trigger_metadata
 from tests.support.live import MODEL, Live
@@ -94,6 +103,64 @@ def test_plot_of_an_unknown_target_is_a_json_404(live: Live) -> None:
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"error": {
         "code": "not_found", "message": "unknown target 'shop/nope/fc-0'", "field": None}}
+
+
+def test_share_plot_is_a_png_and_only_for_a_held_share(live: Live) -> None:
+    url = f"{live.base}/api/v1/targets/{live.target.target_id}/share.png"
+    response = requests.get(url, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "image/png"
+    assert response.content.startswith(PNG_MAGIC)
+    page = requests.get(f"{live.base}/targets/{live.target.target_id}/share.png", timeout=30)
+    assert page.content == response.content  # the page's copy, from the same cache
+    missing = requests.get(f"{live.base}/api/v1/targets/shop/nope/fc-0/share.png", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == "unknown target 'shop/nope/fc-0'"
+
+
+def test_a_fixed_quantile_target_has_no_share_plot(prometheus_now: PrometheusServer) -> None:
+    ref = scaled_object_ref(prometheus_now.url, model=MODEL, quantile="0.9")
+    spec, _ = parse_trigger_metadata(dict(ref.scalerMetadata), known_models=MODEL_FACTORIES)
+    assert spec.max_under_provisioned is None
+    tid = f"shop/fixed/{spec.effective_metric_name}"
+    service = Service(scaler_settings(prometheus_now.url))
+    service.start()
+    try:
+        source = service.sources.for_address(spec.server_address)
+        service.engine.ensure_target(tid, spec, source, configured=True)
+        base = f"http://127.0.0.1:{service.http_port}"
+        response = requests.get(f"{base}/api/v1/targets/{tid}/share.png", timeout=10)
+        html = requests.get(f"{base}/", timeout=10).text
+    finally:
+        service.stop()
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert "fixed quantile (0.9)" in message and "maxUnderProvisioned" in message
+    assert f"/targets/{tid}/plot.png" in html and f"/targets/{tid}/share.png" not in html
+
+
+def test_running_share_is_the_share_of_the_last_window_of_intervals() -> None:
+    rng = np.random.default_rng(3)
+    shortfalls = (rng.uniform(size=500) < 0.07).astype(float)
+    window = 288
+    expected = [shortfalls[max(0, k + 1 - window): k + 1].mean() for k in range(500)]
+    assert np.allclose(running_share(shortfalls, window), expected, rtol=0, atol=1e-12)
+
+
+def test_share_plot_draws_the_judged_intervals_and_the_asked_share() -> None:
+    starts = pd.Timestamp("2026-11-01T00:00Z").timestamp() + 300.0 * np.arange(2_016)
+    shortfalls = (np.random.default_rng(5).uniform(size=2_016) < 0.05).astype(float)
+    drawn = render_share(SharePlotData("ns/app/fc-1  ·  short of capacity", starts, shortfalls,
+                                       0.05, 300))
+    empty = render_share(SharePlotData("ns/app/fc-1  ·  short of capacity", np.empty(0),
+                                       np.empty(0), 0.05, 300))
+    assert drawn.startswith(PNG_MAGIC) and empty.startswith(PNG_MAGIC)
+    with Image.open(io.BytesIO(drawn)) as image:
+        assert image.size == (900, 280)
+        colors = image.convert("RGB").getcolors(maxcolors=1_000_000) or []
+    reds = sum(n for n, (r, g, b) in colors if r > 150 and g < 90 and b < 90)
+    assert reds > 500  # the asked share's dashed line, across the plot
+    assert len(colors) > 50 and drawn != empty
 
 
 def test_render_is_thread_safe() -> None:
@@ -211,7 +278,9 @@ def test_page_renders_in_headless_chromium(
     assert sorted(dom.rows) == sorted(t.target_id for t in live.service.engine.targets())
     assert evil in dom.rows
     plots = [img for img in dom.images if "plot" in (img.get("class") or "")]
-    assert len(plots) == 2
+    shares = [img for img in plots if "share-plot" in (img.get("class") or "")]
+    held = [t for t in live.service.engine.targets() if t.share_keeper is not None]
+    assert len(plots) == len(live.service.engine) + len(held) and len(shares) == len(held) >= 1
     assert all(img.get("data-state") == "loaded" for img in plots), plots
 
     screenshot = tmp_path / "page.png"

@@ -2,8 +2,8 @@
 
 Written out by hand, next to the routes it describes; tests/test_rest_api.py checks that its
 paths and methods are exactly the app's routes, and tests/test_rest_fuzz.py fuzzes the app
-from it. The page routes (/, /metrics, plot.png, /login) live in forecaster/api/pages.py; who may
-call what is forecaster/api/auth.py.
+from it. The page routes (/, /metrics, plot.png, share.png, /login) live in
+forecaster/api/pages.py; who may call what is forecaster/api/auth.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from forecaster.models import MODEL_FACTORIES
 API_VERSION = "1.0.0"
 TARGET = "/api/v1/targets/{namespace}/{name}/{metric}"
 PAGE_PLOT = "/targets/{namespace}/{name}/{metric}/plot.png"
-PAGE_PATHS = frozenset({"/", "/metrics", f"{TARGET}/plot.png", PAGE_PLOT, "/login"})
+PAGE_SHARE_PLOT = "/targets/{namespace}/{name}/{metric}/share.png"
+PAGE_PATHS = frozenset({
+    "/", "/metrics", f"{TARGET}/plot.png", PAGE_PLOT, f"{TARGET}/share.png", PAGE_SHARE_PLOT,
+    "/login",
+})
 
 _REF = "#/components/schemas/"
 
@@ -613,6 +617,30 @@ _PATHS: dict[str, Any] = {
             "401": _UNAUTHENTICATED,
             "404": _NOT_FOUND,
             "503": _UNAVAILABLE,
+        },
+    }},
+    f"{TARGET}/share.png": _target_get(
+        "Share plot",
+        "The share of the target's intervals short of capacity over the last day, at each "
+        "interval of the last week, against its maxUnderProvisioned, as a PNG "
+        "(forecaster/api/pages.py). 404 for a target that plans at a fixed quantile.",
+        {"description": "the plot", "content": {"image/png": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        parameters=[], errors={}, operation_id="getSharePlot",
+    ),
+    PAGE_SHARE_PLOT: {"get": {
+        "summary": "Share plot for the page",
+        "description": "The same share plot, for the page's <img> tags, which send the "
+        "session cookie (forecaster/api/pages.py).",
+        "operationId": "getPageSharePlot",
+        "tags": ["pages"],
+        "security": _SECURED,
+        "parameters": _TARGET_PARAMETERS,
+        "responses": {
+            "200": {"description": "the plot", "content": {"image/png": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "401": _UNAUTHENTICATED,
+            "404": _NOT_FOUND,
         },
     }},
     "/api/v1/forecast": {

@@ -33,7 +33,7 @@ from forecaster.config import Settings
 from forecaster.durations import format_duration
 from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError, UnknownTargetError
-from forecaster.plots import PlotCache
+from forecaster.plots import PlotCache, plot_share, share_fingerprint
 from forecaster.policy import planned_replicas
 from forecaster.target import ShareHeld, Target, freshness_limit, target_id, target_labels
 from forecaster.telemetry import Telemetry
@@ -43,6 +43,7 @@ blueprint = Blueprint("pages", __name__)
 ENGINE_KEY = "forecaster.engine"
 TELEMETRY_KEY = "forecaster.telemetry"
 PLOTS_KEY = "forecaster.plots"
+SHARE_PLOTS_KEY = "forecaster.share_plots"
 REFRESH_SECONDS = 30
 
 # Marks each plot loaded or failed (and says so on the page); allowed by its hash alone.
@@ -140,6 +141,8 @@ in the config file.</div>
 {% if row.error %}<p class="error">{{ row.error }}</p>{% endif %}
 <img class="plot" src="{{ row.plot_url }}" width="900" height="560"
 alt="load, forecast and planned replicas of {{ row.target_id }}">
+{% if row.share_url %}<img class="plot share-plot" src="{{ row.share_url }}" width="900"
+height="280" alt="share of intervals short of capacity of {{ row.target_id }}">{% endif %}
 </section>
 {% endfor %}
 {% endif %}
@@ -210,11 +213,15 @@ class _Row:
     accuracy: str
     error: str | None
     plot_url: str
+    share_url: str | None  # None: a fixed quantile, no share held
 
 
 @blueprint.record_once
 def _setup(state: BlueprintSetupState) -> None:
     state.app.extensions.setdefault(PLOTS_KEY, PlotCache())
+    state.app.extensions.setdefault(
+        SHARE_PLOTS_KEY, PlotCache(draw=plot_share, key=share_fingerprint)
+    )
 
 
 @blueprint.after_app_request
@@ -254,6 +261,18 @@ def plot(namespace: str, name: str, metric: str) -> Response:
 def page_plot(namespace: str, name: str, metric: str) -> Response:
     """The same plot for the page's <img> tags (which send the session cookie)."""
     return _plot(namespace, name, metric)
+
+
+@blueprint.get("/api/v1/targets/<namespace>/<path:name>/<metric>/share.png")
+def share_plot(namespace: str, name: str, metric: str) -> Response:
+    """The share plot as part of the REST API."""
+    return _share_plot(namespace, name, metric)
+
+
+@blueprint.get("/targets/<namespace>/<path:name>/<metric>/share.png")
+def page_share_plot(namespace: str, name: str, metric: str) -> Response:
+    """The same share plot for the page's <img> tags."""
+    return _share_plot(namespace, name, metric)
 
 
 @blueprint.get("/login")
@@ -298,6 +317,21 @@ def _plot(namespace: str, name: str, metric: str) -> Response:
     except UnknownTargetError as exc:
         return error_response(404, str(exc))
     cache: PlotCache = current_app.extensions[PLOTS_KEY]
+    response = Response(cache.png(target), mimetype="image/png")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def _share_plot(namespace: str, name: str, metric: str) -> Response:
+    try:
+        target = _engine().get(target_id(namespace, name, metric))
+    except UnknownTargetError as exc:
+        return error_response(404, str(exc))
+    if target.share_keeper is None:
+        return error_response(
+            404, f"target {target.target_id} plans at a fixed quantile "
+            f"({target.spec.quantile:g}): it holds no maxUnderProvisioned share to plot")
+    cache: PlotCache = current_app.extensions[SHARE_PLOTS_KEY]
     response = Response(cache.png(target), mimetype="image/png")
     response.headers["Cache-Control"] = "no-cache"
     return response
@@ -403,4 +437,8 @@ def _row(engine: Engine, target: Target, index: int) -> _Row:
         accuracy=accuracy_text,
         error=snapshot.last_error,
         plot_url=url_for(".page_plot", namespace=namespace, name=name, metric=metric),
+        share_url=(
+            url_for(".page_share_plot", namespace=namespace, name=name, metric=metric)
+            if target.share_keeper is not None else None
+        ),
     )
