@@ -52,8 +52,8 @@ def test_a_one_off_spike_does_not_repeat_the_next_day() -> None:
 
 def test_periods_are_a_day_then_a_week_once_two_fit() -> None:
     model = MSTLModel(STEP)
-    assert model._periods(daily(10 * DAY)) == [DAY]
-    assert model._periods(daily(15 * DAY)) == [DAY, WEEK]
+    assert model.periods_for(daily(10 * DAY)) == [DAY]
+    assert model.periods_for(daily(15 * DAY)) == [DAY, WEEK]
 
 
 def test_a_clear_cycle_that_does_not_divide_the_day_is_detected() -> None:
@@ -62,7 +62,7 @@ def test_a_clear_cycle_that_does_not_divide_the_day_is_detected() -> None:
     values = 50 + 20 * np.sin(2 * np.pi * t / 84) + rng.normal(0, 5, len(t))
     found = detect_period(values, longest=DAY - 1)
     assert found is not None and abs(found - 84) <= 2
-    assert MSTLModel(STEP)._periods(values) == sorted([found, DAY])
+    assert MSTLModel(STEP).periods_for(values) == sorted([found, DAY])
 
 
 def test_noise_and_cycles_within_the_day_add_no_period() -> None:
@@ -70,7 +70,7 @@ def test_noise_and_cycles_within_the_day_add_no_period() -> None:
     assert detect_period(rng.normal(0, 1, 10 * DAY), longest=DAY - 1) is None
     t = np.arange(10 * DAY)
     eight_hours = 50 + 20 * np.sin(2 * np.pi * t / 96) + rng.normal(0, 5, len(t))
-    assert MSTLModel(STEP)._periods(eight_hours) == [DAY]
+    assert MSTLModel(STEP).periods_for(eight_hours) == [DAY]
 
 
 def test_update_moves_the_level_like_a_refit_would() -> None:

@@ -108,9 +108,10 @@ class MSTLModel(ForecastModel):
         shortest = min(self.periods) if self.periods else (self.daily or self.weekly or 5)
         return 2 * shortest + 10
 
-    def _periods(self, values: np.ndarray) -> list[int]:
+    def periods_for(self, values: np.ndarray) -> list[int]:
+        """The seasonal periods (in steps) that a fit on `values` models, shortest first;
+        MSTL needs more than two cycles of each."""
         n = len(values)
-        # MSTL needs more than two cycles of each period.
         candidates = self.periods if self.periods is not None else (self.daily, self.weekly)
         periods = sorted({p for p in candidates if p is not None and p > 1 and 2 * p < n})
         if self.periods is None:
@@ -124,7 +125,7 @@ class MSTLModel(ForecastModel):
         train = segment
         if self.clip:
             train = clip_outliers(segment, max(3, int(CLIP_WINDOW / self.step)))
-        periods = self._periods(train)
+        periods = self.periods_for(train)
         if periods:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
