@@ -180,17 +180,13 @@ def test_an_ensemble_is_validated_from_its_members_runs() -> None:
         assert weights[name] == pytest.approx(inverse[name] / sum(inverse.values()), rel=1e-9)
     assert composed.as_dict()["ensemble_weights"] == {"ensemble": weights}
 
-    alone_auto = Auto(STEP, candidates=("ensemble",))
-    make = alone_auto._make
-
     def weighted(name: str) -> ForecastModel:
-        model = make(name)
+        model = make_model(name, STEP, quantile=0.9, horizon=2)  # Auto's defaults
         assert isinstance(model, Ensemble)
         model.weights = weights
         return model
 
-    alone_auto._make = weighted  # type: ignore[method-assign]
-    alone = alone_auto.fit(series).selection_
+    alone = Auto(STEP, candidates=("ensemble",), make=weighted).fit(series).selection_
     got = next(s for s in composed.scores if s.name == "ensemble")
     want = next(s for s in alone.scores if s.name == "ensemble")
     assert [s.name for s in composed.scores] == [*members, "ensemble"]
