@@ -131,8 +131,7 @@ def test_a_transform_maps_quantiles_exactly(kind: str) -> None:
     y = history.to_numpy()
     z = np.sqrt(y) if kind == "sqrt" else np.log(y + outer.offset_)
     reference = HoltWinters(STEP).fit(grid_series(z))
-    mean_z, errors_z = reference._predict(3)
-    q90 = np.quantile(mean_z[:, None] + errors_z, 0.9, axis=1)
+    q90 = reference.predict(3, [0.9]).quantile(0.9)
     expected = q90**2 if kind == "sqrt" else np.exp(q90) - outer.offset_
     # exact up to np.quantile interpolating between two samples on either scale
     np.testing.assert_allclose(outer.predict(3, [0.9]).quantile(0.9), expected, rtol=1e-6)
@@ -151,7 +150,7 @@ def test_gbm_features_never_look_past_the_origin() -> None:
     z = np.arange(3 * DAY, dtype=float)
     origins = np.arange(DAY, 3 * DAY - 2)
     time0 = pd.Timestamp("2024-03-04T00:00Z")
-    features = model._features(z, origins, 2, time0)[:, :-2]  # drop the calendar
+    features = model.features(z, origins, 2, time0)[:, :-2]  # drop the calendar
     # every lag feature is a value (or a summary of values) at or before the origin
     assert (np.nan_to_num(features, nan=0.0) <= origins[:, None] + 1e-9).all()
 
@@ -195,7 +194,7 @@ def test_gbm_calendar_in_utc_is_what_the_time_zone_path_gives(start: str) -> Non
     zoned = GradientBoosting(step, tz="Etc/UTC")
     steps = np.arange(0, 3 * 2016, 7)
     time0 = pd.Timestamp(start)
-    for a, b in zip(fast._calendar(time0, steps), zoned._calendar(time0, steps), strict=True):
+    for a, b in zip(fast.calendar(time0, steps), zoned.calendar(time0, steps), strict=True):
         np.testing.assert_array_equal(a.astype(float), b.astype(float))
 
 

@@ -99,7 +99,7 @@ class GradientBoosting(ForecastModel):
                 raise InsufficientHistoryError(
                     f"model {self.name!r} (training rows for step {h})", 50, len(origins)
                 )
-            X = self._features(z, origins, h, origin0)
+            X = self.features(z, origins, h, origin0)
             if h == 1:
                 # a lag never seen in training (no week of history yet) is left out
                 self.columns_ = np.isfinite(X).any(axis=0)
@@ -143,11 +143,12 @@ class GradientBoosting(ForecastModel):
     def _buffer_size(self) -> int:
         return (self.weekly or self.daily or 0) + self.horizon + 64
 
-    def _features(
+    def features(
         self, z: np.ndarray, origins: np.ndarray, h: int | np.ndarray, time0: pd.Timestamp
     ) -> np.ndarray:
-        """Features for forecasting z[origin + h] from z[: origin + 1]; time0 is z[0]'s time.
-        `h` is one horizon for all rows or one per row."""
+        """The rows the regressors learn from and predict on: features for forecasting
+        z[origin + h] from z[: origin + 1] alone (no look-ahead), the calendar last; time0 is
+        z[0]'s time, `h` one horizon for all rows or one per row."""
 
         def lag(back: np.ndarray | int) -> np.ndarray:
             index = origins - back
@@ -174,10 +175,10 @@ class GradientBoosting(ForecastModel):
                 columns += [
                     around[:, 2:3], np.nanmean(around, axis=1)[:, None], lag(period)[:, None]
                 ]
-        columns += list(self._calendar(time0, origins + h))
+        columns += list(self.calendar(time0, origins + h))
         return np.hstack(columns).astype(float)
 
-    def _calendar(self, time0: pd.Timestamp, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def calendar(self, time0: pd.Timestamp, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Minute of the day (as a fraction) and weekday (Monday 0) of time0 + steps * step,
         as columns. In UTC straight from the epoch nanoseconds: pandas' time-zone path cost
         1.5 of the 3 ms a target's refresh took when a new point arrived."""
@@ -200,7 +201,7 @@ class GradientBoosting(ForecastModel):
         z = self.buffer_
         time0 = self.origin_time_ - (len(z) - 1) * self.step
         steps = np.arange(1, horizon + 1)
-        X = self._features(z, np.full(horizon, len(z) - 1), steps, time0)[:, self.columns_]
+        X = self.features(z, np.full(horizon, len(z) - 1), steps, time0)[:, self.columns_]
         model_of = np.minimum(steps, self.horizon) - 1
         mean_z = np.empty(horizon)
         width = np.ones(horizon)
@@ -225,7 +226,7 @@ class GradientBoosting(ForecastModel):
         origins = np.arange(len(values)) + len(self.buffer_) - 1
         means = np.empty((len(values), horizon))
         for h in range(1, horizon + 1):
-            X = self._features(z_all, origins, h, time0)[:, self.columns_]
+            X = self.features(z_all, origins, h, time0)[:, self.columns_]
             means[:, h - 1] = self.models_[min(h, self.horizon) - 1].predict(X)
         self._update(values)
         return np.maximum(means, 0.0) ** 2
