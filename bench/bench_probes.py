@@ -137,8 +137,9 @@ class PlainWaitress:
     """waitress's own server on `app`, in a thread, with the loop the service used before."""
 
     def __init__(self, app: Any, use_poll: bool, **adjustments: Any) -> None:
-        self.server: Any = create_server(app, host="127.0.0.1", port=0, threads=8,
-                                         ident="bench", **adjustments)
+        self.sockets: dict[int, Any] = {}  # waitress's socket map: its dispatchers by fd
+        self.server: Any = create_server(app, map=self.sockets, host="127.0.0.1", port=0,
+                                         threads=8, ident="bench", **adjustments)
         self.port = int(self.server.effective_port)
         self.use_poll = use_poll
         self.stopping = threading.Event()
@@ -148,7 +149,7 @@ class PlainWaitress:
     def _serve(self) -> None:
         while not self.stopping.is_set():
             try:
-                self.server.asyncore.loop(timeout=0.2, map=self.server._map, count=1,
+                self.server.asyncore.loop(timeout=0.2, map=self.sockets, count=1,
                                           use_poll=self.use_poll)
             except ValueError as exc:  # select() past descriptor 1024
                 print(f"  waitress loop failed: {exc}", flush=True)
@@ -158,7 +159,7 @@ class PlainWaitress:
         self.stopping.set()
         self.thread.join(timeout=5)
         self.server.task_dispatcher.shutdown()
-        for dispatcher in list(self.server._map.values()):
+        for dispatcher in list(self.sockets.values()):
             if dispatcher is not self.server:
                 dispatcher.close()
         self.server.close()
