@@ -296,7 +296,10 @@ class TrivialScaler(pb_grpc.ExternalScalerServicer):
 
 
 class _CaptureAbort:
-    """A stand-in context for timing the handler in process: an abort raises."""
+    """A stand-in context for timing the handler in process: no deadline; an abort raises."""
+
+    def time_remaining(self) -> float | None:
+        return None
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise RuntimeError(f"{code}: {details}")
@@ -703,15 +706,23 @@ class Bench:
         ]
 
     def register(self, refs: list[pb.ScaledObjectRef]) -> tuple[list[str], list[bytes]]:
-        """GetMetricSpec for every target, as KEDA does when a ScaledObject appears."""
+        """GetMetricSpec, then a first GetMetrics, for every target, as KEDA does when a
+        ScaledObject appears: the spec comes from the metadata alone, the first GetMetrics
+        registers the target with the engine."""
         names = [""] * len(refs)
         seconds = [0.0] * len(refs)
+        refused: Counter[str] = Counter()
         with grpc.insecure_channel(f"127.0.0.1:{self.service.grpc_port}") as channel:
             stub = pb_grpc.ExternalScalerStub(channel)
 
             def one(i: int) -> None:
                 began = time.perf_counter()
                 names[i] = stub.GetMetricSpec(refs[i], timeout=30).metricSpecs[0].metricName
+                request = pb.GetMetricsRequest(scaledObjectRef=refs[i], metricName=names[i])
+                try:
+                    stub.GetMetrics(request, timeout=30)
+                except grpc.RpcError as exc:  # registered all the same: KEDA asks again
+                    refused[exc.code().name] += 1
                 seconds[i] = time.perf_counter() - began
 
             began = time.perf_counter()
@@ -720,9 +731,11 @@ class Bench:
             took = time.perf_counter() - began
         ms = np.array(seconds) * 1000
         self.figures["register"] = {"seconds": took, "p50_ms": float(np.percentile(ms, 50)),
-                                    "p99_ms": float(np.percentile(ms, 99))}
-        log(f"registered {len(refs)} targets via GetMetricSpec in {took:.2f} s (8 callers; "
-            f"p50 {np.percentile(ms, 50):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms)")
+                                    "p99_ms": float(np.percentile(ms, 99)),
+                                    "first_getmetrics_refused": dict(refused)}
+        log(f"registered {len(refs)} targets via GetMetricSpec and a first GetMetrics in "
+            f"{took:.2f} s (8 callers; p50 {np.percentile(ms, 50):.2f} ms, p99 "
+            f"{np.percentile(ms, 99):.2f} ms; refused {dict(refused) or 0})")
         ids = [f"{r.namespace}/{r.name}/{n}" for r, n in zip(refs, names, strict=True)]
         requests = [
             pb.GetMetricsRequest(scaledObjectRef=r, metricName=n).SerializeToString()
