@@ -5,7 +5,6 @@ level lives with the target, not the model."""
 from __future__ import annotations
 
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from forecaster.policy import HpaState, ScalingPolicy, hpa_step
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
+from tests.support.waiting import wait_for
 
 DATA = Path(__file__).parent.parent / "data"
 STEP = 300
@@ -130,19 +130,14 @@ def test_the_level_survives_a_refit_and_a_change_of_model() -> None:
                            query="nasa_http_1995_requests_per_minute", target_value=10.0,
                            model="seasonal_naive")
         target = engine.ensure_target("demo/nasa/m", spec, ReplaySource.from_folder(DATA))
-        deadline = time.monotonic() + 60
-        while target.model is None:
-            assert time.monotonic() < deadline, "no first fit"
-            time.sleep(0.05)
+        wait_for(lambda: target.model is not None, timeout=60, what="the first fit")
         assert target.share_keeper is not None
         controller = target.share_keeper.controller
         controller.level = 0.3  # as if it had learned that much
         first_model = target.model
         engine.refit_now("demo/nasa/m")
         engine.start()
-        while target.model is first_model:
-            assert time.monotonic() < deadline, "no refit"
-            time.sleep(0.05)
+        wait_for(lambda: target.model is not first_model, timeout=60, what="the refit")
         assert target.share_keeper.controller is controller and controller.level == 0.3
     finally:
         engine.stop()

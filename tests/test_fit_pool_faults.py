@@ -25,7 +25,8 @@ from forecaster.target import Target
 from tests.support.rest import assert_error
 from tests.support.waiting import wait_for
 
-DATA = Path(__file__).parent.parent / "data"
+ROOT = Path(__file__).parent.parent  # the child imports tests.support from here
+DATA = ROOT / "data"
 QUERY = "aws_elb_request_count_8c0756"
 WEB = ConfiguredTarget(
     namespace="shop", name="web",
@@ -147,15 +148,14 @@ from forecaster.engine import Engine
 from forecaster.fitting import FitPool
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
+from tests.support.waiting import wait_for
 
 engine = Engine(EngineSettings(refresh_seconds=3600, fit_workers=1), fit_pool=FitPool(1))
 engine.start()
 spec = TriggerSpec(server_address="http://replay.demo", query=sys.argv[2], target_value=10.0,
                    model="auto")
 engine.ensure_target("shop/web/m", spec, ReplaySource.from_folder(Path(sys.argv[1])))
-while not engine.fits.pids():
-    threading.Event().wait(0.05)
-print(engine.fits.pids()[0], flush=True)
+print(wait_for(engine.fits.pids, timeout=120, what="the fit worker")[0], flush=True)
 threading.Event().wait()
 """
 
@@ -163,7 +163,7 @@ threading.Event().wait()
 def test_killing_the_engines_process_ends_its_fit_worker() -> None:
     worker = None
     with subprocess.Popen([sys.executable, "-c", ENGINE, str(DATA), QUERY],
-                          stdout=subprocess.PIPE, text=True) as engine:
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as engine:
         try:
             assert engine.stdout is not None
             worker = int(engine.stdout.readline())

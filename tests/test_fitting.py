@@ -8,7 +8,6 @@ import queue
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -48,13 +47,8 @@ def _ended(pid: int) -> bool:
         return True
 
 
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _ended(pid):
-            return True
-        time.sleep(0.05)
-    return False
+def _wait_gone(pid: int, what: str, timeout: float = 10.0) -> None:
+    wait_for(lambda: _ended(pid), timeout=timeout, what=what)
 
 
 @pytest.fixture
@@ -82,7 +76,7 @@ def test_a_worker_process_fits_at_idle_priority_and_shutdown_ends_it() -> None:
         assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the engine's process keeps its own
     finally:
         pool.shutdown()
-    assert _gone(pid), "shutdown left the worker process running"
+    _wait_gone(pid, "the worker process ended by shutdown")
 
 
 def test_workers_at_nice_10_where_asked() -> None:
@@ -144,7 +138,7 @@ def test_a_worker_that_died_idle_is_replaced_at_the_next_fit(
     pool.submit(_request()).result(timeout=120)
     (idle,) = pool.pids()
     os.kill(idle, signal.SIGTERM)  # as `kill` would: an exit status other than SIGKILL's
-    assert _gone(idle)
+    _wait_gone(idle, "the killed worker process ended")
     assert pool.submit(_request()).result(timeout=120).model.name == "seasonal_naive"
     assert deaths.get(timeout=5) == f"fit worker process {idle} was killed by signal 15 (SIGTERM)"
     assert pool.deaths == 1 and pool.pids() != [idle]
@@ -232,7 +226,7 @@ def test_without_the_parent_death_signal_a_watch_thread_ends_the_orphan() -> Non
             assert not _ended(child)
             parent.kill()
             parent.wait(10)
-            assert _gone(child, timeout=5), "the orphan outlived its parent"
+            _wait_gone(child, "the orphan ended with its parent", timeout=5)
         finally:
             parent.kill()
             if not _ended(child):

@@ -21,7 +21,6 @@ import math
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import replace
@@ -48,7 +47,7 @@ from forecaster.spec import (
     parse_trigger_metadata,
 )
 from tests.support.prometheus import PrometheusServer
-from tests.support.waiting import wait_for_call
+from tests.support.waiting import wait_for, wait_for_call
 
 ROOT = Path(__file__).parent.parent
 KEDA = ROOT / "keda"
@@ -557,13 +556,12 @@ def test_metrics_api_value_location_resolves_in_the_real_answer(
     assert target.metadata["metricName"] == metric
     assert float(target.metadata["targetValue"]) == float(metadata["targetValue"])
 
+    def answered() -> tuple[requests.Response] | None:  # a tuple: a 4xx response is falsy
+        answer = requests.get(f"http://127.0.0.1:{service.http_port}{url.path}", timeout=10)
+        return None if answer.status_code == 503 else (answer,)
+
     def fetch() -> requests.Response:
-        deadline = time.monotonic() + 30
-        while True:
-            answer = requests.get(f"http://127.0.0.1:{service.http_port}{url.path}", timeout=10)
-            if answer.status_code != 503 or time.monotonic() > deadline:
-                return answer
-            time.sleep(0.2)
+        return wait_for(answered, timeout=30, what=f"{url.path} past its first 503s")[0]
 
     ref = pb.ScaledObjectRef(name=name, namespace=namespace,
                              scalerMetadata=_test_metadata(TRIGGER["metadata"], prometheus.url))

@@ -39,6 +39,7 @@ from forecaster.scaler.messages import (
 )
 from forecaster.service import Service
 from forecaster.sources.replay import ReplaySource
+from tests.support.waiting import wait_for
 
 DATA = Path(__file__).parent.parent / "data"
 QUERY = "aws_elb_request_count_8c0756"
@@ -105,10 +106,7 @@ def _bare_front(
         tag, port = connection.recv()
         assert tag == READY
         connection.send((SERVE,))
-        deadline = time.monotonic() + 10
-        while not _serving(port):
-            assert time.monotonic() < deadline, "the front never served"
-            time.sleep(0.1)
+        wait_for(lambda: _serving(port), timeout=10, every=0.1, what="the front serving")
         yield connection, port
         connection.close()  # as when the engine's process is killed
         assert front.wait(10) == 0
@@ -127,17 +125,6 @@ def _serving(port: int) -> bool:
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_the_front_holds_no_model_or_data_library(service: Service) -> None:
@@ -169,18 +156,20 @@ def test_healthz_fails_while_the_front_is_stuck_and_recovers_with_it(
     service = quick_to_worry
     url = f"http://127.0.0.1:{service.http_port}/healthz"
     assert requests.get(url, timeout=5).json() == {"status": "ok"}
+
+    def failing() -> tuple[requests.Response] | None:  # a tuple: a 503 reply is falsy
+        reply = requests.get(url, timeout=5)
+        return (reply,) if reply.status_code == 503 else None
+
     os.kill(service.scaler.pid, signal.SIGSTOP)  # alive, socket open, answering nothing
-    try:
-        time.sleep(3.0)
-        stuck = requests.get(url, timeout=5)
+    try:  # failing within a second past the silence limit (2 s)
+        (stuck,) = wait_for(failing, timeout=3.0, every=0.1, what="/healthz failing")
         assert stuck.status_code == 503
         assert "front process has not reported for" in stuck.json()["error"]["message"]
     finally:
         os.kill(service.scaler.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 10
-    while requests.get(url, timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "/healthz did not recover with the front"
-        time.sleep(0.2)
+    wait_for(lambda: requests.get(url, timeout=5).status_code == 200, timeout=10, every=0.2,
+             what="/healthz recovering with the front")
     assert not service.stopped.is_set()
 
 
@@ -224,9 +213,9 @@ def test_a_silent_engine_is_unavailable_rather_than_its_last_answers_served() ->
             time.sleep(1.5)  # longer than the silence limit, with heartbeats
             assert stub.GetMetrics(request, timeout=5).metricValues[0].metricValueFloat == 7.0
             beating.clear()
-            time.sleep(1.5)
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.GetMetrics(request, timeout=5)
+            with pytest.raises(grpc.RpcError) as caught:  # GetMetrics raises once refused
+                wait_for(lambda: stub.GetMetrics(request, timeout=5) is None, timeout=1.5,
+                         what="the silent engine's answers refused")
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "has not been heard from" in (caught.value.details() or "")
 

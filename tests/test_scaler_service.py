@@ -118,8 +118,7 @@ def test_keda_call_order_serves_the_planned_load(
     # The engine's process pushes a changed answer to the gRPC front within a quarter of a
     # second, and a 5-minute boundary may pass between the two computations: ask again for
     # up to 10 s before comparing.
-    deadline = time.monotonic() + 10
-    while True:
+    def served_as_expected() -> tuple[pb.MetricValue, float] | None:
         response = stub.GetMetrics(
             pb.GetMetricsRequest(scaledObjectRef=ref, metricName=metric.metricName), timeout=10
         )
@@ -127,10 +126,11 @@ def test_keda_call_order_serves_the_planned_load(
             live_prometheus.url, 'sum(web_requests{job="web"})', "holt_winters", 0.9, 2
         )
         (value,) = response.metricValues
-        if (value.metricValueFloat == pytest.approx(expected, rel=1e-9)
-                or time.monotonic() > deadline):
-            break
-        time.sleep(0.2)
+        matches = value.metricValueFloat == pytest.approx(expected, rel=1e-9)
+        return (value, expected) if matches else None
+
+    value, expected = wait_for(served_as_expected, timeout=10, every=0.2,
+                               what="GetMetrics to serve the planned load")
     assert value.metricName == metric.metricName
     assert value.metricValueFloat == pytest.approx(expected, rel=1e-9)
     assert value.metricValue == math.ceil(value.metricValueFloat)
@@ -281,11 +281,9 @@ def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailab
             assert served() == before  # the last good forecast, while fresh
 
             clock.offset = 2 * STEP + 1  # past max(2 x refresh, 2 x step)
-            deadline = time.monotonic() + 10 * PUSH_SECONDS
-            with pytest.raises(grpc.RpcError) as caught:
-                while time.monotonic() < deadline:  # within a push interval or so
-                    served()
-                    time.sleep(PUSH_SECONDS / 5)
+            with pytest.raises(grpc.RpcError) as caught:  # served() raises once refused
+                wait_for(lambda: served() is None, timeout=10 * PUSH_SECONDS,
+                         every=PUSH_SECONDS / 5, what="the stale answer refused")
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "freshness" in caught.value.details()
             assert SECRET not in caught.value.details()

@@ -7,7 +7,6 @@ import json
 import math
 import re
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -164,16 +163,17 @@ def test_requests_are_counted_per_interface_method_and_code(live: Live) -> None:
                   ("IsActive", "OK", 1)]
 
     # The gRPC front reports its call counts to the engine's process every half second:
-    # scrape until they are in (or 10 s pass), then check every count exactly.
-    scrapes, deadline = 1, time.monotonic() + 10
-    while True:
-        after = scrape(live)
-        arrived = all(count(after, "grpc", method, code) >= count(before, "grpc", method, code)
-                      + added for method, code, added in grpc_calls)
-        if arrived or time.monotonic() > deadline:
-            break
-        scrapes += 1
-        time.sleep(0.1)
+    # scrape until they are in, then check every count exactly.
+    scraped: list[dict[str, list[Sample]]] = []
+
+    def arrived() -> dict[str, list[Sample]] | None:
+        scraped.append(scrape(live))
+        return scraped[-1] if all(
+            count(scraped[-1], "grpc", method, code) >= count(before, "grpc", method, code)
+            + added for method, code, added in grpc_calls) else None
+
+    after = wait_for(arrived, timeout=10, every=0.1, what="the front's call counts")
+    scrapes = len(scraped)
 
     for interface, method, code, added in [
         *(("grpc", method, code, added) for method, code, added in grpc_calls),

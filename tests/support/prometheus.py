@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Self
 
 import pandas as pd
 import requests
+
+from tests.support.waiting import wait_for
 
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -267,9 +268,9 @@ class PrometheusServer:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self._ready_timeout
         with requests.Session() as session:
-            while True:
+
+            def ready() -> bool:
                 assert self._process is not None
                 code = self._process.poll()
                 if code is not None:
@@ -279,17 +280,18 @@ class PrometheusServer:
                         f"{_tail(self.log_path)}"
                     )
                 try:
-                    if session.get(f"{self.url}/-/ready", timeout=1.0).status_code == 200:
-                        return
+                    return session.get(f"{self.url}/-/ready", timeout=1.0).status_code == 200
                 except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise PrometheusServerError(
-                        f"prometheus at {self.url} was not ready within {self._ready_timeout} s; "
-                        f"log tail:\n{_tail(self.log_path)}"
-                    )
-                time.sleep(0.05)
+                    return False
+
+            try:
+                wait_for(ready, self._ready_timeout, what=f"prometheus at {self.url} ready")
+            except AssertionError as exc:
+                self.stop()
+                raise PrometheusServerError(
+                    f"prometheus at {self.url} was not ready within {self._ready_timeout} s; "
+                    f"log tail:\n{_tail(self.log_path)}"
+                ) from exc
 
     def stop(self, timeout_seconds: float = 10.0) -> None:
         """Terminate Prometheus (SIGTERM, then SIGKILL if it lingers); the data dir is kept."""
