@@ -12,6 +12,7 @@ import itertools
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -388,8 +389,8 @@ def test_decision_and_metric_without_fresh_data_are_503(
 
 
 def test_a_target_before_its_first_fit_is_reactive(rest_prometheus: PrometheusServer) -> None:
-    busy = ThreadPoolExecutor(1)  # the only fit worker stays busy: no model yet
-    busy.submit(time.sleep, 30)
+    busy, release = ThreadPoolExecutor(1), threading.Event()  # the only fit worker stays
+    busy.submit(release.wait, 30)  # busy: no model yet
     service = Service(settings(rest_prometheus.url), fit_pool=busy)
     service.start()
     try:
@@ -408,6 +409,7 @@ def test_a_target_before_its_first_fit_is_reactive(rest_prometheus: PrometheusSe
         assert "reactively" in assert_error(response, 503, "unavailable")["message"]
     finally:
         service.stop()
+        release.set()
         busy.shutdown(wait=False, cancel_futures=True)
 
 

@@ -28,14 +28,17 @@ HELD = "nasa_http_1995_requests_per_minute"
 
 
 class GatedSource:
-    """The replayed traces, with every query of HELD waiting until `gate` is set."""
+    """The replayed traces, with every query of HELD waiting until `gate` is set; `asked` is
+    set once one of them is waiting."""
 
     def __init__(self, replay: ReplaySource) -> None:
         self.replay = replay
         self.gate = threading.Event()
+        self.asked = threading.Event()
 
     def _hold(self, query: str) -> None:
         if query == HELD:
+            self.asked.set()
             assert self.gate.wait(30), "the test never opened the gate"
 
     def query_range(
@@ -86,7 +89,7 @@ def test_a_target_waiting_for_its_first_value_does_not_hold_up_others(
         quick = stub.GetMetrics(_request(QUICK), timeout=20).metricValues[0].metricValueFloat
         assert quick > 0
         held = stub.GetMetrics.future(_request(HELD), timeout=30)
-        time.sleep(0.3)  # the held call is now waiting for its target's first value
+        assert source.asked.wait(10), "the held target's history was never asked for"
         answered = []
         for _ in range(20):
             began = time.monotonic()
@@ -140,12 +143,14 @@ def test_targets_beyond_the_maximum_are_refused_with_resource_exhausted(
         service.stop()
 
 
-def test_a_stop_ends_a_stream_still_waiting_for_its_first_value(service: Service) -> None:
+def test_a_stop_ends_a_stream_still_waiting_for_its_first_value(
+    service: Service, source: GatedSource
+) -> None:
     ref = _request(HELD).scaledObjectRef  # its history is held back: the stream keeps waiting
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         stream = pb_grpc.ExternalScalerStub(channel).StreamIsActive(ref, timeout=30)
         ended = ThreadPoolExecutor(1).submit(lambda: list(stream))
-        time.sleep(0.5)
+        assert source.asked.wait(10), "the held target's history was never asked for"
         assert not ended.done()
         began = time.monotonic()
         service.stop()

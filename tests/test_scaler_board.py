@@ -31,9 +31,17 @@ class Engine:
 
     def __init__(self) -> None:
         self.sent: list[tuple[Any, ...]] = []
+        self.reported = asyncio.Event()
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.sent.append(message)
+        if message[0] == REPORT:
+            self.reported.set()
+
+    async def next_report(self) -> None:
+        """Until the board sends its next report (every REPORT_SECONDS)."""
+        self.reported.clear()
+        await asyncio.wait_for(self.reported.wait(), 10 * REPORT_SECONDS)
 
     def of(self, tag: str) -> list[tuple[Any, ...]]:
         return [m for m in self.sent if m[0] == tag]
@@ -130,7 +138,7 @@ def test_reports_name_the_asked_about_targets_and_count_the_calls() -> None:
     async def scenario() -> None:
         engine = Engine()
         board = await _primed(engine)
-        await asyncio.sleep(REPORT_SECONDS * 1.5)
+        await engine.next_report()
         heartbeats = engine.of(REPORT)
         assert heartbeats  # sent empty too: the engine's sign that the front's loop turns
         assert all(r[1:] == ((), {}) for r in heartbeats)  # resolving registered it
@@ -139,7 +147,7 @@ def test_reports_name_the_asked_about_targets_and_count_the_calls() -> None:
         board.count("GetMetrics", "OK")
         board.count("GetMetrics", "OK")
         board.count("IsActive", "UNAVAILABLE")
-        await asyncio.sleep(REPORT_SECONDS * 1.5)
+        await engine.next_report()
         (report,) = [r for r in engine.of(REPORT)[len(heartbeats):] if r[1] or r[2]]
         assert report[1] == (TRIGGER.target_id,)
         assert report[2] == {("GetMetrics", "OK"): 2, ("IsActive", "UNAVAILABLE"): 1}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -295,8 +296,8 @@ def test_new_target_answers_reactively_until_its_first_fit(
     live_prometheus: PrometheusServer, make_service: Callable[..., Service]
 ) -> None:
     # The only fit worker is kept busy, so the new target has no model yet.
-    busy = ThreadPoolExecutor(1)
-    busy.submit(time.sleep, 30)
+    busy, release = ThreadPoolExecutor(1), threading.Event()
+    busy.submit(release.wait, 30)
     service = make_service(scaler_settings(live_prometheus.url), fit_pool=busy)
     try:
         for stub in _stub(service):
@@ -309,6 +310,7 @@ def test_new_target_answers_reactively_until_its_first_fit(
             assert value.metricValueFloat == pytest.approx(current)
             assert service.engine.serve(f"shop/web/{name}").mode == "reactive"
     finally:
+        release.set()
         busy.shutdown(wait=False, cancel_futures=True)
 
 
