@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import requests
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.10
@@ -120,17 +121,18 @@ def main() -> int:
         )
         base = f"http://127.0.0.1:{http}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
+
+            def healthy() -> bool:
+                if server.poll() is not None:
+                    raise SystemExit("the service exited as it started")
                 try:
-                    if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
+                    return requests.get(f"{base}/healthz", timeout=2).status_code == 200
                 except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the service did not start")
-                time.sleep(0.2)
-            time.sleep(2)
+                    return False
+
+            if not wait_until(healthy, 60):
+                raise SystemExit("the service did not start")
+            time.sleep(2)  # settled before the first reading
             before = rss_mib(server.pid)
             sampler = Sampler(server.pid, set(children(server.pid)))
             sampler.start()

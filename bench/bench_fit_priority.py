@@ -37,6 +37,7 @@ from typing import Any  # noqa: E402
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from forecaster.fitting import FitPool, FitRequest, Priority, spawn_workers  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
@@ -176,11 +177,8 @@ class BusyWorkers:
         self._send(i + 1)
 
     def wait_spawned(self, workers: int, timeout: float = 60.0) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while len(self.pool.pids()) < workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fit workers did not start")
-            time.sleep(0.05)
+        if not wait_until(lambda: len(self.pool.pids()) >= workers, timeout, every=0.05):
+            raise RuntimeError("the fit workers did not start")
         return self.pool.pids()
 
     def stop(self) -> None:

@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import requests  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 TRACE = ROOT / "data" / "aws_elb_request_count_8c0756.csv"
 METRIC = "bench_requests"
@@ -175,10 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ids = [f"bench/t{i}/rps" for i in range(args.targets)]
                 began = time.perf_counter()
-                while any(service.engine.get(tid).snapshot.forecast is None for tid in ids):
-                    if time.perf_counter() - began > 300:
-                        raise SystemExit("targets not fitted within 300 s")
-                    time.sleep(0.2)
+                if not wait_until(lambda: all(service.engine.get(tid).snapshot.forecast
+                                              is not None for tid in ids), 300):
+                    raise SystemExit("targets not fitted within 300 s")
                 log(f"{args.targets} targets fitted ({args.model}) in "
                     f"{time.perf_counter() - began:.1f} s")
                 base = f"http://127.0.0.1:{service.http_port}"
