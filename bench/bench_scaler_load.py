@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_scaler_load.py [--targets 1000] [--clients 16] [--seconds 20]
         [--rate 2000] [--client h2load|aio|sync] [--prometheus | --no-prometheus]
-        [--profile DIR] [--json FILE] [--experiments trivial,nice=10,switch=0.0005] [--repeat N]
+        [--profile DIR] [--json FILE] [--experiments trivial,nice=10] [--repeat N]
 
 The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs its engine in this
 process and its gRPC front (forecaster.scaler.front) in a child process, as in production:
@@ -44,8 +44,7 @@ process and its gRPC front (forecaster.scaler.front) in a child process, as in p
 Experiments (--experiments, each a load window on the same targets) to locate the cost:
 `trivial` a do-nothing servicer on a grpc.aio server like the service's front, in a process of
 its own like it (the framework's floor); `nice=N` the refit windows again with the fit workers
-at nice N; `switch=S` steady and refit windows with the GIL switch interval of the engine's
-process at S seconds (Python's default is 0.005).
+at nice N.
 
 The machine's load average and every party's CPU time in each window (service, fit workers,
 Prometheus, load generator, everything else) are printed: on a shared machine the figures
@@ -112,7 +111,7 @@ OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop
 GOAL_P99_MS = 5.0
 GOAL_MEMORY_MB = 200.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-EXPERIMENT = re.compile(r"^(trivial|nice=-?\d+|switch=[0-9.]+)$")
+EXPERIMENT = re.compile(r"^(trivial|nice=-?\d+)$")
 
 
 def log(message: str) -> None:
@@ -1206,21 +1205,6 @@ class Bench:
                 server.stop()
             self.experiment_pids.clear()
         for name in names:
-            if name.startswith("switch="):
-                # The GIL switch interval of this process (default 5 ms): how long a thread
-                # computing (refresh, fit results) may keep request threads waiting.
-                interval, previous = float(name.split("=")[1]), sys.getswitchinterval()
-                label = f"service, GIL switch {1000 * interval:g} ms"
-                sys.setswitchinterval(interval)
-
-                def switched(before: dict[str, int], label: str = label) -> None:
-                    self.windows_for(label, self.service.grpc_port, requests, before)
-
-                try:
-                    self.windows_for(label, self.service.grpc_port, requests)
-                    self.during_refits(f"refit round, {label}", ids, switched)
-                finally:
-                    sys.setswitchinterval(previous)
             if name.startswith("nice="):
                 niceness = int(name.split("=")[1])
                 pids = fit_worker_pids(self.service)
@@ -1493,7 +1477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-refit-round", action="store_true",
                         help="do not time a refit round without load")
     parser.add_argument("--experiments", default="",
-                        help="comma-separated: trivial, nice=N, switch=SECONDS")
+                        help="comma-separated: trivial, nice=N")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the experiments' steady windows, with the service again")
     parser.add_argument("--warmup-calls", type=int, default=50, help="per caller, unmeasured")
@@ -1513,8 +1497,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     for name in args.experiments:
         if not EXPERIMENT.match(name):
-            parser.error(f"--experiments: {name!r} is not one of trivial, nice=N, "
-                         "switch=SECONDS")
+            parser.error(f"--experiments: {name!r} is not one of trivial, nice=N")
     return args
 
 
