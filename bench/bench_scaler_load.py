@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_scaler_load.py [--targets 1000] [--clients 16] [--seconds 20]
         [--rate 2000] [--client h2load|aio|sync] [--prometheus | --no-prometheus]
-        [--profile DIR] [--json FILE] [--experiments trivial,nice=10] [--repeat N]
+        [--profile DIR] [--json FILE] [--experiments trivial] [--repeat N]
+        [--fit-priority idle|nice]
 
 The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs its engine in this
 process and its gRPC front (forecaster.scaler.front) in a child process, as in production:
@@ -43,8 +44,8 @@ process and its gRPC front (forecaster.scaler.front) in a child process, as in p
 
 Experiments (--experiments, each a load window on the same targets) to locate the cost:
 `trivial` a do-nothing servicer on a grpc.aio server like the service's front, in a process of
-its own like it (the framework's floor); `nice=N` the refit windows again with the fit workers
-at nice N.
+its own like it (the framework's floor). --fit-priority sets the fit workers' CPU priority
+(the service's choice, SCHED_IDLE, or nice 10), to compare them in separate runs.
 
 The machine's load average and every party's CPU time in each window (service, fit workers,
 Prometheus, load generator, everything else) are printed: on a shared machine the figures
@@ -111,7 +112,7 @@ OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop
 GOAL_P99_MS = 5.0
 GOAL_MEMORY_MB = 200.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-EXPERIMENT = re.compile(r"^(trivial|nice=-?\d+)$")
+EXPERIMENT = re.compile(r"^trivial$")
 
 
 def log(message: str) -> None:
@@ -670,6 +671,7 @@ class Bench:
 
     def start_service(self, address: str, source: Any) -> Any:
         from forecaster.config import EngineSettings, Settings
+        from forecaster.fitting import FitPool, spawn_workers
         from forecaster.service import Service
         from forecaster.sources.prometheus import PrometheusServerConfig
 
@@ -681,9 +683,13 @@ class Bench:
         )
         settings = Settings(engine=engine, servers=servers, grpc_port=0, http_port=0,
                             host="127.0.0.1")
-        self.service = Service(settings, source=source)
+        workers = FitPool(args.fit_workers, executor_factory=partial(
+            spawn_workers, args.fit_workers, priority=args.fit_priority
+        ))
+        self.service = Service(settings, source=source, fit_pool=workers)
         self.service.start()
-        log(f"service on gRPC port {self.service.grpc_port}; {engine}")
+        log(f"service on gRPC port {self.service.grpc_port}; {engine}; fit workers at "
+            f"priority {args.fit_priority}")
         return self.service
 
     def refs(self, fleet: Fleet, address: str) -> list[pb.ScaledObjectRef]:
@@ -1177,12 +1183,12 @@ class Bench:
             ),
         )
         after_load = self.measure_memory("after refits and load")
-        self.experiments(ids, requests)
+        self.experiments(requests)
         self.report(fleet, idle, loaded, after_load)
 
-    def experiments(self, ids: list[str], requests: list[bytes]) -> None:
+    def experiments(self, requests: list[bytes]) -> None:
         """Steady windows of each experiment, --repeat times in rotation (with the service
-        itself again, so that drifts of the machine's load show), then the refit rounds."""
+        itself again, so that drifts of the machine's load show)."""
         names = self.args.experiments
         if not names:
             return
@@ -1204,24 +1210,6 @@ class Bench:
             for server in servers.values():
                 server.stop()
             self.experiment_pids.clear()
-        for name in names:
-            if name.startswith("nice="):
-                niceness = int(name.split("=")[1])
-                pids = fit_worker_pids(self.service)
-                for pid in pids:
-                    os.setpriority(os.PRIO_PROCESS, pid, niceness)
-                label = f"service, fit workers nice {niceness}"
-
-                def niced(before: dict[str, int], label: str = label) -> None:
-                    self.windows_for(label, self.service.grpc_port, requests, before)
-
-                try:
-                    self.during_refits(f"refit round, fit workers at nice {niceness}", ids,
-                                       niced)
-                finally:
-                    for pid in pids:
-                        with contextlib.suppress(OSError):
-                            os.setpriority(os.PRIO_PROCESS, pid, 0)
 
     # -- report ----------------------------------------------------------------------------
 
@@ -1235,7 +1223,8 @@ class Bench:
         print()
         print("=" * 100)
         print(f"forecaster scaler load bench: {fleet.targets} targets on {fleet.series} series, "
-              f"model {args.model}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+              f"model {args.model}, fit workers {args.fit_workers} at priority "
+              f"{args.fit_priority}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
               f"grpcio {grpc.__version__}")
         for label, values in self.loads.items():
             print(f"  load average {label:<36} {' '.join(f'{v:.2f}' for v in values)}")
@@ -1470,6 +1459,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="holt_winters",
                         help="the triggers' model (auto backtests: ~70x slower fits)")
     parser.add_argument("--fit-workers", type=int, default=2, help="the engine's fit processes")
+    parser.add_argument("--fit-priority", choices=("idle", "nice"), default="idle",
+                        help="the fit workers' CPU priority: SCHED_IDLE (the service's) or "
+                        "nice 10 (its fallback where SCHED_IDLE is refused)")
     parser.add_argument("--refresh-seconds", type=float, default=30.0,
                         help="the engine's refresh interval (the service's default: 30 s)")
     parser.add_argument("--fit-timeout", type=float, default=1800.0,
@@ -1477,7 +1469,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-refit-round", action="store_true",
                         help="do not time a refit round without load")
     parser.add_argument("--experiments", default="",
-                        help="comma-separated: trivial, nice=N")
+                        help="comma-separated: trivial")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the experiments' steady windows, with the service again")
     parser.add_argument("--warmup-calls", type=int, default=50, help="per caller, unmeasured")
@@ -1497,7 +1489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     for name in args.experiments:
         if not EXPERIMENT.match(name):
-            parser.error(f"--experiments: {name!r} is not one of trivial, nice=N")
+            parser.error(f"--experiments: {name!r} is not trivial")
     return args
 
 
