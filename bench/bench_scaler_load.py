@@ -2,8 +2,7 @@
 
     .venv/bin/python bench/bench_scaler_load.py [--targets 1000] [--clients 16] [--seconds 20]
         [--rate 2000] [--client h2load|aio|sync] [--prometheus | --no-prometheus]
-        [--profile DIR] [--json FILE] [--experiments trivial] [--repeat N]
-        [--fit-priority idle|nice]
+        [--profile DIR] [--json FILE] [--no-floor] [--repeat N] [--fit-priority idle|nice]
 
 The real service (`forecaster.service.Service`, 127.0.0.1, ports 0) runs its engine in this
 process and its gRPC front (forecaster.scaler.front) in a child process, as in production:
@@ -42,10 +41,11 @@ process and its gRPC front (forecaster.scaler.front) in a child process, as in p
 5. A summary against the goals: >= 2,000 GetMetrics/s with p99 < 5 ms during refits, load
    generator included; < 200 MB above idle; the refit times.
 
-Experiments (--experiments, each a load window on the same targets) to locate the cost:
-`trivial` a do-nothing servicer on a grpc.aio server like the service's front, in a process of
-its own like it (the framework's floor). --fit-priority sets the fit workers' CPU priority
-(the service's choice, SCHED_IDLE, or nice 10), to compare them in separate runs.
+The framework's floor is printed beside the service: the same windows against a do-nothing
+servicer on a grpc.aio server like the service's front, in a process of its own like it
+(--no-floor skips it; --repeat N runs its steady windows N times in rotation with the
+service's). --fit-priority sets the fit workers' CPU priority (the service's choice,
+SCHED_IDLE, or nice 10), to compare them in separate runs.
 
 The machine's load average and every party's CPU time in each window (service, fit workers,
 Prometheus, load generator, everything else) are printed: on a shared machine the figures
@@ -111,8 +111,8 @@ GOAL_CALLS_PER_SECOND = 2000.0
 OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop_layout)
 GOAL_P99_MS = 5.0
 GOAL_MEMORY_MB = 200.0
+FLOOR = "floor: do-nothing servicer"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-EXPERIMENT = re.compile(r"^trivial$")
 
 
 def log(message: str) -> None:
@@ -280,7 +280,7 @@ def measure_memory(label: str, service: Any) -> MemoryPoint:
     return point
 
 
-# -- servers for the experiments -------------------------------------------------------------
+# -- the framework's floor -------------------------------------------------------------------
 
 
 class TrivialScaler(pb_grpc.ExternalScalerServicer):
@@ -305,13 +305,13 @@ class _CaptureAbort:
         raise RuntimeError(f"{code}: {details}")
 
 
-class ExtraServer:
+class FloorServer:
     """A do-nothing servicer on a grpc.aio server on uvloop, like the service's gRPC front,
-    and like it in a process of its own (this script with --serve-trivial)."""
+    and like it in a process of its own (this script with --serve-floor)."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-trivial"],
+            [sys.executable, str(Path(__file__).resolve()), "--serve-floor"],
             stdout=subprocess.PIPE,
         )
         assert self.process.stdout is not None
@@ -322,8 +322,8 @@ class ExtraServer:
         self.process.wait(10)
 
 
-def serve_trivial() -> None:
-    """--serve-trivial: print the port, serve until killed."""
+def serve_floor() -> None:
+    """--serve-floor: print the port, serve until killed."""
     from forecaster.scaler.server import new_event_loop
 
     async def serve() -> None:
@@ -599,11 +599,12 @@ class Bench:
         self.loads: dict[str, tuple[float, float, float]] = {}
         self.figures: dict[str, Any] = {}
         self.windows: list[Window] = []
+        self.floor_windows: list[Window] = []
         self.memory: list[MemoryPoint] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-scaler-"))
         self.prometheus: Any = None
         self.service: Any = None
-        self.experiment_pids: dict[str, list[str]] = {}  # an experiment's server, for CPU
+        self.floor_pids: dict[str, list[str]] = {}  # the floor's server, for CPU
 
     def close(self) -> None:
         if self.service is not None:
@@ -885,7 +886,7 @@ class Bench:
                    "fit workers": [str(p) for p in fit_worker_pids(self.service)]}
         if self.prometheus is not None and self.prometheus.pid is not None:
             parties["prometheus"] = [str(self.prometheus.pid)]
-        parties.update(self.experiment_pids)
+        parties.update(self.floor_pids)
         return parties
 
     def h2load_window(
@@ -976,7 +977,7 @@ class Bench:
             lost = sum(int(n) for n in counts.groups()[1:])
             if lost:
                 codes["h2load: failed, errored or timed out"] += lost
-        if port != self.service.grpc_port:  # an experiment's server: no request hook there
+        if port != self.service.grpc_port:  # the floor's server: no request hook there
             codes["OK"] = answered  # HTTP 200 with a response; its gRPC status unseen
         latencies = np.concatenate([
             _h2load_latencies_ns(path, rate * share)
@@ -1183,33 +1184,26 @@ class Bench:
             ),
         )
         after_load = self.measure_memory("after refits and load")
-        self.experiments(requests)
+        if args.floor:
+            self.floor(requests)
         self.report(fleet, idle, loaded, after_load)
 
-    def experiments(self, requests: list[bytes]) -> None:
-        """Steady windows of each experiment, --repeat times in rotation (with the service
-        itself again, so that drifts of the machine's load show)."""
-        names = self.args.experiments
-        if not names:
-            return
-        servers: dict[str, ExtraServer] = {}
+    def floor(self, requests: list[bytes]) -> None:
+        """The floor's steady windows, --repeat times in rotation with the service's (so that
+        drifts of the machine's load show)."""
+        server = FloorServer()
+        self.floor_pids[FLOOR] = [str(server.process.pid)]
         try:
-            for name in names:
-                if name == "trivial":
-                    servers[name] = ExtraServer()
-                    self.experiment_pids[name] = [str(servers[name].process.pid)]
-            labels = {"trivial": "trivial servicer"}
             for round_ in range(self.args.repeat):
                 tag = f" #{round_ + 1}" if self.args.repeat > 1 else ""
-                self.note_load(f"before experiment round{tag or ' 1'}")
+                self.note_load(f"before floor round{tag or ' 1'}")
                 if round_:
                     self.windows_for(f"service{tag}", self.service.grpc_port, requests)
-                for name, server in servers.items():
-                    self.windows_for(f"{labels[name]}{tag}", server.port, requests)
+                found = self.windows_for(f"{FLOOR}{tag}", server.port, requests)
+                self.floor_windows = self.floor_windows or found  # the summary's: the first
         finally:
-            for server in servers.values():
-                server.stop()
-            self.experiment_pids.clear()
+            server.stop()
+            self.floor_pids.clear()
 
     # -- report ----------------------------------------------------------------------------
 
@@ -1306,6 +1300,14 @@ class Bench:
             (f"refit of {fleet.targets} targets, under load",
              seconds(figures.get("refit_under_load_seconds")), "", ""),
         ]
+        if self.floor_windows:
+            floor, floor_open = self.floor_windows[0], self.floor_windows[-1]
+            rows[6:6] = [
+                (f"{FLOOR}, closed loop", f"{floor.throughput:,.0f}/s, p99 "
+                 f"{floor.ms(99):.2f} ms", "", ""),
+                (f"  open loop{rate}", f"{floor_open.throughput:,.0f}/s OK, p99 "
+                 f"{floor_open.ms(99):.2f} ms", "", ""),
+            ]
         for name, value, goal, ok in rows:
             goal_text = f"goal {goal}" if goal else ""
             print(f"  {name:<44} {value:>30}   {goal_text:<16} {ok}")
@@ -1468,10 +1470,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop waiting for a fit round after this long")
     parser.add_argument("--skip-refit-round", action="store_true",
                         help="do not time a refit round without load")
-    parser.add_argument("--experiments", default="",
-                        help="comma-separated: trivial")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="windows against a do-nothing servicer too: the framework's floor")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of the experiments' steady windows, with the service again")
+                        help="rounds of the floor's steady windows, with the service's again")
     parser.add_argument("--warmup-calls", type=int, default=50, help="per caller, unmeasured")
     parser.add_argument("--call-timeout", type=float, default=10.0, help="per GetMetrics call")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -1486,10 +1488,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--targets, --clients and --seconds must be positive")
     if args.client_procs is None:
         args.client_procs = 8 if args.client == "h2load" else 2
-    args.experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
-    for name in args.experiments:
-        if not EXPERIMENT.match(name):
-            parser.error(f"--experiments: {name!r} is not trivial")
     return args
 
 
@@ -1502,7 +1500,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve-trivial"]:
-        serve_trivial()
+    if sys.argv[1:] == ["--serve-floor"]:
+        serve_floor()
     else:
         main()
