@@ -95,6 +95,7 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from forecaster.fitting import release_free_memory  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
@@ -111,6 +112,7 @@ GOAL_CALLS_PER_SECOND = 2000.0
 OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop_layout)
 GOAL_P99_MS = 5.0
 GOAL_MEMORY_MB = 200.0
+REPORTS_WAIT_SECONDS = 5.0  # for the front's call counts after a window: ten of its reports
 FLOOR = "floor: do-nothing servicer"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -898,7 +900,7 @@ class Bench:
         over the fleet. Closed loop: --clients connections over --client-procs processes, one
         call in flight each. Open loop: see `open_loop_layout`, up to 64 calls in flight per
         connection. Latency comes from h2load's per-request log; the gRPC status of every call
-        from the service's own request hook (h2load sees only HTTP statuses, and a gRPC error
+        from the service's own call counts (h2load sees only HTTP statuses, and a gRPC error
         is HTTP 200), which the gRPC front reports to the engine every half second."""
         args = self.args
         if rate:
@@ -906,21 +908,10 @@ class Bench:
             total = procs * per_proc
         else:
             procs, total, tick = max(1, min(args.client_procs, args.clients)), args.clients, 0.0
-        codes: Counter[str] = Counter()
-        scaler = self.service.scaler
-        hook = scaler.on_request
-
-        def counting(method: str, code: str, calls: int) -> None:
-            if method == "GetMetrics":
-                codes[code] += calls
-            hook(method, code, calls)
-
         url = f"http://127.0.0.1:{port}/externalscaler.ExternalScaler/GetMetrics"
         commands, logs, shares = [], [], []
         for p in range(procs):
             connections = total // procs + (p < total % procs)
-            if not connections:
-                continue
             body = self.workdir / f"request-{p}.bin"
             message = requests[(p * len(requests)) // procs]
             body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
@@ -942,43 +933,49 @@ class Bench:
         how = f"open loop at {rate:,.0f}/s" if rate else f"{args.clients} connections"
         log(f"window {label!r}: h2load, {how} from {len(commands)} processes, "
             f"{args.seconds:.0f} s; load {loadavg()}")
-        # only the load-generator's calls are counted: the engine loop thread never calls it
-        scaler.on_request = counting
+        counted = port == self.service.grpc_port  # the floor's server counts nothing
+        before = grpc_calls(self.service.registry) if counted else Counter[str]()
         began = time.perf_counter()
-        try:
-            with GcPauses() as pauses:
-                running = []
-                for p, command in enumerate(commands):
-                    # open loop: the processes' ticks spread evenly over one tick
-                    while time.perf_counter() < began + p * tick / len(commands):
-                        time.sleep(0.0001)
-                    running.append(subprocess.Popen(command, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.STDOUT))
-                outputs = [r.communicate(timeout=args.seconds + 120)[0].decode()
-                           for r in running]
-            elapsed = time.perf_counter() - began
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu, capacity = meter.stop({"load generator": (after.ru_utime + after.ru_stime) - (
-                children.ru_utime + children.ru_stime
-            )})
-            done = self.refits_done(refits) if refits is not None else None
-            load = os.getloadavg()
-            time.sleep(1.5)  # the front's last report of call counts
-        finally:
-            scaler.on_request = hook
+        with GcPauses() as pauses:
+            running = []
+            for p, command in enumerate(commands):
+                # open loop: the processes' ticks spread evenly over one tick
+                time.sleep(max(0.0, began + p * tick / len(commands) - time.perf_counter()))
+                running.append(subprocess.Popen(command, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT))
+            outputs = [r.communicate(timeout=args.seconds + 120)[0].decode() for r in running]
+        elapsed = time.perf_counter() - began
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu, capacity = meter.stop({"load generator": (after.ru_utime + after.ru_stime) - (
+            children.ru_utime + children.ru_stime
+        )})
+        done = self.refits_done(refits) if refits is not None else None
+        load = os.getloadavg()
         self.finish_profiler(profiler, profile)
-        answered = 0
+        answered, lost = 0, 0
         for command, output in zip(commands, outputs, strict=True):
             counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
                                output)
             if counts is None:
                 raise SystemExit(f"h2load printed no summary ({' '.join(command)}):\n{output}")
             answered += int(counts.group(1))
-            lost = sum(int(n) for n in counts.groups()[1:])
-            if lost:
-                codes["h2load: failed, errored or timed out"] += lost
-        if port != self.service.grpc_port:  # the floor's server: no request hook there
+            lost += sum(int(n) for n in counts.groups()[1:])
+        codes: Counter[str] = Counter()
+        if counted:  # every answered call, once the front's reports are in
+
+            def reported() -> tuple[Counter[str]] | None:
+                delta = grpc_calls(self.service.registry) - before
+                return (delta,) if delta.total() >= answered else None
+
+            found = wait_until(reported, REPORTS_WAIT_SECONDS, every=0.05)
+            if found is None:
+                log(f"  the front's call counts fell short of h2load's {answered:,} answers "
+                    f"after {REPORTS_WAIT_SECONDS:g} s")
+            codes.update(found[0] if found else grpc_calls(self.service.registry) - before)
+        else:
             codes["OK"] = answered  # HTTP 200 with a response; its gRPC status unseen
+        if lost:
+            codes["h2load: failed, errored or timed out"] += lost
         latencies = np.concatenate([
             _h2load_latencies_ns(path, rate * share)
             for path, share in zip(logs, shares, strict=True)
@@ -1357,6 +1354,18 @@ def _h2load_latencies_ns(path: Path, rate: float) -> np.ndarray:
         late[order] = np.maximum(starts[order] - due, 0.0)
         took = took + late.astype(np.int64)
     return took * 1000
+
+
+def grpc_calls(registry: Any, method: str = "GetMetrics") -> Counter[str]:
+    """The service's calls of `method` so far by gRPC status, from its own metrics."""
+    calls: Counter[str] = Counter()
+    for metric in registry.collect():
+        for sample in metric.samples if metric.name == "forecaster_requests" else ():
+            labels = sample.labels
+            if (sample.name == "forecaster_requests_total" and labels["interface"] == "grpc"
+                    and labels["method"] == method):
+                calls[labels["code"]] += int(sample.value)
+    return calls
 
 
 def _prometheus_version() -> str:
