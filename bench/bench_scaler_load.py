@@ -754,33 +754,37 @@ class Bench:
     # -- fits ------------------------------------------------------------------------------
 
     def wait_first_forecasts(self, ids: list[str], began: float) -> float | None:
+        """Seconds from `began` until every target has a first forecast or a failed fit;
+        None past --fit-timeout."""
         engine = self.service.engine
-        last_log = time.perf_counter()
-        values_logged = False
-        while True:
+        seen = {"values": 0, "forecasts": 0, "failed": 0}
+
+        def all_forecast() -> float | None:
             targets = [engine.get(tid) for tid in ids]
-            values = sum(t.snapshot.current_value is not None for t in targets)
-            forecasts = sum(t.snapshot.forecast is not None for t in targets)
-            failed = sum(t.snapshot.forecast is None and t.fit_failures > 0 for t in targets)
+            seen["values"] = sum(t.snapshot.current_value is not None for t in targets)
+            seen["forecasts"] = sum(t.snapshot.forecast is not None for t in targets)
+            seen["failed"] = sum(t.snapshot.forecast is None and t.fit_failures > 0
+                                 for t in targets)
             now = time.perf_counter()
-            if values == len(ids) and not values_logged:
-                values_logged = True
+            if seen["values"] == len(ids) and "first_values_seconds" not in self.figures:
                 self.figures["first_values_seconds"] = now - began
                 log(f"all {len(ids)} targets have a current value (history loaded) after "
                     f"{now - began:.1f} s")
-            if forecasts + failed >= len(ids):
-                log(f"all {len(ids)} targets have a first forecast after {now - began:.1f} s "
-                    f"({failed} without: fit failed)")
-                return now - began
-            if now - began > self.args.fit_timeout:
-                self.notes.append(f"first fit: {forecasts}/{len(ids)} targets had a forecast "
-                                  f"after --fit-timeout {self.args.fit_timeout:.0f} s")
-                return None
-            if now - last_log > 10:
-                last_log = now
-                log(f"  {now - began:5.0f} s: {values} current values, {forecasts} forecasts; "
-                    f"load {loadavg()}")
-            time.sleep(0.2)
+            return now - began if seen["forecasts"] + seen["failed"] >= len(ids) else None
+
+        def progress(_: float) -> None:
+            log(f"  {time.perf_counter() - began:5.0f} s: {seen['values']} current values, "
+                f"{seen['forecasts']} forecasts; load {loadavg()}")
+
+        took = wait_until(all_forecast, self.args.fit_timeout - (time.perf_counter() - began),
+                          progress=progress)
+        if took is None:
+            self.notes.append(f"first fit: {seen['forecasts']}/{len(ids)} targets had a "
+                              f"forecast after --fit-timeout {self.args.fit_timeout:.0f} s")
+        else:
+            log(f"all {len(ids)} targets have a first forecast after {took:.1f} s "
+                f"({seen['failed']} without: fit failed)")
+        return took
 
     def force_refits(self, ids: list[str]) -> dict[str, int]:
         """Make every target due for a refit at the engine loop's next pass."""
@@ -796,19 +800,25 @@ class Bench:
         return sum(get(t).fits + get(t).fit_failures > n for t, n in before.items())
 
     def wait_refits(self, before: dict[str, int], began: float, label: str) -> float | None:
-        last_log = time.perf_counter()
-        while True:
-            done, now = self.refits_done(before), time.perf_counter()
-            if done == len(before):
-                log(f"{label}: all {done} targets refitted in {now - began:.1f} s")
-                return now - began
-            if now - began > self.args.fit_timeout:
-                log(f"{label}: gave up after {now - began:.0f} s, {done} refitted")
-                return None
-            if now - last_log > 15:
-                last_log = now
-                log(f"  {label}: {now - began:5.0f} s, {done} refitted; load {loadavg()}")
-            time.sleep(0.2)
+        """Seconds from `began` until every target in `before` has refitted; None past
+        --fit-timeout."""
+
+        def all_refitted() -> float | None:
+            done = self.refits_done(before) == len(before)
+            return time.perf_counter() - began if done else None
+
+        def progress(_: float) -> None:
+            log(f"  {label}: {time.perf_counter() - began:5.0f} s, {self.refits_done(before)} "
+                f"refitted; load {loadavg()}")
+
+        took = wait_until(all_refitted, self.args.fit_timeout - (time.perf_counter() - began),
+                          progress=progress, progress_every=15.0)
+        if took is None:
+            log(f"{label}: gave up after {time.perf_counter() - began:.0f} s, "
+                f"{self.refits_done(before)} refitted")
+        else:
+            log(f"{label}: all {len(before)} targets refitted in {took:.1f} s")
+        return took
 
     def measure_memory(self, label: str) -> MemoryPoint:
         point = measure_memory(label, self.service)
