@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import requests
+
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,12 +37,12 @@ from typing import Any  # noqa: E402
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from waiting import wait_until  # noqa: E402
 
 from forecaster.fitting import FitPool, FitRequest, Priority, spawn_workers  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 from forecaster.series import read_csv, to_grid  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TRACES = ("aws_elb_request_count_8c0756.csv", "twitter_volume_aapl.csv")

@@ -30,11 +30,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from run_backtests import DATA, TRACES, default_model  # noqa: E402
 
 from forecaster.backtest import BacktestConfig, run_backtest  # noqa: E402
 from forecaster.models import fit_with_fallback  # noqa: E402
 from forecaster.series import known_at_end, read_csv, to_grid  # noqa: E402
+from run_backtests import DATA, TRACES, default_model  # noqa: E402
 
 STEP = pd.Timedelta("5min")
 STARTUP = pd.Timedelta("5min")

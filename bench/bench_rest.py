@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import requests  # noqa: E402
+
 from waiting import wait_until  # noqa: E402
 
 TRACE = ROOT / "data" / "aws_elb_request_count_8c0756.csv"

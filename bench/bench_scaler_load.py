@@ -95,11 +95,11 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from waiting import wait_until  # noqa: E402
 
 from forecaster.fitting import release_free_memory  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 TRACE = ROOT / "data" / "aws_elb_request_count_8c0756.csv"
 METRIC = "bench_requests"

@@ -18,11 +18,11 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
 import pandas as pd  # noqa: E402
-from run_backtests import DATA, TRACES  # noqa: E402  (bench/ is on the path when run)
 
 from forecaster.backtest import BacktestConfig, run_backtest  # noqa: E402
 from forecaster.errors import ForecasterError  # noqa: E402
 from forecaster.series import read_csv, to_grid  # noqa: E402
+from run_backtests import DATA, TRACES  # noqa: E402  (bench/ is on the path when run)
 
 
 def main(argv: list[str] | None = None) -> int:
