@@ -29,10 +29,10 @@ from forecaster.models import (
     make_model,
 )
 from forecaster.models.ets import HoltWinters
-from forecaster.models.selection import Auto
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import MIN_STEPS_IN_HISTORY, TriggerSpec
 from forecaster.target import Target
+from tests.support.models import fast_auto
 
 STEP = pd.Timedelta("5min")
 DAY_STEPS = 288
@@ -66,10 +66,10 @@ def enough(name: str) -> int:
 
 
 @pytest.fixture(autouse=True)
-def fast_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+def cheap_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     """The contract tests fit every model many times: `auto` chooses among three cheap
     candidates here (the full selection is tested in test_selection and test_backtest)."""
-    monkeypatch.setitem(MODEL_FACTORIES, "auto", Auto.fast)
+    monkeypatch.setitem(MODEL_FACTORIES, "auto", fast_auto)
 
 
 @pytest.fixture(params=MODEL_NAMES)

@@ -17,6 +17,7 @@ from forecaster.target import (
     reselection_due,
     reselection_phase,
 )
+from tests.support.models import fast_auto
 
 STEP = pd.Timedelta("5min")
 START = pd.Timestamp("2026-11-01T00:00Z")
@@ -80,7 +81,7 @@ def _target_with_auto(target_id: str, days: float) -> tuple[Target, Auto]:
     values = 100 + 40 * np.sin(np.arange(steps) * 2 * np.pi / 288) + rng.normal(0, 5, steps)
     series = pd.Series(values, index=index)
     target.buffer.extend(series)
-    model = Auto.fast(STEP, quantile=spec.quantile, horizon=1 + target.lead_steps)
+    model = fast_auto(STEP, quantile=spec.quantile, horizon=1 + target.lead_steps)
     model.fit(series)
     target.model = model
     return target, model

@@ -11,7 +11,8 @@ from forecaster.errors import InvalidInputError
 from forecaster.models import fit_with_fallback, make_model
 from forecaster.models.base import ForecastModel
 from forecaster.models.ensemble import Ensemble
-from forecaster.models.selection import FAST_CANDIDATES, Auto, pinball_loss, plan_cost
+from forecaster.models.selection import Auto, pinball_loss, plan_cost
+from tests.support.models import FAST_CANDIDATES, fast_auto
 
 STEP = pd.Timedelta("5min")
 DAY = 288
@@ -160,7 +161,7 @@ def test_an_interval_is_calibrated_only_when_its_own_coverage_is_off() -> None:
 
 
 def test_the_fast_auto_is_a_model_factory_with_cheap_candidates() -> None:
-    model = Auto.fast(STEP, quantile=0.95, horizon=3)
+    model = fast_auto(STEP, quantile=0.95, horizon=3)
     assert (model.quantile, model.horizon, model.candidates) == (0.95, 3, FAST_CANDIDATES)
     assert model.validation == pd.Timedelta(days=1)
     fitted = model.fit(grid_series(daily_cycle(4 * DAY)))

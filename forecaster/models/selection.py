@@ -54,9 +54,6 @@ DEFAULT_CHOICE = "ensemble"
 MARGIN = 0.1
 COVERAGE_TOLERANCE = 0.05
 SLO_SHARE = 0.05
-# For tests and demos: three cheap candidates and one day of validation (see Auto.fast).
-FAST_CANDIDATES = ("naive", "seasonal_naive", "holt_winters")
-FAST_VALIDATION = pd.Timedelta(days=1)
 # When no candidate can be validated (too little history), the first of these that fits.
 PREFERENCE = ("holt_winters", "seasonal_naive", "naive")
 VALIDATION = pd.Timedelta(days=4)
@@ -157,9 +154,8 @@ class Auto(ForecastModel):
     """The candidate whose floored plan is cheapest in validation; see the module doc.
 
     `quantile` and `horizon` (steps) are what the scaler plans for: the loss is scored there.
-    For tests, `Auto.fast(step, quantile=..., horizon=...)` is the same with three cheap
-    candidates and one day of validation, and `make` builds each candidate from its name in
-    place of the registry (`forecaster.models.make_model` at this quantile and horizon).
+    `make` builds each candidate from its name in place of the registry
+    (`forecaster.models.make_model` at this quantile and horizon).
     """
 
     name = "auto"
@@ -199,15 +195,6 @@ class Auto(ForecastModel):
         self.margin = margin
         self.coverage_tolerance = coverage_tolerance
         self.make = make
-
-    @classmethod
-    def fast(cls, step: pd.Timedelta, *, quantile: float = 0.9, horizon: int = 2) -> Auto:
-        """A cheap `auto` for tests: three fast candidates, one day of validation; a
-        ModelFactory, e.g. monkeypatch.setitem(MODEL_FACTORIES, "auto", Auto.fast)."""
-        return cls(
-            step, quantile=quantile, horizon=horizon, candidates=FAST_CANDIDATES,
-            validation=FAST_VALIDATION,
-        )
 
     def min_history(self) -> int:
         return 2
