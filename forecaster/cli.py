@@ -325,6 +325,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--http-port", type=_port, default=None, help="HTTP port (default 8080)")
     p.add_argument("--host", type=_text, default=None,
                    help="address to bind (default 0.0.0.0)")
+    p.add_argument("--state-dir", type=_path, default=None,
+                   help="directory to keep each target's fitted model and state in, to serve "
+                   "from at a restart (created if missing; only forecaster may write it)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--demo", action="store_true",
                    help="serve the bundled traces, replayed as live targets (no Prometheus)")
@@ -339,15 +342,29 @@ def _run_serve(args: argparse.Namespace) -> int:
     from forecaster.service import Service, run_until_signalled
 
     configure_logging(args.log_level)
-    overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host}
+    overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host,
+                 "stateDir": args.state_dir}
     settings = load_settings(args.config, overrides=overrides)
     _check_host(settings.host, "--host" if args.host is not None else "host")
+    if settings.state_dir is not None:
+        from forecaster.state import check_directory
+
+        check_directory(settings.state_dir, _state_dir_origin(args))
     source = None
     if args.demo:
         from forecaster.demo import demo_setup
 
         settings, source = demo_setup(settings, args.demo_data)
     return run_until_signalled(Service(settings, source=source))
+
+
+def _state_dir_origin(args: argparse.Namespace) -> str:
+    """The setting that gave the state directory, to name in an error."""
+    import os
+
+    if args.state_dir is not None:
+        return "--state-dir"
+    return "FORECASTER_STATE_DIR" if "FORECASTER_STATE_DIR" in os.environ else "stateDir"
 
 
 def _check_host(host: str, field: str) -> None:

@@ -10,6 +10,7 @@ A config file (every key optional)::
     maxTargets: 5000            # refuse new targets from scaler requests beyond this many
     fitWorkers: 2               # processes that fit models
     dryRun: false               # true: forecast and publish decisions, serve KEDA the current load
+    stateDir: /var/lib/forecaster   # keep each target's model and state here across restarts
     prometheus:                 # the servers scaler requests may name, with their credentials
       - url: http://prometheus.monitoring:9090
         bearerTokenFile: /var/run/secrets/prometheus/token   # or bearerTokenEnv, basicAuth
@@ -103,6 +104,9 @@ class Settings:
     demo: bool = False
     metrics_token: str | None = None  # for scrapes: accepted on /metrics only
     api: ApiSettings = field(default_factory=ApiSettings)
+    # Where each target's fitted model and live state are saved, to serve from at a restart
+    # (forecaster.state); None: nothing is saved. Only forecaster may write it.
+    state_dir: Path | None = None
 
     def __repr__(self) -> str:
         token = None if self.api_token is None else "***"
@@ -111,7 +115,7 @@ class Settings:
             f"Settings(engine={self.engine!r}, servers={self.servers!r}, "
             f"targets={len(self.targets)}, grpc_port={self.grpc_port}, "
             f"http_port={self.http_port}, tls={self.tls is not None}, api_token={token!r}, "
-            f"metrics_token={metrics!r}, api={self.api!r})"
+            f"metrics_token={metrics!r}, api={self.api!r}, state_dir={self.state_dir!r})"
         )
 
 
@@ -134,6 +138,7 @@ def load_settings(
         ("maxTargets", "MAX_TARGETS"),
         ("fitWorkers", "FIT_WORKERS"),
         ("dryRun", "DRY_RUN"),
+        ("stateDir", "STATE_DIR"),
     ):
         if f"{ENV_PREFIX}{env_name}" in env:
             raw[key] = env[f"{ENV_PREFIX}{env_name}"]
@@ -173,7 +178,7 @@ KNOWN_KEYS = {
     "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
     "maxTargets",
     "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo", "dryRun",
-    "metricsToken", "api",
+    "metricsToken", "api", "stateDir",
 }
 API_KEYS = ("allowQueries",)
 
@@ -221,6 +226,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         demo=_bool(raw.get("demo", False), "demo"),
         metrics_token=_secret(raw.get("metricsToken"), "metricsToken", env),
         api=_api(raw.get("api")),
+        state_dir=_directory(raw.get("stateDir"), "stateDir"),
     )
     if settings.api.allow_queries and settings.api_token is None:
         raise InvalidInputError(
@@ -259,6 +265,15 @@ def _int(
     if not low <= number <= high:
         raise InvalidInputError(name, f"must be between {low} and {high}, got {number}")
     return number
+
+
+def _directory(value: Any, where: str) -> Path | None:
+    """A directory setting: a non-empty path (the directory itself is checked at start)."""
+    if value is None:
+        return None
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise InvalidInputError(where, f"must be a directory path, got {reprlib.repr(value)}")
+    return Path(value)
 
 
 def _bool(value: Any, where: str) -> bool:

@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import replace
@@ -35,6 +36,7 @@ from forecaster.policy import PlannedLoad
 from forecaster.refreshing import Refreshes
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
+from forecaster.state import SHUTDOWN_SECONDS, SavedTarget, Saver, restore
 from forecaster.target import (
     Snapshot,
     Target,
@@ -89,15 +91,18 @@ class Engine:
         clock: Callable[[], float] = time.time,
         fit_pool: Executor | FitPool | None = None,
         listener: EngineListener | None = None,
+        saver: Saver | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
         self.listener: EngineListener = listener or _NoListener()
+        self.saver = saver  # None: no saved state
         self._targets: dict[str, Target] = {}
         self._registry_lock = threading.Lock()
         self.fits = (fit_pool if isinstance(fit_pool, FitPool)
                      else FitPool(settings.fit_workers, executor=fit_pool))
-        self._refits = Refits(self.fits, settings, clock=clock, listener=self.listener)
+        self._refits = Refits(self.fits, settings, clock=clock, listener=self.listener,
+                              saver=saver)
         self._refreshes = Refreshes(settings, self._refits, clock=clock, listener=self.listener)
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
@@ -116,13 +121,18 @@ class Engine:
             self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
             self._loop.start()
 
-    def stop(self) -> None:
-        """Stop the loop and the pools; in-flight fits are abandoned."""
+    def stop(self, save_seconds: float = SHUTDOWN_SECONDS) -> None:
+        """Stop the loop and the pools (in-flight fits are abandoned), then save the targets
+        changed since their last save, for at most `save_seconds`."""
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=5)
         self._refreshes.shutdown()
         self.fits.shutdown()  # ends the worker processes: a fit in flight would hold up exit
+        if self.saver is not None:
+            began = time.monotonic()
+            saved = self.saver.close(self.targets(), save_seconds)
+            log.info("saved the state of %d targets in %.2fs", saved, time.monotonic() - began)
 
     def _run(self) -> None:
         while not self._stop.wait(LOOP_PERIOD_SECONDS):
@@ -166,13 +176,38 @@ class Engine:
                 if target is not None:
                     log.info("target %s changed its trigger; starting a new series", target_id)
                 keep = configured or (target is not None and target.configured)
-                target = Target(target_id, spec, source, configured=keep)
+                replaced = self._targets.get(target_id)
+                if replaced is not None:
+                    self._retire(replaced)  # the old spec's state: never restored
+                target = Target(target_id, spec, source, configured=keep, clock=self.clock)
                 target.last_requested = now
                 self._refreshes.submit(target)  # before it is visible to the loop: no overlap
                 self._targets[target_id] = target
                 log.info("new target %s: serving the current value until its first fit", target_id)
             target.last_requested = now
             return target
+
+    def restore(
+        self, saved: SavedTarget, source: HistorySource, *, configured: bool = False
+    ) -> Target:
+        """Recreate a target from its saved state (forecaster.state): its first refresh
+        reads the history since and serves a forecast from the saved model, and it refits
+        when its saved fit is refitInterval old. TooManyTargetsError past maxTargets."""
+        now = self.clock()
+        with self._registry_lock:
+            existing = self._targets.get(saved.target_id)
+            if existing is not None:
+                return existing
+            if not configured and len(self._targets) >= self.settings.max_targets:
+                raise TooManyTargetsError(saved.target_id, self.settings.max_targets)
+            target = Target(saved.target_id, saved.spec, source, configured=configured,
+                            clock=self.clock)
+            restore(target, saved)
+            target.last_requested = now
+            target.next_refit = restored_refit_due(saved, now, self.settings.refit_seconds)
+            self._refreshes.submit(target)  # before it is visible to the loop: no overlap
+            self._targets[saved.target_id] = target
+        return target
 
     def get(self, target_id: str) -> Target:
         try:
@@ -286,6 +321,14 @@ class Engine:
         with target.lock:
             target.fold_in(points, current, freshness_limit(self.settings, target.spec))
 
+    def _retire(self, target: Target) -> None:
+        """A target leaves the registry (idle, or replaced): its saved state goes, and a fit
+        landing later saves nothing. Under its lock, so no save can come after the removal."""
+        with target.lock:
+            target.retired = True
+            if self.saver is not None:
+                self.saver.forget(target.target_id)
+
     # -- background work ---------------------------------------------------------------------
 
     def tick(self) -> None:
@@ -300,6 +343,7 @@ class Engine:
                     del self._targets[target.target_id]
                 log.info("dropped target %s: not asked about for %.0fs", target.target_id,
                          now - target.last_requested)
+                self._retire(target)
                 continue
             if not target.refreshing and now >= target.next_refresh:
                 self._refreshes.submit(target)
@@ -318,11 +362,13 @@ class Refits:
         *,
         clock: Callable[[], float],
         listener: EngineListener,
+        saver: Saver | None = None,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.clock = clock
         self.listener = listener
+        self.saver = saver
         pool.notify_deaths(listener.fit_worker_died)
 
     def submit(self, target: Target) -> None:
@@ -372,3 +418,22 @@ class Refits:
             self.pool.fit_landed()
             self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
             target.adopt(model, now, freshness_limit(self.settings, target.spec))
+            if self.saver is not None:
+                try:
+                    self.saver.after_refit(target)
+                except Exception:  # a model that will not pickle: serve it, unsaved
+                    log.exception("saving the state of %s failed", target.target_id)
+
+
+def restored_refit_due(saved: SavedTarget, now: float, refit_seconds: float) -> float:
+    """When a restored target refits: refitInterval after its saved fit, or, when that has
+    passed, at a point within the next refitInterval set by a hash of its id, so that
+    targets restored together do not all refit at once. No model: at once."""
+    fitted_at = saved.live.fitted_at
+    if saved.model is None or fitted_at is None:
+        return now
+    due = fitted_at + refit_seconds
+    if due > now:
+        return due
+    share = zlib.crc32(saved.target_id.encode()) / 2**32
+    return now + share * refit_seconds

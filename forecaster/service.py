@@ -15,9 +15,11 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
+from forecaster.errors import InvalidInputError, TooManyTargetsError
 from forecaster.fitting import FitPool
 from forecaster.scaler.bridge import FRONT_SILENCE_SECONDS, ScalerBridge
 from forecaster.sources import HistorySource
+from forecaster.state import Saver, StateStore
 from forecaster.targets import SourceRegistry, TargetResolver
 from forecaster.telemetry import Telemetry
 
@@ -39,14 +41,22 @@ class Service:
         source: HistorySource | None = None,
         fit_pool: Executor | FitPool | None = None,
         front_silence_seconds: float = FRONT_SILENCE_SECONDS,
+        state_store: StateStore | None = None,
     ) -> None:
         from forecaster.api import HttpServer, create_app
 
         self.settings = settings
         self.registry = CollectorRegistry()
         self.telemetry = Telemetry(self.registry)
+        if state_store is None and settings.state_dir is not None:
+            state_store = StateStore.open(settings.state_dir, "stateDir")
+        if state_store is not None:
+            state_store.listener = self.telemetry
+        self.state_store = state_store
+        self.loading: tuple[int, int] | None = None  # saved targets restored so far, of all
         self.engine = Engine(
-            settings.engine, clock=clock, fit_pool=fit_pool, listener=self.telemetry
+            settings.engine, clock=clock, fit_pool=fit_pool, listener=self.telemetry,
+            saver=Saver(state_store, clock=clock) if state_store is not None else None,
         )
         self.telemetry.track(self.engine)
         self.sources = SourceRegistry(settings.servers, fixed=source)
@@ -71,15 +81,18 @@ class Service:
         self.http_port = self.http_server.port
 
     def start(self) -> None:
+        # HTTP first: /healthz answers, and /readyz says why not yet, while state loads.
+        self.http_server.start()
         try:
+            self.restore_saved()
             self.resolver.register_configured()
         except Exception:
             self.scaler.stop(0)
+            self.http_server.stop()
             self.engine.stop()
             raise
         self.engine.start()
         self.scaler.start()
-        self.http_server.start()
         self.started.set()  # ready from here: anything start() loads comes before
         # What exists now (modules, classes, settings: 128,000 objects) lives as long as the
         # process. Out of the cyclic collector's reach, a full collection no longer walks it:
@@ -87,6 +100,38 @@ class Service:
         gc.collect()  # garbage first: a frozen cycle is never freed
         gc.freeze()
         log.info("serving gRPC on port %d and HTTP on port %d", self.grpc_port, self.http_port)
+
+    def restore_saved(self) -> None:
+        """Recreate every saved target (forecaster.state) before the service turns ready. A
+        configured target whose spec in the config file changed starts anew; a saved target
+        whose server is no longer configured, or past maxTargets, is refused."""
+        store = self.state_store
+        if store is None:
+            return
+        began = time.monotonic()
+        configured = self.resolver.configured_specs()
+        total, done, restored = store.saved_count(), 0, 0
+        self.loading = (0, total)
+        for saved in store.load():
+            done += 1
+            self.loading = (done, total)
+            spec = configured.get(saved.target_id)
+            if spec is not None and spec != saved.spec:
+                log.info("target %s: the config file's trigger changed; its saved state is "
+                         "not used", saved.target_id)
+                continue
+            try:
+                self.resolver.restore(saved, configured=spec is not None)
+            except InvalidInputError as exc:
+                store.refuse(saved.target_id, "server", str(exc))
+                continue
+            except TooManyTargetsError as exc:
+                store.refuse(saved.target_id, "limit", str(exc))
+                continue
+            restored += 1
+        self.loading = None
+        log.info("restored %d saved targets from %s in %.1fs", restored, store.directory,
+                 time.monotonic() - began)
 
     def _scaler_exited(self) -> None:
         self.failed = True
@@ -103,6 +148,9 @@ class Service:
         if self.stopped.is_set():
             return "shutting down: the gRPC scaler is handing its clients to another replica"
         if not self.started.is_set():
+            if self.loading is not None:
+                done, total = self.loading
+                return f"starting: loading saved state ({done} of {total} targets)"
             return "starting: the gRPC scaler does not serve yet"
         return self.scaler.problem()
 

@@ -15,6 +15,7 @@ import logging
 import math
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -114,6 +115,7 @@ class Snapshot:
     history_points: int = 0
     share: ShareHeld | None = None
     outage: Outage | None = None  # set while the source cannot be reached
+    forecast_made_at: float | None = None  # when `forecast` was predicted (epoch seconds)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,11 @@ class Target:
     first_value_callbacks: list[Callable[[], None]] = field(default_factory=list)
     first_value_lock: threading.Lock = field(default_factory=threading.Lock)  # for those two
     lock: threading.Lock = field(default_factory=threading.Lock)
+    clock: Callable[[], float] = time.time  # the engine's, for when a forecast was made
+    unsaved: bool = True  # changed since its state was last saved (forecaster.state)
+    model_token: str | None = None  # the saved model file the current model is in
+    restored: bool = False  # the model came from saved state and has not been refitted since
+    retired: bool = False  # dropped or replaced: no longer in the registry, never saved again
 
     def __post_init__(self) -> None:
         step = pd.Timedelta(seconds=self.spec.step_seconds)
@@ -171,6 +178,10 @@ class Target:
         # The model and origin the published forecast came from: a refresh that adds no new
         # point (most of them, with a 30 s refresh and a 5 m step) reuses that forecast.
         self.forecast_made_by: tuple[ForecastModel, pd.Timestamp] | None = None
+        # Restored from saved state: the newest bin that state had seen, until the first
+        # refresh folds in the history read since (see fold_in).
+        self.resuming = False
+        self.resumed_through: pd.Timestamp | None = None
 
     @property
     def step(self) -> pd.Timedelta:
@@ -267,17 +278,69 @@ class Target:
         """Add what a refresh read, bring the model up to date and publish; under `lock`."""
         end_outage(self)
         added = self.buffer.extend(points)
+        resuming, self.resuming = self.resuming, False
+        if resuming and self.resumed_through is not None:
+            # The first refresh after a restore reads the whole window: the accuracy and the
+            # SLO keeper have seen the bins up to their save (the model, up to its fit).
+            added = added[added.index > self.resumed_through]
+        self.resumed_through = None
         self.score_arrivals(added)
         if self.share_keeper is not None:
             self.share_keeper.judge(added)
-        if self.model is not None and not added.empty:
+        if resuming:
+            self.resume_model()
+        elif self.model is not None and not added.empty:
             try:
                 self.model.update(self.training_view(added))
             except ForecasterError as exc:
                 log.warning("update of %s failed, refitting: %s", self.target_id, exc)
                 self.model = None
+        self.unsaved = True
         self.publish(current, freshness)
         self.mark_first_value()
+
+    def resume(self, seen_through: pd.Timestamp | None, model: ForecastModel | None,
+               token: str | None, fitted_at: float | None, model_name: str | None) -> None:
+        """Take a saved model and the newest bin the saved state had seen; the first refresh
+        brings both up to date (fold_in). Before the target is visible to other threads."""
+        self.resuming = True
+        self.resumed_through = seen_through
+        self.model = model
+        self.model_token = token if model is not None else None
+        self.restored = model is not None
+        self.unsaved = False
+        if model is not None:
+            self.snapshot = replace(self.snapshot, fitted_at=fitted_at, model=model_name)
+
+    def resume_model(self) -> None:
+        """Bring a restored model up to the newest bin, or drop it (to refit) when the history
+        read no longer reaches back to its last bin or it cannot be updated; under `lock`."""
+        model = self.model
+        if model is None:
+            return
+        series = self.buffer.series()
+        gap = series.index[0] - model.last_timestamp_ if len(series) else None
+        if gap is None or gap > self.step:
+            log.info("target %s: the history read starts after its saved model's last bin "
+                     "%s; refitting", self.target_id, model.last_timestamp_.isoformat())
+            self.drop_restored_model()
+            return
+        try:
+            self.catch_up(model)
+        except ForecasterError as exc:
+            log.warning("saved model of %s could not catch up, refitting: %s",
+                        self.target_id, exc)
+            self.drop_restored_model()
+
+    def drop_restored_model(self) -> None:
+        self.model = None
+        self.model_token = None
+        self.restored = False
+        self.snapshot = replace(self.snapshot, fitted_at=None, model=None)
+
+    def seen_through(self) -> pd.Timestamp | None:
+        """The newest bin the accuracy and the SLO keeper have seen; under `lock`."""
+        return self.resumed_through if self.resuming else self.buffer.last
 
     def fit_request(self) -> FitRequest:
         """What a worker needs to refit this target; under `lock`, so that the model it
@@ -311,6 +374,8 @@ class Target:
     def adopt(self, model: ForecastModel, now: float, freshness: float) -> None:
         """Make a caught-up model the target's and publish its forecast; under `lock`."""
         self.model = model
+        self.restored = False
+        self.unsaved = True
         self.snapshot = replace(self.snapshot, fitted_at=now, model=model.name)
         current = self.snapshot.current_value
         if current is not None and self.snapshot.current_time is not None:
@@ -322,6 +387,7 @@ class Target:
         spec = self.spec
         horizon = 1 + self.lead_steps
         forecast = None
+        made_at = None
         error = None
         model = self.model
         if model is not None:
@@ -333,10 +399,12 @@ class Target:
             elif (self.snapshot.forecast is not None
                   and self.forecast_made_by == (model, model.last_timestamp_)):
                 forecast = self.snapshot.forecast  # no new point since: the same forecast
+                made_at = self.snapshot.forecast_made_at
             else:
                 try:
                     quantiles = sorted({*BAND_QUANTILES, spec.quantile})
                     forecast = model.predict(horizon, quantiles)
+                    made_at = self.clock()
                     self.forecast_made_by = (model, model.last_timestamp_)
                 except Exception as exc:  # a broken model must not stop the target: refit it
                     log.exception("prediction for %s failed; refitting", self.target_id)
@@ -369,6 +437,7 @@ class Target:
             history_points=len(self.buffer),
             share=self.share_keeper.status() if self.share_keeper is not None else None,
             outage=self.snapshot.outage,
+            forecast_made_at=made_at,
         )
 
     def reading_before(self, current_time: float) -> float:

@@ -20,6 +20,7 @@ from forecaster.models import MODEL_FACTORIES
 from forecaster.sources import HistorySource
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
 from forecaster.spec import TriggerSpec, check_object_ref, parse_trigger_metadata
+from forecaster.state import SavedTarget
 from forecaster.target import Target, target_id
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,19 @@ class TargetResolver:
             self._parse(configured.namespace, configured.name, configured.metadata)[0]
             for configured in self.settings.targets
         ]
+
+    def configured_specs(self) -> dict[str, TriggerSpec]:
+        """The config file's targets: id -> spec."""
+        return dict(
+            self._parse(configured.namespace, configured.name, configured.metadata)
+            for configured in self.settings.targets
+        )
+
+    def restore(self, saved: SavedTarget, *, configured: bool) -> Target:
+        """Recreate a saved target on its server's client; InvalidInputError when that
+        server is no longer configured, TooManyTargetsError past maxTargets."""
+        source = self.sources.for_address(saved.spec.server_address)
+        return self.engine.restore(saved, source, configured=configured)
 
     def register_configured(self) -> list[Target]:
         """Register the targets listed in the config file, so they are warm before KEDA asks."""

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from forecaster.engine import Engine
 from forecaster.policy import planned_replicas
+from forecaster.state import REFUSAL_REASONS
 from forecaster.target import Target, freshness_limit, target_labels
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,28 @@ class Telemetry:
             ["interface", "method", "code"],
             registry=registry,
         )
+        self.state_saves = Counter(
+            "forecaster_state_saves",
+            "Writes of a target's saved state (after a refit, and at shutdown), by outcome; "
+            "a failed one (disk full, read-only) leaves the last good files.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "forecaster_state_refused",
+            "Saved targets not restored at start, by reason: version (another forecaster "
+            "version's files), corrupt (unreadable, truncated, or a mismatched pair), server "
+            "(its Prometheus is no longer configured), limit (past maxTargets). Each fits "
+            "again as a new target.",
+            ["reason"],
+            registry=registry,
+        )
         for outcome in ("ok", "failed"):  # present from the start, so rate() sees the first one
             self.fits.labels(outcome)
             self.refreshes.labels(outcome)
+            self.state_saves.labels(outcome)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
         for method in GRPC_METHODS:
             self.requests.labels("grpc", method, "OK")
 
@@ -117,6 +137,14 @@ class Telemetry:
 
     def spec_conflict(self, target_id: str) -> None:
         self.spec_conflicts.inc()
+
+    # -- StateListener -----------------------------------------------------------------------
+
+    def state_saved(self, ok: bool) -> None:
+        self.state_saves.labels("ok" if ok else "failed").inc()
+
+    def state_refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     # -- interfaces --------------------------------------------------------------------------
 

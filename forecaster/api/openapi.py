@@ -167,7 +167,8 @@ _SCHEMAS: dict[str, Any] = {
     "TargetStatus": {
         "type": "object",
         "required": ["id", "namespace", "name", "metric", "configured", "model", "requestedModel",
-                     "mode", "outageSince", "lastFit", "lastPoint", "ageSeconds", "fresh",
+                     "mode", "outageSince", "lastFit", "restored", "forecastMadeAt",
+                     "lastPoint", "ageSeconds", "fresh",
                      "freshnessLimitSeconds", "currentValue", "plannedValue", "historyPoints",
                      "accuracy", "fits", "lastError", "spec"],
         "properties": {
@@ -186,6 +187,12 @@ _SCHEMAS: dict[str, Any] = {
                 "planned from the forecast the model made when it stopped answering"}),
             "outageSince": _OUTAGE_SINCE,
             "lastFit": _nullable({"type": "string", "format": "date-time"}),
+            "restored": {"type": "boolean", "description":
+                         "the model was loaded from saved state (stateDir) and has not been "
+                         "refitted since the start"},
+            "forecastMadeAt": _nullable({"type": "number", "description":
+                                         "when the published forecast was predicted, in "
+                                         "epoch seconds (null before the first)"}),
             "lastPoint": _nullable({"type": "string", "format": "date-time",
                                     "description": "time of the newest value read"}),
             "ageSeconds": _nullable({"type": "number", "minimum": 0}),

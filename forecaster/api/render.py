@@ -57,6 +57,8 @@ def target_status(engine: Engine, target: Target) -> dict[str, Any]:
         "mode": planned.mode if planned is not None else None,
         "outageSince": iso(planned.outage_since) if planned is not None else None,
         "lastFit": iso(snapshot.fitted_at),
+        "restored": target.restored,
+        "forecastMadeAt": finite(snapshot.forecast_made_at),
         "lastPoint": iso(snapshot.current_time),
         "ageSeconds": finite(age),
         "fresh": age <= limit,
