@@ -25,7 +25,8 @@ make up in misses (at 5%, two days allow 29 misses, six days 86). Starting close
 only has to follow slow drifts, and a small gain does that without chasing each burst (a
 burst raises the level for the intervals after it, which rarely need it).
 
-It holds no model: its state survives a refit or a change of model, and it pickles.
+It holds no model: its state survives a refit or a change of model, and it pickles, so with
+`stateDir` it survives a restart too (forecaster/state.py).
 """
 
 from __future__ import annotations

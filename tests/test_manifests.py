@@ -334,10 +334,13 @@ def test_each_replica_keeps_its_state_on_a_volume_that_outlives_its_pod() -> Non
     spec = STATEFULSET["spec"]
     (claim,) = spec["volumeClaimTemplates"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
     mounts = {m["name"]: m for m in _container(STATEFULSET)["volumeMounts"]}
     mount = mounts[claim["metadata"]["name"]]
     assert mount["mountPath"] == "/var/lib/forecaster" and not mount.get("readOnly", False)
+    # The service saves its state there.
+    env = {e["name"]: e["value"] for e in _container(STATEFULSET).get("env", [])}
+    assert load_settings(None, env=env).state_dir == Path(mount["mountPath"])
     # From the claim, not from a pod volume of the same name (which would shadow it).
     pod_volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
     assert claim["metadata"]["name"] not in pod_volumes
