@@ -4,7 +4,8 @@ forecasts from the saved models instead of fitting every target again.
 Two files per target, named by a hash of its id: `<hash>.model`, the pickled fitted model
 (its selection and calibration inside it), written after each refit; and `<hash>.live`, the
 spec, plan smoothing, SLO controller, accuracy and the newest bin they have seen, written
-after each refit and, at shutdown, for the targets changed since their last save. The live
+after each refit and, at shutdown, for the targets changed since their last save (with the
+model again when it has taken new bins since its save, so a restart has fewer to replay). The live
 file names the model file it goes with by a token, so a model from one refit is never
 paired with the live state of another. Each file is one JSON header line (format number,
 forecaster's version, kind, target id, token, the payload's SHA-256) and a pickle. A write
@@ -135,7 +136,8 @@ def file_stem(target_id: str) -> str:
 
 def capture(target: Target, *, with_model: bool, clock: Callable[[], float]) -> Capture:
     """The target's state as bytes; under its lock, so that the copy is consistent. With
-    `with_model`, the model too, under a new token (after a refit)."""
+    `with_model`, the model too, under a new token (after a refit, and at shutdown when the
+    model has taken new bins since its last save)."""
     model = target.model
     token = target.model_token if model is not None else None
     model_bytes = None
@@ -143,6 +145,7 @@ def capture(target: Target, *, with_model: bool, clock: Callable[[], float]) -> 
         token = uuid.uuid4().hex
         model_bytes = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         target.model_token = token
+        target.model_saved_through = model.last_timestamp_
     snapshot = target.snapshot
     live = LiveState(
         target_id=target.target_id,
@@ -453,7 +456,8 @@ class Saver:
 
     def close(self, targets: Iterable[Target], seconds: float = SHUTDOWN_SECONDS) -> int:
         """Stop the thread, then write what was queued and each target changed since its last
-        save, for at most `seconds`; returns how many targets were saved. Those left when
+        save (its model too when it took new bins since), for at most `seconds`; returns how
+        many targets were saved. Those left when
         the time is up are logged with their count (they restart from their last save).
 
         The writes run on SHUTDOWN_WRITERS threads, each target's in order: a file's fsync
@@ -505,6 +509,10 @@ class Saver:
         if not target.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return None
         try:
-            return capture(target, with_model=False, clock=self.clock)
+            # A model saved at its refit has taken the bins since: saving it again (0.25 ms
+            # to pickle an `auto` model) spares the restart their updates (3.6 ms a bin).
+            model = target.model
+            advanced = model is not None and model.last_timestamp_ != target.model_saved_through
+            return capture(target, with_model=advanced, clock=self.clock)
         finally:
             target.lock.release()

@@ -162,6 +162,7 @@ class Target:
     clock: Callable[[], float] = time.time  # the engine's, for when a forecast was made
     unsaved: bool = True  # changed since its state was last saved (forecaster.state)
     model_token: str | None = None  # the saved model file the current model is in
+    model_saved_through: pd.Timestamp | None = None  # the saved model's newest bin
     restored: bool = False  # the model came from saved state and has not been refitted since
     retired: bool = False  # dropped or replaced: no longer in the registry, never saved again
 
@@ -307,6 +308,7 @@ class Target:
         self.resumed_through = seen_through
         self.model = model
         self.model_token = token if model is not None else None
+        self.model_saved_through = model.last_timestamp_ if model is not None else None
         self.restored = model is not None
         self.unsaved = False
         if model is not None:

@@ -25,6 +25,7 @@ import requests
 from forecaster import state
 from forecaster.cli import main
 from forecaster.config import ConfiguredTarget, load_settings
+from forecaster.engine import restored_refit_due
 from forecaster.errors import InvalidInputError
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -169,7 +170,9 @@ def test_shutdown_saves_what_changed_since_the_last_refit(saved: Saved) -> None:
     loaded = {tid: store.read(tid) for tid in (WEB, API)}
     for tid in (WEB, API):
         assert loaded[tid].live.seen_through == saved.seen[tid]  # the shutdown's save
-        assert loaded[tid].model is not None
+        model = loaded[tid].model
+        assert model is not None
+        assert model.last_timestamp_ == saved.seen[tid]  # saved again: it took three bins
         assert loaded[tid].live.configured == (tid == WEB)
     assert saved.stop_seconds < 15  # the saves' 5 s, the gRPC grace, the stops
 
@@ -461,3 +464,22 @@ def test_a_target_replaced_by_a_new_spec_replaces_its_files(
                 return None
 
         wait_for(lambda: saved_value() == 20.0, 30, "the new spec's files")
+
+
+def test_restored_targets_refit_after_their_saved_fit_or_spread_when_past_due(
+    saved: Saved,
+) -> None:
+    base = StateStore(saved.directory).read(WEB)
+    now, refit = 2_000_000_000.0, 3600.0
+    recent = state.SavedTarget(replace(base.live, fitted_at=now - 600), base.model)
+    assert restored_refit_due(recent, now, refit) == now + 3000
+    dues = [
+        restored_refit_due(state.SavedTarget(
+            replace(base.live, target_id=f"shop/web-{i}/m", fitted_at=now - 7200), base.model
+        ), now, refit)
+        for i in range(200)
+    ]
+    assert all(now <= due < now + refit for due in dues)
+    quarters = {int((due - now) // (refit / 4)) for due in dues}
+    assert quarters == {0, 1, 2, 3}  # spread over the interval, not all at once
+    assert restored_refit_due(state.SavedTarget(base.live, None), now, refit) == now
