@@ -188,6 +188,7 @@ class PrometheusServer:
         workdir: Path | None = None,
         ready_timeout_seconds: float = 30.0,
         retention: str = "3650d",
+        port: int | None = None,
     ) -> None:
         self._prometheus = _require_binary("prometheus")
         self._promtool = _require_binary("promtool")
@@ -197,7 +198,7 @@ class PrometheusServer:
         self._retention = retention
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._workdir = workdir
-        self._port: int | None = None
+        self._port: int | None = port  # None: a free one at the first start
         self._process: subprocess.Popen[bytes] | None = None
         self._backfilled = False
 
