@@ -35,7 +35,7 @@ from forecaster.models import FallbackFit, Forecast
 from forecaster.policy import PlannedLoad
 from forecaster.refreshing import Refreshes
 from forecaster.sources import HistorySource
-from forecaster.spec import TriggerSpec
+from forecaster.spec import TriggerSpec, changed_keys, quoted
 from forecaster.state import SHUTDOWN_SECONDS, SavedTarget, Saver, restore
 from forecaster.target import (
     Snapshot,
@@ -60,6 +60,8 @@ class EngineListener(Protocol):
 
     def spec_conflict(self, target_id: str) -> None: ...
 
+    def spec_changed(self, target_id: str) -> None: ...
+
 
 class _NoListener:
     def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None:
@@ -72,6 +74,9 @@ class _NoListener:
         pass
 
     def spec_conflict(self, target_id: str) -> None:
+        pass
+
+    def spec_changed(self, target_id: str) -> None:
         pass
 
 
@@ -174,7 +179,8 @@ class Engine:
                 raise TooManyTargetsError(target_id, self.settings.max_targets)
             if target is None or target.spec != spec:
                 if target is not None:
-                    log.info("target %s changed its trigger; starting a new series", target_id)
+                    spec_changed(target_id, target.spec, spec)
+                    self.listener.spec_changed(target_id)
                 keep = configured or (target is not None and target.configured)
                 replaced = self._targets.get(target_id)
                 if replaced is not None:
@@ -349,6 +355,16 @@ class Engine:
                 self._refreshes.submit(target)
             if not target.fit_pending and now >= target.next_refit and len(target.buffer):
                 self._refits.submit(target)
+
+
+def spec_changed(target_id: str, old: TriggerSpec, new: TriggerSpec) -> None:
+    """Say that a target's trigger changed, which drops its history and model: a takeover
+    of the id (two triggers sharing it) shows here first."""
+    keys = ", ".join(changed_keys(old, new)) or "no metadata key"
+    log.warning("target %s: its trigger changed (%s): query was %s, now %s; starting a new "
+                "series without its history and model. Two triggers that share this id "
+                "replace each other: give each its own metricName", target_id, keys,
+                quoted(old.query), quoted(new.query))
 
 
 class Refits:

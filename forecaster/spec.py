@@ -49,11 +49,13 @@ __all__ = [
     "MIN_TARGET_VALUE",
     "MetricSpec",
     "TriggerSpec",
+    "changed_keys",
     "check_object_ref",
     "default_metric_name",
     "metric_spec",
     "parse_time_zone",
     "parse_trigger_metadata",
+    "quoted",
     "resolve_from_env",
 ]
 
@@ -186,6 +188,17 @@ class MetricSpec:
 
     metric_name: str
     target_value: float
+
+
+def changed_keys(old: TriggerSpec, new: TriggerSpec) -> list[str]:
+    """The metadata keys whose settings differ between two specs, in METADATA_KEYS' order."""
+    return [key for key, name in METADATA_KEYS.items()
+            if getattr(old, name) != getattr(new, name)]
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """A value for a message or a log line: its first `limit` characters, quoted and capped."""
+    return reprlib.repr(text[:limit])
 
 
 def resolve_from_env(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -483,7 +496,7 @@ def _query(text: str) -> str:
         raise InvalidInputError(
             "query",
             f"must be at most {MAX_QUERY_BYTES} bytes; got {len(text.encode()):,} bytes "
-            f"starting {reprlib.repr(text[:40])}: record it as a rule and query that",
+            f"starting {quoted(text)}: record it as a rule and query that",
         )
     return text
 
@@ -598,7 +611,7 @@ def _metric_name(text: str, key: str) -> str:
     if len(text) > MAX_METRIC_NAME:
         raise InvalidInputError(
             key, f"must be at most {MAX_METRIC_NAME} characters; got {len(text)} starting "
-            f"{reprlib.repr(text[:40])}",
+            f"{quoted(text)}",
         )
     if not _METRIC_NAME.fullmatch(text):
         raise InvalidInputError(

@@ -73,6 +73,15 @@ class Telemetry:
             "config's is served); each differing spec is counted once.",
             registry=registry,
         )
+        # No per-target labels: a counter's label sets live as long as the process, while
+        # targets come and go, so they would grow with every id ever replaced. The WARNING
+        # log line names the target and both queries.
+        self.spec_changes = Counter(
+            "forecaster_spec_changes",
+            "Targets whose trigger a scaler request changed, replacing their history and "
+            "model (an edited ScaledObject, or two triggers sharing one id).",
+            registry=registry,
+        )
         self.worker_deaths = Counter(
             "forecaster_fit_worker_deaths",
             "Fit worker processes found dead (killed by a signal, such as the OOM killer's, or "
@@ -137,6 +146,9 @@ class Telemetry:
 
     def spec_conflict(self, target_id: str) -> None:
         self.spec_conflicts.inc()
+
+    def spec_changed(self, target_id: str) -> None:
+        self.spec_changes.inc()
 
     # -- StateListener -----------------------------------------------------------------------
 

@@ -69,13 +69,38 @@ def test_a_configured_target_keeps_its_spec_when_a_request_differs(
     assert caplog.text.count("differs from the config file's") == 1
 
 
-def test_a_request_spec_change_replaces_an_unconfigured_target(
-    engine: Engine, source: ReplaySource
+def test_a_request_spec_change_replaces_an_unconfigured_target_and_says_so(
+    clock: Clock, source: ReplaySource, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = engine.ensure_target("demo/aws/m", SPEC, source)
-    second = engine.ensure_target("demo/aws/m", replace(SPEC, step_seconds=600), source)
+    heard = Heard()
+    engine = Engine(EngineSettings(refresh_seconds=3600), clock=clock,
+                    fit_pool=ThreadPoolExecutor(1), listener=heard)
+    try:
+        first = engine.ensure_target("demo/aws/m", SPEC, source)
+        assert engine.ensure_target("demo/aws/m", SPEC, source) is first
+        assert heard.spec_changes == []
+        taken = replace(SPEC, step_seconds=600, query="twitter_volume_aapl")
+        second = engine.ensure_target("demo/aws/m", taken, source)
+    finally:
+        engine.stop()
     assert second is not first
     assert engine.get("demo/aws/m").spec.step_seconds == 600
+    assert heard.spec_changes == ["demo/aws/m"]
+    (record,) = [r for r in caplog.records if "trigger changed" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert "(query, step)" in message
+    assert f"query was {AWS!r}, now 'twitter_volume_aapl'" in message
+
+
+def test_a_changed_query_is_quoted_by_its_start_only(
+    engine: Engine, source: ReplaySource, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine.ensure_target("demo/aws/m", SPEC, source)
+    engine.ensure_target("demo/aws/m", replace(SPEC, query="x" * 5_000), source)
+    (record,) = [r for r in caplog.records if "trigger changed" in r.getMessage()]
+    assert "x" * 41 not in record.getMessage()
+    assert len(record.getMessage()) < 400
 
 
 def test_idle_targets_are_dropped_and_configured_ones_kept(
@@ -215,6 +240,7 @@ class Heard:
     def __init__(self) -> None:
         self.fits: queue.Queue[tuple[str, bool]] = queue.Queue()
         self.refreshes: queue.Queue[tuple[str, bool]] = queue.Queue()
+        self.spec_changes: list[str] = []
 
     def fit_finished(self, target_id: str, seconds: float, ok: bool, fell_back: bool) -> None:
         self.fits.put((target_id, ok))
@@ -227,6 +253,9 @@ class Heard:
 
     def spec_conflict(self, target_id: str) -> None:
         pass
+
+    def spec_changed(self, target_id: str) -> None:
+        self.spec_changes.append(target_id)
 
 
 def test_refit_now_refits_at_the_next_pass_and_run_refresh_reads_in_the_calling_thread(

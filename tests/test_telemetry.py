@@ -185,6 +185,25 @@ def test_requests_are_counted_per_interface_method_and_code(live: Live) -> None:
             count(before, interface, method, code) + added), (interface, method, code)
 
 
+def test_a_trigger_that_takes_over_a_target_is_logged_and_counted(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = value(scrape(live), "forecaster_spec_changes_total")
+    query = 'sum(web_requests{job="web"})'
+    refs = [
+        pb.ScaledObjectRef(namespace="shop", name="takeover", scalerMetadata={
+            **live.ref().scalerMetadata, "metricName": "shared", "query": text})
+        for text in (query, "sum(web_requests)")
+    ]
+    for ref in refs:  # two triggers with one metricName: the second replaces the first
+        live.stub.IsActive(ref, timeout=20)
+    assert value(scrape(live), "forecaster_spec_changes_total") == before + 1
+    (record,) = [r for r in caplog.records if "trigger changed" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "shop/takeover/shared" in record.getMessage()
+    assert f"query was {query!r}, now 'sum(web_requests)'" in record.getMessage()
+
+
 def test_a_new_target_reports_the_reactive_fallback_until_its_first_fit(
     prometheus_now: PrometheusServer,
 ) -> None:
