@@ -22,6 +22,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
+from forecaster.errors import InvalidInputError
 from forecaster.scaler.bridge import front_command
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -236,9 +237,12 @@ def test_a_taken_grpc_port_is_a_clear_error_at_start() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(RuntimeError, match=f"cannot serve gRPC on 127.0.0.1:{port}"):
+        with pytest.raises(InvalidInputError) as caught:
             Service(_settings(grpc_port=port), source=ReplaySource.from_folder(DATA),
                     fit_pool=ThreadPoolExecutor(1))
+    assert caught.value.field == "grpcPort"
+    assert caught.value.reason.startswith(
+        f"cannot serve gRPC on 127.0.0.1:{port}: Address already in use")
 
 
 # -- what KEDA gets around errors: the spec from the metadata alone, answers within deadlines --

@@ -203,6 +203,31 @@ def test_a_bad_config_makes_the_serve_process_exit_2_with_one_line(tmp_path: Pat
     assert lines[0].startswith(f"forecaster: error: {where}: ")
 
 
+@pytest.mark.parametrize(("flag", "setting", "what"), [
+    ("--grpc-port", "grpcPort", "gRPC"), ("--http-port", "httpPort", "HTTP"),
+])
+def test_a_taken_port_makes_serve_exit_2_with_one_line_naming_it(
+    flag: str, setting: str, what: str
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--grpc-port": "0", "--http-port": "0", flag: str(port)}
+        done = subprocess.run(
+            [*_command(), "serve", "--host", "127.0.0.1",
+             *(part for item in ports.items() for part in item)],
+            stdin=subprocess.DEVNULL, capture_output=True, env=_env(), timeout=60,
+        )
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2, done.stderr.decode()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"forecaster: error: {setting}: cannot serve {what} on 127.0.0.1:{port}: "
+        f"Address already in use: choose a free port ({flag}, "
+    ), lines[0]
+
+
 @pytest.mark.parametrize(
     ("config", "where"),
     BAD_CONFIGS,

@@ -15,6 +15,7 @@ from forecaster.api.errors import error_response, register_error_handlers
 from forecaster.api.server import IdleEvictingServer
 from forecaster.config import Settings
 from forecaster.engine import Engine
+from forecaster.errors import InvalidInputError
 from forecaster.targets import TargetResolver
 from forecaster.telemetry import Telemetry
 
@@ -78,9 +79,16 @@ class HttpServer:
 
     def __init__(self, app: Flask, host: str, port: int, threads: int = HTTP_THREADS) -> None:
         self._app = app
-        self._server = cast(
-            Any, IdleEvictingServer(app, host=host, port=port, threads=threads, ident="forecaster")
-        )
+        try:
+            server = IdleEvictingServer(app, host=host, port=port, threads=threads,
+                                        ident="forecaster")
+        except OSError as exc:  # a taken or privileged port
+            raise InvalidInputError(
+                "httpPort", f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}: choose "
+                f"a free port (--http-port, httpPort in the config or FORECASTER_HTTP_PORT), "
+                f"or stop what listens there",
+            ) from None
+        self._server = cast(Any, server)
         self.port = int(self._server.effective_port)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)

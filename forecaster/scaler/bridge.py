@@ -108,10 +108,11 @@ class ScalerBridge:
     >>> bridge.port; bridge.start(); ...; bridge.stop()                      # doctest: +SKIP
 
     The constructor starts the process and waits until it has bound its port (a taken port
-    or unreadable TLS files raise RuntimeError here); `start` lets it answer calls. If the
-    front exits on its own, `on_exit` is called: the service then stops, so that Kubernetes
-    restarts the pod rather than leave it serving HTTP with no scaler. Silent for longer than
-    `front_silence_seconds`, the front is reported stuck by `problem`.
+    raises InvalidInputError naming grpcPort here, unreadable TLS files RuntimeError);
+    `start` lets it answer calls. If the front exits on its own, `on_exit` is called: the
+    service then stops, so that Kubernetes restarts the pod rather than leave it serving HTTP
+    with no scaler. Silent for longer than `front_silence_seconds`, the front is reported
+    stuck by `problem`.
     """
 
     def __init__(
@@ -159,10 +160,15 @@ class ScalerBridge:
                 f"the gRPC front process did not start within {START_TIMEOUT_SECONDS:.0f}s"
             )
         try:
-            tag, value = self._connection.recv()
+            tag, value, *setting = self._connection.recv()
         except EOFError:
             code = self._process.wait(10)
             raise RuntimeError(f"the gRPC front process exited with code {code}") from None
+        if tag == FAILED and setting and setting[0]:
+            raise InvalidInputError(
+                setting[0], f"{value}: choose a free port (--grpc-port, {setting[0]} in the "
+                f"config or FORECASTER_GRPC_PORT), or stop what listens there",
+            )
         if tag == FAILED:
             raise RuntimeError(value)
         return int(value)

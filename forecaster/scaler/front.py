@@ -27,7 +27,7 @@ from typing import Any
 from forecaster.logs import configure_logging
 from forecaster.scaler.board import Board
 from forecaster.scaler.messages import FAILED, READY, SERVE, START, STOP, FrontSettings
-from forecaster.scaler.server import ScalerServer
+from forecaster.scaler.server import AddressTaken, ScalerServer
 from forecaster.scaler.servicer import ExternalScaler
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,14 @@ def serve(connection: Connection) -> int:
     )
     try:
         server = ScalerServer(settings, servicer)
-    except Exception as exc:  # a taken port, unreadable TLS files: the engine's side says it
-        outbox.put((FAILED, f"cannot serve gRPC on {settings.address}: {exc}"))
+    except AddressTaken as exc:  # the engine's side says it, naming the port's setting
+        outbox.put((FAILED, f"cannot serve gRPC on {settings.address}: {exc.strerror}",
+                    "grpcPort"))
+        outbox.put(None)
+        writer.join(5)
+        return 1
+    except Exception as exc:  # unreadable TLS files: the engine's side says it
+        outbox.put((FAILED, f"cannot serve gRPC on {settings.address}: {exc}", None))
         outbox.put(None)
         writer.join(5)
         return 1

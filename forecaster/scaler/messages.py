@@ -26,7 +26,8 @@ STOP = "stop"  # (STOP, grace_seconds): shut down gracefully, then exit
 
 # front -> engine
 READY = "ready"  # (READY, port): bound; waiting for SERVE
-FAILED = "failed"  # (FAILED, message): could not bind (a taken port, unreadable TLS files)
+FAILED = "failed"  # (FAILED, message, setting | None): could not bind; the setting to change
+# ("grpcPort") when the port is taken, None otherwise (unreadable TLS files)
 RESOLVE = "resolve"  # (RESOLVE, request_id, namespace, name, metadata)
 REPORT = "report"  # (REPORT, (target_id, ...), {(method, code): calls}): asked-about targets
 

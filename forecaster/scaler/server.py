@@ -10,6 +10,8 @@ latency; and an open stream costs a coroutine, not a thread.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -37,6 +39,32 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+class AddressTaken(OSError):
+    """The gRPC address cannot be bound: its port is taken or needs privileges."""
+
+
+def check_bindable(address: str) -> None:
+    """AddressTaken when `address` (host:port) is taken or refused now. grpc would only log
+    the reason to stderr from C and raise a bare "Failed to bind"; a probe says which."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # any free port, or a form for grpc itself to judge
+    try:
+        found = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # unresolvable: grpc says so
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise AddressTaken(exc.errno, exc.strerror) from None
+                # another family missing here (no IPv6, say): grpc binds what it can
 
 
 class ScalerServer:
@@ -82,6 +110,7 @@ class ScalerServer:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        check_bindable(settings.address)
         if settings.cert_file is None or settings.key_file is None:
             port = server.add_insecure_port(settings.address)
         else:
