@@ -53,8 +53,9 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> Response | tuple[Response, int]:
-        """200 while the process serves and its gRPC front answers; 503 with the reason
-        when the front is stuck, so that the liveness probe restarts the pod."""
+        """200 while the process serves, its gRPC front answers and its fit pool can start
+        workers; 503 with the reason when the front is stuck or the fit pool cannot be
+        rebuilt, so that the liveness probe restarts the pod."""
         problem = app.extensions.get("forecaster.liveness", lambda: None)()
         if problem is not None:
             return error_response(503, problem, retry_after=1)

@@ -474,9 +474,11 @@ def _target_get(summary: str, description: str, ok: dict[str, Any], *, parameter
 
 
 _PATHS: dict[str, Any] = {
-    "/healthz": _get("Liveness", "200 while the process serves HTTP and its gRPC scaler "
-                     "front answers; 503 with the reason when the front has exited or has not "
-                     "reported for 10 s (stuck): a restart is the cure. Never needs a token.",
+    "/healthz": _get("Liveness", "200 while the process serves HTTP, its gRPC scaler "
+                     "front answers and its fit pool can start worker processes; 503 with the "
+                     "reason when the front has exited or has not reported for 10 s (stuck), "
+                     "or when the fit pool cannot be rebuilt after a worker died (no process "
+                     "can be spawned): a restart is the cure. Never needs a token.",
                      {"200": _json("alive", "Health"), "503": _UNAVAILABLE},
                      security=_OPEN, operationId="healthz", tags=["probes"]),
     "/readyz": _get(
