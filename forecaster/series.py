@@ -21,6 +21,9 @@ from forecaster.windows import Window
 
 REQUIRED_COLUMNS = ("timestamp", "value")
 DEFAULT_MAX_FILL_STEPS = 3
+# The largest value a series may hold: far above any rate, and it keeps the models' sums of
+# squares finite (1e308 passes as finite, and its square is not).
+MAX_VALUE = 1e15
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,15 @@ def _parse_values(raw: list[str], line_numbers: np.ndarray) -> np.ndarray:
         raise InvalidInputError(
             "value",
             f"{raw[i]!r} is negative; a request rate is a non-negative number",
+            line=int(line_numbers[i]),
+        )
+    huge = np.flatnonzero(values > MAX_VALUE)
+    if huge.size:
+        i = int(huge[0])
+        raise InvalidInputError(
+            "value",
+            f"{reprlib.repr(raw[i])} is above {MAX_VALUE:g}, the largest value accepted (the "
+            f"models' sums of squares must stay finite); scale the series down",
             line=int(line_numbers[i]),
         )
     return values

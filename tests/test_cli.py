@@ -32,10 +32,21 @@ class Run:
     out: Path
 
 
-def _bad_csv(folder: Path) -> Path:
-    path = folder / "negative.csv"
-    path.write_text("timestamp,value\n2024-01-01T00:00:00Z,5\n2024-01-01T00:05:00Z,-3\n")
-    return path
+def _bad_csvs(folder: Path) -> dict[str, Path]:
+    """CSV files that break a value rule: a negative value, a value that overflows a float,
+    and thousands of values that are finite but whose squares are not."""
+    times = pd.date_range("2024-01-01", periods=2_000, freq="5min", tz="UTC")
+    rows = {
+        "negative": ["5", "-3"],
+        "overflowing": ["5", "5", "1e400"],
+        "huge": ["1e308"] * len(times),
+    }
+    paths = {}
+    for name, values in rows.items():
+        paths[name] = folder / f"{name}.csv"
+        lines = [f"{t:%Y-%m-%dT%H:%M:%SZ},{v}" for t, v in zip(times, values, strict=False)]
+        paths[name].write_text("timestamp,value\n" + "\n".join(lines) + "\n")
+    return paths
 
 
 # case -> (arguments after "backtest", words the one-line error must contain)
@@ -52,7 +63,12 @@ BAD_INPUTS: dict[str, tuple[list[str], list[str]]] = {
         ["eval-start", "2014-05-01T00:00:00+00:00", "last interval"],
     ),
     "missing-file": ([str(DATA / "no_such_trace.csv"), *GOOD], ["input", "no_such_trace.csv"]),
-    "negative-value": (["{negative}", "--target", "1"], ["line 3", "value", "'-3'", "negative"]),
+    "negative-value": (["{negative}", "--target", "1"],
+                       ["line 3", "value", "'-3'", "negative", "negative.csv"]),
+    "overflowing-value": (["{overflowing}", "--target", "1"],
+                          ["line 4", "value", "'1e400'", "not a finite number", "overflowing.csv"]),
+    "huge-values": (["{huge}", "--target", "1"],
+                    ["line 2", "value", "'1e308'", "above 1e+15", "huge.csv"]),
     "refit-7m": ([str(AWS), *GOOD, "--refit", "7m"], ["refit", "whole number of steps"]),
     "quantile-and-share": (
         [str(AWS), *GOOD, "--quantile", "0.9", "--max-under-provisioned", "0.05"],
@@ -81,10 +97,10 @@ def _run(arguments: list[str], folder: Path) -> Run:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    negative = _bad_csv(tmp_path_factory.mktemp("csv"))
+    files = _bad_csvs(tmp_path_factory.mktemp("csv"))
     jobs = {"good": [str(AWS), *GOOD]}
     for case, (arguments, _) in BAD_INPUTS.items():
-        jobs[case] = [a.replace("{negative}", str(negative)) for a in arguments]
+        jobs[case] = [a.format(**files) if a.startswith("{") else a for a in arguments]
     folders = {case: tmp_path_factory.mktemp(case) for case in jobs}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {case: pool.submit(_run, args, folders[case]) for case, args in jobs.items()}

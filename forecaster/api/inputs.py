@@ -21,6 +21,7 @@ from forecaster.api.errors import PayloadTooLarge
 from forecaster.durations import ACCEPTED_DURATION_FORMS, parse_duration
 from forecaster.errors import InvalidInputError
 from forecaster.models import MODEL_FACTORIES
+from forecaster.series import MAX_VALUE
 
 MAX_HORIZON_SECONDS = 7 * 86_400
 MAX_HORIZON_STEPS = 2016  # 7 days of 5-minute steps
@@ -29,7 +30,6 @@ MAX_POINTS = 20_000
 MAX_STEP_SECONDS = 86_400
 MAX_QUERY_CHARS = 10_000
 MIN_HISTORY_STEPS = 10
-MAX_VALUE = 1e15  # far above any rate; keeps the models' sums of squares finite
 EARLIEST = pd.Timestamp("1970-01-01", tz="UTC")
 LATEST = pd.Timestamp("2200-01-01", tz="UTC")  # nanosecond timestamps end in 2262
 
