@@ -154,7 +154,8 @@ class Engine:
     ) -> Target:
         """The target for this id, created (or replaced, when its spec changed) as needed.
 
-        A new target is refreshed at once in the background; its first fit follows.
+        A new target is refreshed at once in the background (a replacement of a target made
+        less than a refresh interval ago, once that interval is over); its first fit follows.
         """
         now = self.clock()
         target = self._targets.get(target_id)
@@ -178,16 +179,26 @@ class Engine:
             if target is None and not configured and full:
                 raise TooManyTargetsError(target_id, self.settings.max_targets)
             if target is None or target.spec != spec:
-                if target is not None:
-                    spec_changed(target_id, target.spec, spec)
+                previous = target
+                if previous is not None:
+                    spec_changed(target_id, previous.spec, spec)
                     self.listener.spec_changed(target_id)
-                keep = configured or (target is not None and target.configured)
+                keep = configured or (previous is not None and previous.configured)
                 replaced = self._targets.get(target_id)
                 if replaced is not None:
                     self._retire(replaced)  # the old spec's state: never restored
-                target = Target(target_id, spec, source, configured=keep, clock=self.clock)
+                target = Target(target_id, spec, source, configured=keep, clock=self.clock,
+                                created_at=now)
                 target.last_requested = now
-                self._refreshes.submit(target)  # before it is visible to the loop: no overlap
+                if (previous is not None
+                        and now - previous.created_at < self.settings.refresh_seconds):
+                    # Replaced again within a refresh interval (two triggers sharing this
+                    # id): its first read waits for the interval, as its predecessor's
+                    # next one would have, so replacements cannot query in a loop.
+                    target.next_refresh = max(previous.next_refresh,
+                                              previous.created_at + self.settings.refresh_seconds)
+                else:
+                    self._refreshes.submit(target)  # before the loop sees it: no overlap
                 self._targets[target_id] = target
                 log.info("new target %s: serving the current value until its first fit", target_id)
             target.last_requested = now

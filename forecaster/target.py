@@ -138,6 +138,7 @@ class Target:
     spec: TriggerSpec
     source: HistorySource
     configured: bool = False
+    created_at: float = 0.0  # the engine's time when it was registered
     snapshot: Snapshot = field(default_factory=Snapshot)
     last_requested: float = 0.0
     next_refresh: float = 0.0

@@ -1,5 +1,6 @@
 """A proxy in front of a real Prometheus that records what each request carried: the
-credentials' headers, and the query, so a test counts what forecaster sent."""
+credentials' headers, and the query, so a test counts what forecaster sent. A query holding
+one of `refused`'s markers is answered 503 instead, as an overloaded Prometheus would."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class RecordingProxy(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Forward)
         self.upstream = upstream
         self.seen: list[tuple[str, str | None, str | None]] = []
+        self.refused: set[str] = set()
         self.lock = threading.Lock()
 
     @property
@@ -31,6 +33,10 @@ class RecordingProxy(ThreadingHTTPServer):
         with self.lock:
             return [seen for seen in self.seen if quoted in seen[0]]
 
+    def refuses(self, path: str) -> bool:
+        with self.lock:
+            return any(urllib.parse.quote_plus(marker) in path for marker in self.refused)
+
 
 class _Forward(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
@@ -39,11 +45,15 @@ class _Forward(BaseHTTPRequestHandler):
             proxy.seen.append(
                 (self.path, self.headers.get("Authorization"), self.headers.get("X-Scope-OrgID"))
             )
-        try:
-            with urllib.request.urlopen(proxy.upstream + self.path, timeout=10) as answer:
-                status, body = answer.status, answer.read()
-        except urllib.error.HTTPError as exc:
-            status, body = exc.code, exc.read()
+        if proxy.refuses(self.path):
+            status = 503
+            body = b'{"status": "error", "errorType": "unavailable", "error": "overloaded"}'
+        else:
+            try:
+                with urllib.request.urlopen(proxy.upstream + self.path, timeout=10) as answer:
+                    status, body = answer.status, answer.read()
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, exc.read()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
