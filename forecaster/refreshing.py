@@ -5,10 +5,12 @@ targets; refreshes of one target never overlap."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Protocol
 
 import pandas as pd
@@ -166,7 +168,7 @@ class Refreshes:
     def _fetch(self, target: Target) -> tuple[pd.Series, tuple[float, float]] | None:
         """New grid points since the last refresh, and the current value; None on failure."""
         try:
-            fetched = target.read(self.clock())
+            fetched = read_since_last(target, self.clock())
         except (SourceError, SourceUnavailableError) as exc:
             if isinstance(exc, SourceUnavailableError):  # an outage; SourceError is data
                 begin_outage(target, self.clock(), freshness_limit(self.settings, target.spec))
@@ -184,3 +186,31 @@ class Refreshes:
             return None
         self.listener.refresh_finished(target.target_id, True)
         return fetched
+
+
+def read_since_last(target: Target, now: float) -> tuple[pd.Series, tuple[float, float]]:
+    """New grid points since the target's last bin (the whole window at first) and the
+    current value (epoch seconds, value), from its source; SourceError or
+    SourceUnavailableError.
+
+    Only the target's refresh extends its buffer, and refreshes of one target never overlap,
+    so reading `buffer.last` here needs no lock.
+    """
+    spec, step = target.spec, target.spec.step_seconds
+    end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
+    last = target.buffer.last
+    start = (
+        end - pd.Timedelta(seconds=spec.history_window_seconds - step)
+        if last is None
+        else (last + target.step).to_pydatetime()
+    )
+    points = pd.Series(dtype=float)
+    if start <= end:
+        try:
+            points = target.source.query_range(spec.query, start, end, step)
+        except SourceError:
+            if last is None:
+                raise
+            # No new points in an incremental window: the instant query below decides.
+    stamp, value = target.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
+    return points, (stamp.timestamp(), value)

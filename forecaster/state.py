@@ -32,7 +32,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -41,10 +41,9 @@ import pandas as pd
 from forecaster import __version__
 from forecaster.errors import InvalidInputError
 from forecaster.models import ForecastModel
-from forecaster.models.calibration import ScoreWindow
 from forecaster.policy import ForecastSmoother
 from forecaster.spec import TriggerSpec
-from forecaster.target import ShareKeeper, Target
+from forecaster.target import AccuracyKeeper, ShareKeeper, Target
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +95,7 @@ class LiveState:
     model_token: str | None  # the model file this state goes with; None: no model
     smoother: ForecastSmoother
     share_keeper: ShareKeeper | None
-    abs_errors: ScoreWindow
-    inside_80: ScoreWindow
-    pending: dict[pd.Timestamp, tuple[float, float, float]]
+    scores: AccuracyKeeper
     seen_through: pd.Timestamp | None  # the newest bin the keeper and accuracy have seen
     saved_at: float
 
@@ -156,10 +153,8 @@ def capture(target: Target, *, with_model: bool, clock: Callable[[], float]) -> 
         model_token=token,
         smoother=target.smoother,
         share_keeper=target.share_keeper,
-        abs_errors=target.abs_errors,
-        inside_80=target.inside_80,
-        pending=target.pending,
-        seen_through=target.seen_through(),
+        scores=target.scores,
+        seen_through=target.resumed_through if target.resuming else target.buffer.last,
         saved_at=clock(),
     )
     target.unsaved = False
@@ -172,11 +167,19 @@ def restore(target: Target, saved: SavedTarget) -> None:
     live = saved.live
     target.smoother = live.smoother
     target.share_keeper = live.share_keeper
-    target.abs_errors = live.abs_errors
-    target.inside_80 = live.inside_80
-    target.pending = dict(live.pending)
-    target.resume(live.seen_through, saved.model, live.model_token,
-                  live.fitted_at, live.model_name)
+    target.scores = live.scores
+    # The first refresh brings the model, the keeper and the scores up to date (fold_in).
+    model = saved.model
+    target.resuming = True
+    target.resumed_through = live.seen_through
+    target.model = model
+    target.model_token = live.model_token if model is not None else None
+    target.model_saved_through = model.last_timestamp_ if model is not None else None
+    target.restored = model is not None
+    target.unsaved = False
+    if model is not None:
+        target.snapshot = replace(target.snapshot, fitted_at=live.fitted_at,
+                                  model=live.model_name)
 
 
 class StateStore:

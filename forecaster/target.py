@@ -25,7 +25,7 @@ import pandas as pd
 
 from forecaster.config import EngineSettings
 from forecaster.durations import format_duration
-from forecaster.errors import ForecasterError, NotReadyError, SourceError
+from forecaster.errors import ForecasterError, NotReadyError
 from forecaster.fitting import FitRequest
 from forecaster.models import Forecast, ForecastModel
 from forecaster.models.calibration import ScoreWindow
@@ -151,11 +151,7 @@ class Target:
     refresh_failures: int = 0
     fit_seconds: list[float] = field(default_factory=list)
     spec_conflict: TriggerSpec | None = None
-    pending: dict[pd.Timestamp, tuple[float, float, float]] = field(default_factory=dict)
-    # decision-horizon forecasts scored as their bins arrive: absolute error, and 1.0 when
-    # the actual fell inside the 80% interval
-    abs_errors: ScoreWindow = field(default_factory=lambda: ScoreWindow(ACCURACY_WINDOW))
-    inside_80: ScoreWindow = field(default_factory=lambda: ScoreWindow(ACCURACY_WINDOW))
+    scores: AccuracyKeeper = field(default_factory=lambda: AccuracyKeeper())
     first_value: threading.Event = field(default_factory=threading.Event)  # first refresh done
     first_value_callbacks: list[Callable[[], None]] = field(default_factory=list)
     first_value_lock: threading.Lock = field(default_factory=threading.Lock)  # for those two
@@ -210,67 +206,9 @@ class Target:
         return math.ceil(self.spec.startup_seconds / self.spec.step_seconds)
 
     def accuracy(self) -> Accuracy:
-        errors = self.abs_errors.values()
-        if not errors.size:
-            return Accuracy(0, None, None, None)
-        return Accuracy(
-            scored=int(errors.size),
-            mae=float(np.mean(errors)),
-            coverage_80=float(np.mean(self.inside_80.values())),
-            last_abs_error=float(errors[-1]),
-        )
-
-    def record_score(self, abs_error: float, inside_80: bool) -> None:
-        """One decision-horizon forecast scored against what then happened."""
-        self.abs_errors.append(abs_error)
-        self.inside_80.append(1.0 if inside_80 else 0.0)
-
-    def expect(self, forecast: Forecast) -> None:
-        """Keep the forecast's decision-horizon bin, to score when that bin arrives."""
-        self.pending[forecast.timestamps[-1]] = (
-            float(forecast.mean[-1]),
-            float(forecast.quantile(0.1)[-1]),
-            float(forecast.quantile(0.9)[-1]),
-        )
-
-    def score_arrivals(self, added: pd.Series) -> None:
-        """Score the decision-horizon forecasts made for bins that have now arrived."""
-        for timestamp, actual in added.items():
-            made = self.pending.pop(pd.Timestamp(timestamp), None)  # type: ignore[arg-type]
-            if made is not None and np.isfinite(actual):
-                mean, low, high = made
-                self.record_score(abs(float(actual) - mean), low <= actual <= high)
-        if self.pending and len(added):
-            newest = added.index[-1]
-            self.pending = {t: v for t, v in self.pending.items() if t > newest}
+        return self.scores.summary()
 
     # -- what the engine's threads do to a target ------------------------------------------
-
-    def read(self, now: float) -> tuple[pd.Series, tuple[float, float]]:
-        """New grid points since the last bin (the whole window at first) and the current
-        value (epoch seconds, value), from the source; SourceError or SourceUnavailableError.
-
-        Only this target's refresh extends its buffer, and refreshes of one target never
-        overlap, so reading `buffer.last` here needs no lock.
-        """
-        spec, step = self.spec, self.spec.step_seconds
-        end = datetime.fromtimestamp(math.floor(now / step) * step, UTC)
-        last = self.buffer.last
-        start = (
-            end - pd.Timedelta(seconds=spec.history_window_seconds - step)
-            if last is None
-            else (last + self.step).to_pydatetime()
-        )
-        points = pd.Series(dtype=float)
-        if start <= end:
-            try:
-                points = self.source.query_range(spec.query, start, end, step)
-            except SourceError:
-                if last is None:
-                    raise
-                # No new points in an incremental window: the instant query below decides.
-        stamp, value = self.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
-        return points, (stamp.timestamp(), value)
 
     def training_view(self, points: pd.Series) -> pd.Series:
         """What the models see: bins in the target's excludeFromTraining windows missing."""
@@ -286,7 +224,7 @@ class Target:
             # SLO keeper have seen the bins up to their save (the model, up to its fit).
             added = added[added.index > self.resumed_through]
         self.resumed_through = None
-        self.score_arrivals(added)
+        self.scores.score_arrivals(added)
         if self.share_keeper is not None:
             self.share_keeper.judge(added)
         if resuming:
@@ -300,20 +238,6 @@ class Target:
         self.unsaved = True
         self.publish(current, freshness)
         self.mark_first_value()
-
-    def resume(self, seen_through: pd.Timestamp | None, model: ForecastModel | None,
-               token: str | None, fitted_at: float | None, model_name: str | None) -> None:
-        """Take a saved model and the newest bin the saved state had seen; the first refresh
-        brings both up to date (fold_in). Before the target is visible to other threads."""
-        self.resuming = True
-        self.resumed_through = seen_through
-        self.model = model
-        self.model_token = token if model is not None else None
-        self.model_saved_through = model.last_timestamp_ if model is not None else None
-        self.restored = model is not None
-        self.unsaved = False
-        if model is not None:
-            self.snapshot = replace(self.snapshot, fitted_at=fitted_at, model=model_name)
 
     def resume_model(self) -> None:
         """Bring a restored model up to the newest bin, or drop it (to refit) when the history
@@ -340,10 +264,6 @@ class Target:
         self.model_token = None
         self.restored = False
         self.snapshot = replace(self.snapshot, fitted_at=None, model=None)
-
-    def seen_through(self) -> pd.Timestamp | None:
-        """The newest bin the accuracy and the SLO keeper have seen; under `lock`."""
-        return self.resumed_through if self.resuming else self.buffer.last
 
     def fit_request(self) -> FitRequest:
         """What a worker needs to refit this target; under `lock`, so that the model it
@@ -415,7 +335,7 @@ class Target:
                     self.fit_failures += 1
                     error = f"prediction failed: {exc}"
         if forecast is not None:
-            self.expect(forecast)
+            self.scores.expect(forecast)
         last_point = self.reading_before(current[0])
         planned = plan(forecast, current[1], spec.quantile, horizon,
                        smoother=self.smoother, last_point=last_point)
@@ -450,6 +370,51 @@ class Target:
         if last is not None and current_time <= last.timestamp():
             return float(values[-2]) if len(values) > 1 else math.nan
         return float(values[-1]) if len(values) else math.nan
+
+
+class AccuracyKeeper:
+    """Each decision-horizon forecast, kept until its bin arrives and then scored: the last
+    ACCURACY_WINDOW absolute errors, and 1.0 for each actual inside the 80% interval."""
+
+    def __init__(self, window: int = ACCURACY_WINDOW) -> None:
+        self.pending: dict[pd.Timestamp, tuple[float, float, float]] = {}
+        self.abs_errors = ScoreWindow(window)
+        self.inside_80 = ScoreWindow(window)
+
+    def summary(self) -> Accuracy:
+        errors = self.abs_errors.values()
+        if not errors.size:
+            return Accuracy(0, None, None, None)
+        return Accuracy(
+            scored=int(errors.size),
+            mae=float(np.mean(errors)),
+            coverage_80=float(np.mean(self.inside_80.values())),
+            last_abs_error=float(errors[-1]),
+        )
+
+    def record_score(self, abs_error: float, inside_80: bool) -> None:
+        """One decision-horizon forecast scored against what then happened."""
+        self.abs_errors.append(abs_error)
+        self.inside_80.append(1.0 if inside_80 else 0.0)
+
+    def expect(self, forecast: Forecast) -> None:
+        """Keep the forecast's decision-horizon bin, to score when that bin arrives."""
+        self.pending[forecast.timestamps[-1]] = (
+            float(forecast.mean[-1]),
+            float(forecast.quantile(0.1)[-1]),
+            float(forecast.quantile(0.9)[-1]),
+        )
+
+    def score_arrivals(self, added: pd.Series) -> None:
+        """Score the decision-horizon forecasts made for bins that have now arrived."""
+        for timestamp, actual in added.items():
+            made = self.pending.pop(pd.Timestamp(timestamp), None)  # type: ignore[arg-type]
+            if made is not None and np.isfinite(actual):
+                mean, low, high = made
+                self.record_score(abs(float(actual) - mean), low <= actual <= high)
+        if self.pending and len(added):
+            newest = added.index[-1]
+            self.pending = {t: v for t, v in self.pending.items() if t > newest}
 
 
 class ShareKeeper:

@@ -29,6 +29,7 @@ from forecaster.models import (
     make_model,
 )
 from forecaster.models.ets import HoltWinters
+from forecaster.refreshing import read_since_last
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import MIN_STEPS_IN_HISTORY, TriggerSpec
 from forecaster.target import Target
@@ -355,7 +356,7 @@ def test_a_history_window_of_exactly_min_history_steps_fits_that_model(name: str
     horizon = 1 + Target("probe", spec, source).lead_steps
     needed = max(make_model(name, STEP, horizon=horizon).min_history(), MIN_STEPS_IN_HISTORY)
     target = Target("t", replace(spec, history_window_seconds=needed * step_seconds), source)
-    points, _ = target.read(REPLAY_NOW)
+    points, _ = read_since_last(target, REPLAY_NOW)
     target.buffer.extend(points)
     request = target.fit_request()
     assert request.horizon == horizon

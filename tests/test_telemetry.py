@@ -18,12 +18,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from forecaster.models.calibration import ScoreWindow
 from forecaster.policy import planned_replicas
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
-from forecaster.target import Target, freshness_limit, target_labels
+from forecaster.target import AccuracyKeeper, Target, freshness_limit, target_labels
 from tests.support.live import MODEL, Live, scrape
 from tests.support.prometheus import PrometheusServer
 from tests.support.scaler import scaled_object_ref, scaler_settings
@@ -95,14 +94,14 @@ def test_target_gauges_match_the_engine_snapshot(live: Live) -> None:
 @contextmanager
 def scored(target: Target) -> Iterator[None]:
     """As if two decision-horizon forecasts had been scored (that takes 10 minutes live)."""
-    saved = target.abs_errors, target.inside_80
-    target.abs_errors, target.inside_80 = ScoreWindow(10), ScoreWindow(10)
-    target.record_score(3.0, True)
-    target.record_score(5.0, False)
+    saved = target.scores
+    target.scores = AccuracyKeeper(10)
+    target.scores.record_score(3.0, True)
+    target.scores.record_score(5.0, False)
     try:
         yield
     finally:
-        target.abs_errors, target.inside_80 = saved
+        target.scores = saved
 
 
 def test_accuracy_gauges_follow_the_scored_forecasts(live: Live) -> None:
