@@ -15,9 +15,8 @@ import logging
 import math
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Protocol
 
@@ -27,16 +26,16 @@ from forecaster.config import EngineSettings
 from forecaster.errors import (
     ForecasterError,
     NotReadyError,
-    TooManyTargetsError,
-    UnknownTargetError,
 )
 from forecaster.fitting import FitPool
-from forecaster.models import FallbackFit, Forecast
+from forecaster.models import Forecast
 from forecaster.policy import PlannedLoad
+from forecaster.refitting import Refits
 from forecaster.refreshing import Refreshes
+from forecaster.registry import Registry
 from forecaster.sources import HistorySource
-from forecaster.spec import TriggerSpec, changed_keys, quoted
-from forecaster.state import SHUTDOWN_SECONDS, SavedTarget, Saver, restore
+from forecaster.spec import TriggerSpec
+from forecaster.state import SHUTDOWN_SECONDS, SavedTarget, Saver
 from forecaster.target import (
     Snapshot,
     Target,
@@ -102,13 +101,13 @@ class Engine:
         self._clock = clock
         self.listener: EngineListener = listener or _NoListener()
         self.saver = saver  # None: no saved state
-        self._targets: dict[str, Target] = {}
-        self._registry_lock = threading.Lock()
         self.fits = (fit_pool if isinstance(fit_pool, FitPool)
                      else FitPool(settings.fit_workers, executor=fit_pool))
         self._refits = Refits(self.fits, settings, clock=clock, listener=self.listener,
                               saver=saver)
         self._refreshes = Refreshes(settings, self._refits, clock=clock, listener=self.listener)
+        self.registry = Registry(settings, self._refreshes, clock=clock, listener=self.listener,
+                                 saver=saver)
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.started_at = clock()
@@ -152,91 +151,24 @@ class Engine:
     def ensure_target(
         self, target_id: str, spec: TriggerSpec, source: HistorySource, *, configured: bool = False
     ) -> Target:
-        """The target for this id, created (or replaced, when its spec changed) as needed.
-
-        A new target is refreshed at once in the background (a replacement of a target made
-        less than a refresh interval ago, once that interval is over); its first fit follows.
-        """
-        now = self.clock()
-        target = self._targets.get(target_id)
-        if target is not None and target.spec == spec:
-            target.last_requested = now
-            if self._targets.get(target_id) is target:  # not dropped as idle meanwhile
-                return target
-        with self._registry_lock:
-            target = self._targets.get(target_id)
-            if target is not None and target.configured and not configured and target.spec != spec:
-                # The config file's spec wins: replacing it on every poll would never let a
-                # forecast form. Said once per differing spec.
-                if target.spec_conflict != spec:
-                    target.spec_conflict = spec
-                    log.warning("target %s: a scaler request's trigger differs from the config "
-                                "file's; serving the config file's", target_id)
-                    self.listener.spec_conflict(target_id)
-                target.last_requested = now
-                return target
-            full = len(self._targets) >= self.settings.max_targets
-            if target is None and not configured and full:
-                raise TooManyTargetsError(target_id, self.settings.max_targets)
-            if target is None or target.spec != spec:
-                previous = target
-                if previous is not None:
-                    spec_changed(target_id, previous.spec, spec)
-                    self.listener.spec_changed(target_id)
-                keep = configured or (previous is not None and previous.configured)
-                replaced = self._targets.get(target_id)
-                if replaced is not None:
-                    self._retire(replaced)  # the old spec's state: never restored
-                target = Target(target_id, spec, source, configured=keep, clock=self.clock,
-                                created_at=now)
-                target.last_requested = now
-                if (previous is not None
-                        and now - previous.created_at < self.settings.refresh_seconds):
-                    # Replaced again within a refresh interval (two triggers sharing this
-                    # id): its first read waits for the interval, as its predecessor's
-                    # next one would have, so replacements cannot query in a loop.
-                    target.next_refresh = max(previous.next_refresh,
-                                              previous.created_at + self.settings.refresh_seconds)
-                else:
-                    self._refreshes.submit(target)  # before the loop sees it: no overlap
-                self._targets[target_id] = target
-                log.info("new target %s: serving the current value until its first fit", target_id)
-            target.last_requested = now
-            return target
+        """The target for this id, created (or replaced, when its spec changed) as needed;
+        see Registry.ensure."""
+        return self.registry.ensure(target_id, spec, source, configured=configured)
 
     def restore(
         self, saved: SavedTarget, source: HistorySource, *, configured: bool = False
     ) -> Target:
-        """Recreate a target from its saved state (forecaster.state): its first refresh
-        reads the history since and serves a forecast from the saved model, and it refits
-        when its saved fit is refitInterval old. TooManyTargetsError past maxTargets."""
-        now = self.clock()
-        with self._registry_lock:
-            existing = self._targets.get(saved.target_id)
-            if existing is not None:
-                return existing
-            if not configured and len(self._targets) >= self.settings.max_targets:
-                raise TooManyTargetsError(saved.target_id, self.settings.max_targets)
-            target = Target(saved.target_id, saved.spec, source, configured=configured,
-                            clock=self.clock)
-            restore(target, saved)
-            target.last_requested = now
-            target.next_refit = restored_refit_due(saved, now, self.settings.refit_seconds)
-            self._refreshes.submit(target)  # before it is visible to the loop: no overlap
-            self._targets[saved.target_id] = target
-        return target
+        """Recreate a target from its saved state; see Registry.restore."""
+        return self.registry.restore(saved, source, configured=configured)
 
     def get(self, target_id: str) -> Target:
-        try:
-            return self._targets[target_id]
-        except KeyError:
-            raise UnknownTargetError(target_id) from None
+        return self.registry.get(target_id)
 
     def targets(self) -> Iterator[Target]:
-        return iter(list(self._targets.values()))
+        return self.registry.targets()
 
     def __len__(self) -> int:
-        return len(self._targets)
+        return len(self.registry)
 
     # -- reads (never block on fits) ---------------------------------------------------------
 
@@ -338,129 +270,15 @@ class Engine:
         with target.lock:
             target.fold_in(points, current, freshness_limit(self.settings, target.spec))
 
-    def _retire(self, target: Target) -> None:
-        """A target leaves the registry (idle, or replaced): its saved state goes, and a fit
-        landing later saves nothing. Under its lock, so no save can come after the removal."""
-        with target.lock:
-            target.retired = True
-            if self.saver is not None:
-                self.saver.forget(target.target_id)
-
     # -- background work ---------------------------------------------------------------------
 
     def tick(self) -> None:
         """One pass: drop idle targets, start due refreshes and refits."""
         now = self.clock()
-        for target in list(self._targets.values()):
-            if not target.configured and now - target.last_requested > self.settings.idle_seconds:
-                with self._registry_lock:
-                    still_idle = self.clock() - target.last_requested > self.settings.idle_seconds
-                    if not still_idle or self._targets.get(target.target_id) is not target:
-                        continue
-                    del self._targets[target.target_id]
-                log.info("dropped target %s: not asked about for %.0fs", target.target_id,
-                         now - target.last_requested)
-                self._retire(target)
+        for target in self.registry.targets():
+            if self.registry.drop_if_idle(target, now):
                 continue
             if not target.refreshing and now >= target.next_refresh:
                 self._refreshes.submit(target)
             if not target.fit_pending and now >= target.next_refit and len(target.buffer):
                 self._refits.submit(target)
-
-
-def spec_changed(target_id: str, old: TriggerSpec, new: TriggerSpec) -> None:
-    """Say that a target's trigger changed, which drops its history and model: a takeover
-    of the id (two triggers sharing it) shows here first."""
-    keys = ", ".join(changed_keys(old, new)) or "no metadata key"
-    log.warning("target %s: its trigger changed (%s): query was %s, now %s; starting a new "
-                "series without its history and model. Two triggers that share this id "
-                "replace each other: give each its own metricName", target_id, keys,
-                quoted(old.query), quoted(new.query))
-
-
-class Refits:
-    """Fits on the fit pool, landed in their targets: a fit that fails, or that cannot catch
-    up with the newest bins, keeps the target's last good model."""
-
-    def __init__(
-        self,
-        pool: FitPool,
-        settings: EngineSettings,
-        *,
-        clock: Callable[[], float],
-        listener: EngineListener,
-        saver: Saver | None = None,
-    ) -> None:
-        self.pool = pool
-        self.settings = settings
-        self.clock = clock
-        self.listener = listener
-        self.saver = saver
-        pool.notify_deaths(listener.fit_worker_died)
-
-    def submit(self, target: Target) -> None:
-        """Refit in a worker, unless a fit of the target is in flight."""
-        with target.lock:
-            if target.fit_pending:  # the loop and a refresh may both ask
-                return
-            target.fit_pending = True
-            request = target.fit_request()
-        began = time.perf_counter()
-        try:
-            future = self.pool.submit(request)
-        except Exception as exc:  # the pool is shut down: fail the fit, free the target
-            future = Future()
-            future.set_exception(exc)
-        future.add_done_callback(lambda done: self._landed(target, done, began))
-
-    def _landed(self, target: Target, future: Future[FallbackFit], began: float) -> None:
-        seconds = time.perf_counter() - began
-        now = self.clock()
-        with target.lock:
-            target.fit_pending = False
-            target.next_refit = now + self.settings.refit_seconds
-            try:
-                fit = future.result()
-            except Exception as exc:  # a worker crash or a model bug: keep the last good model
-                target.fit_failures += 1
-                self.listener.fit_finished(target.target_id, seconds, False, False)
-                target.snapshot = replace(target.snapshot, last_error=f"fit failed: {exc}")
-                log.warning("fit of %s failed; keeping the last good model: %s",
-                            target.target_id, exc)
-                return
-            target.fit_seconds = [*target.fit_seconds[-19:], seconds]
-            if fit.fell_back:
-                target.fallbacks += 1
-                log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
-                         "; ".join(f"{m}: {why}" for m, why in fit.failures))
-            model = fit.model
-            try:
-                target.catch_up(model)
-            except ForecasterError as exc:
-                target.fit_failures += 1
-                self.listener.fit_finished(target.target_id, seconds, False, fit.fell_back)
-                log.warning("fitted model of %s could not catch up: %s", target.target_id, exc)
-                return
-            target.fits += 1
-            self.pool.fit_landed()
-            self.listener.fit_finished(target.target_id, seconds, True, fit.fell_back)
-            target.adopt(model, now, freshness_limit(self.settings, target.spec))
-            if self.saver is not None:
-                try:
-                    self.saver.after_refit(target)
-                except Exception:  # a model that will not pickle: serve it, unsaved
-                    log.exception("saving the state of %s failed", target.target_id)
-
-
-def restored_refit_due(saved: SavedTarget, now: float, refit_seconds: float) -> float:
-    """When a restored target refits: refitInterval after its saved fit, or, when that has
-    passed, at a point within the next refitInterval set by a hash of its id, so that
-    targets restored together do not all refit at once. No model: at once."""
-    fitted_at = saved.live.fitted_at
-    if saved.model is None or fitted_at is None:
-        return now
-    due = fitted_at + refit_seconds
-    if due > now:
-        return due
-    share = zlib.crc32(saved.target_id.encode()) / 2**32
-    return now + share * refit_seconds

@@ -25,8 +25,8 @@ import requests
 from forecaster import state
 from forecaster.cli import main
 from forecaster.config import ConfiguredTarget, load_settings
-from forecaster.engine import restored_refit_due
 from forecaster.errors import InvalidInputError
+from forecaster.refitting import restored_refit_due
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
