@@ -128,6 +128,9 @@ class Service:
             except TooManyTargetsError as exc:
                 store.refuse(saved.target_id, "limit", str(exc))
                 continue
+            except Exception as exc:  # a state that loads but will not apply: fit anew
+                store.refuse(saved.target_id, "corrupt", f"cannot restore it: {exc!r}")
+                continue
             restored += 1
         self.loading = None
         log.info("restored %d saved targets from %s in %.1fs", restored, store.directory,

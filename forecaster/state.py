@@ -280,6 +280,9 @@ class StateStore:
             except Refused as exc:
                 self.refuse(None, exc.reason, f"{path.name}: {exc}", stem=stem)
                 continue
+            except Exception as exc:  # whatever a file holds, loading never stops the start
+                self.refuse(None, "corrupt", f"{path.name}: {exc!r}", stem=stem)
+                continue
             if saved.live.model_token is not None:
                 wanted.add(stem)
             yield saved
@@ -325,6 +328,14 @@ class StateStore:
             raise Refused("corrupt", "the file is not under its target's name")
         if header.get("token") != live.model_token:
             raise Refused("corrupt", "the header's model token differs from the state's")
+        kinds = (
+            (live.spec, TriggerSpec), (live.smoother, ForecastSmoother),
+            (live.scores, AccuracyKeeper),
+            (live.share_keeper, ShareKeeper | None),
+        )
+        wrong = [type(value).__name__ for value, kind in kinds if not isinstance(value, kind)]
+        if wrong:
+            raise Refused("corrupt", f"its state holds the wrong kinds: {', '.join(wrong)}")
         if live.model_token is None:
             return SavedTarget(live)
         model_path = path.with_name(stem + MODEL_SUFFIX)

@@ -38,7 +38,7 @@ from tests.support.waiting import wait_for
 WEB = "shop/web/web-rps"  # configured
 API = "shop/api/api-rps"  # created by a scaler request
 STEP = 300
-FIT_SECONDS = 120
+FIT_SECONDS = 300  # a bound, not a wait: fit workers run at idle priority on a busy machine
 
 
 class ManualClock:
@@ -256,6 +256,20 @@ def _unpicklable(path: Path) -> None:
     path.write_bytes(json.dumps(header).encode() + b"\n" + payload)
 
 
+def _wrong_kinds(path: Path) -> None:
+    """A valid header and checksum over a live state whose smoother is a string."""
+    import hashlib
+    import json
+    import pickle
+
+    line, _, payload = path.read_bytes().partition(b"\n")
+    header = json.loads(line)
+    live = replace(pickle.loads(payload), smoother="not a smoother")
+    payload = pickle.dumps(live)
+    header["sha256"] = hashlib.sha256(payload).hexdigest()
+    path.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+
+
 def _mismatched_pair(directory: Path) -> None:
     """The live file of one target beside the model file of another's refit."""
     web, api = file_stem(WEB), file_stem(API)
@@ -268,6 +282,7 @@ CORRUPTIONS = {
     "garbage-live": ("corrupt", lambda d: _garbage(d / (file_stem(WEB) + LIVE_SUFFIX))),
     "unknown-class": ("corrupt", lambda d: _unpicklable(d / (file_stem(WEB) + MODEL_SUFFIX))),
     "mismatched-pair": ("corrupt", _mismatched_pair),
+    "wrong-kinds": ("corrupt", lambda d: _wrong_kinds(d / (file_stem(WEB) + LIVE_SUFFIX))),
 }
 
 
