@@ -374,6 +374,31 @@ def test_with_no_servers_configured_no_address_is_queried(
     assert len(service.engine) == 0
 
 
+def test_refusals_name_no_configured_server_and_quote_only_a_prefix_of_a_query(
+    prometheus: PrometheusServer,
+    proxy: RecordingProxy,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+) -> None:
+    servers = (PrometheusServerConfig(url=prometheus.url), PrometheusServerConfig(url=proxy.url))
+    stub = stub_for(make_service(_settings(servers)))
+    elsewhere = _ref(_metadata("http://elsewhere:9090"))
+    name = stub.GetMetricSpec(elsewhere, timeout=10).metricSpecs[0].metricName
+    for error in refusals(stub, elsewhere, name):
+        details = error.details() or ""
+        assert "'http://elsewhere:9090' is not a configured" in details
+        assert "(of 2 configured)" in details
+        assert prometheus.url not in details and proxy.url not in details
+    marker = "long_query_marker"
+    long = _ref(_metadata(proxy.url, query=f"sum({marker}{'x' * 100_000})"))
+    name = stub.GetMetricSpec(long, timeout=10).metricSpecs[0].metricName
+    for error in refusals(stub, long, name):
+        details = error.details() or ""
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("query: must be at most 8192 bytes") and len(details) < 300
+    assert not proxy.requests_for(marker)
+
+
 def test_one_server_from_the_environment_without_a_config_file() -> None:
     url = "http://prometheus.monitoring:9090"
     settings = load_settings(env={"FORECASTER_PROMETHEUS_URL": url})
