@@ -24,6 +24,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.cli import main
+from forecaster.config import Settings
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
@@ -201,6 +202,17 @@ def test_a_bad_config_makes_the_serve_process_exit_2_with_one_line(tmp_path: Pat
     assert done.returncode == 2, done.stderr.decode()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"forecaster: error: {where}: ")
+
+
+def test_the_default_bind_address_is_stated_where_operators_look() -> None:
+    host = Settings().host
+    assert host == "0.0.0.0"
+    done = subprocess.run([*_command(), "serve", "--help"], capture_output=True, text=True,
+                          env=_env(), timeout=60, check=True)
+    assert f"(default {host})" in " ".join(done.stdout.split())
+    root = Path(__file__).parent.parent
+    for document in ("README.md", "docs/deploy.md"):
+        assert f"forecaster binds `{host}`" in (root / document).read_text(), document
 
 
 @pytest.mark.parametrize(("flag", "setting", "what"), [
