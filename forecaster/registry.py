@@ -15,7 +15,7 @@ from forecaster.refreshing import Refreshes
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec, changed_keys, quoted
 from forecaster.state import SavedTarget, Saver, restore
-from forecaster.target import Target
+from forecaster.target import Target, freshness_limit
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,14 @@ class Registry:
                 target = Target(target_id, spec, source, configured=keep, clock=self.clock,
                                 created_at=now)
                 target.last_requested = now
-                if (previous is not None
+                if (previous is not None and same_series(previous.spec, spec)
+                        and len(previous.buffer) and not previous.resuming):
+                    # A setting changed, not the series (targetValue, quantile...): the
+                    # history read stays good, and the new target serves from it at once.
+                    carry_over(previous, target, freshness_limit(self.settings, spec))
+                    target.next_refresh = previous.next_refresh
+                    self._refreshes.refits.submit(target)  # its first fit, from that history
+                elif (previous is not None
                         and now - previous.created_at < self.settings.refresh_seconds):
                     # Replaced again within a refresh interval (two triggers sharing this
                     # id): its first read waits for the interval, as its predecessor's
@@ -161,6 +168,25 @@ class Registry:
             target.retired = True
             if self.saver is not None:
                 self.saver.forget(target.target_id)
+
+
+def same_series(old: TriggerSpec, new: TriggerSpec) -> bool:
+    """Whether two specs read the same history: server, query, step and window."""
+    return (old.server_address, old.query, old.step_seconds, old.history_window_seconds) == (
+        new.server_address, new.query, new.step_seconds, new.history_window_seconds)
+
+
+def carry_over(previous: Target, target: Target, freshness: float) -> None:
+    """Give a replacement the history and current value its predecessor read, and publish
+    its plan from them; before the replacement is visible to other threads."""
+    with previous.lock:
+        points = previous.buffer.series()
+        snapshot = previous.snapshot
+    target.buffer.extend(points)
+    if snapshot.current_value is not None and snapshot.current_time is not None:
+        with target.lock:
+            target.publish((snapshot.current_time, snapshot.current_value), freshness)
+        target.mark_first_value()
 
 
 def spec_changed(target_id: str, old: TriggerSpec, new: TriggerSpec) -> None:

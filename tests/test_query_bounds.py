@@ -125,7 +125,8 @@ def _source(proxy: RecordingProxy, **server: Any) -> PrometheusSource:
 def _spec(proxy: RecordingProxy, query: str, **settings: Any) -> TriggerSpec:
     values: dict[str, Any] = {"step_seconds": STEP, "history_window_seconds": LONGEST,
                               "model": "naive", **settings}
-    return TriggerSpec(server_address=proxy.url, query=query, target_value=10.0, **values)
+    values.setdefault("target_value", 10.0)
+    return TriggerSpec(server_address=proxy.url, query=query, **values)
 
 
 def _settle(engine: Engine) -> None:
@@ -202,3 +203,24 @@ def test_two_triggers_sharing_an_id_read_the_history_once_per_interval(
     assert all(count <= READS_PER_REFRESH for count in counts), counts
     target: Target = engine.get("shop/web/shared")
     assert target.spec == specs[1]
+
+
+def test_a_settings_edit_keeps_the_history_read_and_serves_at_once(
+    proxy: RecordingProxy, clock: Clock, engine_for: Callable[..., Engine]
+) -> None:
+    engine = engine_for()
+    source = _source(proxy)
+    first = engine.ensure_target("shop/web/edited", _spec(proxy, STEADY), source)
+    first.first_value.wait(60)
+    _settle(engine)
+    assert first.snapshot.current_value is not None
+    before = _queries(proxy)
+    for target_value in (20.0, 10.0, 20.0):  # edits of targetValue alone: the same series
+        edited = engine.ensure_target(
+            "shop/web/edited", _spec(proxy, STEADY, target_value=target_value), source)
+        assert edited is not first and edited.spec.target_value == target_value
+        assert edited.first_value.is_set()  # served from the history already read
+        assert edited.snapshot.current_value == first.snapshot.current_value
+        assert len(edited.buffer) == len(first.buffer)
+        engine.serve("shop/web/edited", wait=False)  # a plan now, not "no data yet"
+    assert _queries(proxy) == before  # no history read again
