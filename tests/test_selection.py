@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 
 from forecaster.errors import InvalidInputError
-from forecaster.models import fit_with_fallback, make_model
+from forecaster.models import RunCost, ValidationRun, fit_with_fallback, make_model
 from forecaster.models.base import ForecastModel
+from forecaster.models.calibration import (
+    MIN_SCORES,
+    ScoreTracker,
+    calibrated_path,
+    scale_floor,
+)
 from forecaster.models.ensemble import Ensemble
 from forecaster.models.selection import Auto, pinball_loss, plan_cost
 from tests.support.models import FAST_CANDIDATES, fast_auto
@@ -210,3 +216,118 @@ def test_the_chosen_ensemble_keeps_its_weights_through_refits() -> None:
     refit.fit(series)  # within the reselection interval: the selection is reused
     assert refit.selection_ is first.selection_
     assert isinstance(refit.model_, Ensemble) and refit.model_.weights == weights
+
+
+class RecordingScorer:
+    """A PlanScorer that keeps every run it is given and prices each by `prices[model]`,
+    times `calibrated[model]` (default 1) for the calibrated band."""
+
+    def __init__(self, prices: dict[str, float], calibrated: dict[str, float] | None = None):
+        self.prices = prices
+        self.calibrated = calibrated or {}
+        self.runs: list[ValidationRun] = []
+
+    def __call__(self, run: ValidationRun) -> RunCost:
+        self.runs.append(run)
+        factor = self.calibrated.get(run.model, 1.0) if run.calibrated else 1.0
+        return RunCost(self.prices[run.model] * factor, 0.05)
+
+
+def test_a_scorer_chooses_the_model_and_the_band_that_is_served() -> None:
+    """The scorer ranks the candidates, each priced with the band its coverage calls for
+    (its own, or the calibrated one); the default and the cheapest are priced with the other
+    band too and take it when it is cheaper by the margin (switching has a cost)."""
+    series = grid_series(daily_cycle(5 * DAY))
+    scorer = RecordingScorer(
+        {"naive": 1.0, "seasonal_naive": 3.0, "holt_winters": 2.0},
+        calibrated={"naive": 0.5, "seasonal_naive": 1.5, "holt_winters": 0.95},
+    )
+    auto = Auto(STEP, candidates=FAST, default="holt_winters", margin=0.1, scorer=scorer)
+    selection = auto.fit(series).selection_
+    assert selection.chosen == "naive"  # the scorer's choice, not the plan_cost's
+    assert selection.scored_by == "scorer"
+    assert selection.calibrated  # its calibrated band was priced at half its own
+    scores = {s.name: s for s in selection.scores}
+    assert (scores["naive"].cost, scores["naive"].calibrated) == (0.5, True)
+    for name, price, factor in (("seasonal_naive", 3.0, 1.5), ("holt_winters", 2.0, 0.95)):
+        score = scores[name]  # the coverage rule's band: the other is not 10% cheaper
+        off = abs((score.coverage_80 or 0.0) - 0.8) > auto.coverage_tolerance
+        assert score.calibrated == off and score.cost == (price * factor if off else price)
+    shown = selection.as_dict()["scores"]
+    assert isinstance(shown, dict) and shown["naive"]["cost"] == 0.5
+    assert all(s.plan_cost is not None and s.mae is not None for s in selection.scores)
+    # The cheapest and the default were priced both ways, the other once.
+    priced = sorted((r.model, r.calibrated) for r in scorer.runs)
+    rule = scores["seasonal_naive"].calibrated
+    assert priced == sorted(
+        [("naive", False), ("naive", True), ("holt_winters", False), ("holt_winters", True),
+         ("seasonal_naive", rule)]
+    )
+    assert plan_cost_chosen(series) != "naive"  # without the scorer another one wins
+
+
+def plan_cost_chosen(series: pd.Series) -> str:
+    return Auto(STEP, candidates=FAST, default=None).fit(series).selection_.chosen
+
+
+def test_the_scorer_sees_each_run_as_the_plan_takes_it() -> None:
+    """Origin k of the run has seen everything before held[k]: its forecast is dated at the
+    value before held[k], its current demand is that value, and its band is the model's
+    own quantile (or the calibrated one), never below zero."""
+    values = daily_cycle(5 * DAY)
+    series = grid_series(values)
+    scorer = RecordingScorer({"naive": 1.0, "seasonal_naive": 1.0, "holt_winters": 1.0})
+    auto = Auto(STEP, candidates=FAST, quantile=0.95, horizon=3, scorer=scorer).fit(series)
+    held = auto.selection_.validation_steps
+    assert held == len(values) // 2  # on a short history the window shrinks to half of it
+    for run in scorer.runs:
+        assert len(run) == held and run.horizon == 3 and run.quantile == 0.95
+        np.testing.assert_array_equal(run.actual, values[-held:])
+        np.testing.assert_array_equal(run.before, values[-held - 2 : -held])
+        first = run.forecast(0)
+        assert first.origin == series.index[-held - 1]
+        assert run.forecast(5).origin == series.index[-held + 4]
+        assert run.current(5) == values[-held + 4] and run.last_point(5) == values[-held + 3]
+        assert run.current(0) == values[-held - 1] and run.last_point(0) == values[-held - 2]
+        assert (run.band >= 0).all() and (run.band >= run.mean - 1e-9).mean() > 0.5
+    naive = [r for r in scorer.runs if r.model == "naive"]
+    assert {r.calibrated for r in naive} == {False, True}
+    own, calibrated = sorted(naive, key=lambda r: r.calibrated)
+    np.testing.assert_array_equal(own.mean, calibrated.mean)
+    assert not np.array_equal(own.band, calibrated.band)
+
+
+def test_a_changed_scorer_selects_again() -> None:
+    series = grid_series(daily_cycle(5 * DAY))
+    first = Auto(STEP, candidates=FAST, scorer=RecordingScorer(dict.fromkeys(FAST, 1.0)))
+    first.fit(series.iloc[:-12])
+    same = Auto(STEP, candidates=FAST, scorer=first.scorer)
+    same.warm_start(first)
+    same.fit(series)
+    assert same.selection_ is first.selection_
+    other = Auto(STEP, candidates=FAST, scorer=RecordingScorer(dict.fromkeys(FAST, 2.0)))
+    other.warm_start(first)
+    other.fit(series)
+    assert other.selection_ is not first.selection_
+
+
+def test_the_calibrated_path_is_what_a_score_tracker_serves() -> None:
+    """Once every horizon's window is full, the path's band at each origin is the band the
+    tracker (the calibration the model is served with) gives at that origin."""
+    values = daily_cycle(4 * DAY, noise=8.0, seed=4)
+    train, held = values[: 3 * DAY], values[3 * DAY :]
+    model = make_model("holt_winters", STEP)
+    model.fit(grid_series(train))
+    horizon, window, floor, q = 2, 100, scale_floor(train), 0.9
+    tracker = ScoreTracker(model, horizon, window, floor)
+    means, bands = [], []
+    for k in range(len(held)):
+        mean, errors = tracker.calibrated(horizon, MIN_SCORES)
+        level = np.maximum(mean, 0.0)
+        means.append(mean)
+        bands.append(np.maximum(level + np.quantile(errors, q, axis=1), 0.0))
+        tracker.observe(held[k : k + 1])
+    path = calibrated_path(np.array(means), held, q, window, floor, MIN_SCORES)
+    full = window + horizon  # from here every horizon holds `window` scores
+    np.testing.assert_allclose(path[full:], np.array(bands)[full:], rtol=1e-9)
+    assert np.isnan(path[:MIN_SCORES]).all()  # too few scores yet: the model's own band

@@ -167,6 +167,32 @@ class ScoreTracker:
         return mean, np.vstack(rows)
 
 
+def calibrated_path(
+    means: np.ndarray, held: np.ndarray, quantile: float, window: int, floor: float,
+    min_scores: int,
+) -> np.ndarray:
+    """The band at `quantile` a ScoreTracker would give at each origin of a run through
+    `held` (origin k has seen held[:k], means[k] forecasts held[k : k + horizon]): the mean
+    plus the quantile of the scores known at k (the last `window` origins' of each horizon)
+    times the level's scale; NaN where fewer than `min_scores` are known. The window counts
+    origins rather than finite scores, which differs from the tracker only across gaps."""
+    n, horizon = means.shape
+    band = np.full((n, horizon), np.nan)
+    origins = np.arange(n)
+    for h in range(horizon):
+        levels = np.maximum(means[: n - h, h], 0.0)
+        scores = (held[h:] - levels) / level_scale(levels, floor)
+        rolled = (
+            pd.Series(scores).rolling(window, min_periods=min_scores).quantile(quantile)
+        ).to_numpy()
+        known = origins - 1 - h  # the newest origin whose h-step target origin k has seen
+        offset = np.full(n, np.nan)
+        offset[known >= 0] = rolled[known[known >= 0]]
+        level = np.maximum(means[:, h], 0.0)
+        band[:, h] = np.maximum(level + offset * level_scale(level, floor), 0.0)
+    return band
+
+
 def _calibrated_width(scores: ScoreWindow) -> float:
     lo, hi = np.quantile(scores.values(), SPREAD_QUANTILES)
     return float(hi - lo) / 2.0

@@ -2,24 +2,32 @@
 
 Each candidate is fitted on the history before the validation window, then run through the
 window one observation at a time (update, then forecast), exactly as it would run between
-refits in service. Its forecasts are scored where the scaler uses them: the planned load is
-the forecast at the planning quantile and lead-time horizon, floored by the demand at the
-origin (the policy's reactive floor), and `plan_cost` is what holding an SLO with that plan
-costs: the headroom factor that keeps 95% of the demand under the plan times the plan's
-total, relative to the demand's total (scale-free, lower is better; the backtest's
-cost-to-hold-SLO without the replica rounding). Switching models between selections is
-costly in itself, so the `default` candidate (the ensemble) is kept unless another beats it
-by `margin`. The winner is then fitted on all the history.
+refits in service. With a `scorer` (a PlanScorer: the service and the backtest pass
+forecaster.slo.ShareScorer when a share of intervals short is asked), each candidate's run
+is handed to it as the plan takes it (a ValidationRun: the forecast path at every origin, its
+band at the planning quantile as the model would serve it), and it is ranked by what the
+scorer says holding the share with that plan costs: the one plan (forecaster.policy.plan),
+served through the HPA's arithmetic at the lowest level that holds the share, in
+replica-hours over the oracle's. Without one (a fixed quantile, or a model used on its
+own), it is ranked by `plan_cost`: the forecast at the planning quantile and horizon,
+floored by the demand at the origin, times the headroom factor that keeps 95% of the demand
+under it, relative to the demand's total. Pinball loss, MAE and 80% coverage are kept as
+diagnostics. Switching models between selections is costly in itself, so the `default`
+candidate (the ensemble) is kept unless another beats it by `margin`. The winner is then
+fitted on all the history.
 
-Intervals: the winner's own interval is used when its validated 80% coverage lies within
+Intervals: a model's own interval is served when its validated 80% coverage lies within
 `coverage_tolerance` of 80%; otherwise it is calibrated conformally from its own errors
 (see forecaster.models.calibration) and keeps calibrating itself as observations arrive.
-Recalibrating an interval that is already right only adds noise to the plan's shape.
+Recalibrating an interval that is already right only adds noise to the plan's shape. With a
+scorer each candidate is priced with the band its coverage calls for; the default and the
+cheapest are priced with the other band too, and serve it when it is cheaper by `margin`:
+a controller's level found for one band does not fit the other.
 
 Only the history given to `fit` is ever used, so nothing after the fit time can influence
 the choice. Selection is slow next to a refit, so it runs on its own schedule: a refit
-whose `warm_start(previous)` got an `Auto` with a selection younger than `reselect` refits
-the chosen model and keeps its calibration scores.
+whose `warm_start(previous)` got an `Auto` with a selection younger than `reselect` (and
+the same scorer) refits the chosen model and keeps its calibration scores.
 
 >>> model = Auto(pd.Timedelta("5min"), quantile=0.9, horizon=2).fit(history)  # doctest: +SKIP
 >>> model.selection_.chosen, model.predict(2, [0.9]).quantile(0.9)           # doctest: +SKIP
@@ -27,11 +35,13 @@ the chosen model and keeps its calibration scores.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Self
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Protocol, Self
 
 import numpy as np
 import pandas as pd
@@ -43,6 +53,7 @@ from forecaster.models.calibration import (
     CALIBRATION_WINDOW,
     MIN_SCORES,
     ScoreTracker,
+    calibrated_path,
     level_scale,
     scale_floor,
 )
@@ -67,7 +78,10 @@ class CandidateScore:
     """How one candidate did in validation; `plan_cost` is None when it could not be scored.
 
     `pinball` is the loss of the floored plan at the planning quantile, `coverage_80` that of
-    the candidate's own (uncalibrated) 80% interval."""
+    the candidate's own (uncalibrated) 80% interval. With a scorer, `cost` is what it said
+    the candidate's plan costs as it would be served (with its own band or the calibrated
+    one, as `calibrated` says), and `share` the share of intervals that plan left short; the
+    others are then diagnostics."""
 
     name: str
     plan_cost: float | None
@@ -76,6 +90,9 @@ class CandidateScore:
     coverage_80: float | None
     fit_seconds: float
     error: str | None = None
+    cost: float | None = None
+    share: float | None = None
+    calibrated: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,8 @@ class Selection:
     calibrated: bool = True
     # Member weights of each ensemble candidate composed from its members' validation runs.
     ensemble_weights: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+    # What chose: "scorer" (the cost of the plan as served) or "plan_cost" (no scorer given).
+    scored_by: str = "plan_cost"
 
     def weights_for(self, name: str) -> dict[str, float]:
         return dict(dict(self.ensemble_weights).get(name, ()))
@@ -103,6 +122,7 @@ class Selection:
             "horizon": self.horizon,
             "validation_steps": self.validation_steps,
             "calibrated": self.calibrated,
+            "scored_by": self.scored_by,
             "ensemble_weights": {
                 name: dict(weights) for name, weights in self.ensemble_weights
             },
@@ -112,6 +132,10 @@ class Selection:
                     "pinball": s.pinball,
                     "mae": s.mae,
                     "coverage_80": s.coverage_80,
+                    **(
+                        {"cost": s.cost, "share": s.share, "calibrated": s.calibrated}
+                        if self.scored_by == "scorer" else {}
+                    ),
                     "fit_seconds": round(s.fit_seconds, 4),
                     **({"error": s.error} if s.error else {}),
                 }
@@ -143,6 +167,69 @@ def plan_cost(actual: np.ndarray, plan: np.ndarray, slo_share: float = SLO_SHARE
     return headroom * float(plan[use].sum()) / total
 
 
+@dataclass(frozen=True)
+class ValidationRun:
+    """A candidate's run through the held window as a plan takes it: at origin k (every value
+    before `actual[k]` seen) the forecast of actual[k : k + horizon], its mean and its band at
+    the planning quantile as the model would serve it (`calibrated` or its own).
+
+    >>> run.forecast(k), run.current(k), run.last_point(k)  # doctest: +SKIP
+    """
+
+    start: pd.Timestamp  # origin 0: the time of the last value before the window
+    step: pd.Timedelta
+    quantile: float
+    actual: np.ndarray  # (n,) the held values, NaN where missing
+    before: np.ndarray  # (2,) the two values before them
+    mean: np.ndarray  # (n, horizon)
+    band: np.ndarray  # (n, horizon), at `quantile`
+    calibrated: bool
+    model: str
+
+    @property
+    def horizon(self) -> int:
+        return int(self.mean.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.actual)
+
+    @cached_property
+    def origins(self) -> list[pd.Timestamp]:
+        return list(pd.date_range(self.start, periods=len(self.actual), freq=self.step))
+
+    def forecast(self, k: int) -> Forecast:
+        """The forecast made at origin k, as the model's predict() would have returned it."""
+        return Forecast(
+            self.origins[k], self.step, self.mean[k], {self.quantile: self.band[k]}, self.model
+        )
+
+    def current(self, k: int) -> float:
+        """The demand known at origin k: the value just before actual[k]."""
+        return float(self.actual[k - 1] if k >= 1 else self.before[-1])
+
+    def last_point(self, k: int) -> float:
+        """The value before that one."""
+        return float(self.actual[k - 2] if k >= 2 else self.before[k - 2])
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """What holding a share with a run's plan costs (lower is better; inf when it cannot be
+    scored), the share of its intervals the scored plan left short, and the level (log of
+    the factor on the plan) it was priced at, NaN when none applies."""
+
+    cost: float
+    share: float
+    level: float = math.nan
+
+
+class PlanScorer(Protocol):
+    """Turns a candidate's validation run into the cost of its plan as served; built above
+    the models (forecaster.slo.ShareScorer) from the one plan and the HPA's arithmetic."""
+
+    def __call__(self, run: ValidationRun) -> RunCost: ...
+
+
 @dataclass
 class _Validation:
     tracker: ScoreTracker
@@ -151,11 +238,11 @@ class _Validation:
 
 
 class Auto(ForecastModel):
-    """The candidate whose floored plan is cheapest in validation; see the module doc.
+    """The candidate whose plan is cheapest in validation; see the module doc.
 
-    `quantile` and `horizon` (steps) are what the scaler plans for: the loss is scored there.
-    `make` builds each candidate from its name in place of the registry
-    (`forecaster.models.make_model` at this quantile and horizon).
+    `quantile` and `horizon` (steps) are what the scaler plans for: the plan is scored there,
+    by `scorer` when given. `make` builds each candidate from its name in place of the
+    registry (`forecaster.models.make_model` at this quantile and horizon).
     """
 
     name = "auto"
@@ -180,6 +267,7 @@ class Auto(ForecastModel):
         margin: float = MARGIN,
         coverage_tolerance: float = COVERAGE_TOLERANCE,
         make: Callable[[str], ForecastModel] | None = None,
+        scorer: PlanScorer | None = None,
     ) -> None:
         super().__init__(step)
         check_auto_arguments(quantile, horizon, candidates)
@@ -195,6 +283,7 @@ class Auto(ForecastModel):
         self.margin = margin
         self.coverage_tolerance = coverage_tolerance
         self.make = make
+        self.scorer = scorer  # None: rank by plan_cost (see the module docstring)
 
     def min_history(self) -> int:
         return 2
@@ -249,6 +338,7 @@ class Auto(ForecastModel):
         return (
             s.quantile == self.quantile
             and s.horizon == self.horizon
+            and getattr(previous, "scorer", None) == self.scorer
             and s.chosen in self.candidates
             and pd.Timedelta(0) <= fit_end - s.selected_at < self.reselect
         )
@@ -309,10 +399,13 @@ class Auto(ForecastModel):
                     validations[name] = validation
             order = {name: k for k, name in enumerate(self.candidates)}
             scores.sort(key=lambda s: order[s.name])
+            if self.scorer is not None and self.calibrate is None:
+                scores = self._other_bands(scores, validations, train, held)
         chosen = choose(scores, self.candidates, self.default, self.margin)
         selection = Selection(
             chosen, fit_end, self.quantile, self.horizon, max(steps, 0), tuple(scores),
             ensemble_weights=tuple(weights.items()),
+            scored_by="plan_cost" if self.scorer is None else "scorer",
         )
         return _with_chosen(selection, chosen, self._needs_calibration(selection)), validations
 
@@ -338,13 +431,74 @@ class Auto(ForecastModel):
                 CandidateScore(name, None, None, None, None, time.perf_counter() - began, error),
                 None,
             )
-        score = CandidateScore(name, *self._score(validation, train, held), fit_seconds)
-        return score, validation
+        return self._score(name, validation, train, held, fit_seconds), validation
 
     def _score(
-        self, v: _Validation, train: np.ndarray, held: np.ndarray
-    ) -> tuple[float | None, float | None, float, float]:
-        return score_validation(v, train, held, self.horizon, self.quantile, self.floor_)
+        self, name: str, v: _Validation, train: np.ndarray, held: np.ndarray,
+        fit_seconds: float,
+    ) -> CandidateScore:
+        plan, pinball, mae, coverage = score_validation(
+            v, train, held, self.horizon, self.quantile, self.floor_
+        )
+        score = CandidateScore(name, plan, pinball, mae, coverage, fit_seconds)
+        if self.scorer is None:
+            return score
+        calibrated = (
+            self.calibrate if self.calibrate is not None
+            else coverage_is_off(score, self.coverage_tolerance)
+        )
+        return self._priced(score, v, train, held, calibrated)
+
+    def _priced(
+        self, score: CandidateScore, v: _Validation, train: np.ndarray, held: np.ndarray,
+        calibrated: bool,
+    ) -> CandidateScore:
+        assert self.scorer is not None
+        cost = self.scorer(self._run(score.name, v, train, held, calibrated))
+        return replace(
+            score, cost=cost.cost if np.isfinite(cost.cost) else None, share=cost.share,
+            calibrated=calibrated,
+        )
+
+    def _other_bands(
+        self, scores: list[CandidateScore], validations: dict[str, _Validation],
+        train: np.ndarray, held: np.ndarray,
+    ) -> list[CandidateScore]:
+        """Each candidate was priced with the band its coverage calls for; the ones that can
+        be chosen (the default and the cheapest) are priced with the other band too, and
+        take it when it is cheaper by `margin`: switching is costly in itself (the
+        controller's level was found for the other plan)."""
+        costs = {s.name: c for s in scores if (c := ranking_cost(s)) is not None}
+        if not costs:
+            return scores
+        contenders = {min(costs, key=lambda name: costs[name]), self.default}
+        priced = []
+        for score in scores:
+            if score.name in contenders and score.name in costs and score.calibrated is not None:
+                other = self._priced(
+                    score, validations[score.name], train, held, not score.calibrated
+                )
+                if other.cost is not None and other.cost < (1.0 - self.margin) * costs[score.name]:
+                    score = other
+            priced.append(score)
+        return priced
+
+    def _run(
+        self, name: str, v: _Validation, train: np.ndarray, held: np.ndarray, calibrated: bool
+    ) -> ValidationRun:
+        """The validation as the plan takes it, its band as the model would serve it."""
+        band = np.maximum(v.mean + v.raw[2], 0.0)
+        if calibrated:
+            window = max(1, int(self.calibration_window / self.step))
+            path = calibrated_path(
+                v.mean, held, self.quantile, window, self.floor_, self.min_scores
+            )
+            band = np.where(np.isfinite(path), path, band)
+        start = self.fit_start_ + (len(train) - 1) * self.step
+        before = np.r_[np.full(2, np.nan), train][-2:]
+        return ValidationRun(
+            start, self.step, self.quantile, held, before, v.mean, band, calibrated, name
+        )
 
     def _members(self, name: str) -> list[str]:
         return ensemble_members(self._make(name))
@@ -370,7 +524,7 @@ class Auto(ForecastModel):
         model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
         tracker = self._tracker(model, held, mean)
         validation = _Validation(tracker, mean, raw)
-        score = CandidateScore(name, *self._score(validation, train, held), 0.0)
+        score = self._score(name, validation, train, held, 0.0)
         return score, validation, tuple(model.weights.items())
 
     def _tracker(self, model: ForecastModel, held: np.ndarray, means: np.ndarray) -> ScoreTracker:
@@ -474,25 +628,25 @@ def score_validation(
     return (cost if np.isfinite(cost) else None), pinball, mae, coverage
 
 
+def ranking_cost(score: CandidateScore) -> float | None:
+    """What candidates are ranked by: the scorer's cost when there was a scorer (a
+    candidate it could not score has none), else plan_cost."""
+    return score.cost if score.calibrated is not None else score.plan_cost
+
+
 def choose(
     scores: Sequence[CandidateScore], candidates: Sequence[str], default: str | None,
     margin: float,
 ) -> str:
-    """The cheapest scored candidate, unless `default` is within `margin` of it; with none
-    scored, the first of PREFERENCE among the candidates."""
-    scored = {s.name: s for s in scores if s.plan_cost is not None}
-    if not scored:
+    """The cheapest scored candidate (ranking_cost), unless `default` is within `margin` of
+    it; with none scored, the first of PREFERENCE among the candidates."""
+    costs = {s.name: c for s in scores if (c := ranking_cost(s)) is not None}
+    if not costs:
         return next((c for c in PREFERENCE if c in candidates), candidates[0])
-    best = min(scored.values(), key=lambda s: (s.plan_cost, list(candidates).index(s.name)))
-    kept = scored.get(default) if default is not None else None
-    if (
-        kept is not None
-        and kept.plan_cost is not None
-        and best.plan_cost is not None
-        and best.plan_cost > (1.0 - margin) * kept.plan_cost
-    ):
-        return kept.name
-    return best.name
+    best = min(costs, key=lambda name: (costs[name], list(candidates).index(name)))
+    if default in costs and costs[best] > (1.0 - margin) * costs[default]:
+        return default
+    return best
 
 
 def needs_calibration(
@@ -503,6 +657,14 @@ def needs_calibration(
     if calibrate is not None:
         return calibrate
     score = next((s for s in selection.scores if s.name == selection.chosen), None)
+    if score is not None and score.calibrated is not None:
+        return score.calibrated  # the band it was priced with
+    return coverage_is_off(score, coverage_tolerance)
+
+
+def coverage_is_off(score: CandidateScore | None, coverage_tolerance: float) -> bool:
+    """Whether a candidate's own 80% interval missed its coverage in validation by more than
+    `coverage_tolerance` (or was not validated)."""
     if score is None or score.coverage_80 is None or not np.isfinite(score.coverage_80):
         return True
     return abs(score.coverage_80 - 0.8) > coverage_tolerance
@@ -548,15 +710,12 @@ def _average_paths(
 
 
 def _ranked(selection: Selection) -> list[str]:
-    scored = [s for s in selection.scores if s.plan_cost is not None]
-    return [s.name for s in sorted(scored, key=lambda s: s.plan_cost or 0.0)]
+    scored = [(cost, s.name) for s in selection.scores if (cost := ranking_cost(s)) is not None]
+    return [name for _, name in sorted(scored)]
 
 
 def _with_chosen(selection: Selection, chosen: str, calibrated: bool) -> Selection:
-    return Selection(
-        chosen, selection.selected_at, selection.quantile, selection.horizon,
-        selection.validation_steps, selection.scores, calibrated, selection.ensemble_weights,
-    )
+    return replace(selection, chosen=chosen, calibrated=calibrated)
 
 
 def _forecast_path(
