@@ -34,6 +34,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from forecaster.models import FallbackFit
+    from forecaster.slo import ShareScorer
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ def release_free_memory() -> bool:
 class FitRequest:
     """What a worker process needs to fit one target: the grid as start + values (cheap to
     pickle), and the model it replaces, pickled under the target's lock so that it is a
-    consistent copy (it may carry a model selection that is costly to redo)."""
+    consistent copy (it may carry a model selection that is costly to redo). With a
+    maxUnderProvisioned, `scorer` is what `auto` ranks its candidates by: the cost of holding
+    the share with each one's plan, served as the target serves it."""
 
     model: str
     step_seconds: int
@@ -157,6 +160,7 @@ class FitRequest:
     horizon: int
     previous: bytes | None
     time_zone: str = "UTC"
+    scorer: ShareScorer | None = None
 
 
 def fit_job(request: FitRequest) -> FallbackFit:
@@ -176,6 +180,7 @@ def fit_job(request: FitRequest) -> FallbackFit:
         horizon=request.horizon,
         time_zone=request.time_zone,
         previous=previous,
+        scorer=request.scorer,
     )
 
 

@@ -37,7 +37,7 @@ from forecaster.policy import (
     smoothing_weight,
 )
 from forecaster.series import GridBuffer, mask_windows
-from forecaster.slo import SloController
+from forecaster.slo import ShareScorer, SloController
 from forecaster.sources import HistorySource
 from forecaster.spec import TriggerSpec
 from forecaster.windows import scheduled_minimum
@@ -286,6 +286,10 @@ class Target:
             horizon=1 + self.lead_steps,
             previous=pickle.dumps(previous) if previous is not None else None,
             time_zone=self.spec.time_zone,
+            scorer=(
+                ShareScorer.of(self.share_keeper.controller, self.spec.plan_half_life_seconds)
+                if self.share_keeper is not None else None
+            ),
         )
 
     def catch_up(self, model: ForecastModel) -> None:

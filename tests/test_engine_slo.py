@@ -14,6 +14,7 @@ import pandas as pd
 from forecaster.config import EngineSettings
 from forecaster.engine import Engine
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step
+from forecaster.slo import ShareScorer
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
@@ -141,3 +142,19 @@ def test_the_level_survives_a_refit_and_a_change_of_model() -> None:
         assert target.share_keeper.controller is controller and controller.level == 0.3
     finally:
         engine.stop()
+
+
+def test_a_refit_ranks_auto_by_the_targets_own_share_and_arithmetic() -> None:
+    """The fit worker is sent the scorer of the target's controller (share, targetValue,
+    scaleDownStabilization, lead) and planHalfLife; a fixed quantile sends none."""
+    spec = _spec(max_under_provisioned=0.02, scale_down_stabilization_seconds=900,
+                 plan_half_life_seconds=1200, startup_seconds=600)
+    target = Target("t/t/m", spec, NoSource())  # type: ignore[arg-type]
+    _feed(target, np.full(3, 50.0))
+    with target.lock:
+        scorer = target.fit_request().scorer
+    assert scorer == ShareScorer(0.02, ScalingPolicy(10.0, stabilization_steps=3), 2, 1200.0)
+    fixed = Target("t/t/m", _spec(max_under_provisioned=None), NoSource())  # type: ignore[arg-type]
+    _feed(fixed, np.full(3, 50.0))
+    with fixed.lock:
+        assert fixed.fit_request().scorer is None

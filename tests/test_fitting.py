@@ -4,12 +4,14 @@ with the engine's process, replaced when one dies; the trimming schedule."""
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +26,9 @@ from forecaster.fitting import (
     spawn_workers,
 )
 from forecaster.models import FallbackFit
+from forecaster.policy import ScalingPolicy
 from forecaster.series import read_csv, to_grid
+from forecaster.slo import ShareScorer
 from tests.support.waiting import wait_for
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
@@ -268,3 +272,16 @@ def test_memory_is_trimmed_after_fits_land_at_most_once_per_interval() -> None:
         assert pool.trim_if_due()
     finally:
         pool.shutdown()
+
+
+def test_a_worker_ranks_auto_by_the_scorer_the_request_carries() -> None:
+    """As a worker receives it: pickled across the process boundary (a worker process at idle
+    priority is starved on a busy machine, and the pickling is what the boundary adds)."""
+    scorer = ShareScorer(0.05, ScalingPolicy(target_per_replica=16.7), lead_steps=1)
+    request = replace(_request(steps=3 * 288, model="auto"), scorer=scorer)
+    fit = fit_job(pickle.loads(pickle.dumps(request)))
+    selection = fit.model.selection_  # type: ignore[attr-defined]
+    assert selection.scored_by == "scorer"
+    validated = [score for score in selection.scores if score.error is None]
+    assert validated and all(score.cost is not None for score in validated)
+    assert fit.model.scorer == scorer  # type: ignore[attr-defined]

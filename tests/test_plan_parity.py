@@ -2,8 +2,14 @@
 
 The backtest's simulation and a live Target are driven over the same trace: the target folds
 in one grid point per interval with the current value equal to it, as a refresh would, and
-refits at the backtest's refit times with the backtest's own fit function, run in this
-process. Their planned loads must agree to a relative 1e-9."""
+refits at the backtest's refit times with the fit workers' own function, run in this
+process. Their planned loads must agree to a relative 1e-9.
+
+With a maxUnderProvisioned, `auto` ranks its candidates by the cost of holding the share
+with each one's plan: the worker's scorer (from the target's controller) and the backtest's
+must choose alike. What is compared then is the plan before the controller's factor (the
+served load over exp(level)): the backtest calibrates its level on a warm-up the live
+target does not have."""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import pytest
 
 from forecaster.backtest.simulate import BacktestConfig, evaluation_start, simulate
 from forecaster.fitting import fit_job
+from forecaster.models import MODEL_FACTORIES
+from forecaster.models.selection import Auto
 from forecaster.series import read_csv, to_grid
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
@@ -34,28 +42,38 @@ class NoSource:
         raise AssertionError("not read")
 
 
-@pytest.mark.parametrize("model", ["seasonal_naive", "holt_winters"])
-def test_the_live_target_plans_what_the_backtest_plans(model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "share"), [("seasonal_naive", None), ("holt_winters", None), ("auto", 0.05)]
+)
+def test_the_live_target_plans_what_the_backtest_plans(
+    model: str, share: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(MODEL_FACTORIES, "auto", Auto.fast)  # three cheap candidates
     grid = to_grid(read_csv(TRACE).iloc[: 6 * 288 * 5], STEP)  # six days of the trace
+    lead, refit = 2, 12
+    start = evaluation_start(grid, BacktestConfig(target=TARGET_VALUE, eval_days=0.5))
+    first = start - 1 - lead
+    refit_times = {start + k * refit for k in range(-((start - first) // refit) - 1, 200)}
+    first_refit = max(t for t in refit_times if t <= first + 1)
     config = BacktestConfig(
         target=TARGET_VALUE, step=STEP, startup=pd.Timedelta("10min"), eval_days=0.5,
-        refit=pd.Timedelta("1h"), model=model, quantile=0.9, max_under_provisioned=None,
+        refit=pd.Timedelta("1h"), model=model, quantile=0.9, max_under_provisioned=share,
         plan_half_life=pd.Timedelta(0),
+        # Decisions from the target's first (after its first fit) on, so that both refit at
+        # the same times from the same model: `auto` keeps a selection for a day.
+        warmup=(first - first_refit + 1) * STEP,
     )
+    assert (config.lead_steps, int(config.refit / STEP)) == (lead, refit)
     decisions = simulate(grid, config).decisions
-    lead, refit = config.lead_steps, int(config.refit / STEP)
-    start = evaluation_start(grid, config)
-    first = start - 1 - lead
 
     spec = TriggerSpec(
         server_address="http://replay.demo", query="q", target_value=TARGET_VALUE,
-        startup_seconds=600, quantile=0.9, max_under_provisioned=None,
+        startup_seconds=600, quantile=0.9, max_under_provisioned=share,
         plan_half_life_seconds=0, history_window_seconds=90 * 86_400, step_seconds=300,
         model=model,
     )
     target = Target("t/t/m", spec, NoSource())  # type: ignore[arg-type]
     values = grid.demand
-    refit_times = {start + k * refit for k in range(-((start - first) // refit) - 1, 200)}
 
     def fold(upto: int, position: int) -> None:  # points [position, upto) as one refresh
         points = values.iloc[position:upto]
@@ -71,7 +89,6 @@ def test_the_live_target_plans_what_the_backtest_plans(model: str) -> None:
             target.catch_up(fitted)
             target.adopt(fitted, 0.0, math.inf)
 
-    first_refit = max(t for t in refit_times if t <= first + 1)
     fold(first_refit, 0)
     refit_through(first_refit)
     planned = []
@@ -80,10 +97,14 @@ def test_the_live_target_plans_what_the_backtest_plans(model: str) -> None:
         if t + 1 in refit_times:  # the backtest refits before deciding at t
             refit_through(t + 1)
         if t >= first:
-            assert target.snapshot.planned is not None
-            planned.append(target.snapshot.planned.value)
+            made = target.snapshot.planned
+            assert made is not None
+            planned.append(made.value / math.exp(made.slo_level or 0.0))
 
-    expected = decisions["forecast"].to_numpy()
+    if model == "auto":  # chosen by the scorer on both sides
+        assert isinstance(target.model, Auto) and target.model.selection_.scored_by == "scorer"
+    expected = (decisions["forecast"] / (decisions["slo_level"].fillna(0.0)).map(math.exp))
+    expected = expected.to_numpy()
     assert len(planned) == len(expected) == 144
     for interval, (live, replayed) in enumerate(zip(planned, expected, strict=True)):
         assert live == pytest.approx(replayed, rel=1e-9), f"interval {interval}"

@@ -1,4 +1,5 @@
-"""The SLO controller: the share it holds on adversarial sequences, its timing, its state.
+"""The SLO controller: the share it holds on adversarial sequences, its timing, its state;
+and the scorer that prices a validation run's plan with it.
 
 Each sequence runs a day of history, on which the controller calibrates its level as the
 backtest's warm-up does, then 2,016 five-minute intervals (a week) that are counted, with the
@@ -13,14 +14,17 @@ import math
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from forecaster.errors import InvalidInputError
+from forecaster.models import ValidationRun
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step
 from forecaster.slo import (
     DEFAULT_GAIN,
     DEFAULT_SHARE,
     LEVEL_BOUNDS,
+    ShareScorer,
     SloController,
     default_gain,
 )
@@ -183,6 +187,20 @@ def test_calibration_picks_the_lowest_level_that_held_the_share_over_memory() ->
     assert abs(controller.achieved - 0.05) <= 0.015
 
 
+@pytest.mark.parametrize("guess", [(-0.5, 0.5), (0.6, 0.9), (-3.0, -2.0), (1.0, 4.0), (2.0, 9.0)])
+def test_the_lowest_level_is_found_from_any_guess(guess: tuple[float, float]) -> None:
+    """A guess only narrows the search: from one around the level, below it or above it,
+    the search ends within its resolution of calibration's own level."""
+    rng = np.random.default_rng(3)
+    plans, demand = pure_noise(rng)
+    controller = SloController(0.05, ScalingPolicy(TARGET), LEAD)
+    run(controller, plans[:1000], demand[:1000])
+    exact = controller.lowest_level()
+    assert 0.0 < exact < 0.9  # so that the guesses above fall on every side of it
+    found = controller.lowest_level(1e-3, guess)
+    assert exact <= found <= exact + 1e-3 + 1e-9
+
+
 @pytest.mark.parametrize(("memory_steps", "short"), [(10, 0.0), (50, 0.2), (0, 0.0)])
 def test_calibration_remembers_the_last_memory_steps_decisions(
     memory_steps: int, short: float
@@ -226,3 +244,67 @@ def test_the_state_pickles_and_goes_on_the_same() -> None:
 def test_a_share_outside_the_open_interval_is_rejected(share: float) -> None:
     with pytest.raises(InvalidInputError, match="maxUnderProvisioned"):
         SloController(share, ScalingPolicy(TARGET), LEAD)
+
+
+def _run(plans: np.ndarray, demand: np.ndarray, lead: int = LEAD) -> ValidationRun:
+    """A validation run whose band at the planning quantile is `plans` at every horizon."""
+    band = np.repeat(plans[:, None], 1 + lead, axis=1)
+    return ValidationRun(
+        pd.Timestamp("2024-03-04T00:00Z"), pd.Timedelta("5min"), 0.9, demand,
+        np.array([demand[0], demand[0]]), band, band, False, "test",
+    )
+
+
+def test_the_scorer_prices_a_run_at_the_lowest_level_holding_the_share() -> None:
+    """Against a reference with no HPA subtleties (no tolerance, no averaging, no floor):
+    capacity is ceil(plan x factor / target) replicas, the factor the smallest that keeps
+    the share, and the price its replicas over the oracle's."""
+    rng = np.random.default_rng(11)
+    n = 1152
+    truth = 300.0 + 200.0 * np.sin(2 * np.pi * np.arange(n) / 288)
+    demand = truth * lognormal(rng, n, 0.2)
+    policy = ScalingPolicy(TARGET, tolerance=0.0)
+    scorer = ShareScorer(0.05, policy, lead_steps=0, reactive_floor=False)
+    got = scorer(_run(truth, demand, lead=0))
+
+    def replicas(factor: float) -> np.ndarray:
+        return np.maximum(1, np.ceil(truth * factor / TARGET - 1e-9))
+
+    low, high = math.exp(LEVEL_BOUNDS[0]), math.exp(LEVEL_BOUNDS[1])
+    for _ in range(60):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if np.mean(demand > replicas(middle) * TARGET) <= 0.05 else (
+            middle, high
+        )
+    # The scorer's search stops within 2^-12 of the level bounds' span above the lowest.
+    assert math.log(high) - 1e-9 <= got.level <= math.log(high) + 8 / 2**12
+    factor = math.exp(got.level)
+    oracle = np.maximum(1, np.ceil(demand / TARGET - 1e-9))
+    assert got.share == pytest.approx(np.mean(demand > replicas(factor) * TARGET))
+    assert got.share <= 0.05
+    assert got.cost == pytest.approx(replicas(factor).sum() / oracle.sum(), rel=1e-9)
+
+
+def test_a_sharper_plan_costs_less_to_hold_the_share() -> None:
+    rng = np.random.default_rng(12)
+    n = 1152
+    truth = 300.0 + 200.0 * np.sin(2 * np.pi * np.arange(n) / 288)
+    demand = truth * lognormal(rng, n, 0.1)
+    scorer = ShareScorer(0.05, ScalingPolicy(TARGET), LEAD, plan_half_life_seconds=600.0)
+    following = scorer(_run(truth, demand))
+    flat = scorer(_run(np.full(n, truth.mean()), demand))
+    assert following.cost < 0.9 * flat.cost
+    assert following.share <= 0.05 and flat.share <= 0.05
+
+
+def test_the_scorer_refuses_a_run_of_another_horizon() -> None:
+    plans, demand = pure_noise(np.random.default_rng(14))
+    with pytest.raises(InvalidInputError, match="horizon"):
+        ShareScorer(0.05, ScalingPolicy(TARGET), lead_steps=2)(_run(plans, demand, lead=1))
+
+
+def test_the_scorer_takes_the_controllers_share_policy_and_lead() -> None:
+    policy = ScalingPolicy(TARGET, stabilization_steps=3)
+    scorer = ShareScorer.of(SloController(0.02, policy, 2), 600)
+    assert scorer == ShareScorer(0.02, policy, 2, 600.0)
+    assert pickle.loads(pickle.dumps(scorer)) == scorer

@@ -32,7 +32,7 @@ from forecaster.policy import (
     smoothing_weight,
 )
 from forecaster.series import RegularSeries, known_at_end
-from forecaster.slo import SloController
+from forecaster.slo import ShareScorer, SloController
 from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
 
 BAND_QUANTILES = (0.1, 0.9)
@@ -172,6 +172,13 @@ def simulate(
     refit_steps = int(config.refit / config.step)
     policy = config.policy()
     controller = config.controller()
+    # What `auto` ranks its candidates by: the cost of holding the share with each one's plan.
+    scorer = (
+        ShareScorer.of(
+            controller, config.plan_half_life.total_seconds(), config.reactive_floor
+        )
+        if controller is not None else None
+    )
     # The controller calibrates on decisions before the evaluation start (their outcomes are
     # known by then); without one, nothing runs before it.
     warmup = math.ceil(config.warmup / config.step) if controller is not None else 0
@@ -216,7 +223,7 @@ def simulate(
             fit = fit_with_fallback(
                 config.model, history, config.step,
                 quantile=config.quantile, horizon=horizon, time_zone=config.time_zone,
-                previous=model,
+                previous=model, scorer=scorer,
             )
             sim.fit_seconds.append(time.perf_counter() - began)
             sim.refits += 1
