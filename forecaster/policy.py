@@ -19,8 +19,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-
 from forecaster.errors import InvalidInputError
 from forecaster.models import Forecast
 
@@ -246,7 +244,7 @@ def plan(
         value=planned_load(smoothed, floor, reactive_floor),
         current=current,
         forecast=ahead,
-        peak_over_lead=float(np.max(band[:horizon])),
+        peak_over_lead=float(band[:horizon].max()),
         quantile=quantile,
         horizon_steps=horizon,
         mode="forecast",
