@@ -336,6 +336,11 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
 
     clock.offset = 40  # nothing is idle yet
     _metric_name(stub, asked)  # asked about again at +40s
+    # The front reports calls to the engine in batches, in order: once the +40s call has
+    # landed, so have the first calls, and none can land after the clock moves on.
+    asked_target = service.engine.get(f"shop/asked/{name}")
+    wait_for(lambda: asked_target.last_requested >= clock() - 5, timeout=30,
+             what="the front's report of the call at +40s")
     clock.offset = 80  # forgotten: 80s idle; asked: 40s; warm: configured
     wait_for(lambda: len(service.engine) == 2, timeout=30)
     assert {t.target_id.split("/")[1] for t in service.engine.targets()} == {"asked", "warm"}
