@@ -26,6 +26,7 @@ from forecaster.models.selection import Auto
 from forecaster.series import read_csv, to_grid
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
+from tests.support.models import fast_auto
 
 TRACE = Path(__file__).parent.parent / "data" / "twitter_volume_aapl.csv"  # no gaps
 STEP = pd.Timedelta("5min")
@@ -48,7 +49,7 @@ class NoSource:
 def test_the_live_target_plans_what_the_backtest_plans(
     model: str, share: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(MODEL_FACTORIES, "auto", Auto.fast)  # three cheap candidates
+    monkeypatch.setitem(MODEL_FACTORIES, "auto", fast_auto)  # three cheap candidates
     grid = to_grid(read_csv(TRACE).iloc[: 6 * 288 * 5], STEP)  # six days of the trace
     lead, refit = 2, 12
     start = evaluation_start(grid, BacktestConfig(target=TARGET_VALUE, eval_days=0.5))
