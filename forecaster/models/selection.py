@@ -400,7 +400,7 @@ class Auto(ForecastModel):
             order = {name: k for k, name in enumerate(self.candidates)}
             scores.sort(key=lambda s: order[s.name])
             if self.scorer is not None and self.calibrate is None:
-                scores = self._other_bands(scores, validations, train, held)
+                scores = Pricing(self, self.scorer).other_bands(scores, validations, train, held)
         chosen = choose(scores, self.candidates, self.default, self.margin)
         selection = Selection(
             chosen, fit_end, self.quantile, self.horizon, max(steps, 0), tuple(scores),
@@ -447,58 +447,7 @@ class Auto(ForecastModel):
             self.calibrate if self.calibrate is not None
             else coverage_is_off(score, self.coverage_tolerance)
         )
-        return self._priced(score, v, train, held, calibrated)
-
-    def _priced(
-        self, score: CandidateScore, v: _Validation, train: np.ndarray, held: np.ndarray,
-        calibrated: bool,
-    ) -> CandidateScore:
-        assert self.scorer is not None
-        cost = self.scorer(self._run(score.name, v, train, held, calibrated))
-        return replace(
-            score, cost=cost.cost if np.isfinite(cost.cost) else None, share=cost.share,
-            calibrated=calibrated,
-        )
-
-    def _other_bands(
-        self, scores: list[CandidateScore], validations: dict[str, _Validation],
-        train: np.ndarray, held: np.ndarray,
-    ) -> list[CandidateScore]:
-        """Each candidate was priced with the band its coverage calls for; the ones that can
-        be chosen (the default and the cheapest) are priced with the other band too, and
-        take it when it is cheaper by `margin`: switching is costly in itself (the
-        controller's level was found for the other plan)."""
-        costs = {s.name: c for s in scores if (c := ranking_cost(s)) is not None}
-        if not costs:
-            return scores
-        contenders = {min(costs, key=lambda name: costs[name]), self.default}
-        priced = []
-        for score in scores:
-            if score.name in contenders and score.name in costs and score.calibrated is not None:
-                other = self._priced(
-                    score, validations[score.name], train, held, not score.calibrated
-                )
-                if other.cost is not None and other.cost < (1.0 - self.margin) * costs[score.name]:
-                    score = other
-            priced.append(score)
-        return priced
-
-    def _run(
-        self, name: str, v: _Validation, train: np.ndarray, held: np.ndarray, calibrated: bool
-    ) -> ValidationRun:
-        """The validation as the plan takes it, its band as the model would serve it."""
-        band = np.maximum(v.mean + v.raw[2], 0.0)
-        if calibrated:
-            window = max(1, int(self.calibration_window / self.step))
-            path = calibrated_path(
-                v.mean, held, self.quantile, window, self.floor_, self.min_scores
-            )
-            band = np.where(np.isfinite(path), path, band)
-        start = self.fit_start_ + (len(train) - 1) * self.step
-        before = np.r_[np.full(2, np.nan), train][-2:]
-        return ValidationRun(
-            start, self.step, self.quantile, held, before, v.mean, band, calibrated, name
-        )
+        return Pricing(self, self.scorer).priced(score, v, train, held, calibrated)
 
     def _members(self, name: str) -> list[str]:
         return ensemble_members(self._make(name))
@@ -547,6 +496,66 @@ class Auto(ForecastModel):
         if self.selection_.calibrated:
             return self.tracker_.calibrated(horizon, self.min_scores)
         return self.tracker_.forecast(horizon)
+
+
+class Pricing:
+    """Prices an `Auto`'s candidates with its scorer: each validation run as the plan takes
+    it, with the band the model would serve."""
+
+    def __init__(self, auto: Auto, scorer: PlanScorer) -> None:
+        self.auto = auto
+        self.scorer = scorer
+
+    def priced(
+        self, score: CandidateScore, v: _Validation, train: np.ndarray, held: np.ndarray,
+        calibrated: bool,
+    ) -> CandidateScore:
+        cost = self.scorer(self.run(score.name, v, train, held, calibrated))
+        return replace(
+            score, cost=cost.cost if np.isfinite(cost.cost) else None, share=cost.share,
+            calibrated=calibrated,
+        )
+
+    def other_bands(
+        self, scores: list[CandidateScore], validations: dict[str, _Validation],
+        train: np.ndarray, held: np.ndarray,
+    ) -> list[CandidateScore]:
+        """Each candidate was priced with the band its coverage calls for; the ones that can
+        be chosen (the default and the cheapest) are priced with the other band too, and
+        take it when it is cheaper by `margin`: switching is costly in itself (the
+        controller's level was found for the other plan)."""
+        costs = {s.name: c for s in scores if (c := ranking_cost(s)) is not None}
+        if not costs:
+            return scores
+        contenders = {min(costs, key=lambda name: costs[name]), self.auto.default}
+        priced = []
+        for score in scores:
+            if score.name in contenders and score.name in costs and score.calibrated is not None:
+                other = self.priced(
+                    score, validations[score.name], train, held, not score.calibrated
+                )
+                cheaper = (1.0 - self.auto.margin) * costs[score.name]
+                if other.cost is not None and other.cost < cheaper:
+                    score = other
+            priced.append(score)
+        return priced
+
+    def run(
+        self, name: str, v: _Validation, train: np.ndarray, held: np.ndarray, calibrated: bool
+    ) -> ValidationRun:
+        """The validation as the plan takes it, its band as the model would serve it."""
+        band = np.maximum(v.mean + v.raw[2], 0.0)
+        if calibrated:
+            window = max(1, int(self.auto.calibration_window / self.auto.step))
+            path = calibrated_path(
+                v.mean, held, self.auto.quantile, window, self.auto.floor_, self.auto.min_scores
+            )
+            band = np.where(np.isfinite(path), path, band)
+        start = self.auto.fit_start_ + (len(train) - 1) * self.auto.step
+        before = np.r_[np.full(2, np.nan), train][-2:]
+        return ValidationRun(
+            start, self.auto.step, self.auto.quantile, held, before, v.mean, band, calibrated, name
+        )
 
 
 def check_auto_arguments(quantile: float, horizon: int, candidates: Sequence[str]) -> None:
