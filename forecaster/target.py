@@ -10,7 +10,6 @@ forecasts fared.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import pickle
@@ -51,7 +50,6 @@ SHARE_WINDOWS = {"1d": 86_400, "7d": 7 * 86_400}  # the achieved share is report
 # exp(the SLO level + OUTAGE_MARGIN): bench/README.md, "Outages", has the figures behind both.
 OUTAGE_QUANTILE = 0.95
 OUTAGE_MARGIN = 0.1
-RESELECT_SECONDS = 86_400  # a model selection is redone once a day, at the target's own hour
 
 
 def target_id(namespace: str, name: str, metric_name: str) -> str:
@@ -267,16 +265,9 @@ class Target:
 
     def fit_request(self) -> FitRequest:
         """What a worker needs to refit this target; under `lock`, so that the model it
-        replaces is pickled as a consistent copy. Once the target's reselection hour has
-        passed since its model was selected, the model is left out, so the worker selects
-        afresh (see `reselection_due`)."""
+        replaces is pickled as a consistent copy."""
         series = self.training_view(self.buffer.series())
         previous = self.model
-        selection = getattr(previous, "selection_", None)
-        if selection is not None and reselection_due(
-            self.target_id, selection.selected_at.timestamp(), series.index[-1].timestamp()
-        ):
-            previous = None
         return FitRequest(
             model=self.spec.model,
             step_seconds=self.spec.step_seconds,
@@ -479,21 +470,6 @@ class ShareKeeper:
             achieved[window] = float(recent.mean()) if recent.size else None
         controller = self.controller
         return ShareHeld(controller.share, controller.level, achieved, judged)
-
-
-def reselection_phase(target_id: str) -> int:
-    """The second of the day (UTC) at which the target's model selection falls due: spread
-    over the day by a hash of its id, so that targets fitted together (at start-up, on
-    adoption) do not all reselect in the same refit round a day later."""
-    digest = hashlib.blake2b(target_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % RESELECT_SECONDS
-
-
-def reselection_due(target_id: str, selected_at: float, now: float) -> bool:
-    """Whether the target's reselection time of day has come since its model was selected
-    at `selected_at` (epoch seconds of the newest bin then; `now` likewise)."""
-    phase = reselection_phase(target_id)
-    return (now - phase) // RESELECT_SECONDS > (selected_at - phase) // RESELECT_SECONDS
 
 
 def controller_for(spec: TriggerSpec, lead_steps: int) -> SloController | None:
