@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import requests
 
-from waiting import wait_until
+from repo import ROOT
+from tests.support.waiting import poll
 
-ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.10
 HORIZON = 2016
 QUANTILES = [0.1, 0.5, 0.9, 0.95, 0.99]
@@ -131,7 +131,7 @@ def main() -> int:
                 except requests.ConnectionError:
                     return False
 
-            if not wait_until(healthy, 60):
+            if not poll(healthy, 60, every=0.2):
                 raise SystemExit("the service did not start")
             time.sleep(2)  # settled before the first reading
             before = rss_mib(server.pid)

@@ -38,11 +38,12 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import repo  # noqa: E402, F401 (puts the root on sys.path for tests.support)
 from forecaster.fitting import FitPool, FitRequest, Priority, spawn_workers  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 from forecaster.series import read_csv, to_grid  # noqa: E402
-from waiting import wait_until  # noqa: E402
+from tests.support.waiting import poll  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TRACES = ("aws_elb_request_count_8c0756.csv", "twitter_volume_aapl.csv")
@@ -177,7 +178,7 @@ class BusyWorkers:
         self._send(i + 1)
 
     def wait_spawned(self, workers: int, timeout: float = 60.0) -> list[int]:
-        if not wait_until(lambda: len(self.pool.pids()) >= workers, timeout, every=0.05):
+        if not poll(lambda: len(self.pool.pids()) >= workers, timeout, every=0.05):
             raise RuntimeError("the fit workers did not start")
         return self.pool.pids()
 

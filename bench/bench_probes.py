@@ -35,15 +35,10 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-from waitress.server import create_server  # noqa: E402
+import numpy as np
+from waitress.server import create_server
 
 GOAL_SECONDS = 1.0
 GIVE_UP_AFTER_TIMEOUTS = 5

@@ -31,7 +31,6 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import multiprocessing  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -39,15 +38,12 @@ from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for tests.support when run as a script
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import requests  # noqa: E402
 
-from waiting import wait_until  # noqa: E402
+from repo import ROOT  # noqa: E402
+from tests.support.waiting import poll  # noqa: E402
 
 TRACE = ROOT / "data" / "aws_elb_request_count_8c0756.csv"
 METRIC = "bench_requests"
@@ -177,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ids = [f"bench/t{i}/rps" for i in range(args.targets)]
                 began = time.perf_counter()
-                if not wait_until(lambda: all(service.engine.get(tid).snapshot.forecast
-                                              is not None for tid in ids), 300):
+                if not poll(lambda: all(service.engine.get(tid).snapshot.forecast
+                                        is not None for tid in ids), 300, every=0.2):
                     raise SystemExit("targets not fitted within 300 s")
                 log(f"{args.targets} targets fitted ({args.model}) in "
                     f"{time.perf_counter() - began:.1f} s")

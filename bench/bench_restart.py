@@ -37,21 +37,16 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent import futures  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-for _path in (ROOT, ROOT / "bench"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
+import repo  # noqa: E402, F401 (puts the root on sys.path for tests.support)
 from accounting import rss_mb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2 as pb  # noqa: E402
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
@@ -61,6 +56,7 @@ from scaler_fleet import (  # noqa: E402
     sample_times,
     write_fleet_openmetrics,
 )
+from tests.support.waiting import poll  # noqa: E402
 
 GOAL_SECONDS = 60.0
 FIRST_FIT_BEFORE_SECONDS = 1392.0  # bench/README.md: 1,000 `auto` targets, first fit
@@ -143,19 +139,18 @@ def register(service: Any, fleet: Fleet, url: str, model: str) -> list[str]:
             return list(pool.map(one, refs))
 
 
-def wait_until(what: str, done: Any, timeout: float, progress: Any = None) -> float | None:
-    began, last = time.perf_counter(), time.perf_counter()
-    while True:
-        now = time.perf_counter()
-        if done():
-            return now - began
-        if now - began > timeout:
-            log(f"{what}: not within {timeout:.0f} s")
-            return None
-        if progress is not None and now - last > 15:
-            last = now
-            log(f"  {what}: {now - began:.0f} s, {progress()}")
-        time.sleep(0.1)
+def timed_wait(what: str, done: Any, timeout: float, progress: Any = None) -> float | None:
+    """Seconds until done() holds, logging progress every 15 s; None, logged, after `timeout`."""
+    began = time.perf_counter()
+
+    def report(seconds: float) -> None:
+        log(f"  {what}: {seconds:.0f} s, {progress()}")
+
+    if not poll(done, timeout, every=0.1, progress=report if progress else None,
+                progress_every=15):
+        log(f"{what}: not within {timeout:.0f} s")
+        return None
+    return time.perf_counter() - began
 
 
 def save_sample(service: Any, ids: list[str], count: int) -> dict[str, float]:
@@ -203,13 +198,13 @@ def first_service(args: argparse.Namespace, url: str, fleet: Fleet, state_dir: P
 
     if figures["reused_state"]:
         log(f"reusing the saved state in {state_dir}")
-    waited = wait_until("the first forecasts", lambda: forecasts() == len(ids),
+    waited = timed_wait("the first forecasts", lambda: forecasts() == len(ids),
                         args.fit_timeout, lambda: f"{forecasts()} of {len(ids)} forecast")
     took = None if waited is None else time.perf_counter() - began
     figures["first_forecasts_seconds"] = took
     log(f"all {len(ids)} targets forecast {took} s after the start "
         f"({'restored' if figures['reused_state'] else 'first fit'})")
-    wait_until("the saves after the fits", engine.saver.idle, 300)
+    timed_wait("the saves after the fits", engine.saver.idle, 300)
     figures["rss_mb_first"] = rss_mb()
     figures["disk"] = disk_usage(state_dir, len(ids))
     figures["save_after_refit"] = save_sample(first, ids, min(100, len(ids)))
@@ -263,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def count() -> int:
             return sum(served(t) for t in ids)
 
-        took = wait_until("forecasts after the start", lambda: count() == len(ids),
+        took = timed_wait("forecasts after the start", lambda: count() == len(ids),
                           args.fit_timeout, lambda: f"{count()} of {len(ids)}")
         figures["serving_seconds"] = (None if took is None
                                       else took + figures["load_seconds"])

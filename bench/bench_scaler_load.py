@@ -39,6 +39,7 @@ from typing import Any  # noqa: E402
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
+import repo  # noqa: E402, F401 (puts the root on sys.path for tests.support)
 from accounting import (  # noqa: E402
     Profiler,
     cpu_seconds,
@@ -61,7 +62,7 @@ from scaler_fleet import (  # noqa: E402
 )
 from scaler_floor import FloorServer  # noqa: E402
 from scaler_report import GOAL_CALLS_PER_SECOND, Run, print_report, write_json  # noqa: E402
-from waiting import wait_until  # noqa: E402
+from tests.support.waiting import poll  # noqa: E402
 
 # Kept importable from here for the scripts that build the same fleet.
 __all__ = ["Fleet", "ReplaySource", "main", "sample_times", "write_fleet_openmetrics"]
@@ -203,8 +204,8 @@ class Bench:
             log(f"  {time.perf_counter() - began:5.0f} s: {seen['values']} current values, "
                 f"{seen['forecasts']} forecasts; load {loadavg()}")
 
-        took = wait_until(all_forecast, self.args.fit_timeout - (time.perf_counter() - began),
-                          progress=progress)
+        took = poll(all_forecast, self.args.fit_timeout - (time.perf_counter() - began),
+                    every=0.2, progress=progress)
         if took is None:
             self.run.notes.append(f"first fit: {seen['forecasts']}/{len(ids)} targets had a "
                                   f"forecast after --fit-timeout {self.args.fit_timeout:.0f} s")
@@ -239,8 +240,8 @@ class Bench:
             log(f"  {label}: {time.perf_counter() - began:5.0f} s, {self.refits_done(before)} "
                 f"refitted; load {loadavg()}")
 
-        took = wait_until(all_refitted, self.args.fit_timeout - (time.perf_counter() - began),
-                          progress=progress, progress_every=15.0)
+        took = poll(all_refitted, self.args.fit_timeout - (time.perf_counter() - began),
+                    every=0.2, progress=progress, progress_every=15.0)
         if took is None:
             log(f"{label}: gave up after {time.perf_counter() - began:.0f} s, "
                 f"{self.refits_done(before)} refitted")

@@ -24,10 +24,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+import repo  # noqa: F401 (puts the root on sys.path for tests.support)
 from accounting import CpuMeter, GcPauses, Profiler, loadavg
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
-from waiting import wait_until
+from tests.support.waiting import poll
 
 OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop_layout)
 REPORTS_WAIT_SECONDS = 5.0  # for the front's call counts after a window: ten of its reports
@@ -415,7 +416,7 @@ class LoadGenerator:
                 delta = calls() - before
                 return (delta,) if delta.total() >= answered else None
 
-            found = wait_until(reported, REPORTS_WAIT_SECONDS, every=0.05)
+            found = poll(reported, REPORTS_WAIT_SECONDS, every=0.05)
             if found is None:
                 log(f"  the server's call counts fell short of h2load's {answered:,} answers "
                     f"after {REPORTS_WAIT_SECONDS:g} s")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,10 +18,8 @@ import numpy as np
 import pandas as pd
 
 from forecaster.scaler.generated import externalscaler_pb2 as pb
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for tests.support when the bench runs as a script
 TRACE = ROOT / "data" / "aws_elb_request_count_8c0756.csv"
 METRIC = "bench_requests"
 STEP = 300
