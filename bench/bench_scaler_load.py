@@ -1,7 +1,7 @@
 """Load benchmark of the KEDA external scaler: many targets, concurrent GetMetrics, refits.
 
     .venv/bin/python bench/bench_scaler_load.py [--targets 1000] [--clients 16] [--seconds 20]
-        [--rate 2000] [--client h2load|aio|sync] [--no-prometheus] [--no-floor] [--repeat N]
+        [--rates 300,2000] [--client h2load|aio|sync] [--no-prometheus] [--no-floor] [--repeat N]
         [--fit-priority idle|nice] [--profile DIR] [--json FILE]
 
 The real service runs here (its engine in this process, its gRPC front in a child, as in
@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 import repo  # noqa: E402, F401 (puts the root on sys.path for tests.support)
 from accounting import (  # noqa: E402
+    CpuMeter,
     Profiler,
     cpu_seconds,
     fit_worker_pids,
@@ -61,7 +62,7 @@ from scaler_fleet import (  # noqa: E402
     write_fleet_openmetrics,
 )
 from scaler_floor import FloorServer  # noqa: E402
-from scaler_report import GOAL_CALLS_PER_SECOND, Run, print_report, write_json  # noqa: E402
+from scaler_report import GOAL_RATES, Run, print_report, write_json  # noqa: E402
 from tests.support.waiting import poll  # noqa: E402
 
 # Kept importable from here for the scripts that build the same fleet.
@@ -291,22 +292,22 @@ class Bench:
 
     def windows_for(self, name: str, port: int, requests: list[bytes],
                     refits: dict[str, int] | None = None) -> list[Window]:
-        """A closed-loop window and, with --rate, an open-loop one."""
+        """A closed-loop window, then an open-loop one at each of --rates."""
         service = self.service
         calls = (lambda: grpc_calls(service.registry)) if port == service.grpc_port else None
         done = (lambda: self.refits_done(refits)) if refits is not None else None
         suffix = ", refits" if refits is not None else ""
         found = [self.load.window(f"{name}{suffix}", port, requests, calls=calls, refits=done)]
-        if self.args.rate:
+        for rate in self.args.rates:
             found.append(self.load.window(
-                f"{name}{suffix}, {self.args.rate:,.0f}/s", port, requests,
-                rate=self.args.rate, calls=calls, refits=done,
+                f"{name}{suffix}, {rate:,.0f}/s", port, requests,
+                rate=rate, calls=calls, refits=done,
             ))
         return found
 
     def floor(self, requests: list[bytes]) -> None:
-        """The floor's steady windows, --repeat times in rotation with the service's (so that
-        drifts of the machine's load show)."""
+        """The floor's steady windows, --repeat times in rotation with the service's: the
+        floor is the median of its rounds, since its tail varies from minute to minute."""
         server = FloorServer()
         self.floor_pids[FLOOR] = [str(server.process.pid)]
         try:
@@ -314,9 +315,12 @@ class Bench:
                 tag = f" #{round_ + 1}" if self.args.repeat > 1 else ""
                 self.note_load(f"before floor round{tag or ' 1'}")
                 if round_:
-                    self.windows_for(f"service{tag}", self.service.grpc_port, requests)
-                found = self.windows_for(f"{FLOOR}{tag}", server.port, requests)
-                self.run.floor_windows = self.run.floor_windows or found  # the first round's
+                    self.run.steady_rounds.append(
+                        self.windows_for(f"service{tag}", self.service.grpc_port, requests)
+                    )
+                self.run.floor_rounds.append(
+                    self.windows_for(f"{FLOOR}{tag}", server.port, requests)
+                )
         finally:
             server.stop()
             self.floor_pids.clear()
@@ -330,9 +334,15 @@ class Bench:
         service = self.start_service(history)
         time.sleep(1.0)  # settled, before the idle reading
         self.measure_memory("idle (no targets)")
+        meter = CpuMeter({k: v for k, v in self.parties().items() if k != "fit workers"})
         began = time.perf_counter()
         ids, requests = self.register(history.fleet.refs(history.address, args.model))
         figures["first_fit_seconds"] = self.wait_first_forecasts(ids, began)
+        # The workers start with the first fit, so their whole CPU time is this round's.
+        cpu, capacity = meter.stop({"fit workers": self.fit_cpu()})
+        figures["first_fit_cpu"] = {**cpu, "machine": capacity}
+        log("first fit, CPU seconds by party: " + ", ".join(
+            f"{party} {used:.1f}" for party, used in cpu.items()))
         engine = service.engine
         models = Counter(engine.get(t).snapshot.model for t in ids)
         log(f"models: {dict(models)}; fallbacks {sum(engine.get(t).fallbacks for t in ids)}")
@@ -365,7 +375,7 @@ class Bench:
             f"{100 * figures['idle_service_cpu_share']:.1f} % of a core")
 
         port = service.grpc_port
-        self.run.steady = self.windows_for("service", port, requests)
+        self.run.steady_rounds.append(self.windows_for("service", port, requests))
         figures["refit_under_load_seconds"] = self.during_refits(
             "refit round under load", ids,
             lambda before: self.run.refit_windows.extend(
@@ -398,9 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the default when installed, `make bench` installs it), or Python "
                         "callers as coroutines on grpc.aio or as threads")
     parser.add_argument("--seconds", type=float, default=20.0, help="each load window")
-    parser.add_argument("--rate", type=float, default=GOAL_CALLS_PER_SECOND,
-                        help="offered calls/s of the open-loop windows (0: none); these "
-                        "judge the latency goal")
+    parser.add_argument("--rates", type=rates, default=",".join(f"{r:g}" for r in GOAL_RATES),
+                        help="offered calls/s of the open-loop windows, comma-separated "
+                        "('' for none; default %(default)s); these judge the latency goals")
     parser.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=True,
                         help="history from a backfilled Prometheus (default) or from memory")
     parser.add_argument("--series", type=int, default=None,
@@ -421,8 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not time a refit round without load")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="windows against a do-nothing servicer too: the framework's floor")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of the floor's steady windows, with the service's again")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of the floor's steady windows, each after the service's "
+                        "again; the floor is their median")
     parser.add_argument("--warmup-calls", type=int, default=50, help="per caller, unmeasured")
     parser.add_argument("--call-timeout", type=float, default=10.0, help="per GetMetrics call")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -433,11 +444,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--py-spy", default=None, metavar="PATH", help="the py-spy binary")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures")
     args = parser.parse_args(argv)
-    if args.targets < 1 or args.clients < 1 or args.seconds <= 0:
-        parser.error("--targets, --clients and --seconds must be positive")
+    if args.targets < 1 or args.clients < 1 or args.seconds <= 0 or args.repeat < 1:
+        parser.error("--targets, --clients, --seconds and --repeat must be positive")
     if args.client_procs is None:
         args.client_procs = 8 if args.client == "h2load" else 2
     return args
+
+
+def rates(text: str) -> list[float]:
+    """--rates: calls/s, comma-separated, each positive."""
+    found = [float(part) for part in text.split(",") if part.strip()]
+    if any(not rate > 0 for rate in found):
+        raise argparse.ArgumentTypeError(f"each rate must be positive, got {text!r}")
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
