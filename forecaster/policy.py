@@ -16,6 +16,8 @@ figures).
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -170,14 +172,38 @@ def hpa_step(state: HpaState, value: float, policy: ScalingPolicy) -> HpaState:
         return state
     recommendation = recommend(value, state.replicas, policy)
     recent = (*state.recent, recommendation)[-policy.stabilization_steps :]
-    if state.replicas is None or recommendation >= state.replicas:
+    return HpaState(_desired(state.replicas, recommendation, recent, policy), recent)
+
+
+def hpa_replay(values: Iterable[float], policy: ScalingPolicy) -> list[int | None]:
+    """The replicas after each of hpa_step's evaluations of `values`, from no replicas: the
+    same arithmetic without a state object per step, for the replays of thousands of plans
+    that a search for the SLO level makes."""
+    replicas: int | None = None
+    recent: deque[int] = deque(maxlen=policy.stabilization_steps)
+    found: list[int | None] = []
+    for value in values:
+        if not math.isnan(value):
+            recommendation = recommend(value, replicas, policy)
+            recent.append(recommendation)
+            replicas = _desired(replicas, recommendation, recent, policy)
+        found.append(replicas)
+    return found
+
+
+def _desired(
+    replicas: int | None, recommendation: int, recent: Iterable[int], policy: ScalingPolicy
+) -> int:
+    """A rise applies at once; a fall only to the highest recommendation in the window
+    (`recent`, this one included); then min/max."""
+    if replicas is None or recommendation >= replicas:
         desired = recommendation
     else:
-        desired = min(state.replicas, max(recent))
+        desired = min(replicas, max(recent))
     desired = max(desired, policy.min_replicas)
     if policy.max_replicas is not None:
         desired = min(desired, policy.max_replicas)
-    return HpaState(desired, recent)
+    return desired
 
 
 def oracle_replicas(demand: float, target_per_replica: float) -> int:

@@ -47,6 +47,7 @@ from forecaster.policy import (
     ForecastSmoother,
     HpaState,
     ScalingPolicy,
+    hpa_replay,
     hpa_step,
     oracle_replicas,
     plan,
@@ -201,26 +202,20 @@ class SloController:
 
     def shortfall_at(self, level: float) -> float:
         """The share of remembered intervals a fixed `level` would have left short."""
-        state = HpaState()
-        factor = math.exp(level)
+        if not self._memory:
+            return 0.0
         target = self.policy.target_per_replica
-        short = 0
-        for planned, demand in self._memory:
-            state = hpa_step(state, planned * factor, self.policy)
-            if state.replicas is not None and demand > state.replicas * target:
-                short += 1
-        return short / len(self._memory) if self._memory else 0.0
+        short = sum(
+            1 for ready, demand in zip(self.replicas_at(level), self._memory.demand(), strict=True)
+            if ready is not None and demand > ready * target
+        )
+        return short / len(self._memory)
 
     def replicas_at(self, level: float) -> list[int | None]:
         """The replicas the HPA would have had ready in each remembered interval, had the
         plans been served at a fixed `level`."""
-        state = HpaState()
         factor = math.exp(level)
-        replicas: list[int | None] = []
-        for planned, _ in self._memory:
-            state = hpa_step(state, planned * factor, self.policy)
-            replicas.append(state.replicas)
-        return replicas
+        return hpa_replay([planned * factor for planned in self._memory.planned()], self.policy)
 
     def remembered(self) -> list[tuple[float, float]]:
         """The remembered decisions, (planned load, demand), oldest first."""
@@ -254,8 +249,13 @@ class _Memory:
         return min(len(self._planned), self.size)
 
     def __iter__(self) -> Iterator[tuple[float, float]]:
-        start = len(self._planned) - len(self)
-        return zip(self._planned[start:], self._demand[start:], strict=True)
+        return zip(self.planned(), self.demand(), strict=True)
+
+    def planned(self) -> array[float]:
+        return self._planned[len(self._planned) - len(self):]
+
+    def demand(self) -> array[float]:
+        return self._demand[len(self._demand) - len(self):]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from forecaster.errors import InvalidInputError
 from forecaster.policy import (
     HpaState,
     ScalingPolicy,
+    hpa_replay,
     hpa_step,
     oracle_replicas,
     planned_load,
@@ -274,3 +275,30 @@ def test_policy_validation_names_the_field(kwargs: dict[str, float], field: str)
 def test_a_valid_policy_keeps_its_values() -> None:
     policy = ScalingPolicy(10.0, min_replicas=0, max_replicas=1, tolerance=0.0)
     assert (policy.min_replicas, policy.max_replicas, policy.tolerance) == (0, 1, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(0.0, 5_000.0), st.just(math.nan)), max_size=60
+    ),
+    target=st.floats(0.5, 100.0),
+    stabilization=st.integers(1, 6),
+    min_replicas=st.integers(0, 3),
+    extra=st.one_of(st.none(), st.integers(0, 40)),
+    tolerance=st.sampled_from([0.0, 0.1, 0.3]),
+)
+def test_a_replay_gives_the_replicas_of_hpa_step_at_each_evaluation(
+    values: list[float], target: float, stabilization: int, min_replicas: int,
+    extra: int | None, tolerance: float,
+) -> None:
+    policy = ScalingPolicy(
+        target_per_replica=target, min_replicas=min_replicas,
+        max_replicas=None if extra is None else max(1, min_replicas) + extra,
+        tolerance=tolerance, stabilization_steps=stabilization,
+    )
+    state, stepped = HpaState(), []
+    for value in values:
+        state = hpa_step(state, value, policy)
+        stepped.append(state.replicas)
+    assert hpa_replay(values, policy) == stepped
