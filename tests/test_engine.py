@@ -15,7 +15,7 @@ import pytest
 
 from forecaster.config import EngineSettings
 from forecaster.engine import Engine
-from forecaster.fitting import FitRequest
+from forecaster.fitting import FitPool, FitRequest
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import freshness_limit
@@ -112,6 +112,26 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
     clock.ahead = 120
     engine.tick()
     assert [t.target_id for t in engine.targets()] == ["demo/aws/kept"]
+
+
+def test_a_dropped_targets_memory_is_handed_back_at_the_next_trim(
+    clock: Clock, source: ReplaySource
+) -> None:
+    fits = FitPool(1, executor=ThreadPoolExecutor(1), trim_interval_seconds=0.0)
+    engine = Engine(EngineSettings(refresh_seconds=3600, idle_seconds=60), clock=clock,
+                    fit_pool=fits)
+    try:
+        engine.ensure_target("demo/aws/idle", SPEC, source)
+        wait_for(lambda: engine.get("demo/aws/idle").snapshot.forecast is not None, timeout=30)
+        assert fits.trim_if_due()  # the fit that landed
+        engine.tick()
+        assert not fits.trim_if_due()  # nothing let go since
+        clock.ahead = 120
+        engine.tick()
+        assert len(engine) == 0
+        assert fits.trim_if_due()  # the dropped target's model and history
+    finally:
+        engine.stop()
 
 
 def test_a_forecast_from_history_that_stopped_advancing_is_not_served(
