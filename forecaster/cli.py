@@ -338,9 +338,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def _run_serve(args: argparse.Namespace) -> int:
     from forecaster.config import load_settings
+    from forecaster.fitting import limit_malloc_arenas
     from forecaster.logs import configure_logging
     from forecaster.service import Service, run_until_signalled
 
+    limit_malloc_arenas()  # before the service's threads start
     configure_logging(args.log_level)
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host,
                  "stateDir": args.state_dir}

@@ -45,6 +45,8 @@ FIT_TRIES = 2  # a fit whose worker dies is tried once more: twice, it may be wh
 PARENT_POLL_SECONDS = 0.5  # how often a worker without PR_SET_PDEATHSIG looks for its parent
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 EXIT_STATUS_WAIT_SECONDS = 1.0  # for the exit status of a worker found dead
+MALLOC_ARENAS = 2  # the serving process's glibc malloc arenas: see limit_malloc_arenas
+M_ARENA_MAX = -8  # from <malloc.h>
 
 Priority = Literal["idle", "nice"]
 
@@ -142,6 +144,23 @@ def release_free_memory() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """glibc's mallopt(M_ARENA_MAX): at most `arenas` malloc arenas for this process's
+    threads, so that blocks freed by one thread are not stranded in an arena of its own and
+    trimming hands more of them back (bench/README.md, "Dropped targets"). Call it before
+    threads start; False where the C library has no such option (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_ARENA_MAX, arenas))
 
 
 @dataclass(frozen=True)
