@@ -11,7 +11,7 @@ import logging
 import reprlib
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
@@ -93,6 +93,17 @@ class TargetResolver:
                 self._parsed.popitem(last=False)
         tid, spec = cached
         return self.engine.ensure_target(tid, spec, self.sources.for_address(spec.server_address))
+
+    def __len__(self) -> int:
+        """How many parsed triggers are cached."""
+        return len(self._parsed)
+
+    def forget(self, target_ids: Collection[str]) -> None:
+        """Let go of the parsed triggers of targets dropped or replaced: a dropped target's
+        trigger would otherwise stay cached until 20,000 others pushed it out."""
+        stale = [key for key, (tid, _) in self._parsed.items() if tid in target_ids]
+        for key in stale:
+            del self._parsed[key]
 
     def _parse(
         self, namespace: str, name: str, metadata: Mapping[str, str]

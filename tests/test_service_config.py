@@ -357,6 +357,9 @@ def test_idle_targets_are_dropped_and_configured_ones_kept(
     wait_for(lambda: len(service.engine) == 1, timeout=30)
     (warm,) = service.engine.targets()
     assert warm.configured and warm.target_id.startswith("shop/warm/")
+    # The dropped targets' parsed triggers go too, once the front has been told.
+    wait_for(lambda: len(service.resolver) == 0, timeout=10 * PUSH_SECONDS,
+             what="the dropped targets' triggers let go")
 
 
 def test_with_no_servers_configured_no_address_is_queried(

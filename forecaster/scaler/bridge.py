@@ -310,6 +310,7 @@ class ScalerBridge:
                 self._sent[target_id] = basis
                 changed[target_id] = self._answer(target)
         if gone:
+            self.resolver.forget(set(gone))
             self._connection.send((FORGET, tuple(gone)))
         if changed or heartbeat:
             self._connection.send((ANSWERS, changed))
