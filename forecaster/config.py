@@ -8,6 +8,7 @@ A config file (every key optional)::
     refitInterval: 1h           # refit each target's model this often
     targetIdleTimeout: 1h       # drop targets no scaler request asked about for this long
     maxTargets: 5000            # refuse new targets from scaler requests beyond this many
+    targetMemoryBytes: 32Mi     # refuse a trigger estimated to hold more (bytes, or Ki/Mi/Gi)
     fitWorkers: 2               # processes that fit models
     dryRun: false               # true: forecast and publish decisions, serve KEDA the current load
     stateDir: /var/lib/forecaster   # keep each target's model and state here across restarts
@@ -47,8 +48,12 @@ from forecaster.sources.prometheus import (
     MAX_CONCURRENT_QUERIES_LIMIT,
     PrometheusServerConfig,
 )
+from forecaster.spec import DEFAULT_TARGET_MEMORY_BYTES, check_memory
 
 ENV_PREFIX = "FORECASTER_"
+MIN_TARGET_MEMORY_BYTES = 2**20
+MAX_TARGET_MEMORY_BYTES = 64 * 2**30
+_BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class EngineSettings:
     refit_seconds: float = 3600.0
     idle_seconds: float = 3600.0
     max_targets: int = 5000  # request-created targets beyond it are refused (memory, fit time)
+    # A trigger whose memory estimate (forecaster.spec.memory_estimate) exceeds it is refused.
+    target_memory_bytes: int = DEFAULT_TARGET_MEMORY_BYTES
     fit_workers: int = 2
     io_workers: int = 8
     first_value_wait_seconds: float = 3.0
@@ -136,6 +143,7 @@ def load_settings(
         ("refitInterval", "REFIT_INTERVAL"),
         ("targetIdleTimeout", "TARGET_IDLE_TIMEOUT"),
         ("maxTargets", "MAX_TARGETS"),
+        ("targetMemoryBytes", "TARGET_MEMORY_BYTES"),
         ("fitWorkers", "FIT_WORKERS"),
         ("dryRun", "DRY_RUN"),
         ("stateDir", "STATE_DIR"),
@@ -176,7 +184,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 KNOWN_KEYS = {
     "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
-    "maxTargets",
+    "maxTargets", "targetMemoryBytes",
     "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo", "dryRun",
     "metricsToken", "api", "stateDir",
 }
@@ -194,6 +202,8 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         refit_seconds=_seconds(raw, "refitInterval", 3600),
         idle_seconds=_seconds(raw, "targetIdleTimeout", 3600),
         max_targets=_int(raw, "maxTargets", 5000, low=1, high=1_000_000),
+        target_memory_bytes=_bytes(raw, "targetMemoryBytes", DEFAULT_TARGET_MEMORY_BYTES,
+                                   low=MIN_TARGET_MEMORY_BYTES, high=MAX_TARGET_MEMORY_BYTES),
         fit_workers=_int(raw, "fitWorkers", 2, low=1, high=64),
         dry_run=_bool(raw.get("dryRun", False), "dryRun"),
     )
@@ -212,7 +222,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     defaults = _string_map(raw.get("defaults") or {}, "defaults")
     targets = tuple(_target(item, f"targets[{i}]") for i, item in enumerate(_list(raw, "targets")))
     for i, target in enumerate(targets):
-        _check_target(target, f"targets[{i}]", defaults, servers)
+        _check_target(target, f"targets[{i}]", defaults, servers, engine.target_memory_bytes)
     settings = Settings(
         engine=engine,
         servers=servers,
@@ -276,6 +286,26 @@ def _directory(value: Any, where: str) -> Path | None:
     return Path(value)
 
 
+def _bytes(raw: Mapping[str, Any], key: str, default: int, *, low: int, high: int) -> int:
+    """A size in bytes: a whole number, or one with a binary unit (Ki, Mi, Gi) as Kubernetes
+    writes memory, such as 32Mi."""
+    value = raw.get(key, default)
+    text = str(value).strip()
+    unit = _BINARY_UNITS.get(text[-2:], 1)
+    digits = text[:-2] if unit > 1 else text
+    if isinstance(value, bool) or not digits.isdigit() or len(digits) > 15:
+        raise InvalidInputError(
+            key, f"must be a whole number of bytes, or one with Ki, Mi or Gi such as '32Mi'; "
+            f"got {reprlib.repr(value)}",
+        )
+    size = int(digits) * unit
+    if not low <= size <= high:
+        raise InvalidInputError(
+            key, f"must be from {low // 2**20}Mi to {high // 2**30}Gi; got {reprlib.repr(value)}"
+        )
+    return size
+
+
 def _bool(value: Any, where: str) -> bool:
     # bool("false") is True: a quoted "false" must not turn insecureSkipVerify on.
     if isinstance(value, bool):
@@ -326,6 +356,7 @@ def _check_target(
     where: str,
     defaults: Mapping[str, str],
     servers: tuple[PrometheusServerConfig, ...],
+    memory_budget: int,
 ) -> None:
     """Parse a configured target as start-up will, so a bad one fails here, naming its path."""
     from forecaster.models import MODEL_FACTORIES
@@ -337,6 +368,7 @@ def _check_target(
     try:
         spec, _ = parse_trigger_metadata(target.metadata, known_models=MODEL_FACTORIES,
                                          defaults=defaults)
+        check_memory(spec, memory_budget)
     except InvalidInputError as exc:
         from_defaults = exc.field in defaults and exc.field not in target.metadata
         origin = "defaults" if from_defaults else f"{where}.metadata"

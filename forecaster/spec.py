@@ -42,16 +42,20 @@ __all__ = [
     "AUTO_MODEL",
     "DEFAULT_OUTAGE_HORIZON_SECONDS",
     "DEFAULT_PLAN_HALF_LIFE_SECONDS",
+    "DEFAULT_TARGET_MEMORY_BYTES",
     "IGNORED_KEDA_KEYS",
     "MAX_OUTAGE_HORIZON_SECONDS",
     "MAX_TARGET_VALUE",
     "METADATA_KEYS",
     "MIN_TARGET_VALUE",
+    "MemoryEstimate",
     "MetricSpec",
     "TriggerSpec",
     "changed_keys",
+    "check_memory",
     "check_object_ref",
     "default_metric_name",
+    "memory_estimate",
     "metric_spec",
     "parse_time_zone",
     "parse_trigger_metadata",
@@ -116,6 +120,30 @@ MAX_POINTS = 50_000
 MAX_QUERY_BYTES = 8 * 1_024
 MAX_METRIC_NAME = 128
 MIN_QUANTILE = 0.5
+# What one target may hold in memory unless targetMemoryBytes says otherwise.
+DEFAULT_TARGET_MEMORY_BYTES = 32 * 2**20
+# The memory estimate's model, fitted from above to what bench/bench_target_memory.py
+# measured (bench/README.md, "Target memory"): bytes for a target whatever its size, per
+# history point, per calibration score per forecast step (the models keep CALIBRATION_SECONDS
+# of scores for each step, and a fit builds one such tracker per candidate), per forecast step
+# and validation origin (each candidate's forecast paths through VALIDATION_SECONDS, at most
+# half the history), and, for each step of the longest forecast predicted, per calibration
+# score and per residual of the models' error samples (RESIDUAL_SECONDS of residuals, or
+# RESIDUAL_SAMPLES, in each of an ensemble's members, and their copies). The windows are the
+# models' (forecaster.models.calibration, selection, ets and gbm).
+MEMORY_BASE_BYTES = 4 * 2**20
+MEMORY_PER_POINT = 200
+MEMORY_PER_SCORE = 32
+MEMORY_PER_PATH_STEP = 640
+MEMORY_PER_SCORE_SAMPLE = 16
+MEMORY_PER_RESIDUAL_SAMPLE = 48
+CALIBRATION_SECONDS = 3 * 86_400
+VALIDATION_SECONDS = 4 * 86_400
+RESIDUAL_SECONDS = 7 * 86_400
+RESIDUAL_SAMPLES = 2_016
+# The models whose fits are counted in full: `auto` (candidates validated, scores kept per
+# forecast step), and those with a direct model per forecast step, bounded by it.
+MEMORY_HEAVY_MODELS = frozenset({AUTO_MODEL, "ensemble", "gbm", "gbm_quantile"})
 
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,12}")
@@ -199,6 +227,102 @@ def changed_keys(old: TriggerSpec, new: TriggerSpec) -> list[str]:
 def quoted(text: str, limit: int = 40) -> str:
     """A value for a message or a log line: its first `limit` characters, quoted and capped."""
     return reprlib.repr(text[:limit])
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The most one target is estimated to hold at once, in bytes, by part, and the counts
+    they follow from; `memory_estimate` makes one, `check_memory` holds it to a budget."""
+
+    history_points: int
+    forecast_steps: int  # the fitted horizon: one step plus the lead time
+    outage_steps: int  # the forecast kept through a Prometheus outage (0: off)
+    scores: int  # calibration scores kept per forecast step
+    residuals: int  # the fitted models' residuals, each step's error sample
+    history: int  # the buffer, and what the models fit and keep per point
+    calibration: int  # per forecast step, a window of scores, in several copies while fitting
+    models: int  # per forecast step and validation origin: the candidates' forecast paths
+    step_bytes: int  # predicting one forecast step: its error samples, and their copies
+
+    @property
+    def forecasts(self) -> int:
+        """Predicting the longest forecast: the lead time's, or the outage's when longer."""
+        return max(self.forecast_steps, self.outage_steps) * self.step_bytes
+
+    @property
+    def total(self) -> int:
+        return (MEMORY_BASE_BYTES + self.history + self.calibration + self.models
+                + self.forecasts)
+
+    def largest(self) -> tuple[str, str]:
+        """The metadata key to lower first, and what it drives."""
+        samples = max(self.scores, self.residuals)
+        beyond = max(0, self.outage_steps - self.forecast_steps)
+        parts = {
+            ("historyWindow", f"{self.history_points:,} history points"): self.history,
+            ("startupSeconds", f"{self.forecast_steps:,} forecast steps of {samples:,} error "
+             f"samples each"): (self.calibration + self.models
+                                + self.forecast_steps * self.step_bytes),
+            ("outageHorizon", f"an outage forecast of {self.outage_steps:,} steps of "
+             f"{samples:,} error samples each"): beyond * self.step_bytes,
+        }
+        return max(parts, key=lambda part: parts[part])
+
+
+def memory_estimate(spec: TriggerSpec) -> MemoryEstimate:
+    """What a target of this spec holds at most: in the fit worker while it is fitted, and in
+    the engine's process between fits (bench/README.md, "Target memory", has the figures).
+    `auto` and the models built on gradient boosting count every part; a single model fitted
+    alone keeps no calibration scores and runs no validation."""
+    step = spec.step_seconds
+    points = spec.history_window_seconds // step
+    forecast = 1 + -(-spec.startup_seconds // step)
+    outage = (0 if spec.outage_horizon_seconds == 0
+              else -(-spec.outage_horizon_seconds // step) + 2 + forecast)
+    scores = max(1, CALIBRATION_SECONDS // step)
+    residuals = min(points, max(RESIDUAL_SECONDS // step, RESIDUAL_SAMPLES))
+    origins = min(points // 2, VALIDATION_SECONDS // step)
+    if spec.model not in MEMORY_HEAVY_MODELS:  # one model, fitted alone: no scores, no paths
+        scores = origins = 0
+    step_bytes = (MEMORY_PER_SCORE_SAMPLE * scores + MEMORY_PER_RESIDUAL_SAMPLE * residuals
+                  if spec.model in MEMORY_HEAVY_MODELS else MEMORY_PER_SCORE_SAMPLE * residuals)
+    return MemoryEstimate(
+        history_points=points,
+        forecast_steps=forecast,
+        outage_steps=outage,
+        scores=scores,
+        residuals=residuals,
+        history=MEMORY_PER_POINT * points,
+        calibration=MEMORY_PER_SCORE * forecast * scores,
+        models=MEMORY_PER_PATH_STEP * forecast * origins,
+        step_bytes=step_bytes,
+    )
+
+
+def check_memory(spec: TriggerSpec, budget: int) -> MemoryEstimate:
+    """The spec's memory estimate; InvalidInputError naming the key to lower, the estimate
+    and the budget when it is over `budget` bytes (the targetMemoryBytes setting)."""
+    estimate = memory_estimate(spec)
+    if estimate.total <= budget:
+        return estimate
+    key, what = estimate.largest()
+    value = {"historyWindow": spec.history_window_seconds,
+             "startupSeconds": spec.startup_seconds,
+             "outageHorizon": spec.outage_horizon_seconds}[key]
+    shown = str(value) if key == "startupSeconds" else format_duration(value)
+    single = (f", or name one model such as 'holt_winters' (now {spec.model!r})"
+              if spec.model in MEMORY_HEAVY_MODELS else "")
+    raise InvalidInputError(
+        key,
+        f"this trigger would hold about {_mib(estimate.total)} (historyWindow, step, "
+        f"startupSeconds, outageHorizon and model drive it; most of it for {what}), over the "
+        f"{_mib(budget)} a target may hold (targetMemoryBytes); lower {key} (now "
+        f"{shown!r}) or raise step (now {format_duration(spec.step_seconds)!r}){single}",
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size >= 2**20 else f"{size / 2**10:,.0f} KiB"
 
 
 def resolve_from_env(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -19,7 +19,12 @@ from forecaster.errors import InvalidInputError
 from forecaster.models import MODEL_FACTORIES
 from forecaster.sources import HistorySource
 from forecaster.sources.prometheus import PrometheusServerConfig, PrometheusSource
-from forecaster.spec import TriggerSpec, check_object_ref, parse_trigger_metadata
+from forecaster.spec import (
+    TriggerSpec,
+    check_memory,
+    check_object_ref,
+    parse_trigger_metadata,
+)
 from forecaster.state import SavedTarget
 from forecaster.target import Target, target_id
 
@@ -115,6 +120,7 @@ class TargetResolver:
         spec, unknown = parse_trigger_metadata(
             metadata, known_models=MODEL_FACTORIES, defaults=self.settings.defaults
         )
+        check_memory(spec, self.settings.engine.target_memory_bytes)
         tid = target_id(namespace, name, spec.effective_metric_name)
         self.sources.for_address(spec.server_address)  # reject unconfigured servers early
         if unknown and tid not in self._warned:

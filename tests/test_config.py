@@ -188,6 +188,16 @@ def test_flags_win_over_environment_and_file(files: dict[str, Path], tmp_path: P
     assert settings.engine.refresh_seconds == 15  # neither: the file
 
 
+@pytest.mark.parametrize(("value", "size"), [
+    (33554432, 32 * 2**20), ("64Mi", 64 * 2**20), ("1Gi", 2**30), ("2048Ki", 2 * 2**20),
+])
+def test_the_target_memory_budget_is_bytes_or_a_binary_unit(value: object, size: int) -> None:
+    assert load_settings(env={}, overrides={"targetMemoryBytes": value}).engine == \
+        EngineSettings(target_memory_bytes=size)
+    env = {"FORECASTER_TARGET_MEMORY_BYTES": str(value)}
+    assert load_settings(env=env).engine.target_memory_bytes == size
+
+
 def test_a_bad_environment_value_names_the_setting() -> None:
     with pytest.raises(InvalidInputError) as caught:
         load_settings(env={"FORECASTER_GRPC_PORT": "fifty"})
@@ -216,6 +226,10 @@ BAD_SETTINGS: list[tuple[dict[str, Any], str | None]] = [
     ({"targetIdleTimeout": "-1m"}, "targetIdleTimeout"),
     ({"maxTargets": 0}, "maxTargets"),
     ({"maxTargets": "many"}, "maxTargets"),
+    ({"targetMemoryBytes": "32MB"}, "targetMemoryBytes"),
+    ({"targetMemoryBytes": "512Ki"}, "targetMemoryBytes"),  # below 1Mi
+    ({"targetMemoryBytes": "65Gi"}, "targetMemoryBytes"),
+    ({"targetMemoryBytes": True}, "targetMemoryBytes"),
     ({"grpcport": 1}, "grpcport"),  # unknown (misspelt) key
     ({"demo": "maybe"}, "demo"),
     ({"prometheus": {"url": "http://p:9090"}}, "prometheus"),
@@ -265,6 +279,12 @@ BAD_SETTINGS: list[tuple[dict[str, Any], str | None]] = [
     ({"targets": [_target(step="soon")]}, "targets[0].metadata.step"),
     ({"targets": [_target(model="prophet")]}, "targets[0].metadata.model"),
     ({"defaults": {"step": "soon"}, "targets": [_target()]}, "defaults.step"),
+    ({"targets": [_target(step="10s", historyWindow="1d", startupSeconds="3600")]},
+     "targets[0].metadata.startupSeconds"),  # over the memory budget
+    ({"defaults": {"step": "10s", "historyWindow": "1d", "startupSeconds": "3600"},
+      "targets": [_target()]}, "defaults.startupSeconds"),
+    ({"targetMemoryBytes": "2Gi",
+      "targets": [_target(step="10s", historyWindow="1d", startupSeconds="3600")]}, None),
     ({"defaults": {"step": "soon"}, "targets": [_target(step="5m")]}, None),  # the target wins
     ({"prometheus": [{"url": "http://p:9090"}],
       "targets": [_target(serverAddress="http://elsewhere:9090")]},

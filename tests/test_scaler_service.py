@@ -205,6 +205,23 @@ def test_bad_metadata_is_invalid_argument_naming_the_key(
         assert key in error.details()
 
 
+def test_a_trigger_over_the_memory_budget_keeps_its_metric_spec_and_is_refused_by_name(
+    service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
+) -> None:
+    ref = scaled_object_ref(live_prometheus.url, step="10s", historyWindow="1d",
+                            startupSeconds="3600")
+    # GetMetricSpec answers from the metadata alone, so that KEDA's fallback counts the
+    # refusals of the reads below.
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    for error in refusals(stub, ref, name):
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = error.details()
+        assert details.startswith("startupSeconds: this trigger would hold about "), details
+        assert "over the 32 MiB a target may hold (targetMemoryBytes)" in details
+        assert "lower startupSeconds (now '3600') or raise step (now '10s')" in details
+    assert len(service.engine) == 0  # refused before it was registered
+
+
 def test_unconfigured_server_address_is_refused(
     stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
 ) -> None:

@@ -181,6 +181,10 @@ BAD_CONFIGS: list[tuple[dict[str, object] | None, str]] = [
                    "metadata": {"serverAddress": "http://p:9090", "targetValue": "5"}}]},
      "targets[0].metadata.query"),
     (None, "config"),  # no such file
+    ({"targets": [{"namespace": "shop", "name": "web", "metadata": {
+        "serverAddress": "http://p:9090", "query": "up", "targetValue": "5", "step": "10s",
+        "historyWindow": "1d", "startupSeconds": "3600"}}]},
+     "targets[0].metadata.startupSeconds"),  # over the memory budget
 ]
 
 
@@ -243,7 +247,7 @@ def test_a_taken_port_makes_serve_exit_2_with_one_line_naming_it(
 @pytest.mark.parametrize(
     ("config", "where"),
     BAD_CONFIGS,
-    ids=["bad-interval", "unreadable-token", "bad-target", "no-file"],
+    ids=["bad-interval", "unreadable-token", "bad-target", "no-file", "over-memory-budget"],
 )
 def test_a_bad_config_makes_serve_exit_2_naming_the_setting(
     config: dict[str, object] | None, where: str, tmp_path: Path,
