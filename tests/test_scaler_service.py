@@ -172,6 +172,8 @@ def test_default_metric_name_is_stable_across_restarts(
         ({"quantile": "0.3"}, "quantile"),
         ({"quantile": "1"}, "quantile"),
         ({"startupSeconds": "soon"}, "startupSeconds"),
+        ({"startupSeconds": "2592000"}, "startupSeconds"),  # 30 days: over the 6 h bound
+        ({"historyWindow": "999999999999w"}, "historyWindow"),  # beyond any clock
         ({"historyWindow": "2 weeks"}, "historyWindow"),
         ({"step": "0"}, "step"),
         ({"model": "prophet"}, "model"),
