@@ -253,6 +253,8 @@ def test_wrong_metric_name_is_invalid_argument(
         ("multi_requests", ["sum("]),  # several series: says to aggregate
         ('absent_requests{job="none"}', ["absent_requests"]),  # none: names the query
         ('sum(nan_requests{job="nan"})', ["NaN"]),
+        # a load below zero is a broken query: never planned on, never active
+        ('sum(web_requests{job="web"}) * 0 - 13', ["-13", "negative", "clamp_min"]),
     ],
 )
 def test_unusable_query_results_are_unavailable_with_the_reason(
@@ -266,6 +268,9 @@ def test_unusable_query_results_are_unavailable_with_the_reason(
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     for word in words:
         assert word in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.IsActive(ref, timeout=20)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailable(
