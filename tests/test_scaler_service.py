@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pandas as pd
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from forecaster.config import EngineSettings, Settings
@@ -205,6 +206,31 @@ def test_bad_metadata_is_invalid_argument_naming_the_key(
     for error in refusals(stub, ref, name):
         assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert key in error.details()
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name", "key"),
+    [
+        ("shop", "web\nlevel=ERROR forged line", "scaledObjectRef.name"),
+        ("shop", "w" * 200_000, "scaledObjectRef.name"),
+        ("Shop", "web", "scaledObjectRef.namespace"),
+    ],
+)
+def test_an_object_ref_kubernetes_would_refuse_is_invalid_argument(
+    service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer,
+    namespace: str, name: str, key: str,
+) -> None:
+    ref = scaled_object_ref(live_prometheus.url)
+    ref.namespace, ref.name = namespace, name
+    metric = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    for error in refusals(stub, ref, metric):
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = error.details()
+        assert details.startswith(f"{key}: must be a DNS-1123 "), details[:200]
+        assert "\n" not in details and len(details) < 400  # no forged line, no echoed name
+    assert len(service.engine) == 0  # never a target, so never a log line or a label
+    scraped = requests.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=10).text
+    assert "forged" not in scraped and "w" * 300 not in scraped
 
 
 def test_a_trigger_over_the_memory_budget_keeps_its_metric_spec_and_is_refused_by_name(
