@@ -299,6 +299,22 @@ def test_unusable_query_results_are_unavailable_with_the_reason(
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_long_query_prometheus_rejects_is_quoted_by_its_ends_only(
+    stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer
+) -> None:
+    # Within the 8 KiB bound, but a syntax error: the refusal shows the query's two ends.
+    query = 'sum(web_requests{job="web"})' + " + 0" * 2_000 + " + ("
+    assert len(query.encode()) <= 8_192
+    ref = scaled_object_ref(live_prometheus.url, query=query)
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name), timeout=20)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    details = caught.value.details()
+    assert "rejected query 'sum(web_requests" in details and "+ (" in details
+    assert len(details) < 1_000 and " + 0" * 100 not in details
+
+
 def test_prometheus_stopped_serves_last_good_forecast_while_fresh_then_unavailable(
     live_blocks: Path,
     make_service: Callable[..., Service],

@@ -60,6 +60,12 @@ _short.maxlist = 5
 _short.maxdict = 8
 
 
+def _quoted(query: str) -> str:
+    """A query as errors and logs show it: whole up to 200 characters, else its two ends
+    (a query may be 8 KiB, too long for a gRPC status or a log line)."""
+    return _short.repr(query)
+
+
 @dataclass(frozen=True)
 class PrometheusServerConfig:
     """Where a Prometheus-compatible API lives and how to authenticate to it.
@@ -238,7 +244,7 @@ def _iso(seconds: float) -> str:
 
 def _check_query(query: str) -> str:
     if not isinstance(query, str) or not query.strip():
-        raise InvalidInputError("query", f"must be a non-empty PromQL string, got {query!r}")
+        raise InvalidInputError("query", f"must be a non-empty PromQL string, got {_quoted(query)}")
     return query
 
 
@@ -247,14 +253,14 @@ def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
         array = np.asarray(values, dtype="float64")
     except (TypeError, ValueError) as exc:
         raise SourceError(
-            f"query {query!r} returned a non-numeric value: {_short.repr(values)}",
+            f"query {_quoted(query)} returned a non-numeric value: {_short.repr(values)}",
             query=query,
         ) from exc
     bad = np.flatnonzero(~np.isfinite(array))
     if bad.size:
         first = int(bad[0])
         raise SourceError(
-            f"query {query!r} returned {_format_number(float(array[first]))} at "
+            f"query {_quoted(query)} returned {_format_number(float(array[first]))} at "
             f"{_iso(stamps[first])} "
             f"({bad.size} non-finite value(s) in all); a scaler must not act on NaN or "
             f"Inf: guard the query, e.g. divide with a non-zero denominator",
@@ -264,7 +270,7 @@ def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
     if negative.size:  # a rate below zero is a broken query, never a load to plan for
         first = int(negative[0])
         raise SourceError(
-            f"query {query!r} returned {_format_number(float(array[first]))} at "
+            f"query {_quoted(query)} returned {_format_number(float(array[first]))} at "
             f"{_iso(stamps[first])} ({negative.size} negative value(s) in all); a load cannot "
             f"be negative: check the query, or clamp it with clamp_min(..., 0)",
             query=query,
@@ -448,7 +454,7 @@ class PrometheusSource:
         if not (series.index.is_monotonic_increasing and series.index.is_unique):
             raise SourceError(
                 f"Prometheus at {self.server.url} returned timestamps out of order or repeated "
-                f"for query {query!r}",
+                f"for query {_quoted(query)}",
                 query=query,
             )
         return series
@@ -471,7 +477,7 @@ class PrometheusSource:
                 stamp, value = items[0]["value"]
             except (KeyError, TypeError, ValueError) as exc:
                 raise SourceError(
-                    f"Prometheus at {self.server.url} answered query {query!r} with a "
+                    f"Prometheus at {self.server.url} answered query {_quoted(query)} with a "
                     f"{'range' if 'values' in items[0] else 'malformed'} result, not an instant "
                     f"vector: {_short.repr(items[0])}",
                     query=query,
@@ -490,7 +496,7 @@ class PrometheusSource:
                 message = _prometheus_message(exc.body)
                 if exc.status not in _RETRYABLE_STATUS:
                     raise SourceError(
-                        f"Prometheus at {self.server.url} rejected query {query!r} "
+                        f"Prometheus at {self.server.url} rejected query {_quoted(query)} "
                         f"(HTTP {exc.status}): {message}",
                         query=query,
                     ) from exc
@@ -498,9 +504,9 @@ class PrometheusSource:
                 last_exc: Exception = exc
             except _TooLarge as exc:
                 raise SourceError(
-                    f"Prometheus at {self.server.url} answered query {query!r} with more than "
-                    f"{self.server.max_reply_bytes:,} bytes (the server's maxReplyBytes); "
-                    f"aggregate the query to one series, or raise maxReplyBytes",
+                    f"Prometheus at {self.server.url} answered query {_quoted(query)} with "
+                    f"more than {self.server.max_reply_bytes:,} bytes (the server's "
+                    f"maxReplyBytes); aggregate the query to one series, or raise maxReplyBytes",
                     query=query,
                 ) from exc
             except requests.Timeout as exc:
@@ -508,16 +514,16 @@ class PrometheusSource:
                 last_exc = exc
             except requests.TooManyRedirects as exc:
                 raise SourceError(
-                    f"Prometheus at {self.server.url} answered query {query!r} with a redirect "
-                    f"to {_redirect_target(exc)}; redirects are not followed, so that "
+                    f"Prometheus at {self.server.url} answered query {_quoted(query)} with a "
+                    f"redirect to {_redirect_target(exc)}; redirects are not followed, so that "
                     f"credentials and headers stay with the configured server: configure the "
                     f"URL it redirects to",
                     query=query,
                 ) from exc
             except requests.JSONDecodeError as exc:
                 raise SourceError(
-                    f"{self.server.url} did not answer query {query!r} like a Prometheus API "
-                    f"(a 200 without JSON); check the URL and its path prefix",
+                    f"{self.server.url} did not answer query {_quoted(query)} like a "
+                    f"Prometheus API (a 200 without JSON); check the URL and its path prefix",
                     query=query,
                 ) from exc
             except requests.RequestException as exc:
@@ -525,7 +531,7 @@ class PrometheusSource:
                 last_exc = exc
             except (KeyError, TypeError) as exc:
                 raise SourceError(
-                    f"{self.server.url} answered query {query!r} without data.result; "
+                    f"{self.server.url} answered query {_quoted(query)} without data.result; "
                     f"check the URL and its path prefix",
                     query=query,
                 ) from exc
@@ -549,8 +555,8 @@ class PrometheusSource:
     def _as_series_list(self, query: str, result: Any) -> list[dict[str, Any]]:
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
             raise SourceError(
-                f"Prometheus at {self.server.url} answered query {query!r} with an unexpected "
-                f"result: {_short.repr(result)}",
+                f"Prometheus at {self.server.url} answered query {_quoted(query)} with an "
+                f"unexpected result: {_short.repr(result)}",
                 query=query,
             )
         return result
@@ -558,14 +564,15 @@ class PrometheusSource:
     def _one_series(self, query: str, metrics: list[Mapping[str, str]]) -> None:
         if not metrics:
             raise SourceError(
-                f"query {query!r} returned no data from Prometheus at {self.server.url}: check "
-                f"the metric name and label matchers, and that the window holds samples",
+                f"query {_quoted(query)} returned no data from Prometheus at "
+                f"{self.server.url}: check the metric name and label matchers, and that the "
+                f"window holds samples",
                 query=query,
             )
         if len(metrics) > 1:
             labels = _short.repr([_label_set(m) for m in metrics])
             raise SourceError(
-                f"query {query!r} returned {len(metrics)} series, expected one: aggregate it, "
-                f"e.g. sum({query}) or sum by (...) with a matcher; series: {labels}",
+                f"query {_quoted(query)} returned {len(metrics)} series, expected one: "
+                f"aggregate it, e.g. sum(...) or sum by (...) with a matcher; series: {labels}",
                 query=query,
             )
