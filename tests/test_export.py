@@ -153,6 +153,8 @@ BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
     "server-broken": (["--server", "http://[::1", "--query", "up"], ["--server", "IPv6"]),
     "step-zero": (["--server", "{url}", "--query", "up", "--step", "0"], ["--step"]),
     "days-negative": (["--server", "{url}", "--query", "up", "--days", "-1"], ["--days", "'-1'"]),
+    "days-huge": (["--server", "{url}", "--query", "up", "--days", "1e9"],
+                  ["--days", "1e+09 days", "give fewer days"]),
     "start-garbage": (["--server", "{url}", "--query", "up", "--start", "soon"], ["--start"]),
     "start-and-days": (
         ["--server", "{url}", "--query", "up", "--start", "2024-05-01T00:00Z", "--days", "1"],
