@@ -33,7 +33,7 @@ from forecaster.api.errors import Busy, PayloadTooLarge
 from forecaster.api.inputs import AdhocRequest, adhoc_request, parse_body
 from forecaster.api.render import forecast_json
 from forecaster.errors import ForecasterError, InvalidInputError
-from forecaster.fitting import pin_math_threads
+from forecaster.fitting import exit_with_parent, pin_math_threads
 from forecaster.models import fit_with_fallback
 from forecaster.series import to_grid
 
@@ -114,11 +114,12 @@ def run_adhoc(job: AdhocJob) -> AdhocAnswer:
                        worker_pid=os.getpid())
 
 
-def _init_worker() -> None:
-    """One BLAS/OpenMP thread, as for every fit on a small pod; and first in line for the
+def _init_worker(parent: int) -> None:
+    """One BLAS/OpenMP thread, as for every fit on a small pod; first in line for the
     kernel's OOM killer: a forecast that outgrows the pod's memory ends its own worker (503),
-    not the engine's process."""
+    not the engine's process; and an exit with the engine's process, however it ends."""
     pin_math_threads(override=True)
+    exit_with_parent(parent)
     try:
         with open("/proc/self/oom_score_adj", "w", encoding="ascii") as adjust:
             adjust.write(str(OOM_SCORE_ADJ))
@@ -203,6 +204,7 @@ class AdhocRunner:
             self.slots,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
+            initargs=(os.getpid(),),
             max_tasks_per_child=self.tasks_per_worker,
         )
         return self._pool
