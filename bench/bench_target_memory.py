@@ -38,7 +38,6 @@ import sys
 import time
 import tracemalloc
 from dataclasses import replace
-from pathlib import Path
 
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
@@ -46,9 +45,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+import repo  # noqa: E402, F401  (puts the repository's root on sys.path)
 from forecaster.durations import format_duration, parse_duration  # noqa: E402
 from forecaster.spec import CALIBRATION_SECONDS, TriggerSpec, memory_estimate  # noqa: E402
 
