@@ -21,12 +21,12 @@ import pytest
 
 from forecaster.backtest.simulate import BacktestConfig, evaluation_start, simulate
 from forecaster.fitting import fit_job
-from forecaster.models import MODEL_FACTORIES
-from forecaster.models.selection import Auto
+from forecaster.models import MODEL_FACTORIES, ModelFactory
+from forecaster.models.selection import Auto, PlanScorer
 from forecaster.series import read_csv, to_grid
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
-from tests.support.models import fast_auto
+from tests.support.models import FAST_CANDIDATES, FAST_VALIDATION, fast_auto
 
 TRACE = Path(__file__).parent.parent / "data" / "twitter_volume_aapl.csv"  # no gaps
 STEP = pd.Timedelta("5min")
@@ -43,13 +43,30 @@ class NoSource:
         raise AssertionError("not read")
 
 
+def calibrated_fast_auto(
+    step: pd.Timedelta, *, quantile: float = 0.9, horizon: int = 2,
+    scorer: PlanScorer | None = None,
+) -> Auto:
+    """The cheap `auto`, always serving its conformal interval: every refit then carries
+    the scores its predecessor made up to the refit's last bin."""
+    return Auto(step, quantile=quantile, horizon=horizon, candidates=FAST_CANDIDATES,
+                validation=FAST_VALIDATION, scorer=scorer, calibrate=True)
+
+
 @pytest.mark.parametrize(
-    ("model", "share"), [("seasonal_naive", None), ("holt_winters", None), ("auto", 0.05)]
+    ("model", "share", "auto"),
+    [
+        ("seasonal_naive", None, fast_auto),
+        ("holt_winters", None, fast_auto),
+        ("auto", 0.05, fast_auto),
+        ("auto", 0.05, calibrated_fast_auto),
+    ],
+    ids=["seasonal_naive", "holt_winters", "auto", "auto-calibrated"],
 )
 def test_the_live_target_plans_what_the_backtest_plans(
-    model: str, share: float | None, monkeypatch: pytest.MonkeyPatch
+    model: str, share: float | None, auto: ModelFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(MODEL_FACTORIES, "auto", fast_auto)  # three cheap candidates
+    monkeypatch.setitem(MODEL_FACTORIES, "auto", auto)  # three cheap candidates
     grid = to_grid(read_csv(TRACE).iloc[: 6 * 288 * 5], STEP)  # six days of the trace
     lead, refit = 2, 12
     start = evaluation_start(grid, BacktestConfig(target=TARGET_VALUE, eval_days=0.5))
@@ -104,6 +121,8 @@ def test_the_live_target_plans_what_the_backtest_plans(
 
     if model == "auto":  # chosen by the scorer on both sides
         assert isinstance(target.model, Auto) and target.model.selection_.scored_by == "scorer"
+        if auto is calibrated_fast_auto:  # the conformal band, from scores carried over
+            assert target.model.selection_.calibrated
     expected = (decisions["forecast"] / (decisions["slo_level"].fillna(0.0)).map(math.exp))
     expected = expected.to_numpy()
     assert len(planned) == len(expected) == 144

@@ -218,6 +218,12 @@ def simulate(
             # would even slice from the end. Fit at the first decision instead.
             refit_at = first + 1
         if refit_at != fitted_at:
+            if model is not None and seen < refit_at:
+                # As in service, where a refresh folds a bin in before the refit that reads
+                # it: the model replaced scores its forecasts against it, and a calibrated
+                # successor carries those scores on (forecaster.models.calibration).
+                model.update(live.iloc[seen:refit_at])
+                seen = refit_at
             began = time.perf_counter()
             history = _history_before(grid, live, refit_at)
             fit = fit_with_fallback(
