@@ -28,6 +28,7 @@ from forecaster.errors import ForecasterError, NotReadyError
 from forecaster.fitting import FitRequest
 from forecaster.models import Forecast, ForecastModel
 from forecaster.models.calibration import ScoreWindow
+from forecaster.models.reselection import reselection_due, reselection_phase
 from forecaster.policy import (
     ForecastSmoother,
     PlannedLoad,
@@ -265,9 +266,13 @@ class Target:
 
     def fit_request(self) -> FitRequest:
         """What a worker needs to refit this target; under `lock`, so that the model it
-        replaces is pickled as a consistent copy."""
+        replaces is pickled as a consistent copy. Once the target's second of the day has
+        passed since its model was selected, the model is left out and the worker selects
+        afresh (forecaster.models.reselection)."""
         series = self.training_view(self.buffer.series())
         previous = self.model
+        if reselection_due(previous, reselection_phase(self.target_id), series.index[-1]):
+            previous = None
         return FitRequest(
             model=self.spec.model,
             step_seconds=self.spec.step_seconds,

@@ -22,6 +22,7 @@ import pytest
 from forecaster.backtest.simulate import BacktestConfig, evaluation_start, simulate
 from forecaster.fitting import fit_job
 from forecaster.models import MODEL_FACTORIES, ModelFactory
+from forecaster.models.reselection import reselection_phase
 from forecaster.models.selection import Auto, PlanScorer
 from forecaster.series import read_csv, to_grid
 from forecaster.spec import TriggerSpec
@@ -31,6 +32,7 @@ from tests.support.models import FAST_CANDIDATES, FAST_VALIDATION, fast_auto
 TRACE = Path(__file__).parent.parent / "data" / "twitter_volume_aapl.csv"  # no gaps
 STEP = pd.Timedelta("5min")
 TARGET_VALUE = 26.98
+TARGET_ID = "t/t/m"  # its second of the day falls inside the compared half day
 
 
 class NoSource:
@@ -78,11 +80,13 @@ def test_the_live_target_plans_what_the_backtest_plans(
         refit=pd.Timedelta("1h"), model=model, quantile=0.9, max_under_provisioned=share,
         plan_half_life=pd.Timedelta(0),
         # Decisions from the target's first (after its first fit) on, so that both refit at
-        # the same times from the same model: `auto` keeps a selection for a day.
+        # the same times from the same model, and select afresh at the target's own hour.
         warmup=(first - first_refit + 1) * STEP,
+        reselection_phase=reselection_phase(TARGET_ID),
     )
     assert (config.lead_steps, int(config.refit / STEP)) == (lead, refit)
-    decisions = simulate(grid, config).decisions
+    replay = simulate(grid, config)
+    decisions = replay.decisions
 
     spec = TriggerSpec(
         server_address="http://replay.demo", query="q", target_value=TARGET_VALUE,
@@ -90,7 +94,7 @@ def test_the_live_target_plans_what_the_backtest_plans(
         plan_half_life_seconds=0, history_window_seconds=90 * 86_400, step_seconds=300,
         model=model,
     )
-    target = Target("t/t/m", spec, NoSource())  # type: ignore[arg-type]
+    target = Target(TARGET_ID, spec, NoSource())  # type: ignore[arg-type]
     values = grid.demand
 
     def fold(upto: int, position: int) -> None:  # points [position, upto) as one refresh
@@ -121,6 +125,10 @@ def test_the_live_target_plans_what_the_backtest_plans(
 
     if model == "auto":  # chosen by the scorer on both sides
         assert isinstance(target.model, Auto) and target.model.selection_.scored_by == "scorer"
+        # Both selected afresh once inside the compared window, at the same bin.
+        reselected = pd.Timestamp(str(replay.selections[-1]["selected_at"]))
+        assert len(replay.selections) == 2 and replay.eval_start <= reselected
+        assert target.model.selection_.selected_at == reselected
         if auto is calibrated_fast_auto:  # the conformal band, from scores carried over
             assert target.model.selection_.calibrated
     expected = (decisions["forecast"] / (decisions["slo_level"].fillna(0.0)).map(math.exp))

@@ -22,6 +22,7 @@ import pandas as pd
 
 from forecaster.errors import InsufficientHistoryError, InvalidInputError
 from forecaster.models import fit_with_fallback
+from forecaster.models.reselection import RESELECT_SECONDS, reselection_due
 from forecaster.policy import (
     ForecastSmoother,
     HpaState,
@@ -62,6 +63,9 @@ class BacktestConfig:
     # Decisions replayed before the evaluation start for the controller to calibrate on: six
     # days, as SloController remembers in service (DEFAULT_MEMORY_STEPS).
     warmup: pd.Timedelta = pd.Timedelta(days=6)
+    # The second of the day (UTC) at which `auto` selects afresh; in service a target's is
+    # reselection_phase(its id). None: a day after each selection.
+    reselection_phase: int | None = None
 
     def __post_init__(self) -> None:
         if self.step <= pd.Timedelta(0):
@@ -85,6 +89,11 @@ class BacktestConfig:
             )
         if self.warmup < pd.Timedelta(0):
             raise InvalidInputError("warmup", f"must not be negative, got {self.warmup}")
+        phase = self.reselection_phase
+        if phase is not None and not 0 <= phase < RESELECT_SECONDS:
+            raise InvalidInputError(
+                "reselection-phase", f"must be in [0, {RESELECT_SECONDS}) seconds, got {phase}"
+            )
         if self.eval_start is None and not self.eval_days > 0:
             raise InvalidInputError("eval-days", f"must be positive, got {self.eval_days}")
 
@@ -226,10 +235,11 @@ def simulate(
                 seen = refit_at
             began = time.perf_counter()
             history = _history_before(grid, live, refit_at)
+            due = reselection_due(model, config.reselection_phase, history.index[-1])
             fit = fit_with_fallback(
                 config.model, history, config.step,
                 quantile=config.quantile, horizon=horizon, time_zone=config.time_zone,
-                previous=model, scorer=scorer,
+                previous=None if due else model, scorer=scorer,
             )
             sim.fit_seconds.append(time.perf_counter() - began)
             sim.refits += 1
