@@ -380,6 +380,7 @@ class Auto(ForecastModel):
         weights: dict[str, tuple[tuple[str, float], ...]] = {}
         if steps >= MIN_VALIDATION_STEPS:
             train, held = values[: n - steps], values[n - steps :]
+            runs = CandidateRuns(self, train, held)
             # An ensemble whose members are candidates too is composed from their runs
             # rather than fitted and run again: validated last, it costs nothing more.
             ensembles = [n for n in self.candidates if self._members(n)]
@@ -388,12 +389,12 @@ class Auto(ForecastModel):
                 validation: _Validation | None
                 if members and all(m in validations for m in members):
                     maes = {s.name: s.mae for s in scores}
-                    score, validation, weights[name] = self._compose(
+                    score, validation, weights[name] = runs.compose(
                         name, members, [validations[m] for m in members],
-                        [maes[m] for m in members], train, held,
+                        [maes[m] for m in members],
                     )
                 else:
-                    score, validation = self._validate(name, train, held)
+                    score, validation = runs.validate(name)
                 scores.append(score)
                 if validation is not None:
                     validations[name] = validation
@@ -412,79 +413,8 @@ class Auto(ForecastModel):
     def _needs_calibration(self, selection: Selection) -> bool:
         return needs_calibration(selection, self.calibrate, self.coverage_tolerance)
 
-    def _validate(
-        self, name: str, train: np.ndarray, held: np.ndarray
-    ) -> tuple[CandidateScore, _Validation | None]:
-        began = time.perf_counter()
-        model = self._make(name)
-        if int(np.isfinite(train).sum()) < model.min_history():
-            reason = f"needs {model.min_history()} observed steps before the validation window"
-            return CandidateScore(name, None, None, None, None, 0.0, reason), None
-        try:
-            model.fit_start_ = self.fit_start_
-            model._fit(train)
-            fit_seconds = time.perf_counter() - began
-            validation = self._roll(model, held)
-        except FIT_ERRORS as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            return (
-                CandidateScore(name, None, None, None, None, time.perf_counter() - began, error),
-                None,
-            )
-        return self._score(name, validation, train, held, fit_seconds), validation
-
-    def _score(
-        self, name: str, v: _Validation, train: np.ndarray, held: np.ndarray,
-        fit_seconds: float,
-    ) -> CandidateScore:
-        plan, pinball, mae, coverage = score_validation(
-            v, train, held, self.horizon, self.quantile, self.floor_
-        )
-        score = CandidateScore(name, plan, pinball, mae, coverage, fit_seconds)
-        if self.scorer is None:
-            return score
-        calibrated = (
-            self.calibrate if self.calibrate is not None
-            else coverage_is_off(score, self.coverage_tolerance)
-        )
-        return Pricing(self, self.scorer).priced(score, v, train, held, calibrated)
-
     def _members(self, name: str) -> list[str]:
         return ensemble_members(self._make(name))
-
-    def _compose(
-        self,
-        name: str,
-        members: list[str],
-        parts: list[_Validation],
-        maes: list[float | None],
-        train: np.ndarray,
-        held: np.ndarray,
-    ) -> tuple[CandidateScore, _Validation, tuple[tuple[str, float], ...]]:
-        """An ensemble's validation from its members' (the same average Ensemble makes),
-        each member weighted by the inverse of its validation MAE at the decision horizon."""
-        from forecaster.models.ensemble import Ensemble
-
-        weights = member_weights(maes)
-        mean, raw = _average_paths([(p.mean, p.raw) for p in parts], weights)
-        model = self._make(name)
-        assert isinstance(model, Ensemble)
-        model.weights = dict(zip(members, weights.tolist(), strict=True))
-        model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
-        tracker = self._tracker(model, held, mean)
-        validation = _Validation(tracker, mean, raw)
-        score = self._score(name, validation, train, held, 0.0)
-        return score, validation, tuple(model.weights.items())
-
-    def _tracker(self, model: ForecastModel, held: np.ndarray, means: np.ndarray) -> ScoreTracker:
-        window = max(1, int(self.calibration_window / self.step))
-        return validation_tracker(model, held, means, self.horizon, window, self.floor_)
-
-    def _roll(self, model: ForecastModel, held: np.ndarray) -> _Validation:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            means, raws = _forecast_path(model, held, self.horizon, (0.1, 0.9, self.quantile))
-        return _Validation(self._tracker(model, held, means), means, raws)
 
     # -- running -----------------------------------------------------------------------
 
@@ -496,6 +426,85 @@ class Auto(ForecastModel):
         if self.selection_.calibrated:
             return self.tracker_.calibrated(horizon, self.min_scores)
         return self.tracker_.forecast(horizon)
+
+
+class CandidateRuns:
+    """Fits an `Auto`'s candidates on `train`, runs them through `held` and scores them."""
+
+    def __init__(self, auto: Auto, train: np.ndarray, held: np.ndarray) -> None:
+        self.auto = auto
+        self.train = train
+        self.held = held
+
+    def validate(self, name: str) -> tuple[CandidateScore, _Validation | None]:
+        auto, train = self.auto, self.train
+        began = time.perf_counter()
+        model = auto._make(name)
+        if int(np.isfinite(train).sum()) < model.min_history():
+            reason = f"needs {model.min_history()} observed steps before the validation window"
+            return CandidateScore(name, None, None, None, None, 0.0, reason), None
+        try:
+            model.fit_start_ = auto.fit_start_
+            model._fit(train)
+            fit_seconds = time.perf_counter() - began
+            validation = self.roll(model)
+        except FIT_ERRORS as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            return (
+                CandidateScore(name, None, None, None, None, time.perf_counter() - began, error),
+                None,
+            )
+        return self.score(name, validation, fit_seconds), validation
+
+    def score(self, name: str, v: _Validation, fit_seconds: float) -> CandidateScore:
+        auto = self.auto
+        plan, pinball, mae, coverage = score_validation(
+            v, self.train, self.held, auto.horizon, auto.quantile, auto.floor_
+        )
+        score = CandidateScore(name, plan, pinball, mae, coverage, fit_seconds)
+        if auto.scorer is None:
+            return score
+        calibrated = (
+            auto.calibrate if auto.calibrate is not None
+            else coverage_is_off(score, auto.coverage_tolerance)
+        )
+        return Pricing(auto, auto.scorer).priced(score, v, self.train, self.held, calibrated)
+
+    def compose(
+        self,
+        name: str,
+        members: list[str],
+        parts: list[_Validation],
+        maes: list[float | None],
+    ) -> tuple[CandidateScore, _Validation, tuple[tuple[str, float], ...]]:
+        """An ensemble's validation from its members' (the same average Ensemble makes),
+        each member weighted by the inverse of its validation MAE at the decision horizon."""
+        from forecaster.models.ensemble import Ensemble
+
+        weights = member_weights(maes)
+        mean, raw = _average_paths([(p.mean, p.raw) for p in parts], weights)
+        model = self.auto._make(name)
+        assert isinstance(model, Ensemble)
+        model.weights = dict(zip(members, weights.tolist(), strict=True))
+        model.fitted_ = [p.tracker.model for p in parts]  # run through `held` already
+        tracker = self.tracker(model, mean)
+        validation = _Validation(tracker, mean, raw)
+        score = self.score(name, validation, 0.0)
+        return score, validation, tuple(model.weights.items())
+
+    def tracker(self, model: ForecastModel, means: np.ndarray) -> ScoreTracker:
+        auto = self.auto
+        window = max(1, int(auto.calibration_window / auto.step))
+        return validation_tracker(model, self.held, means, auto.horizon, window, auto.floor_)
+
+    def roll(self, model: ForecastModel) -> _Validation:
+        """The model's validation: its forecasts at every origin of `held`, taking each value."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means, raws = _forecast_path(
+                model, self.held, self.auto.horizon, (0.1, 0.9, self.auto.quantile)
+            )
+        return _Validation(self.tracker(model, means), means, raws)
 
 
 class Pricing:
