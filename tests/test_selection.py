@@ -266,6 +266,33 @@ def test_a_scorer_chooses_the_model_and_the_band_that_is_served() -> None:
     assert plan_cost_chosen(series) != "naive"  # without the scorer another one wins
 
 
+@pytest.mark.parametrize("horizon", [2, 3])
+def test_each_run_is_what_the_model_serves_taking_one_value_at_a_time(horizon: int) -> None:
+    """A candidate's run (computed in one batch where the model allows it) holds at every
+    origin the mean and band that predict gives when the model, fitted on the history before
+    the window, takes the window's values one at a time: a gap in the window included."""
+    values = daily_cycle(5 * DAY, noise=6.0, seed=3)
+    values[-300:-280] = np.nan
+    series = grid_series(values)
+    candidates = (
+        "naive", "seasonal_naive", "holt_winters", "holt_winters_sqrt", "holt_winters_damped",
+    )
+    scorer = RecordingScorer(dict.fromkeys(candidates, 1.0))
+    auto = Auto(STEP, candidates=candidates, horizon=horizon, calibrate=False, scorer=scorer)
+    held = auto.fit(series).selection_.validation_steps
+    assert sorted(run.model for run in scorer.runs) == sorted(candidates)
+    for run in scorer.runs:
+        model = make_model(run.model, STEP, horizon=horizon).fit(series.iloc[:-held])
+        means, bands = [], []
+        for k in range(len(series) - held, len(series)):
+            forecast = model.predict(horizon, [auto.quantile])
+            means.append(forecast.mean)
+            bands.append(forecast.quantile(auto.quantile))
+            model.update(series.iloc[k : k + 1])
+        np.testing.assert_array_equal(run.mean, np.array(means), err_msg=run.model)
+        np.testing.assert_array_equal(run.band, np.array(bands), err_msg=run.model)
+
+
 def plan_cost_chosen(series: pd.Series) -> str:
     return Auto(STEP, candidates=FAST, default=None).fit(series).selection_.chosen
 

@@ -124,4 +124,17 @@ class HoltWinters(ForecastModel):
         factor = np.sqrt(1 + np.concatenate([[0.0], np.cumsum(c**2)]))
         return mean, factor[:, None] * self.errors_[None, :]
 
-
+    def _forecast_path(self, values: np.ndarray, horizon: int) -> np.ndarray:
+        """The means (len(values), horizon) that predict/update one value at a time would give
+        (before each value arrives), from the states of one pass; then folds the values in."""
+        steps = np.arange(1, horizon + 1)
+        damp = np.cumsum(self.phi_ ** steps) if self.trend else np.zeros(horizon)
+        m = len(self.season_)
+        levels, slopes = np.empty(len(values)), np.empty(len(values))
+        seasonal = np.zeros((len(values), horizon))
+        for k in range(len(values)):
+            levels[k], slopes[k] = self.level_, self.slope_
+            if self.period:
+                seasonal[k] = self.season_[(self.position_ + steps - 1) % m]
+            self._filter(values[k : k + 1])
+        return levels[:, None] + damp[None, :] * slopes[:, None] + seasonal

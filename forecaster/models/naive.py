@@ -15,6 +15,13 @@ def _last_finite(values: np.ndarray) -> float:
     return float(values[finite[-1]]) if finite.size else float("nan")
 
 
+def _last_finite_before(values: np.ndarray, ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """_last_finite of values[start:end] for each (start, end) pair, NaN where none is."""
+    where = np.maximum.accumulate(np.where(np.isfinite(values), np.arange(len(values)), -1))
+    last = where[ends - 1]
+    return np.where(last >= starts, values[np.maximum(last, 0)], np.nan)
+
+
 class Naive(ForecastModel):
     """Repeat the last observation; the fallback of last resort (needs 2 observed steps)."""
 
@@ -32,6 +39,15 @@ class Naive(ForecastModel):
 
     def _update(self, values: np.ndarray) -> None:
         self.history_ = np.concatenate([self.history_, values])
+
+    def _forecast_path(self, values: np.ndarray, horizon: int) -> np.ndarray:
+        """The means (len(values), horizon) that predict/update one value at a time would give
+        (before each value arrives), computed in one batch; then folds the values in."""
+        seen = np.concatenate([self.history_, values])
+        ends = len(self.history_) + np.arange(len(values))  # origin k has seen seen[:end]
+        levels = _last_finite_before(seen, ends, np.zeros(len(values), dtype=int))
+        self._update(values)
+        return np.repeat(levels[:, None], horizon, axis=1)
 
     def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         level = _last_finite(self.history_)
@@ -71,6 +87,32 @@ class SeasonalNaive(ForecastModel):
     def _update(self, values: np.ndarray) -> None:
         keep = 2 * (self.weekly or self.daily or 1) + len(values)
         self.history_ = np.concatenate([self.history_[-keep:], values])
+
+    def _forecast_path(self, values: np.ndarray, horizon: int) -> np.ndarray:
+        """The means (len(values), horizon) that predict/update one value at a time would give
+        (before each value arrives), computed in one batch; then folds the values in as those
+        updates would (keeping the same tail of the history)."""
+        n0, keep = len(self.history_), 2 * (self.weekly or self.daily or 1) + 1
+        seen = np.concatenate([self.history_, values])
+        origins = np.arange(len(values))
+        ends = n0 + origins  # origin k has seen seen[:end], of which it kept `sizes`
+        sizes = np.where(origins == 0, n0, np.minimum(ends, keep + 1))
+        starts = ends - sizes
+        last = _last_finite_before(seen, ends, starts)
+        means = np.empty((len(values), horizon))
+        for k in range(1, horizon + 1):
+            mean, found = last.copy(), np.zeros(len(values), dtype=bool)
+            for lag in (self.lag_, self.daily):
+                if lag is None:
+                    continue
+                index = sizes - 1 + k - lag * int(np.ceil(k / lag))  # into what was kept
+                lagged = seen[np.clip(starts + index, 0, len(seen) - 1)]
+                use = ~found & (index >= 0) & (index < sizes) & np.isfinite(lagged)
+                mean[use], found = lagged[use], found | use
+            means[:, k - 1] = mean
+        if len(values):
+            self.history_ = seen[-min(n0 + len(values), keep + 1) :]
+        return means
 
     def _predict(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.history_)

@@ -57,6 +57,9 @@ from forecaster.models.calibration import (
     level_scale,
     scale_floor,
 )
+from forecaster.models.ets import HoltWinters
+from forecaster.models.naive import Naive, SeasonalNaive
+from forecaster.models.transform import Transformed
 
 DEFAULT_CANDIDATES = (
     "naive", "seasonal_naive", "holt_winters", "holt_winters_sqrt", "gbm", "ensemble",
@@ -70,6 +73,7 @@ PREFERENCE = ("holt_winters", "seasonal_naive", "naive")
 VALIDATION = pd.Timedelta(days=4)
 RESELECT = pd.Timedelta(days=1)
 MIN_VALIDATION_STEPS = 24
+PATH_BLOCK = 128  # origins whose error samples are mapped back at once
 FIT_ERRORS = (ForecasterError, ValueError, ArithmeticError, LinAlgError)
 
 
@@ -755,6 +759,13 @@ def _forecast_path(
         raw = np.quantile(errors, qs, axis=1)  # (len(qs), horizon)
         means = model._forecast_path(held, horizon)
         return means, np.repeat(raw[:, None, :], len(held), axis=1)
+    if isinstance(model, (HoltWinters, Naive, SeasonalNaive)):
+        _, errors = model._predict(horizon)  # the same sample at every origin
+        raw = np.quantile(errors, qs, axis=1) if errors.size else np.zeros((len(qs), horizon))
+        means = np.maximum(model._forecast_path(held, horizon), 0.0)
+        return means, np.repeat(raw[:, None, :], len(held), axis=1)
+    if isinstance(model, Transformed) and isinstance(model.model, HoltWinters):
+        return _transformed_path(model, model.model, held, horizon, qs)
     if isinstance(model, Ensemble):
         paths = [_forecast_path(m, held, horizon, qs) for m in model.fitted_]
         return _average_paths(paths, [model.weight_of(m) for m in model.fitted_])
@@ -771,3 +782,22 @@ def _forecast_path(
         previous = errors
         model._update(held[k : k + 1])
     return means, raws
+
+
+
+def _transformed_path(
+    model: Transformed, inner: HoltWinters, held: np.ndarray, horizon: int, qs: list[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """_forecast_path of a transformed Holt-Winters in one batch: its inner error sample does
+    not change between refits, so each origin's sample is that one mapped back around the
+    origin's mean; quantiles are taken a block of origins at a time to bound the memory."""
+    _, errors = inner._predict(horizon)
+    inner_means = inner._forecast_path(model._forward(held), horizon)
+    centre = model._inverse(inner_means)
+    raws = np.zeros((len(qs), len(held), horizon))
+    if errors.size:
+        for start in range(0, len(held), PATH_BLOCK):
+            block = slice(start, start + PATH_BLOCK)
+            sample = model._inverse(inner_means[block, :, None] + errors[None])
+            raws[:, block] = np.quantile(sample - centre[block, :, None], qs, axis=2)
+    return np.maximum(centre, 0.0), raws
