@@ -8,6 +8,9 @@ targets back to the system (`FitPool.trim_if_due`).
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -247,16 +250,26 @@ class FitPool:
         )
         self._death_listeners: list[Callable[[str], None]] = []
         self._closed = False
+        # Fits wait here, first fits ahead of refits, until one of `workers` slots is free:
+        # an executor's own queue is first come, first served.
+        self._slots = max(1, workers)
+        self._waiting: list[tuple[bool, int, FitRequest, Future[FallbackFit]]] = []
+        self._arrivals = itertools.count()
         # Every executor is fed from this one thread: a worker spawned by a thread exits when
         # that thread does (PR_SET_PDEATHSIG follows the parent thread), and this one lasts as
         # long as the pool.
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="fit-sender")
 
-    def submit(self, request: FitRequest) -> Future[FallbackFit]:
+    def submit(self, request: FitRequest, *, first: bool = False) -> Future[FallbackFit]:
         """Fit in a worker; the future holds the fit, or the worker's exception
-        (`FitWorkerDied` when its worker died on both tries). RuntimeError once shut down."""
+        (`FitWorkerDied` when its worker died on both tries). RuntimeError once shut down.
+        A `first` fit (of a target with no model yet) goes before the refits waiting."""
         fit: Future[FallbackFit] = Future()
-        self._sender.submit(self._send, request, fit, ())
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the fit pool is shut down")
+            heapq.heappush(self._waiting, (not first, next(self._arrivals), request, fit))
+        self._sender.submit(self._send_next)
         return fit
 
     def notify_deaths(self, listener: Callable[[str], None]) -> None:
@@ -304,6 +317,9 @@ class FitPool:
         """Cancel queued fits and end the workers; a fit in flight is abandoned."""
         with self._lock:
             self._closed = True
+            waiting, self._waiting = self._waiting, []
+        for *_, fit in waiting:
+            fit.cancel()
         self._sender.shutdown(wait=True)  # fits still queued there are cancelled, not sent
         executor = self._executor
         if executor is None:
@@ -321,6 +337,22 @@ class FitPool:
             manager.join(timeout=10)
 
     # -- sending, and replacing a broken executor ----------------------------------------------
+
+    def _send_next(self) -> None:
+        """On the sender thread: send the first waiting fit while a slot is free."""
+        with self._lock:
+            if self._closed or self._slots == 0 or not self._waiting:
+                return
+            *_, request, fit = heapq.heappop(self._waiting)
+            self._slots -= 1
+        fit.add_done_callback(self._slot_freed)
+        self._send(request, fit, ())
+
+    def _slot_freed(self, _: Future[FallbackFit]) -> None:
+        with self._lock:
+            self._slots += 1
+        with contextlib.suppress(RuntimeError):  # shut down: what waited was cancelled
+            self._sender.submit(self._send_next)
 
     def _send(self, request: FitRequest, fit: Future[FallbackFit],
               deaths: tuple[WorkerDeath, ...]) -> None:

@@ -59,9 +59,10 @@ class Refits:
                 return
             target.fit_pending = True
             request = target.fit_request()
+            first = target.model is None  # it serves no forecast of its own: it goes first
         began = time.perf_counter()
         try:
-            future = self.pool.submit(request)
+            future = self.pool.submit(request, first=first)
         except Exception as exc:  # the pool is shut down: fail the fit, free the target
             future = Future()
             future.set_exception(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -306,3 +307,49 @@ def test_refit_now_refits_at_the_next_pass_and_run_refresh_reads_in_the_calling_
         assert current_time is not None and int(asked) <= current_time <= clock()
     finally:
         engine.stop()
+
+
+class GatedFits(ThreadPoolExecutor):
+    """Fits in one thread, each waiting at `gate` once it is there (`entered` tells)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        def gated():  # type: ignore[no-untyped-def]
+            self.entered.set()
+            self.gate.wait()
+            return fn(*args, **kwargs)
+
+        return super().submit(gated)
+
+
+def test_a_first_fit_goes_before_the_refits_waiting(clock: Clock, source: ReplaySource) -> None:
+    """A target with no model is fitted before the refits of targets that serve a forecast,
+    except the one a worker already holds."""
+    heard, fits = Heard(), GatedFits()
+    engine = Engine(EngineSettings(refresh_seconds=3600, refit_seconds=3600, fit_workers=1),
+                    clock=clock, fit_pool=FitPool(1, executor=fits), listener=heard)
+    try:
+        serving = [f"demo/aws/serving-{k}" for k in range(3)]
+        for target_id in serving:
+            engine.ensure_target(target_id, SPEC, source)
+        assert {heard.fits.get(timeout=60) for _ in serving} == {(t, True) for t in serving}
+        fits.gate.clear()
+        fits.entered.clear()
+        for target_id in serving:
+            engine.refit_now(target_id)
+        engine.tick()
+        assert fits.entered.wait(timeout=30)  # one refit in the worker, two waiting
+        new = engine.ensure_target("demo/aws/new", SPEC, source)
+        wait_for(lambda: new.fit_pending, timeout=30)
+        fits.gate.set()
+        landed = [heard.fits.get(timeout=60) for _ in range(4)]
+    finally:
+        engine.stop()
+    assert all(ok for _, ok in landed)
+    order = [target_id for target_id, _ in landed]
+    assert order[1] == "demo/aws/new" and sorted([order[0], *order[2:]]) == serving
