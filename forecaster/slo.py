@@ -9,6 +9,18 @@ by gain x (1 - share), each interval served lowers it by gain x share: adaptive 
 inference (Gibbs & Candes 2021) on the log of a factor, so the running share of misses
 converges to `share` whatever the demand does, as long as the level can move far enough.
 
+That alone holds the share over the long run, not over any few days: the misses in a stretch
+exceed share x n by the rise of the level over it divided by the gain, and a regime that needs
+the level e^0.43 higher costs 17 misses (1.5 points of four days) before it is met. A larger
+gain shortens that but chases every burst, at a cost. So a second term watches the last four
+days (WINDOW_STEPS judged intervals): the excess of their misses over share x n, in units of
+WINDOW_BAND of them, through tan(pi/2 x), times WINDOW_GAIN and capped at +-WINDOW_CAP. Near
+the share it is negligible; as four days' share nears WINDOW_BAND from it, the term grows
+fast and pulls the next intervals back, up after a run of misses, down (cheaper) after a calm
+stretch: the saturating integral of conformal PID control (Angelopoulos, Candes & Tibshirani
+2023) on a sliding window. It is bounded, so the long-run guarantee keeps its form, with the
+level's range widened by twice the cap.
+
 The gain sets how close: over n judged intervals the misses differ from share x n by at most
 the range the level travels divided by the gain (Gibbs & Candes 2021). The misses allowed,
 share x n, shrink with the share, so below the default share the gain grows as 1 / share:
@@ -59,6 +71,14 @@ DEFAULT_GAIN = 0.025  # at DEFAULT_SHARE and above; see default_gain
 # How far the level may go: a factor of e^-3 (0.05) to e^5 (148) on the plan.
 LEVEL_BOUNDS = (-3.0, 5.0)
 DEFAULT_MEMORY_STEPS = 1728  # six days of 5-minute decisions to calibrate on
+# The window term (see the module's docstring): four days of 5-minute intervals; it saturates
+# as their share nears 1.25 points from the asked one; WINDOW_GAIN at half of that.
+WINDOW_STEPS = 1152
+WINDOW_BAND = 0.0125
+WINDOW_GAIN = 0.05
+WINDOW_CAP = 0.5
+# Where tan(pi/2 x) is cut before it reaches infinity at |x| = 1 (the cap then rules).
+_WINDOW_SATURATION = 0.999
 # Calibration finds its level to within 24 halvings of LEVEL_BOUNDS; the scorer to within 12
 # (0.2% of the factor), in a bracket it guesses first (see ShareScorer).
 CALIBRATION_RESOLUTION = (LEVEL_BOUNDS[1] - LEVEL_BOUNDS[0]) / 2**24
@@ -78,14 +98,16 @@ class SloController:
     Call `observe(demand)` at the end of each interval with its demand (NaN when unknown),
     then `decide(planned_load)`: it returns the load to serve. The decision made at the end
     of interval t is ready in t + 1 + `lead_steps`, and is judged when that interval's
-    demand arrives. `gain` defaults to `default_gain(share)`.
+    demand arrives. `gain` defaults to `default_gain(share)`. The level is `base_level`,
+    which integrates every judged interval, plus `window_term()`, which looks at the last
+    `window_steps` only; `window_gain=0` turns the latter off.
 
     >>> from forecaster.policy import ScalingPolicy
     >>> slo = SloController(0.05, ScalingPolicy(target_per_replica=10.0), lead_steps=1)
     >>> served = [slo.decide(100.0) for _ in range(2)]
     >>> slo.observe(150.0)  # the first decision's interval: 10 replicas, 150 > 100
-    >>> slo.misses, slo.intervals, round(slo.level, 4)
-    (1, 1, 0.0238)
+    >>> slo.misses, slo.intervals, round(slo.base_level, 4), round(slo.level, 4)
+    (1, 1, 0.0238, 0.029)
     """
 
     def __init__(
@@ -97,6 +119,8 @@ class SloController:
         gain: float | None = None,
         level: float = 0.0,
         memory_steps: int = DEFAULT_MEMORY_STEPS,
+        window_steps: int = WINDOW_STEPS,
+        window_gain: float = WINDOW_GAIN,
     ) -> None:
         if not 0.0 < share < 0.5:
             raise InvalidInputError(
@@ -110,13 +134,27 @@ class SloController:
             raise InvalidInputError("gain", f"must be a positive number, got {gain!r}")
         if memory_steps < 0:
             raise InvalidInputError("memory_steps", f"must be >= 0, got {memory_steps!r}")
+        if window_steps < 1:
+            raise InvalidInputError("window_steps", f"must be >= 1, got {window_steps!r}")
+        if not (math.isfinite(window_gain) and window_gain >= 0):
+            raise InvalidInputError(
+                "window_gain", f"must be a number >= 0, got {window_gain!r}"
+            )
         self.share = share
         self.policy = policy
         self.lead_steps = lead_steps
         self.gain = gain
-        self.level = _bounded(level)
+        self.window_steps = window_steps
+        self.window_gain = window_gain
+        self.base_level = _bounded(level)
+        self.level = self.base_level
         self.misses = 0
         self.intervals = 0
+        # 1 per judged interval that ran short, 0 per one served: the last window_steps, a
+        # ring whose oldest entry is at _window_at once full.
+        self._window = bytearray()
+        self._window_at = 0
+        self._window_misses = 0
         self._hpa = HpaState()
         self._hpa_before = HpaState()  # before the latest decision, for `redecide`
         # Decisions not yet judged: (planned load, replicas), oldest first.
@@ -161,15 +199,42 @@ class SloController:
         miss = demand > replicas * self.policy.target_per_replica
         self.intervals += 1
         self.misses += int(miss)
-        self.level = _bounded(self.level + self.gain * (float(miss) - self.share))
+        self._slide(miss)
+        self.base_level = _bounded(self.base_level + self.gain * (float(miss) - self.share))
+        self.level = _bounded(self.base_level + self.window_term())
+
+    def window_term(self) -> float:
+        """What the last window_steps judged intervals add to the level: WINDOW_GAIN x
+        tan(pi/2 x), x their misses' excess over the share in units of WINDOW_BAND x
+        window_steps, capped at +-WINDOW_CAP; 0 before any is judged."""
+        if not self._window or self.window_gain == 0:
+            return 0.0
+        excess = self._window_misses - self.share * len(self._window)
+        x = excess / (WINDOW_BAND * self.window_steps)
+        x = min(max(x, -_WINDOW_SATURATION), _WINDOW_SATURATION)
+        term = self.window_gain * math.tan(math.pi / 2 * x)
+        return min(max(term, -WINDOW_CAP), WINDOW_CAP)
+
+    def _slide(self, miss: bool) -> None:
+        if len(self._window) < self.window_steps:
+            self._window.append(int(miss))
+        else:
+            self._window_misses -= self._window[self._window_at]
+            self._window[self._window_at] = int(miss)
+            self._window_at = (self._window_at + 1) % self.window_steps
+        self._window_misses += int(miss)
 
     def calibrate(self) -> None:
         """Set the level to the lowest that would have held the share over the remembered
-        decisions (see lowest_level), then count anew from here."""
+        decisions (see lowest_level), then count anew from here, the window included."""
         if self._memory:
             self.level = self.lowest_level()
+        self.base_level = self.level
         self.misses = 0
         self.intervals = 0
+        self._window = bytearray()
+        self._window_at = 0
+        self._window_misses = 0
 
     def lowest_level(
         self, resolution: float = CALIBRATION_RESOLUTION,
