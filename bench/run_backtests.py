@@ -1,10 +1,12 @@
 """`make backtest`: `forecaster backtest` on each sub-daily trace in data/, then one table.
 
     python bench/run_backtests.py [--model NAME | --models a,b,c] [--max-under-provisioned S,...]
+        [--out DIR]
 
 Each trace is evaluated on its last 1,152 five-minute steps (4 days) with --step 5m
 --startup 5m and its own per-replica target (below). Outputs go to out/backtest/<trace>, or
-out/backtest/<trace>/<model> when several models are compared. The combined table is built
+out/backtest/<trace>/<model> when several models are compared (`--out` moves out/backtest, so
+that runs at different shares can go on side by side). The combined table is built
 from the summary.json files the runs wrote.
 """
 
@@ -71,6 +73,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-under-provisioned", default=None,
                         help="share(s) of intervals allowed short, comma-separated "
                         "(default: the CLI's, 0.05)")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"the folder for the outputs (default: {OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     shares: list[str | None] = (
         [s.strip() for s in args.max_under_provisioned.split(",") if s.strip()]
@@ -90,7 +94,7 @@ def run(argv: list[str] | None = None) -> int:
     for share in shares:
         for trace, (target, eval_start) in TRACES.items():
             for model in models:
-                out = OUT / Path(trace).stem
+                out = args.out / Path(trace).stem
                 if several:
                     out = out / model
                 if len(shares) > 1:
@@ -103,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
                 summaries.append(label(summary, model, several))
     if summaries:
         print(format_table(summaries))
-        print(f"\noutputs under {OUT.relative_to(ROOT)}/")
+        print(f"\noutputs under {args.out}/")
     for failure in failures:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
