@@ -76,7 +76,7 @@ DEFAULT_MEMORY_STEPS = 1728  # six days of 5-minute decisions to calibrate on
 WINDOW_STEPS = 1152
 WINDOW_BAND = 0.0125
 WINDOW_GAIN = 0.05
-WINDOW_CAP = 0.5
+WINDOW_CAP = 0.2
 # Where tan(pi/2 x) is cut before it reaches infinity at |x| = 1 (the cap then rules).
 _WINDOW_SATURATION = 0.999
 # Calibration finds its level to within 24 halvings of LEVEL_BOUNDS; the scorer to within 12
