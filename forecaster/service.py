@@ -19,7 +19,7 @@ from forecaster.errors import InvalidInputError, TooManyTargetsError
 from forecaster.fitting import FitPool
 from forecaster.scaler.bridge import FRONT_SILENCE_SECONDS, ScalerBridge
 from forecaster.sources import HistorySource
-from forecaster.state import Saver, StateStore
+from forecaster.state import Refused, Saver, StateStore
 from forecaster.targets import SourceRegistry, TargetResolver
 from forecaster.telemetry import Telemetry
 
@@ -104,7 +104,8 @@ class Service:
     def restore_saved(self) -> None:
         """Recreate every saved target (forecaster.state) before the service turns ready. A
         configured target whose spec in the config file changed starts anew; a saved target
-        whose server is no longer configured, or past maxTargets, is refused."""
+        whose server is no longer configured, past maxTargets, or over targetMemoryBytes is
+        refused."""
         store = self.state_store
         if store is None:
             return
@@ -122,6 +123,9 @@ class Service:
                 continue
             try:
                 self.resolver.restore(saved, configured=spec is not None)
+            except Refused as exc:
+                store.refuse(saved.target_id, exc.reason, str(exc))
+                continue
             except InvalidInputError as exc:
                 store.refuse(saved.target_id, "server", str(exc))
                 continue

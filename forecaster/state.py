@@ -13,7 +13,9 @@ goes to a temporary file in the same directory, is flushed to disk, then renamed
 old one: a reader sees the old file or the new one, never half of one.
 
 A file from another version, a corrupt one, or a pair that does not match is refused:
-logged, counted, removed, and its target fits again as a new one would.
+logged, counted, removed, and its target fits again as a new one would. So is a target the
+service can no longer take as saved: its server unconfigured, past maxTargets, or its spec
+over the targetMemoryBytes budget.
 
 Trust: unpickling runs code the file names, so only forecaster may write the directory.
 """
@@ -54,7 +56,7 @@ TEMP_PREFIX = ".tmp-"
 SHUTDOWN_SECONDS = 5.0  # the most a shutdown spends writing the unsaved targets
 SHUTDOWN_WRITERS = 8  # threads writing at shutdown: see Saver.close
 MAX_HEADER_BYTES = 4096
-REFUSAL_REASONS = ("version", "corrupt", "server", "limit")
+REFUSAL_REASONS = ("version", "corrupt", "server", "limit", "memory")
 
 T = TypeVar("T")
 
@@ -76,7 +78,7 @@ class _NoListener:
 
 
 class Refused(Exception):
-    """A saved file that cannot be used: `reason` is "version" or "corrupt"."""
+    """A saved file that cannot be used: `reason` is one of REFUSAL_REASONS."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

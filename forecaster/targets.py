@@ -25,7 +25,7 @@ from forecaster.spec import (
     check_object_ref,
     parse_trigger_metadata,
 )
-from forecaster.state import SavedTarget
+from forecaster.state import Refused, SavedTarget
 from forecaster.target import Target, target_id
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,13 @@ class TargetResolver:
         )
 
     def restore(self, saved: SavedTarget, *, configured: bool) -> Target:
-        """Recreate a saved target on its server's client; InvalidInputError when that
-        server is no longer configured, TooManyTargetsError past maxTargets."""
+        """Recreate a saved target on its server's client; Refused("memory") when its spec is
+        over the targetMemoryBytes budget (lowered since it was saved), InvalidInputError
+        when its server is no longer configured, TooManyTargetsError past maxTargets."""
+        try:
+            check_memory(saved.spec, self.settings.engine.target_memory_bytes)
+        except InvalidInputError as exc:
+            raise Refused("memory", str(exc)) from exc
         source = self.sources.for_address(saved.spec.server_address)
         return self.engine.restore(saved, source, configured=configured)
 

@@ -112,7 +112,8 @@ class Telemetry:
             "forecaster_state_refused",
             "Saved targets not restored at start, by reason: version (another forecaster "
             "version's files), corrupt (unreadable, truncated, or a mismatched pair), server "
-            "(its Prometheus is no longer configured), limit (past maxTargets). Each fits "
+            "(its Prometheus is no longer configured), limit (past maxTargets), memory (its "
+            "trigger is over targetMemoryBytes, lowered since it was saved). Each fits "
             "again as a new target.",
             ["reason"],
             registry=registry,

@@ -30,6 +30,7 @@ from forecaster.refitting import restored_refit_due
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
+from forecaster.spec import memory_estimate
 from forecaster.state import LIVE_SUFFIX, MODEL_SUFFIX, StateStore, file_stem
 from tests.support.prometheus import PrometheusServer
 from tests.support.rest import make_blocks, metadata, settings
@@ -319,6 +320,24 @@ def test_a_saved_target_on_an_unconfigured_server_is_refused(
         assert _sample(other, "forecaster_state_refused_total", reason="server") == 2
         assert len(other.engine) == 0
     assert not list(copy_of.glob("*" + LIVE_SUFFIX))
+
+
+def test_a_saved_target_over_a_lowered_memory_budget_is_refused(
+    saved: Saved, copy_of: Path, state_prometheus: PrometheusServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = ManualClock(saved.stopped_at + 1)
+    base = settings(state_prometheus.url)  # no configured target: the budget must not stop it
+    estimate = memory_estimate(StateStore(copy_of).read(API).spec).total
+    lowered = replace(base, state_dir=copy_of,
+                      engine=replace(base.engine, target_memory_bytes=estimate - 1))
+    other = Service(lowered, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="forecaster.state"), _running(other):
+        assert _sample(other, "forecaster_state_refused_total", reason="memory") == 2
+        assert len(other.engine) == 0
+        refusals = [r.getMessage() for r in caplog.records if "refused (memory)" in r.getMessage()]
+        assert len(refusals) == 2 and all("targetMemoryBytes" in m for m in refusals), refusals
+    assert not list(copy_of.iterdir())
 
 
 # -- the directory's life -----------------------------------------------------------------
