@@ -18,6 +18,7 @@ import pandas as pd
 from forecaster.config import EngineSettings
 from forecaster.errors import SourceError, SourceUnavailableError
 from forecaster.sources import HistorySource
+from forecaster.sources.prometheus import RefusedPointsError
 from forecaster.target import Target, begin_outage, end_outage, freshness_limit
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class Refreshes:
 def read_since_last(target: Target, now: float) -> tuple[pd.Series, tuple[float, float]]:
     """New grid points since the target's last bin (the whole window at first) and the
     current value (epoch seconds, value), from its source; SourceError or
-    SourceUnavailableError.
+    SourceUnavailableError. The source leaves out the points it refuses (gaps in history).
 
     Only the target's refresh extends its buffer, and refreshes of one target never overlap,
     so reading `buffer.last` here needs no lock.
@@ -204,13 +205,17 @@ def read_since_last(target: Target, now: float) -> tuple[pd.Series, tuple[float,
         if last is None
         else (last + target.step).to_pydatetime()
     )
+    # The current value first: when it is refused (negative, NaN, Inf) the refresh fails
+    # with that reason alone, before the range is read and its refusals logged too.
+    stamp, value = target.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
     points = pd.Series(dtype=float)
     if start <= end:
         try:
             points = target.source.query_range(spec.query, start, end, step)
-        except SourceError:
+        except SourceError as exc:
             if last is None:
                 raise
-            # No new points in an incremental window: the instant query below decides.
-    stamp, value = target.source.query_instant(spec.query, datetime.fromtimestamp(now, UTC))
+            # No new points in an incremental window: the current value is enough.
+            if isinstance(exc, RefusedPointsError):  # but say why, as a refresh would
+                log.warning("refresh of %s: %s; left out as gaps", target.target_id, exc)
     return points, (stamp.timestamp(), value)

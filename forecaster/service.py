@@ -59,7 +59,8 @@ class Service:
             saver=Saver(state_store, clock=clock) if state_store is not None else None,
         )
         self.telemetry.track(self.engine)
-        self.sources = SourceRegistry(settings.servers, fixed=source)
+        self.sources = SourceRegistry(settings.servers, fixed=source,
+                                      refused=self.telemetry.points_refused)
         self.resolver = TargetResolver(self.engine, settings, self.sources)
         self.stopped = threading.Event()  # set by a signal, or when the scaler front exits
         self.started = threading.Event()  # set once start() is done: for readiness

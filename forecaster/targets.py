@@ -11,7 +11,7 @@ import logging
 import reprlib
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from forecaster.config import Settings
 from forecaster.engine import Engine
@@ -39,10 +39,12 @@ class SourceRegistry:
     """One client per Prometheus server, only for the servers the operator allows."""
 
     def __init__(
-        self, servers: tuple[PrometheusServerConfig, ...], *, fixed: HistorySource | None = None
+        self, servers: tuple[PrometheusServerConfig, ...], *, fixed: HistorySource | None = None,
+        refused: Callable[[str, int], None] | None = None,
     ) -> None:
         self._configured = {server.url: server for server in servers}
         self._fixed = fixed
+        self._refused = refused  # told (reason, count) of the points a client refuses
         self._clients: dict[str, HistorySource] = {}
         self._lock = threading.Lock()
 
@@ -71,7 +73,7 @@ class SourceRegistry:
         with self._lock:
             if url not in self._clients:
                 server = self._configured[url]
-                self._clients[url] = PrometheusSource(server)
+                self._clients[url] = PrometheusSource(server, refused=self._refused)
             return self._clients[url]
 
 

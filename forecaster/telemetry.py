@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from forecaster.engine import Engine
 from forecaster.policy import planned_replicas
+from forecaster.sources.prometheus import REFUSED_POINT_REASONS
 from forecaster.state import REFUSAL_REASONS
 from forecaster.target import Target, freshness_limit, target_labels
 
@@ -118,12 +119,22 @@ class Telemetry:
             ["reason"],
             registry=registry,
         )
+        self.refused_points = Counter(
+            "forecaster_points_refused",
+            "Points read from Prometheus and refused, by reason: negative, or not_finite "
+            "(NaN or Inf). In history each is left out as a gap; a refused current value "
+            "makes the refresh fail. Counted at each read, so one re-read is counted again.",
+            ["reason"],
+            registry=registry,
+        )
         for outcome in ("ok", "failed"):  # present from the start, so rate() sees the first one
             self.fits.labels(outcome)
             self.refreshes.labels(outcome)
             self.state_saves.labels(outcome)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
+        for reason in REFUSED_POINT_REASONS:
+            self.refused_points.labels(reason)
         for method in GRPC_METHODS:
             self.requests.labels("grpc", method, "OK")
 
@@ -150,6 +161,10 @@ class Telemetry:
 
     def spec_changed(self, target_id: str) -> None:
         self.spec_changes.inc()
+
+    def points_refused(self, reason: str, count: int) -> None:
+        """Count points a Prometheus read refused (`reason` in REFUSED_POINT_REASONS)."""
+        self.refused_points.labels(reason).inc(count)
 
     # -- StateListener -----------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from forecaster.scaler.bridge import PUSH_SECONDS
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
+from forecaster.sources.prometheus import RefusedPointsError
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import MAX_OUTAGE_HORIZON_SECONDS, TriggerSpec, parse_trigger_metadata
 from forecaster.target import (
@@ -170,10 +171,13 @@ class Failing:
     def __init__(self, inner: ReplaySource) -> None:
         self.inner = inner
         self.failure: Exception | None = None
+        self.range_failure: Exception | None = None  # the range read's alone
 
     def query_range(self, query: str, start: datetime, end: datetime, step: int) -> pd.Series:
         if self.failure is not None:
             raise self.failure
+        if self.range_failure is not None:
+            raise self.range_failure
         return self.inner.query_range(query, start, end, step)
 
     def query_instant(self, query: str, at: datetime | None = None) -> tuple[datetime, float]:
@@ -219,6 +223,28 @@ def test_an_empty_answer_is_data_not_an_outage(clock: Clock, failing: Failing) -
         clock.offset = freshness_limit(engine.settings, SPEC) + 1
         with pytest.raises(NotReadyError, match="freshness"):
             engine.serve(target_id)
+    finally:
+        engine.stop()
+
+
+def test_new_points_all_refused_are_gaps_named_once_and_the_refresh_goes_on(
+    clock: Clock, failing: Failing, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = _engine(clock)
+    try:
+        target_id = _started(engine, failing, SPEC)
+        target = engine.get(target_id)
+        last = target.buffer.last
+        clock.offset += 3 * SPEC.step_seconds  # new bins to read, each refused by the source
+        refusal = RefusedPointsError("query 'x' returned -13.0 at ...", query=AWS)
+        failing.range_failure = refusal
+        with caplog.at_level(logging.WARNING, logger="forecaster.refreshing"):
+            engine.run_refresh(target_id)
+        (record,) = [r for r in caplog.records if r.name == "forecaster.refreshing"]
+        assert target_id in record.getMessage() and str(refusal) in record.getMessage()
+        assert target.buffer.last == last  # nothing folded in
+        assert target.snapshot.last_error is None and target.refresh_failures == 0
+        assert engine.serve(target_id).mode == "forecast"  # the current value was good
     finally:
         engine.stop()
 

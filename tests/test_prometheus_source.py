@@ -29,6 +29,7 @@ from forecaster.sources.prometheus import (
     MAX_POINTS_PER_REQUEST,
     PrometheusServerConfig,
     PrometheusSource,
+    RefusedPointsError,
 )
 from tests.support.prometheus import PrometheusServer, PrometheusServerError, write_openmetrics
 
@@ -225,28 +226,78 @@ def test_syntax_error_carries_prometheus_message(
     assert not isinstance(caught.value, SourceUnavailableError)
 
 
-@pytest.mark.parametrize("kind", ["range", "instant"])
-@pytest.mark.parametrize(("query", "shown"), [("vector(0) / 0", "NaN"), ("vector(1) / 0", "+Inf")])
-def test_non_finite_values_are_refused_with_query_and_time(
-    source: PrometheusSource, demo_trace: pd.Series, kind: str, query: str, shown: str
+class Refusals:
+    """What a source reports of the points it refuses: (reason, count) per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, reason: str, count: int) -> None:
+        self.calls.append((reason, count))
+
+
+def _bad_points(trace: pd.Series) -> dict[str, tuple[str, str]]:
+    """Queries over SERIES_A whose last 12 points are partly refused: reason and query."""
+    middle = float(trace.iloc[-12:].median())  # some points above it, some below
+    above = f"({SERIES_A} > bool {middle!r})"  # 1 above the median, 0 at or below it
+    return {
+        "negative": ("negative", f"{SERIES_A} - {middle!r}"),
+        "inf": ("not_finite", f"{SERIES_A} / {above}"),
+        "nan": ("not_finite", f"({SERIES_A} - {SERIES_A}) / {above}"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["negative", "inf", "nan"])
+def test_a_range_read_refuses_only_its_unusable_points(
+    prometheus: PrometheusServer, demo_trace: pd.Series, kind: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with pytest.raises(SourceError) as caught:
-        _ask(source, demo_trace, query, kind)
-    message = str(caught.value)
-    assert query in message and shown in message
-    if kind == "range":
-        assert demo_trace.index[-12].strftime("%Y-%m-%dT%H:%M:%S") in message
+    reason, query = _bad_points(demo_trace)[kind]
+    start, end = demo_trace.index[-12], demo_trace.index[-1]
+    raw = _raw_range(prometheus.url, query, int(start.timestamp()), int(end.timestamp()), 300)
+    usable = np.isfinite(raw.to_numpy()) & (raw.to_numpy() >= 0)
+    assert 0 < usable.sum() < raw.size, raw  # the query mixes good and bad points
+    refused = Refusals()
+    with caplog.at_level(logging.WARNING, logger="forecaster.sources.prometheus"), \
+            PrometheusSource(PrometheusServerConfig(url=prometheus.url), refused=refused) as src:
+        got = src.query_range(query, start.to_pydatetime(), end.to_pydatetime(), 300)
+    # The good points, exactly; the bad ones left out as gaps, never clamped or filled.
+    assert got.index.equals(raw.index[usable])
+    np.testing.assert_array_equal(got.to_numpy(), raw.to_numpy()[usable])
+    assert refused.calls == [(reason, int((~usable).sum()))]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    first = raw.index[int(np.flatnonzero(~usable)[0])]
+    message = record.getMessage()
+    assert query[:40] in message and first.strftime("%Y-%m-%dT%H:%M:%S") in message
+    shown = {"negative": "-", "inf": "+Inf", "nan": "NaN"}[kind]
+    assert f"returned {shown}" in message, message
 
 
 @pytest.mark.parametrize("kind", ["range", "instant"])
-def test_negative_values_are_refused_with_query_and_time(
-    source: PrometheusSource, demo_trace: pd.Series, kind: str
+@pytest.mark.parametrize(
+    ("query", "reason", "words"),
+    [
+        ("vector(0) - 13", "negative", ["-13", "negative", "clamp_min"]),
+        ("vector(0) / 0", "not_finite", ["NaN", "non-finite"]),
+        ("vector(1) / 0", "not_finite", ["+Inf", "non-finite"]),
+    ],
+)
+def test_a_read_with_no_usable_point_is_refused_with_query_and_time(
+    prometheus: PrometheusServer, demo_trace: pd.Series, query: str, reason: str,
+    words: list[str], kind: str,
 ) -> None:
-    with pytest.raises(SourceError) as caught:
-        _ask(source, demo_trace, "vector(0) - 13", kind)
+    refused = Refusals()
+    with PrometheusSource(PrometheusServerConfig(url=prometheus.url), refused=refused) as src, \
+            pytest.raises(RefusedPointsError) as caught:
+        _ask(src, demo_trace, query, kind)
     message = str(caught.value)
-    assert "vector(0) - 13" in message and "-13" in message and "negative" in message
-    assert "clamp_min" in message
+    first = demo_trace.index[-12 if kind == "range" else -1]
+    assert query in message and first.strftime("%Y-%m-%dT%H:%M:%S") in message
+    for word in words:
+        assert word in message
+    start, end = int(demo_trace.index[-12].timestamp()), int(demo_trace.index[-1].timestamp())
+    points = _raw_range(prometheus.url, query, start, end, 300).size if kind == "range" else 1
+    assert refused.calls == [(reason, points)]
 
 
 def _ask(source: PrometheusSource, trace: pd.Series, query: str, kind: str) -> object:

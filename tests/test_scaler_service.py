@@ -284,8 +284,8 @@ def test_wrong_metric_name_is_invalid_argument(
     ],
 )
 def test_unusable_query_results_are_unavailable_with_the_reason(
-    stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer, query: str,
-    words: list[str],
+    service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer,
+    query: str, words: list[str],
 ) -> None:
     ref = scaled_object_ref(live_prometheus.url, query=query)
     name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
@@ -297,6 +297,43 @@ def test_unusable_query_results_are_unavailable_with_the_reason(
     with pytest.raises(grpc.RpcError) as caught:
         stub.IsActive(ref, timeout=20)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    if "negative" in words or "NaN" in words:  # a refused current value: counted, never served
+        reason = "negative" if "negative" in words else "not_finite"
+        assert (service.registry.get_sample_value("forecaster_points_refused_total",
+                                                  {"reason": reason}) or 0) >= 1
+        target = service.engine.get(f"shop/web/{name}")
+        assert target.snapshot.forecast is None and len(target.buffer) == 0
+
+
+def test_a_negative_point_in_history_is_a_gap_and_the_target_still_forecasts(
+    service: Service, stub: pb_grpc.ExternalScalerStub, live_prometheus: PrometheusServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One grid point an hour back evaluates a million below zero; every other is the series.
+    bad_at = math.floor(time.time() / STEP) * STEP - 12 * STEP
+    query = f'sum(web_requests{{job="web"}}) - 1e6 * (time() == bool {bad_at})'
+    ref = scaled_object_ref(live_prometheus.url, query=query)
+    with caplog.at_level(logging.WARNING, logger="forecaster.sources.prometheus"):
+        name = _register(stub, ref)
+        target = service.engine.get(f"shop/web/{name}")
+        wait_for(lambda: target.snapshot.forecast is not None, timeout=90,
+                 what="the forecast of the target with one negative point")
+    response = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
+                               timeout=10)
+    (value,) = response.metricValues
+    assert value.metricValueFloat >= 0
+    assert service.engine.serve(target.target_id).mode == "forecast"
+    history = target.buffer.series()
+    bad_bin = pd.Timestamp(bad_at, unit="s", tz="UTC")
+    assert bad_bin in history.index and history.min() >= 0  # a gap (held), never the value
+    assert history[bad_bin] == history[bad_bin - pd.Timedelta(seconds=STEP)]
+    refused = service.registry.get_sample_value("forecaster_points_refused_total",
+                                                {"reason": "negative"})
+    assert refused == 1
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "forecaster.sources.prometheus" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and bad_bin.strftime("%Y-%m-%dT%H:%M:%S") in warnings[0]
+    assert "sum(web_requests" in warnings[0] and "negative" in warnings[0]
 
 
 def test_a_long_query_prometheus_rejects_is_quoted_by_its_ends_only(

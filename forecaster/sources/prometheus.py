@@ -34,8 +34,10 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT_QUERIES",
     "MAX_CONCURRENT_QUERIES_LIMIT",
     "MAX_POINTS_PER_REQUEST",
+    "REFUSED_POINT_REASONS",
     "PrometheusServerConfig",
     "PrometheusSource",
+    "RefusedPointsError",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -248,34 +250,38 @@ def _check_query(query: str) -> str:
     return query
 
 
-def _finite(query: str, stamps: list[float], values: list[str]) -> np.ndarray:
+REFUSED_POINT_REASONS = ("negative", "not_finite")
+
+
+class RefusedPointsError(SourceError):
+    """A read whose every point was refused (negative, NaN or Inf): nothing usable is left."""
+
+
+def _numbers(query: str, values: list[str]) -> np.ndarray:
     try:
-        array = np.asarray(values, dtype="float64")
+        return np.asarray(values, dtype="float64")
     except (TypeError, ValueError) as exc:
         raise SourceError(
             f"query {_quoted(query)} returned a non-numeric value: {_short.repr(values)}",
             query=query,
         ) from exc
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
-        first = int(bad[0])
-        raise SourceError(
-            f"query {_quoted(query)} returned {_format_number(float(array[first]))} at "
-            f"{_iso(stamps[first])} "
-            f"({bad.size} non-finite value(s) in all); a scaler must not act on NaN or "
-            f"Inf: guard the query, e.g. divide with a non-zero denominator",
-            query=query,
-        )
-    negative = np.flatnonzero(array < 0)
-    if negative.size:  # a rate below zero is a broken query, never a load to plan for
-        first = int(negative[0])
-        raise SourceError(
-            f"query {_quoted(query)} returned {_format_number(float(array[first]))} at "
-            f"{_iso(stamps[first])} ({negative.size} negative value(s) in all); a load cannot "
-            f"be negative: check the query, or clamp it with clamp_min(..., 0)",
-            query=query,
-        )
-    return array
+
+
+def _refusals(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the NaN or infinite values, and of the negative ones."""
+    not_finite = ~np.isfinite(array)
+    return not_finite, ~not_finite & (array < 0)
+
+
+def _why(query: str, value: float, stamp: float, count: int, reason: str) -> str:
+    """One refused value explained: the query, the value, its time and what to change."""
+    if reason == "not_finite":
+        return (f"query {_quoted(query)} returned {_format_number(value)} at {_iso(stamp)} "
+                f"({count} non-finite value(s) in all); a scaler must not act on NaN or Inf: "
+                f"guard the query, e.g. divide with a non-zero denominator")
+    return (f"query {_quoted(query)} returned {_format_number(value)} at {_iso(stamp)} "
+            f"({count} negative value(s) in all); a load cannot be negative: check the query, "
+            f"or clamp it with clamp_min(..., 0)")
 
 
 class _Refused(Exception):
@@ -343,8 +349,10 @@ def _prometheus_message(body: bytes) -> str:
 class PrometheusSource:
     """Reads one series per PromQL query, over as many requests as the 11,000-point limit needs.
 
-    The query must return exactly one series (aggregate with `sum(...)` or `sum by (...)`);
-    NaN or infinite values are refused, because a scaler must not act on them::
+    The query must return exactly one series (aggregate with `sum(...)` or `sum by (...)`).
+    A negative, NaN or infinite value is refused, because a scaler must not act on it: in a
+    range read, that point alone (logged, counted through `refused`, and left out as a missing
+    point would be); when no point is left, or in an instant read, RefusedPointsError::
 
         with PrometheusSource(PrometheusServerConfig(url="http://prometheus:9090")) as source:
             history = source.query_range(
@@ -352,8 +360,12 @@ class PrometheusSource:
             )
     """
 
-    def __init__(self, server: PrometheusServerConfig) -> None:
+    def __init__(
+        self, server: PrometheusServerConfig, *,
+        refused: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.server = server
+        self.refused = refused or (lambda reason, count: None)  # told of each read's refusals
         session = requests.Session()
         if server.ca_file is not None:
             session.verify = server.ca_file
@@ -449,7 +461,7 @@ class PrometheusSource:
         index = pd.DatetimeIndex(
             pd.to_datetime(millis, unit="ms", utc=True), name="timestamp"
         ).as_unit("ns")
-        array = _finite(query, stamps, values)
+        array = _numbers(query, values)
         series = pd.Series(array, index=index, name=query)
         if not (series.index.is_monotonic_increasing and series.index.is_unique):
             raise SourceError(
@@ -457,7 +469,24 @@ class PrometheusSource:
                 f"for query {_quoted(query)}",
                 query=query,
             )
-        return series
+        not_finite, negative = _refusals(array)
+        bad = not_finite | negative
+        if not bad.any():
+            return series
+        # A rate below zero or a NaN is a broken point, never a load to plan for: it is left
+        # out, as a point Prometheus did not have would be, and the good ones are kept.
+        first = int(np.flatnonzero(bad)[0])
+        reason = "not_finite" if not_finite[first] else "negative"
+        counts = {"not_finite": int(not_finite.sum()), "negative": int(negative.sum())}
+        for name, count in counts.items():
+            if count:
+                self.refused(name, count)
+        why = _why(query, float(array[first]), stamps[first], counts[reason], reason)
+        if bad.all():  # nothing usable: an error, like a read with no data, for the caller
+            raise RefusedPointsError(why, query=query)
+        _LOG.warning("%s; %d point(s) of %d refused and left out", why, int(bad.sum()),
+                     array.size)
+        return series[~bad]
 
     def query_instant(self, query: str, at: datetime | None = None) -> tuple[datetime, float]:
         """Evaluate `query` once (at `at`, or the server's now): its timestamp and value."""
@@ -482,8 +511,13 @@ class PrometheusSource:
                     f"vector: {_short.repr(items[0])}",
                     query=query,
                 ) from exc
-        number = _finite(query, [float(stamp)], [value])[0]
-        return datetime.fromtimestamp(float(stamp), UTC), float(number)
+        number = float(_numbers(query, [value])[0])
+        not_finite, negative = _refusals(np.asarray([number]))
+        if not_finite[0] or negative[0]:  # the current value: nothing to plan on without it
+            reason = "not_finite" if not_finite[0] else "negative"
+            self.refused(reason, 1)
+            raise RefusedPointsError(_why(query, number, float(stamp), 1, reason), query=query)
+        return datetime.fromtimestamp(float(stamp), UTC), number
 
     def _call(self, query: str, request: Callable[[], Any]) -> Any:
         """One API call, retried on transport errors and 5xx; errors mapped to ours."""
