@@ -130,9 +130,11 @@ def _spec(proxy: RecordingProxy, query: str, **settings: Any) -> TriggerSpec:
 
 
 def _settle(engine: Engine) -> None:
-    """Wait until no refresh is in flight (a pass may have just started one)."""
-    wait_for(lambda: not any(t.refreshing for t in engine.targets()), timeout=60,
-             what="the refreshes in flight")
+    """Wait until no refresh and no fit is in flight (a pass may have just started one): a
+    fit that lands after the clock moves on would schedule its successor from the later
+    time, and the intervals would no longer be alike."""
+    wait_for(lambda: not any(t.refreshing or t.fit_pending for t in engine.targets()),
+             timeout=60, what="the refreshes and fits in flight")
 
 
 def _queries(proxy: RecordingProxy) -> int:
