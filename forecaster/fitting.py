@@ -253,17 +253,21 @@ class FitPool:
         # Fits wait here, first fits ahead of refits, until one of `workers` slots is free:
         # an executor's own queue is first come, first served.
         self._slots = max(1, workers)
-        self._waiting: list[tuple[bool, int, FitRequest, Future[FallbackFit]]] = []
+        self._waiting: list[tuple[bool, int, FitRequest | Callable[[], FitRequest],
+                                  Future[FallbackFit]]] = []
         self._arrivals = itertools.count()
         # Every executor is fed from this one thread: a worker spawned by a thread exits when
         # that thread does (PR_SET_PDEATHSIG follows the parent thread), and this one lasts as
         # long as the pool.
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="fit-sender")
 
-    def submit(self, request: FitRequest, *, first: bool = False) -> Future[FallbackFit]:
+    def submit(self, request: FitRequest | Callable[[], FitRequest], *,
+               first: bool = False) -> Future[FallbackFit]:
         """Fit in a worker; the future holds the fit, or the worker's exception
         (`FitWorkerDied` when its worker died on both tries). RuntimeError once shut down.
-        A `first` fit (of a target with no model yet) goes before the refits waiting."""
+        A `first` fit (of a target with no model yet) goes before the refits waiting. A
+        callable is called for the request when a worker is free, so that fits waiting hold
+        no copy of their history and model."""
         fit: Future[FallbackFit] = Future()
         with self._lock:
             if self._closed:
@@ -343,9 +347,14 @@ class FitPool:
         with self._lock:
             if self._closed or self._slots == 0 or not self._waiting:
                 return
-            *_, request, fit = heapq.heappop(self._waiting)
+            *_, waiting, fit = heapq.heappop(self._waiting)
             self._slots -= 1
         fit.add_done_callback(self._slot_freed)
+        try:
+            request = waiting() if callable(waiting) else waiting
+        except Exception as exc:  # the target could not say what to fit: the fit fails
+            fit.set_exception(exc)
+            return
         self._send(request, fit, ())
 
     def _slot_freed(self, _: Future[FallbackFit]) -> None:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from forecaster.config import EngineSettings
 from forecaster.errors import ForecasterError
-from forecaster.fitting import FitPool
+from forecaster.fitting import FitPool, FitRequest
 from forecaster.models import FallbackFit
 from forecaster.state import SavedTarget, Saver
 from forecaster.target import Target, freshness_limit
@@ -58,8 +58,12 @@ class Refits:
             if target.fit_pending:  # the loop and a refresh may both ask
                 return
             target.fit_pending = True
-            request = target.fit_request()
             first = target.model is None  # it serves no forecast of its own: it goes first
+
+        def request() -> FitRequest:  # built when a worker is free: see FitPool.submit
+            with target.lock:
+                return target.fit_request()
+
         began = time.perf_counter()
         try:
             future = self.pool.submit(request, first=first)

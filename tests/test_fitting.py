@@ -9,10 +9,11 @@ import queue
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -285,3 +286,59 @@ def test_a_worker_ranks_auto_by_the_scorer_the_request_carries() -> None:
     validated = [score for score in selection.scores if score.error is None]
     assert validated and all(score.cost is not None for score in validated)
     assert fit.model.scorer == scorer  # type: ignore[attr-defined]
+
+
+class _CountingAtStart(ThreadPoolExecutor):
+    """One thread that notes, as each fit starts, how many requests had been built."""
+
+    def __init__(self, built: list[int]) -> None:
+        super().__init__(1)
+        self.built = built
+        self.seen: list[int] = []
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        def run() -> Any:
+            self.seen.append(len(self.built))
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+def test_fits_waiting_for_a_worker_build_their_request_only_when_one_is_free() -> None:
+    built: list[int] = []
+    executor = _CountingAtStart(built)
+    pool = FitPool(1, executor=executor)
+
+    def request_of(i: int) -> Callable[[], FitRequest]:
+        def build() -> FitRequest:
+            built.append(i)
+            return _request(steps=600)
+
+        return build
+
+    try:
+        fits = [pool.submit(request_of(i)) for i in range(4)]
+        for fit in fits:
+            fit.result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert built == [0, 1, 2, 3]
+    # Each fit started with only its own request and those before it built: the ones still
+    # waiting held none (built all at once, every fit would have seen 4).
+    assert executor.seen == [1, 2, 3, 4]
+
+
+def test_a_request_that_cannot_be_built_fails_its_fit_and_frees_the_worker() -> None:
+    pool = FitPool(1, executor=ThreadPoolExecutor(1))
+
+    def broken() -> FitRequest:
+        raise ValueError("no history")
+
+    try:
+        failed = pool.submit(broken)
+        after = pool.submit(lambda: _request(steps=600))
+        with pytest.raises(ValueError, match="no history"):
+            failed.result(timeout=60)
+        assert after.result(timeout=60).model is not None
+    finally:
+        pool.shutdown()
