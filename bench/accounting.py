@@ -36,6 +36,18 @@ def rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of every thread of `pid` (a process spawned from a thread is that
+    thread's child)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def cpu_seconds(pid: int | str = "self") -> float:
     """User + system CPU time of a process (all its threads) so far."""
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,40 +33,14 @@ import numpy as np
 import pandas as pd
 import requests
 
+from accounting import children, rss_mb
 from repo import ROOT
+from tests.support.prometheus import free_port
 from tests.support.waiting import poll
 
 GOAL = 0.10
 HORIZON = 2016
 QUANTILES = [0.1, 0.5, 0.9, 0.95, 0.99]
-
-
-def rss_mib(pid: int) -> float:
-    """VmRSS of a process in MiB (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def body(points: int, model: str, seed: int) -> bytes:
@@ -92,9 +65,9 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.wait(0.05):
-            self.peak = max(self.peak, rss_mib(self.pid))
+            self.peak = max(self.peak, rss_mb(self.pid))
             workers = [p for p in children(self.pid) if p not in self.front]
-            self.workers_peak = max(self.workers_peak, sum(rss_mib(p) for p in workers))
+            self.workers_peak = max(self.workers_peak, sum(rss_mb(p) for p in workers))
 
 
 def main() -> int:
@@ -134,7 +107,7 @@ def main() -> int:
             if not poll(healthy, 60, every=0.2):
                 raise SystemExit("the service did not start")
             time.sleep(2)  # settled before the first reading
-            before = rss_mib(server.pid)
+            before = rss_mb(server.pid)
             sampler = Sampler(server.pid, set(children(server.pid)))
             sampler.start()
             statuses: Counter[int] = Counter()
@@ -149,7 +122,7 @@ def main() -> int:
                     statuses[answer.status_code] += 1
                     if answer.status_code != 503:
                         seconds.append(time.perf_counter() - began)
-                        trail.append(rss_mib(server.pid))
+                        trail.append(rss_mb(server.pid))
                         return
                     time.sleep(float(answer.headers.get("Retry-After", "1")))
 
@@ -158,7 +131,7 @@ def main() -> int:
                 list(pool.map(post, bodies))
             wall = time.perf_counter() - began
             time.sleep(3)
-            after = rss_mib(server.pid)
+            after = rss_mb(server.pid)
             sampler.stopping.set()
             sampler.join()
         finally:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,44 +39,22 @@ import pandas as pd
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from accounting import children, rss_mb
 from forecaster.durations import parse_duration
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from repo import ROOT
-from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
+from tests.support.prometheus import (
+    PrometheusServer,
+    backfill,
+    free_port,
+    write_openmetrics,
+)
 from tests.support.waiting import poll
 
 GOAL = 0.10
 QUERY = 'sum(bench_requests{job="bench"})'
 KEEP_ALIVE_SECONDS = 20.0
-
-
-def rss_mib(pid: int) -> float:
-    """VmRSS of a process in MiB (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Sampler(threading.Thread):
@@ -91,7 +68,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.wait(0.05):
-            self.peak = max(self.peak, rss_mib(self.pid))
+            self.peak = max(self.peak, rss_mb(self.pid))
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -191,7 +168,7 @@ def main() -> int:
                         list(pool.map(ask, refs))
                 fitted = time.monotonic() - began
                 nonlocal with_targets, front_with
-                with_targets, front_with = rss_mib(server.pid), rss_mib(front)
+                with_targets, front_with = rss_mb(server.pid), rss_mb(front)
                 last_ask = time.monotonic()
                 poll(lambda: metrics(base).get("forecaster_targets", 1) == 0, idle + 600,
                      every=2)
@@ -201,12 +178,12 @@ def main() -> int:
             with_targets = front_with = 0.0
             if args.warm:
                 burst("warm", args.warm)
-            before, front_before = rss_mib(server.pid), rss_mib(front)
+            before, front_before = rss_mb(server.pid), rss_mb(front)
             sampler = Sampler(server.pid)
             sampler.start()
             codes.clear()
             registered, fitted, dropped = burst("app", args.targets)
-            after, front_after = rss_mib(server.pid), rss_mib(front)
+            after, front_after = rss_mb(server.pid), rss_mb(front)
             final = metrics(base)
             sampler.stopping.set()
             sampler.join()

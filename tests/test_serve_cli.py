@@ -27,7 +27,7 @@ from forecaster.cli import main
 from forecaster.config import Settings
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
-from tests.support.prometheus import PrometheusServer, backfill, write_openmetrics
+from tests.support.prometheus import PrometheusServer, backfill, free_port, write_openmetrics
 from tests.support.waiting import wait_for
 
 TOKEN = "serve-cli-bearer-token-0xfeed"
@@ -44,12 +44,6 @@ def _command() -> list[str]:
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +117,7 @@ def test_serve_answers_keda_and_stops_gracefully_on_sigterm(
         "prometheus": [{"url": prometheus.url, "bearerTokenFile": str(token), "timeout": "5s"}],
         "targets": [{"namespace": "shop", "name": "web", "metadata": _metadata(prometheus.url)}],
     }))
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as stderr:
         process = subprocess.Popen(

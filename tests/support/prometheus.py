@@ -121,7 +121,8 @@ def _require_binary(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the moment of asking, for a server the caller starts."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -249,7 +250,7 @@ class PrometheusServer:
         config = self.workdir / "prometheus.yml"
         config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n", encoding="utf-8")
         if self._port is None:
-            self._port = _free_port()
+            self._port = free_port()
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 [
