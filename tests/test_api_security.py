@@ -11,9 +11,7 @@ import json
 import os
 import re
 import resource
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -43,6 +41,7 @@ from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError
 from forecaster.service import Service
 from forecaster.targets import SourceRegistry, TargetResolver
+from tests.support.processes import assert_child_ends_with_parent
 from tests.support.prometheus import PrometheusServer
 from tests.support.rest import (
     WEB_QUERY,
@@ -537,31 +536,12 @@ threading.Event().wait()
 """
 
 
-def _ended(pid: int) -> bool:
-    """No such process, or a zombie nobody reaps yet (a container's init may not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
 
 def test_killing_the_engines_process_ends_its_adhoc_worker() -> None:
     body = json.dumps({"series": _points(50), "model": "naive", "horizon": 1})
-    worker = None
-    with subprocess.Popen([sys.executable, "-c", ADHOC_ENGINE, body], stdout=subprocess.PIPE,
-                          text=True, cwd=Path(__file__).parent.parent) as engine:
-        try:
-            assert engine.stdout is not None
-            worker = int(engine.stdout.readline())
-            assert not _ended(worker)
-            engine.kill()  # as kill -9 or the OOM killer would
-            engine.wait(10)
-            wait_for(lambda: _ended(worker), timeout=5, what="the orphaned ad-hoc worker's exit")
-        finally:
-            engine.kill()
-            if worker is not None and not _ended(worker):
-                os.kill(worker, signal.SIGKILL)
+    assert_child_ends_with_parent([sys.executable, "-c", ADHOC_ENGINE, body],
+                                  "the orphaned ad-hoc worker's exit",
+                                  cwd=Path(__file__).parent.parent)
 
 
 def test_a_refusal_in_the_worker_comes_back_with_its_field() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -22,6 +21,7 @@ from forecaster.fitting import FitPool, spawn_workers
 from forecaster.service import Service
 from forecaster.sources.replay import ReplaySource
 from forecaster.target import Target
+from tests.support.processes import assert_child_ends_with_parent, ended
 from tests.support.rest import assert_error
 from tests.support.waiting import wait_for
 
@@ -42,14 +42,6 @@ def _settings() -> Settings:
         targets=(WEB,), grpc_port=0, http_port=0, host="127.0.0.1",
     )
 
-
-def gone(pid: int) -> bool:
-    """No such process, or a zombie nobody reaps yet (a container's init may not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 @contextlib.contextmanager
@@ -96,7 +88,7 @@ def test_a_worker_killed_in_a_fit_is_replaced_the_fit_lands_and_the_death_is_cou
         assert metric(base, 'forecaster_fits_total{outcome="ok"}') == 1.0
         assert metric(base, 'forecaster_fits_total{outcome="failed"}') == 0.0
         (replacement,) = service.engine.fits.pids()
-        assert replacement != killed and gone(killed)
+        assert replacement != killed and ended(killed)
 
         service.engine.refit_now(target.target_id)  # later fits work on the new worker
         wait_for(lambda: target.fits == 2, what="a later fit", timeout=60)
@@ -161,17 +153,5 @@ threading.Event().wait()
 
 
 def test_killing_the_engines_process_ends_its_fit_worker() -> None:
-    worker = None
-    with subprocess.Popen([sys.executable, "-c", ENGINE, str(DATA), QUERY],
-                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as engine:
-        try:
-            assert engine.stdout is not None
-            worker = int(engine.stdout.readline())
-            assert not gone(worker)
-            engine.kill()
-            engine.wait(10)
-            wait_for(lambda: gone(worker), timeout=5, what="the orphaned worker's exit")
-        finally:
-            engine.kill()
-            if worker is not None and not gone(worker):
-                os.kill(worker, signal.SIGKILL)
+    assert_child_ends_with_parent([sys.executable, "-c", ENGINE, str(DATA), QUERY],
+                                  "the orphaned worker's exit", cwd=ROOT)

@@ -7,7 +7,6 @@ import os
 import pickle
 import queue
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -30,6 +29,7 @@ from forecaster.models import FallbackFit
 from forecaster.policy import ScalingPolicy
 from forecaster.series import read_csv, to_grid
 from forecaster.slo import ShareScorer
+from tests.support.processes import assert_child_ends_with_parent, wait_ended
 from tests.support.waiting import wait_for
 
 TRACE = Path(__file__).parent.parent / "data" / "aws_elb_request_count_8c0756.csv"
@@ -43,17 +43,6 @@ def _request(steps: int = 2016, model: str = "seasonal_naive") -> FitRequest:
                       previous=None)
 
 
-def _ended(pid: int) -> bool:
-    """No such process, or a zombie nobody reaps yet (a container's init may not)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
-def _wait_gone(pid: int, what: str, timeout: float = 10.0) -> None:
-    wait_for(lambda: _ended(pid), timeout=timeout, what=what)
 
 
 @pytest.fixture
@@ -81,7 +70,7 @@ def test_a_worker_process_fits_at_idle_priority_and_shutdown_ends_it() -> None:
         assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the engine's process keeps its own
     finally:
         pool.shutdown()
-    _wait_gone(pid, "the worker process ended by shutdown")
+    wait_ended(pid, "the worker process ended by shutdown")
 
 
 def test_workers_at_nice_10_where_asked() -> None:
@@ -143,7 +132,7 @@ def test_a_worker_that_died_idle_is_replaced_at_the_next_fit(
     pool.submit(_request()).result(timeout=120)
     (idle,) = pool.pids()
     os.kill(idle, signal.SIGTERM)  # as `kill` would: an exit status other than SIGKILL's
-    _wait_gone(idle, "the killed worker process ended")
+    wait_ended(idle, "the killed worker process ended")
     assert pool.submit(_request()).result(timeout=120).model.name == "seasonal_naive"
     assert deaths.get(timeout=5) == f"fit worker process {idle} was killed by signal 15 (SIGTERM)"
     assert pool.deaths == 1 and pool.pids() != [idle]
@@ -223,19 +212,8 @@ sys.stdin.read()
 
 
 def test_without_the_parent_death_signal_a_watch_thread_ends_the_orphan() -> None:
-    with subprocess.Popen([sys.executable, "-c", PARENT, WATCHED], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True) as parent:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        try:
-            assert not _ended(child)
-            parent.kill()
-            parent.wait(10)
-            _wait_gone(child, "the orphan ended with its parent", timeout=5)
-        finally:
-            parent.kill()
-            if not _ended(child):
-                os.kill(child, signal.SIGKILL)
+    assert_child_ends_with_parent([sys.executable, "-c", PARENT, WATCHED],
+                                  "the orphan ended with its parent")
 
 
 def test_a_thread_pool_stands_in_and_fits_what_a_worker_would() -> None:
