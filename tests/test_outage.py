@@ -388,7 +388,13 @@ def test_prometheus_outage_serves_the_flagged_outage_plan_then_unavailable_then_
             # The same server again (same data dir and port): the service recovers by itself.
             own.start()
             wait_for(lambda: target.snapshot.outage is None, timeout=30)
-            wait_for(lambda: engine.serve(target.target_id).mode == "forecast", timeout=30)
+            def forecasting() -> bool:  # stale (NotReadyError) until the history is read again
+                try:
+                    return engine.serve(target.target_id).mode == "forecast"
+                except NotReadyError:
+                    return False
+
+            wait_for(forecasting, timeout=30, what="a forecast served again after the recovery")
 
             def served_now() -> float | None:  # the front hears of the recovery a push later
                 try:
