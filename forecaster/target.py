@@ -379,7 +379,7 @@ class AccuracyKeeper:
     def __init__(self, window: int = ACCURACY_WINDOW) -> None:
         self.pending: dict[pd.Timestamp, tuple[float, float, float]] = {}
         self.abs_errors = ScoreWindow(window)
-        self.inside_80 = ScoreWindow(window)
+        self.inside_80 = ScoreWindow(window, np.uint8)  # 0 or 1: a byte each
 
     def summary(self) -> Accuracy:
         errors = self.abs_errors.values()
@@ -424,12 +424,19 @@ class ShareKeeper:
     def __init__(self, controller: SloController, step_seconds: int) -> None:
         self.controller = controller
         self.step_seconds = step_seconds
-        # 1.0 per judged interval that ran short, 0.0 per interval served: the last week,
-        # with each interval's start (epoch seconds) beside it for the page's plot.
+        # 1 per judged interval that ran short, 0 per interval served: the last week, with
+        # each interval's start beside it for the page's plot, in seconds after
+        # `judged_origin` (the first one's epoch seconds): a byte and four a week's interval
+        # rather than sixteen.
         week = max(1, SHARE_WINDOWS["7d"] // step_seconds)
-        self.shortfalls = ScoreWindow(week)
-        self.judged_times = ScoreWindow(week)
+        self.shortfalls = ScoreWindow(week, np.uint8)
+        self.judged_times = ScoreWindow(week, np.int32)
+        self.judged_origin: float | None = None
         self.decided_at: pd.Timestamp | None = None
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # Saved before the times were kept as offsets: they are epoch seconds, from 0.
+        self.__dict__.update({"judged_origin": 0.0, **state})
 
     def judge(self, added: pd.Series) -> None:
         """Tell the controller each new interval's demand, in order, so that it judges the
@@ -447,7 +454,10 @@ class ShareKeeper:
             controller.observe(float(demand))
             if controller.intervals > judged:
                 self.shortfalls.append(float(controller.misses > short))
-                self.judged_times.append(pd.Timestamp(starts[position]).timestamp())
+                start = pd.Timestamp(starts[position]).timestamp()
+                if self.judged_origin is None:
+                    self.judged_origin = start
+                self.judged_times.append(start - self.judged_origin)
 
     def hold(self, planned: PlannedLoad, origin: pd.Timestamp) -> PlannedLoad:
         """The plan the controller serves, and counts as its decision for the interval it
@@ -463,7 +473,8 @@ class ShareKeeper:
     def history(self) -> tuple[np.ndarray, np.ndarray]:
         """The judged intervals of the last week, oldest first: their starts (epoch seconds)
         and 1.0 for each that ran short, 0.0 for each served; copies."""
-        return self.judged_times.values(), self.shortfalls.values()
+        origin = self.judged_origin if self.judged_origin is not None else 0.0
+        return self.judged_times.values() + origin, self.shortfalls.values()
 
     def status(self) -> ShareHeld:
         shortfalls = self.shortfalls.values()

@@ -36,3 +36,27 @@ def test_values_are_a_copy() -> None:
     values = window.values()
     values[:] = 0.0
     np.testing.assert_array_equal(window.values(), [2.0, 3.0, 4.0])
+
+
+@given(capacity=st.integers(1, 12), flags=st.lists(st.sampled_from([0.0, 1.0]), max_size=40),
+       later=scores)
+def test_an_integer_window_holds_what_a_float_one_holds(
+    capacity: int, flags: list[float], later: list[float]
+) -> None:
+    narrow, wide = ScoreWindow(capacity, np.uint8), ScoreWindow(capacity)
+    for value in [*flags, *later]:  # flags fit a byte; most later values do not
+        narrow.append(value)
+        wide.append(value)
+        np.testing.assert_array_equal(narrow.values(), wide.values())
+    assert narrow.values().dtype == np.float64
+
+
+def test_an_integer_window_keeps_a_byte_a_flag_until_a_value_does_not_fit() -> None:
+    window = ScoreWindow(2016, np.uint8)
+    window.extend(np.array([0.0, 1.0, 1.0]))
+    assert len(pickle.dumps(window)) < 2016 * 2
+    window.append(0.5)
+    np.testing.assert_array_equal(window.values(), [0.0, 1.0, 1.0, 0.5])
+    times = ScoreWindow(2, np.int32)
+    times.extend(np.array([2.0**31 - 1, 2.0**31]))  # the second is past int32
+    np.testing.assert_array_equal(times.values(), [2.0**31 - 1, 2.0**31])

@@ -64,13 +64,15 @@ def scale_floor(values: np.ndarray) -> float:
 
 
 class ScoreWindow:
-    """The last `capacity` scores, oldest first, in one float array: the service keeps two per
-    target between refits, and a deque of Python floats took four times the memory."""
+    """The last `capacity` scores, oldest first, in one array: the service keeps several per
+    target between refits, and a deque of Python floats took four times the memory. Scores
+    that are always small integers (0 or 1 flags, offsets in seconds) can be kept in an
+    integer `dtype`; a value that type cannot hold exactly turns the window into floats."""
 
     __slots__ = ("_data", "_next", "_size")
 
-    def __init__(self, capacity: int) -> None:
-        self._data = np.empty(max(1, capacity))
+    def __init__(self, capacity: int, dtype: type[np.generic] = np.float64) -> None:
+        self._data = np.empty(max(1, capacity), dtype=dtype)
         self._size = 0
         self._next = 0  # where the next score goes
 
@@ -78,19 +80,28 @@ class ScoreWindow:
         return self._size
 
     def append(self, score: float) -> None:
-        self._data[self._next] = score
-        self._next = (self._next + 1) % self._data.size
-        self._size = min(self._size + 1, self._data.size)
+        data = self._data
+        if data.dtype.kind in "iu" and not _holds(data.dtype, score):
+            data = self._data = data.astype(np.float64)
+        data[self._next] = score
+        self._next = (self._next + 1) % data.size
+        self._size = min(self._size + 1, data.size)
 
     def extend(self, scores: np.ndarray) -> None:
         for score in scores[-self._data.size :]:
             self.append(float(score))
 
     def values(self) -> np.ndarray:
-        """A copy of the scores, oldest first."""
+        """A copy of the scores, oldest first, as floats."""
         if self._size < self._data.size:
-            return self._data[: self._size].copy()
-        return np.roll(self._data, -self._next)
+            return self._data[: self._size].astype(np.float64)
+        return np.roll(self._data, -self._next).astype(np.float64, copy=False)
+
+
+def _holds(dtype: np.dtype, value: float) -> bool:
+    """Whether an integer `dtype` holds `value` exactly."""
+    bounds = np.iinfo(dtype)
+    return float(value).is_integer() and bounds.min <= value <= bounds.max
 
 
 class ScoreTracker:
