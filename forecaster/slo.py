@@ -294,33 +294,45 @@ def _bounded(level: float) -> float:
 
 class _Memory:
     """The last `size` (planned load, demand) pairs, in two float arrays rather than a deque
-    of tuples, because every target of the service keeps one."""
+    of tuples, because every target of the service keeps one: rings once full, so that each
+    holds `size` floats (trimmed in blocks, they held up to twice that)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._planned = array("d")
         self._demand = array("d")
+        self._next = 0  # once full, where the next pair goes: the oldest's place
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # Saved when the arrays were trimmed in blocks: the last `size` pairs, oldest first.
+        self.__dict__.update(state)
+        if "_next" not in state:
+            self._next = 0
+            del self._planned[: -self.size or len(self._planned)]
+            del self._demand[: -self.size or len(self._demand)]
 
     def append(self, planned: float, demand: float) -> None:
         if self.size == 0:
             return
-        self._planned.append(planned)
-        self._demand.append(demand)
-        if len(self._planned) >= 2 * self.size:  # trim in blocks: amortized O(1)
-            del self._planned[: -self.size]
-            del self._demand[: -self.size]
+        if len(self._planned) < self.size:
+            self._planned.append(planned)
+            self._demand.append(demand)
+            return
+        self._planned[self._next] = planned
+        self._demand[self._next] = demand
+        self._next = (self._next + 1) % self.size
 
     def __len__(self) -> int:
-        return min(len(self._planned), self.size)
+        return len(self._planned)
 
     def __iter__(self) -> Iterator[tuple[float, float]]:
         return zip(self.planned(), self.demand(), strict=True)
 
     def planned(self) -> array[float]:
-        return self._planned[len(self._planned) - len(self):]
+        return self._planned[self._next :] + self._planned[: self._next]
 
     def demand(self) -> array[float]:
-        return self._demand[len(self._demand) - len(self):]
+        return self._demand[self._next :] + self._demand[: self._next]
 
 
 @dataclass(frozen=True)
