@@ -80,6 +80,26 @@ def test_selection_ignores_everything_after_the_fit_time() -> None:
     assert pinball["naive"] < pinball["seasonal_naive"]
 
 
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_calibration_scores_survive_a_refit_and_are_kept_only_to_calibrate(
+    calibrate: bool,
+) -> None:
+    series = grid_series(daily_cycle(6 * DAY, seed=2))
+    first = Auto(STEP, candidates=FAST, calibrate=calibrate).fit(series.iloc[: 5 * DAY])
+    first.update(series.iloc[5 * DAY : 5 * DAY + 12])
+    second = Auto(STEP, candidates=FAST, calibrate=calibrate)
+    second.warm_start(first)
+    second.fit(series.iloc[: 5 * DAY + 12])
+    assert second.selection_ is first.selection_
+    assert second.selection_.calibrated is calibrate
+    if calibrate:  # the scores gathered by update() carried over
+        assert len(second.tracker_.scores[0]) >= len(first.tracker_.scores[0]) > 12
+    else:  # a model serving its own interval never reads them
+        assert first.tracker_.scores == second.tracker_.scores == []
+    second.update(series.iloc[5 * DAY + 12 : 5 * DAY + 24])
+    assert np.isfinite(second.predict(2, [0.1, 0.9]).quantile(0.9)).all()
+
+
 def test_a_refit_within_the_reselect_interval_keeps_the_choice() -> None:
     series = grid_series(daily_cycle(6 * DAY, seed=2))
     first = Auto(STEP, candidates=FAST).fit(series.iloc[: 5 * DAY])
@@ -90,8 +110,6 @@ def test_a_refit_within_the_reselect_interval_keeps_the_choice() -> None:
     second = fit.model
     assert isinstance(second, Auto)
     assert second.selection_ is first.selection_  # not re-run
-    # the calibration scores gathered by update() survive the refit
-    assert len(second.tracker_.scores[0]) >= len(first.tracker_.scores[0])
     later = Auto(STEP, candidates=FAST)
     later.warm_start(second)
     later.fit(series)  # a day after the selection: selects again

@@ -111,14 +111,15 @@ class ScoreTracker:
     origins are scored against it; then the model is updated and forecasts again. Scores are
     residuals in units of the level's square root, (actual - mean) / level_scale(mean), kept
     per horizon for the last `window` origins. Only values the
-    model has been given are ever compared, so the scores are out of sample.
+    model has been given are ever compared, so the scores are out of sample. A `window` of 0
+    keeps none, for a model that serves its own interval (`calibrated` is then not called).
     """
 
     def __init__(self, model: ForecastModel, horizon: int, window: int, floor: float) -> None:
         self.model = model
         self.horizon = horizon
         self.floor = floor
-        self.scores = [ScoreWindow(window) for _ in range(horizon)]
+        self.scores = [ScoreWindow(window) for _ in range(horizon)] if window > 0 else []
         self.pending: deque[np.ndarray] = deque(maxlen=horizon)  # means, newest first
         self._latest: tuple[np.ndarray, np.ndarray] | None = None
         self._forecast()
@@ -142,7 +143,7 @@ class ScoreTracker:
 
     def observe(self, values: np.ndarray) -> None:
         for y in values:
-            if np.isfinite(y):
+            if self.scores and np.isfinite(y):
                 for h, mean in enumerate(self.pending):
                     level = max(float(mean[h]), 0.0)
                     score = (y - level) / level_scale(np.array(level), self.floor)

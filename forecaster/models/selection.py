@@ -327,13 +327,15 @@ class Auto(ForecastModel):
             previous = None
             selection, validations = self._select(values, fit_end)
         model = self._fit_first([selection.chosen, *_ranked(selection)], values, selection)
+        if previous is None and model.name != selection.chosen:
+            selection = _with_chosen(selection, model.name, self._needs_calibration(selection))
+        # The scores calibrate the interval; a model serving its own keeps none (_predict).
+        window = window if selection.calibrated else 0
         self.tracker_ = ScoreTracker(model, self.horizon, window, self.floor_)
         if previous is not None and model.name == previous.model_.name:
             self.tracker_.carry_scores(previous.tracker_)
         elif model.name in validations:
             self.tracker_.carry_scores(validations[model.name].tracker)
-        if previous is None and model.name != selection.chosen:
-            selection = _with_chosen(selection, model.name, self._needs_calibration(selection))
         self.selection_ = selection
         self.model_ = model
 
