@@ -141,6 +141,11 @@ class ScoreTracker:
             return mean[:horizon], errors[:horizon]
         return self.model._predict(horizon)
 
+    def __getstate__(self) -> dict[str, object]:
+        # The forecast waiting to be handed out is recomputed on demand: pickled (a fit's
+        # result, a refit request, saved state) it would add its error sample, 32 KB.
+        return {**self.__dict__, "_latest": None}
+
     def observe(self, values: np.ndarray) -> None:
         for y in values:
             if self.scores and np.isfinite(y):
