@@ -71,3 +71,19 @@ def test_what_it_cannot_hold_is_refused() -> None:
         CompactForest.from_sklearn(categorical)
     with pytest.raises(ValueError, match="link"):
         CompactForest.from_sklearn(poisson)
+
+
+def test_a_forest_saved_with_both_children_of_each_node_loads_and_predicts_the_same() -> None:
+    model, test = _fitted("squared_error", 4)
+    forest = CompactForest.from_sklearn(model)
+    # The layout saved before: both children of each node, a leaf pointing at itself twice,
+    # reading feature 0, with whatever missing-left flag scikit-learn gave it.
+    here = np.arange(forest.value.size)
+    leaf = forest.feature == -1
+    children = np.column_stack([np.where(leaf, here, here + 1), forest.right]).astype(np.int16)
+    saved = [forest.baseline, forest.roots, np.where(leaf, 0, forest.feature).astype(np.int8),
+             forest.value, children, forest.missing_left | leaf, forest.depth]
+    loaded = CompactForest.__new__(CompactForest)
+    loaded.__setstate__(saved)
+    np.testing.assert_array_equal(loaded.predict(test), model.predict(test))
+    assert loaded.right.ndim == 1 and loaded.nbytes == forest.nbytes

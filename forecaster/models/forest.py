@@ -3,7 +3,7 @@
 scikit-learn keeps each tree as a Python object over a 56-byte node record (counts, gains,
 bins: what fitting needs). The service holds one model per target between refits, so that
 costs: two 60-tree regressors took 377 KB and 271 objects for the garbage collector to walk,
-per target. `CompactForest` keeps only what prediction reads (13 bytes a node, five arrays
+per target. `CompactForest` keeps only what prediction reads (12 bytes a node, five arrays
 per forest) and predicts the same values bit for bit: the same comparisons, and the trees'
 values added in scikit-learn's order.
 
@@ -14,7 +14,7 @@ values added in scikit-learn's order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,17 +27,19 @@ class CompactForest:
     """The trees of a numeric-feature HistGradientBoostingRegressor with an identity link
     (squared error, quantile), as flat node arrays.
 
-    Node i tests feature `feature[i]` against `value[i]` and goes to `children[i, 0]` (left:
-    below or equal, or missing when `missing_left[i]`) or `children[i, 1]`. A leaf's value is
-    its prediction and its children point at itself, so every row can take the same number
-    of steps (`depth`) through every tree at once.
+    Nodes are in scikit-learn's order, depth first, so a split's left child is the node after
+    it. Node i tests feature `feature[i]` against `value[i]` and goes to i + 1 (left: below
+    or equal, or missing when `missing_left[i]`) or to `right[i]`. A leaf's value is its
+    prediction; it reads a column of NaN (feature -1) that is not missing-left, and its right
+    child is itself, so every row can take the same number of steps (`depth`) through every
+    tree at once.
     """
 
     baseline: float
     roots: np.ndarray
     feature: np.ndarray
     value: np.ndarray
-    children: np.ndarray
+    right: np.ndarray
     missing_left: np.ndarray
     depth: int
 
@@ -54,36 +56,65 @@ class CompactForest:
         sizes = np.array([len(n) for n in nodes])
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         every = np.concatenate(nodes)
-        leaf = every["is_leaf"].astype(bool)
         shift = np.repeat(offsets, sizes)
-        here = np.arange(len(every))
-        children = np.column_stack([every["left"] + shift, every["right"] + shift])
-        children[leaf] = here[leaf, None]
-        feature = np.where(leaf, 0, every["feature_idx"])
-        value = np.where(leaf, every["value"], every["num_threshold"])
-        # the narrowest integers that hold every index: 13 bytes a node for the service's
-        # forests (60 trees of at most 29 nodes, a few dozen features)
-        index = np.int16 if len(every) < 2**15 else np.int32
-        return cls(
+        return cls._of(
             baseline=float(np.asarray(model._baseline_prediction).ravel()[0]),
-            roots=offsets.astype(index),
-            feature=feature.astype(np.int8 if feature.max(initial=0) < 2**7 else np.int32),
-            value=value.astype(np.float64),
-            children=children.astype(index),
+            roots=offsets,
+            leaf=every["is_leaf"].astype(bool),
+            feature=every["feature_idx"],
+            value=np.where(every["is_leaf"], every["value"], every["num_threshold"]),
+            children=np.column_stack([every["left"] + shift, every["right"] + shift]),
             missing_left=every["missing_go_to_left"].astype(bool),
             depth=int(every["depth"].max(initial=0)),
         )
 
+    @classmethod
+    def _of(
+        cls, *, baseline: float, roots: np.ndarray, leaf: np.ndarray, feature: np.ndarray,
+        value: np.ndarray, children: np.ndarray, missing_left: np.ndarray, depth: int,
+    ) -> CompactForest:
+        here = np.arange(len(leaf))
+        if not np.array_equal(children[~leaf, 0], here[~leaf] + 1):
+            raise ValueError("the trees' nodes are not in depth-first order")
+        # the narrowest integers that hold every index: 12 bytes a node for the service's
+        # forests (60 trees of at most 29 nodes, a few dozen features)
+        index = np.int16 if len(leaf) < 2**15 else np.int32
+        feature = np.where(leaf, -1, feature)
+        return cls(
+            baseline=baseline,
+            roots=roots.astype(index),
+            feature=feature.astype(np.int8 if feature.max(initial=0) < 2**7 else np.int32),
+            value=value.astype(np.float64),
+            right=np.where(leaf, here, children[:, 1]).astype(index),
+            missing_left=missing_left & ~leaf,
+            depth=depth,
+        )
+
+    def __setstate__(self, state: list[Any]) -> None:
+        fields = ("baseline", "roots", "feature", "value", "right", "missing_left", "depth")
+        kept = dict(zip(fields, state, strict=True))
+        children = kept.pop("right")
+        if children.ndim == 2:  # pickled when both children were kept, a leaf its own
+            here = np.arange(len(children))
+            leaf = (children[:, 0] == here) & (children[:, 1] == here)
+            converted = CompactForest._of(leaf=leaf, children=children, **kept)
+            kept = {name: getattr(converted, name) for name in fields}
+        else:
+            kept["right"] = children
+        for name, value in kept.items():
+            object.__setattr__(self, name, value)
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predictions for the rows of X (n, features), as the regressor's predict gives."""
         X = np.asarray(X, dtype=np.float64)
+        X = np.column_stack([X, np.full(X.shape[0], np.nan)])  # what leaves read (feature -1)
         rows = np.arange(X.shape[0])[:, None]
         node = np.broadcast_to(self.roots, (X.shape[0], self.roots.size))
         for _ in range(self.depth):
             x = X[rows, self.feature[node]]
             missing = np.isnan(x)
             left = np.where(missing, self.missing_left[node], x <= self.value[node])
-            node = self.children[node, (~left).view(np.int8)]
+            node = np.where(left, node + 1, self.right[node])
         leaves = self.value[node]
         # scikit-learn adds the trees one after another to the baseline: the same order
         # gives the same rounding (cumsum adds sequentially).
@@ -92,5 +123,5 @@ class CompactForest:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.roots, self.feature, self.value, self.children, self.missing_left)
+        arrays = (self.roots, self.feature, self.value, self.right, self.missing_left)
         return sum(a.nbytes for a in arrays)
