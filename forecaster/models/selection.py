@@ -73,7 +73,7 @@ PREFERENCE = ("holt_winters", "seasonal_naive", "naive")
 VALIDATION = pd.Timedelta(days=4)
 RESELECT = pd.Timedelta(days=1)
 MIN_VALIDATION_STEPS = 24
-PATH_BLOCK = 128  # origins whose error samples are mapped back at once
+PATH_BLOCK_BYTES = 2**20  # the error samples of the origins mapped back at once, at most
 FIT_ERRORS = (ForecasterError, ValueError, ArithmeticError, LinAlgError)
 
 
@@ -792,14 +792,16 @@ def _transformed_path(
 ) -> tuple[np.ndarray, np.ndarray]:
     """_forecast_path of a transformed Holt-Winters in one batch: its inner error sample does
     not change between refits, so each origin's sample is that one mapped back around the
-    origin's mean; quantiles are taken a block of origins at a time to bound the memory."""
+    origin's mean; quantiles are taken a block of origins at a time, their samples within
+    PATH_BLOCK_BYTES (each of a few temporaries), to bound a fit's memory at any horizon."""
     _, errors = inner._predict(horizon)
     inner_means = inner._forecast_path(model._forward(held), horizon)
     centre = model._inverse(inner_means)
     raws = np.zeros((len(qs), len(held), horizon))
     if errors.size:
-        for start in range(0, len(held), PATH_BLOCK):
-            block = slice(start, start + PATH_BLOCK)
+        origins = max(1, PATH_BLOCK_BYTES // (8 * errors.size))  # a block's samples in float64
+        for start in range(0, len(held), origins):
+            block = slice(start, start + origins)
             sample = model._inverse(inner_means[block, :, None] + errors[None])
             raws[:, block] = np.quantile(sample - centre[block, :, None], qs, axis=2)
     return np.maximum(centre, 0.0), raws
