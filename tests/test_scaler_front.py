@@ -387,3 +387,66 @@ def test_a_load_beyond_int64_is_capped_in_the_integer_field_only() -> None:
                 .metricValues
             assert (value.metricValue, value.metricValueFloat) == (2**63 - 1, 1e20)
         stop.set()
+
+
+def _reordered(ref: pb.ScaledObjectRef) -> bytes:
+    """`ref` on the wire with its metadata entries in another order than this client sends
+    them, as Go's client may (its map order is random): protobuf merges concatenated
+    messages."""
+    head = pb.ScaledObjectRef(namespace=ref.namespace, name=ref.name).SerializeToString()
+    for reverse in (False, True):  # of two opposite orders, at most one is the client's
+        entries = [pb.ScaledObjectRef(scalerMetadata={key: ref.scalerMetadata[key]})
+                   for key in sorted(ref.scalerMetadata, reverse=reverse)]
+        wire = head + b"".join(entry.SerializeToString() for entry in entries)
+        if wire != ref.SerializeToString():
+            return wire
+    raise AssertionError("a ref with one metadata entry has one order")
+
+
+def test_known_triggers_are_served_from_the_latest_answer_in_any_metadata_order() -> None:
+    settings = FrontSettings("127.0.0.1:0", first_value_wait_seconds=5.0)
+    trigger = Trigger("shop/web/fc-0", "fc-0", 10.0)
+    with _bare_front(settings) as (connection, port):
+        resolves: list[tuple[object, ...]] = []
+        pushes: list[Answer] = []
+        stop = threading.Event()
+
+        def engine() -> None:  # resolves every trigger, beats, and sends what `pushes` holds
+            with contextlib.suppress(EOFError, OSError):
+                while not stop.is_set():
+                    if connection.poll(0.1):
+                        message = connection.recv()
+                        if message[0] == RESOLVE:
+                            resolves.append(message)
+                            connection.send((RESOLVED, message[1], trigger,
+                                             Answer(True, 7.0, True)))
+                    connection.send((ANSWERS, {trigger.target_id: pushes.pop()} if pushes
+                                     else {}))
+
+        threading.Thread(target=engine, daemon=True).start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            request = _request()
+            assert stub.GetMetrics(request, timeout=5).metricValues[0].metricValueFloat == 7.0
+            is_active = channel.unary_unary(
+                "/externalscaler.ExternalScaler/IsActive", request_serializer=None,
+                response_deserializer=pb.IsActiveResponse.FromString,
+            )
+            wire = _reordered(request.scaledObjectRef)
+            assert is_active(wire, timeout=5).result is True
+            assert stub.GetMetrics(request, timeout=5).metricValues[0].metricValue == 7
+            assert len(resolves) == 1  # the reordered ref is the same trigger, known
+            pushes.append(Answer(True, 9.5, False))
+            wait_for(lambda: stub.GetMetrics(request, timeout=5).metricValues[0]
+                     .metricValueFloat == 9.5, timeout=5, what="the pushed answer served")
+            (value,) = stub.GetMetrics(request, timeout=5).metricValues
+            (spec,) = stub.GetMetricSpec(request.scaledObjectRef, timeout=5).metricSpecs
+            assert (value.metricName, value.metricValue) == (spec.metricName, 10)
+            assert is_active(wire, timeout=5).result is False
+            pushes.append(Answer(False, failure=Failure("UNAVAILABLE", "no data for shop/web")))
+            with pytest.raises(grpc.RpcError) as caught:
+                wait_for(lambda: stub.GetMetrics(request, timeout=5) is None, timeout=5,
+                         what="the failed answer refused")
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert caught.value.details() == "no data for shop/web"
+        stop.set()

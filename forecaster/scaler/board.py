@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from forecaster.scaler.messages import (
@@ -34,7 +34,7 @@ REPORT_SECONDS = 0.5  # how often asked-about targets and call counts go to the 
 # (an empty report too: from the event loop, it is the engine's sign that the loop turns)
 TRIGGER_CACHE_SIZE = 20_000
 
-TriggerKey = tuple[str, str, frozenset[tuple[str, str]]]
+TriggerKey = Hashable  # a ref's (namespace, name, metadata), or its serialization
 Resolution = tuple[Trigger | Failure, Answer | None]
 
 
@@ -80,18 +80,30 @@ class Board:
         name: str,
         metadata: Mapping[str, str],
         *,
+        key: Hashable | None = None,
         timeout: float | None = None,
     ) -> Trigger:
         """The trigger for this ref; FailedCall with the engine's reason when it is invalid.
-        A resolution waits at most `timeout` seconds (the call's deadline), less by default."""
-        key = (namespace, name, frozenset(metadata.items()))
-        trigger = self._triggers.get(key)
+        A resolution waits at most `timeout` seconds (the call's deadline), less by default.
+        `key` identifies the ref in the cache (see `known`); by default, its fields."""
+        if key is None:
+            key = (namespace, name, frozenset(metadata.items()))
+        trigger = self.known(key)
         if trigger is None:  # resolving registers the target, or marks it as asked about
             limit = self._resolve_timeout
             if timeout is not None:
                 limit = max(0.0, min(timeout, limit))
             return await self._resolve(key, namespace, name, metadata, limit)
-        self._touched.add(trigger.target_id)
+        return trigger
+
+    def known(self, key: Hashable) -> Trigger | None:
+        """The trigger already resolved for `key`, marked as asked about; None if there is
+        none. Without a coroutine, for the servicer's calls about a known target: `key` is
+        whatever `trigger` was given for the same ref (the servicer gives the ref's
+        deterministic serialization, which costs less than a frozenset of its metadata)."""
+        trigger = self._triggers.get(key)
+        if trigger is not None:
+            self._touched.add(trigger.target_id)
         return trigger
 
     def answer(self, target_id: str) -> Answer | None:
