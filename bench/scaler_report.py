@@ -32,6 +32,7 @@ GOAL_MEMORY_MB = 200.0
 GOAL_TARGETS = 1000
 GOAL_FIRST_FIT_SECONDS = 600.0
 GOAL_REFIT_CPU_SECONDS = 398.0
+FRONT = "service: gRPC front"  # the CPU party that answers the service's calls
 
 
 @dataclass
@@ -83,7 +84,8 @@ def print_report(run: Run) -> None:
           f"{1000 * args.clients / GOAL_CALLS_PER_SECOND:.0f} ms on average; latency "
           f"goals are judged on the open-loop windows)")
     print("  CPU seconds per window by party (% of the machine; us per GetMetrics call):")
-    parties = list(run.windows[0].cpu)
+    rest = ["everything else on the machine", "idle"]
+    parties = [*dict.fromkeys(p for w in run.windows for p in w.cpu if p not in rest), *rest]
     print("    " + f"{'':<36}" + "".join(f"{p[:18]:>20}" for p in parties))
     for window in run.windows:
         cells = []
@@ -188,7 +190,18 @@ def _open_loop_rows(run: Run, rate: float) -> list[Row]:
                 rows.append(("  the floor, the median of its rounds",
                              f"{floor_p99:.2f} ms ({', '.join(f'{w.ms(99):.1f}' for w in floor)})",
                              "", ""))
+                front, floor_us = _cpu_us(windows, FRONT), _cpu_us(floor, "floor")
+                rows.append(("  CPU per call, front / floor (medians)",
+                             f"{statistics.median(front):.0f} / {statistics.median(floor_us):.0f}"
+                             f" us ({', '.join(f'{u:.0f}' for u in front)} / "
+                             f"{', '.join(f'{u:.0f}' for u in floor_us)})", "", ""))
     return rows
+
+
+def _cpu_us(windows: list[Window], party: str) -> list[float]:
+    """Each window's CPU µs per call of the party whose name starts with `party`."""
+    return [1e6 * sum(v for k, v in w.cpu.items() if k.startswith(party)) / max(1, w.calls)
+            for w in windows]
 
 
 def _verdict(ok: bool) -> str:
