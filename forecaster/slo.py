@@ -21,6 +21,16 @@ stretch: the saturating integral of conformal PID control (Angelopoulos, Candes 
 2023) on a sliding window. It is bounded, so the long-run guarantee keeps its form, with the
 level's range widened by twice the cap.
 
+The window term waits for four days to go wrong, and the base level, at its small gain,
+answers a day of bursts only after it is over, then pays for it with days of too few misses.
+A third term follows the last day or so: `recent_gain` times the misses' excess over the
+share, each judged interval's weight halving after RECENT_HALF_LIFE_STEPS more. Misses come
+in bursts that last hours (a run of misses is often followed by another soon after), so the
+level rises while a burst lasts and falls back within a day or two after it, which the base
+level's memory of every miss cannot: a fast integrator that forgets, as a leaky integral
+term does in control. It is bounded, by recent_gain / (1 - its decay), so the
+long-run guarantee keeps its form here too.
+
 The gain sets how close: over n judged intervals the misses differ from share x n by at most
 the range the level travels divided by the gain (Gibbs & Candes 2021). The misses allowed,
 share x n, shrink with the share, so below the default share the gain grows as 1 / share:
@@ -77,6 +87,10 @@ WINDOW_STEPS = 1152
 WINDOW_BAND = 0.0125
 WINDOW_GAIN = 0.05
 WINDOW_CAP = 0.2
+# The recent term (see the module's docstring): the misses' excess over the share, each
+# judged interval's weight halving after a day of them, times RECENT_GAIN.
+RECENT_HALF_LIFE_STEPS = 288
+RECENT_GAIN = 0.05
 # Where tan(pi/2 x) is cut before it reaches infinity at |x| = 1 (the cap then rules).
 _WINDOW_SATURATION = 0.999
 # Calibration finds its level to within 24 halvings of LEVEL_BOUNDS; the scorer to within 12
@@ -100,14 +114,15 @@ class SloController:
     of interval t is ready in t + 1 + `lead_steps`, and is judged when that interval's
     demand arrives. `gain` defaults to `default_gain(share)`. The level is `base_level`,
     which integrates every judged interval, plus `window_term()`, which looks at the last
-    `window_steps` only; `window_gain=0` turns the latter off.
+    `window_steps` only, plus `recent_term()`, which forgets by half every
+    `recent_half_life_steps`; a gain of 0 turns either term off.
 
     >>> from forecaster.policy import ScalingPolicy
     >>> slo = SloController(0.05, ScalingPolicy(target_per_replica=10.0), lead_steps=1)
     >>> served = [slo.decide(100.0) for _ in range(2)]
     >>> slo.observe(150.0)  # the first decision's interval: 10 replicas, 150 > 100
     >>> slo.misses, slo.intervals, round(slo.base_level, 4), round(slo.level, 4)
-    (1, 1, 0.0238, 0.029)
+    (1, 1, 0.0238, 0.0765)
     """
 
     def __init__(
@@ -121,6 +136,8 @@ class SloController:
         memory_steps: int = DEFAULT_MEMORY_STEPS,
         window_steps: int = WINDOW_STEPS,
         window_gain: float = WINDOW_GAIN,
+        recent_gain: float = RECENT_GAIN,
+        recent_half_life_steps: int = RECENT_HALF_LIFE_STEPS,
     ) -> None:
         if not 0.0 < share < 0.5:
             raise InvalidInputError(
@@ -140,12 +157,25 @@ class SloController:
             raise InvalidInputError(
                 "window_gain", f"must be a number >= 0, got {window_gain!r}"
             )
+        if not (math.isfinite(recent_gain) and recent_gain >= 0):
+            raise InvalidInputError(
+                "recent_gain", f"must be a number >= 0, got {recent_gain!r}"
+            )
+        if recent_half_life_steps < 1:
+            raise InvalidInputError(
+                "recent_half_life_steps", f"must be >= 1, got {recent_half_life_steps!r}"
+            )
         self.share = share
         self.policy = policy
         self.lead_steps = lead_steps
         self.gain = gain
         self.window_steps = window_steps
         self.window_gain = window_gain
+        self.recent_gain = recent_gain
+        self.recent_decay = 0.5 ** (1.0 / recent_half_life_steps)
+        # The misses' excess over the share, each judged interval weighted by recent_decay
+        # to the power of the intervals judged since.
+        self.recent_excess = 0.0
         self.base_level = _bounded(level)
         self.level = self.base_level
         self.misses = 0
@@ -201,7 +231,14 @@ class SloController:
         self.misses += int(miss)
         self._slide(miss)
         self.base_level = _bounded(self.base_level + self.gain * (float(miss) - self.share))
-        self.level = _bounded(self.base_level + self.window_term())
+        self.recent_excess = self.recent_decay * self.recent_excess + float(miss) - self.share
+        self.level = _bounded(self.base_level + self.window_term() + self.recent_term())
+
+    def recent_term(self) -> float:
+        """What the recent misses add to the level: recent_gain x their excess over the
+        share, fading by half over each recent_half_life_steps judged intervals; within
+        +-recent_gain / (1 - recent_decay)."""
+        return self.recent_gain * self.recent_excess
 
     def window_term(self) -> float:
         """What the last window_steps judged intervals add to the level: WINDOW_GAIN x
@@ -226,10 +263,12 @@ class SloController:
 
     def calibrate(self) -> None:
         """Set the level to the lowest that would have held the share over the remembered
-        decisions (see lowest_level), then count anew from here, the window included."""
+        decisions (see lowest_level), then count anew from here, the window and the recent
+        term included."""
         if self._memory:
             self.level = self.lowest_level()
         self.base_level = self.level
+        self.recent_excess = 0.0
         self.misses = 0
         self.intervals = 0
         self._window = bytearray()

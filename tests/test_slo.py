@@ -24,6 +24,8 @@ from forecaster.slo import (
     DEFAULT_GAIN,
     DEFAULT_SHARE,
     LEVEL_BOUNDS,
+    RECENT_GAIN,
+    RECENT_HALF_LIFE_STEPS,
     WINDOW_CAP,
     ShareScorer,
     SloController,
@@ -145,13 +147,12 @@ def three_day_regimes(rng: np.random.Generator, days: int = 16) -> tuple[np.ndar
     return moving_average_plans(demand, 0.3), demand
 
 
-def worst_four_days(window_gain: float | None) -> float:
+def worst_four_days(**terms: float) -> float:
     """The furthest a 4-day window's share (windows one day apart) strays from 5% on
     three_day_regimes; the long-run share stays within a point of it."""
     day = 288
     plans, demand = three_day_regimes(np.random.default_rng(7))
-    extra = {} if window_gain is None else {"window_gain": window_gain}
-    controller = SloController(0.05, ScalingPolicy(TARGET), LEAD, **extra)
+    controller = SloController(0.05, ScalingPolicy(TARGET), LEAD, **terms)
     _, ready = run(controller, plans, demand, calibrate_at=2 * day)
     assert abs(controller.achieved - 0.05) <= 0.01
     short = demand > ready * TARGET
@@ -165,7 +166,8 @@ def worst_four_days(window_gain: float | None) -> float:
 def test_the_window_term_keeps_four_days_closer_to_the_share() -> None:
     """The base level alone lets a 4-day window stray past 1.5 points; the window term
     brings the furthest one at least a fifth closer, to within 2 points."""
-    alone, with_term = worst_four_days(0.0), worst_four_days(None)
+    alone = worst_four_days(window_gain=0.0, recent_gain=0.0)
+    with_term = worst_four_days(recent_gain=0.0)
     assert alone > 0.015
     assert with_term <= 0.8 * alone
     assert with_term <= 0.02
@@ -174,16 +176,61 @@ def test_the_window_term_keeps_four_days_closer_to_the_share() -> None:
 def test_the_window_term_is_bounded_and_pulls_back() -> None:
     """A run of misses raises the level above its base, by at most the cap; a calm stretch
     lowers it below."""
-    controller = SloController(0.05, ScalingPolicy(TARGET), 0)
+    controller = SloController(0.05, ScalingPolicy(TARGET), 0, recent_gain=0.0)
     for _ in range(100):
         controller.decide(100.0)
         controller.observe(1e6)
     assert controller.level - controller.base_level == pytest.approx(WINDOW_CAP)
-    controller = SloController(0.05, ScalingPolicy(TARGET), 0)
+    controller = SloController(0.05, ScalingPolicy(TARGET), 0, recent_gain=0.0)
     for _ in range(200):
         controller.decide(100.0)
         controller.observe(1.0)
     assert -WINDOW_CAP <= controller.level - controller.base_level < 0.0
+
+
+def test_the_recent_term_keeps_four_days_within_a_point_and_a_half() -> None:
+    """The base level and window term leave a 4-day window as far as 1.5 points out; the
+    recent term, which follows the last day's misses and forgets older ones, brings the
+    furthest one at least a fifth closer."""
+    without = worst_four_days(recent_gain=0.0)
+    with_term = worst_four_days()
+    assert without >= 0.015
+    assert with_term <= 0.8 * without
+
+
+def test_the_recent_term_halves_over_its_half_life() -> None:
+    """A miss adds recent_gain x (1 - share) to the level; after RECENT_HALF_LIFE_STEPS
+    intervals served, half of it is left, next to a controller that had served that one."""
+    missed = SloController(0.05, ScalingPolicy(TARGET), 0)
+    served = SloController(0.05, ScalingPolicy(TARGET), 0)
+    for controller, demand in ((missed, 1e6), (served, 1.0)):
+        controller.decide(100.0)
+        controller.observe(demand)
+    assert missed.recent_term() - served.recent_term() == pytest.approx(RECENT_GAIN)
+    for _ in range(RECENT_HALF_LIFE_STEPS):
+        for controller in (missed, served):
+            controller.decide(100.0)
+            controller.observe(1.0)
+    assert missed.recent_term() - served.recent_term() == pytest.approx(RECENT_GAIN / 2)
+
+
+def test_the_recent_term_is_bounded_and_calibration_clears_it() -> None:
+    controller = SloController(0.05, ScalingPolicy(TARGET), 0)
+    decay = 0.5 ** (1 / RECENT_HALF_LIFE_STEPS)
+    for _ in range(5000):
+        controller.decide(100.0)
+        controller.observe(1e6)
+    assert 0.0 < controller.recent_term() <= RECENT_GAIN * 0.95 / (1 - decay)
+    controller.calibrate()
+    assert controller.recent_term() == 0.0
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("recent_gain", -0.1), ("recent_gain", math.nan), ("recent_half_life_steps", 0),
+])
+def test_a_bad_recent_term_is_rejected(field: str, value: float) -> None:
+    with pytest.raises(InvalidInputError, match=field):
+        SloController(0.05, ScalingPolicy(TARGET), LEAD, **{field: value})
 
 
 @pytest.mark.parametrize("share", SHARES)
