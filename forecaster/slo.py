@@ -191,6 +191,14 @@ class SloController:
         self._pending: deque[tuple[float, int | None]] = deque()
         self._memory = _Memory(memory_steps)  # judged decisions to calibrate on
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # Saved before the recent term existed: it starts at the defaults, with no excess.
+        self.__dict__.update(state)
+        if "recent_excess" not in state:
+            self.recent_gain = RECENT_GAIN
+            self.recent_decay = 0.5 ** (1.0 / RECENT_HALF_LIFE_STEPS)
+            self.recent_excess = 0.0
+
     @property
     def achieved(self) -> float:
         """The share of judged intervals that ran short since counting began (NaN before)."""

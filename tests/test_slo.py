@@ -340,6 +340,27 @@ def test_the_state_pickles_and_goes_on_the_same() -> None:
     )
 
 
+def test_a_controller_saved_without_the_recent_term_goes_on_with_it() -> None:
+    plans, demand = flipping_regimes(np.random.default_rng(6))
+    saved = SloController(0.05, ScalingPolicy(TARGET), LEAD)
+    for t in range(100):
+        saved.observe(float(demand[t]))
+        saved.decide(float(plans[t]))
+    state = dict(saved.__dict__)
+    for name in ("recent_gain", "recent_decay", "recent_excess"):
+        del state[name]  # as the code before the recent term pickled it
+    restored = SloController.__new__(SloController)
+    restored.__setstate__(state)
+    fresh = SloController(0.05, ScalingPolicy(TARGET), LEAD)
+    assert restored.recent_term() == 0.0
+    assert (restored.recent_gain, restored.recent_decay) == (
+        fresh.recent_gain, fresh.recent_decay,
+    )
+    restored.decide(float(plans[100]))
+    restored.observe(float(demand[100]))
+    assert restored.intervals == saved.intervals + 1
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5, -0.1, math.nan])
 def test_a_share_outside_the_open_interval_is_rejected(share: float) -> None:
     with pytest.raises(InvalidInputError, match="maxUnderProvisioned"):
