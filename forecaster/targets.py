@@ -106,11 +106,14 @@ class TargetResolver:
         return len(self._parsed)
 
     def forget(self, target_ids: Collection[str]) -> None:
-        """Let go of the parsed triggers of targets dropped or replaced: a dropped target's
-        trigger would otherwise stay cached until 20,000 others pushed it out."""
+        """Let go of the parsed triggers of targets dropped or replaced, and of their warning
+        of unknown keys: a dropped target's trigger would otherwise stay cached until 20,000
+        others pushed it out, and its id would stay in the warned set for good (a target
+        asked about again is warned about again)."""
         stale = [key for key, (tid, _) in self._parsed.items() if tid in target_ids]
         for key in stale:
             del self._parsed[key]
+        self._warned.difference_update(target_ids)
 
     def _parse(
         self, namespace: str, name: str, metadata: Mapping[str, str]

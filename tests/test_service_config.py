@@ -473,3 +473,30 @@ def test_the_configured_credentials_are_sent_to_the_server(
     wait_for(lambda: proxy.requests_for(marker)[-1][1] == "Bearer rotated-token", timeout=15)
     assert TOKEN not in caplog.text
     assert TOKEN not in repr(settings)
+
+
+def test_a_dropped_target_is_warned_about_its_unknown_keys_again_when_it_comes_back(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="forecaster.targets")
+    clock = Clock()
+    service = make_service(
+        _settings((PrometheusServerConfig(url=prometheus.url),), idle_seconds=60), clock=clock
+    )
+    stub = stub_for(service)
+    noisy = _ref({**_metadata(prometheus.url), "lookback": "1h"})
+    _metric_name(stub, noisy)
+    assert len(service.engine) == 1
+
+    clock.offset = 80  # dropped as idle; its trigger let go once the front has been told
+    wait_for(lambda: len(service.engine) == 0 and len(service.resolver) == 0,
+             timeout=30, what="the dropped target and its trigger let go")
+    wait_for(lambda: bool(_metric_name(stub, noisy)) and len(service.engine) == 1,
+             timeout=10 * PUSH_SECONDS, what="the target registered anew")
+
+    warnings = [r.getMessage() for r in caplog.records if "unknown metadata" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # the dropped target's id left the warned set
+    assert all("lookback" in message for message in warnings)
