@@ -474,6 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_math_threads()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.handler is _run_serve:  # this process's own command line
+        from forecaster.fitting import use_system_allocator
+
+        use_system_allocator()
     try:
         return int(args.handler(args))
     except (InvalidInputError, InsufficientHistoryError) as exc:

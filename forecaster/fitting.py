@@ -50,6 +50,9 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 EXIT_STATUS_WAIT_SECONDS = 1.0  # for the exit status of a worker found dead
 MALLOC_ARENAS = 2  # the serving process's glibc malloc arenas: see limit_malloc_arenas
 M_ARENA_MAX = -8  # from <malloc.h>
+M_MMAP_THRESHOLD = -3  # from <malloc.h>
+MMAP_THRESHOLD_BYTES = 64 * 1024  # blocks this large get pages of their own: limit_malloc_arenas
+SYSTEM_ALLOCATOR_MARK = "FORECASTER_SYSTEM_ALLOCATOR"  # set for the re-executed serving process
 
 Priority = Literal["idle", "nice"]
 
@@ -149,11 +152,31 @@ def release_free_memory() -> bool:
     return True
 
 
+def use_system_allocator() -> None:
+    """Run the serving process on the C allocator (PYTHONMALLOC=malloc) by executing it again
+    with that set, unless PYTHONMALLOC is set already: CPython's own allocator keeps a whole
+    1 MiB arena for a few small objects that outlive a burst of targets, where glibc's trim
+    hands the freed pages back (bench/README.md, "Dropped targets"). The re-executed process
+    takes the variable out of its environment, so that the fit workers and the gRPC front
+    it starts keep CPython's allocator. Call it first thing: the process is replaced."""
+    if os.environ.pop(SYSTEM_ALLOCATOR_MARK, None) is not None:
+        os.environ.pop("PYTHONMALLOC", None)
+        return
+    if "PYTHONMALLOC" in os.environ or not sys.orig_argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              {**os.environ, "PYTHONMALLOC": "malloc", SYSTEM_ALLOCATOR_MARK: "1"})
+
+
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """glibc's mallopt(M_ARENA_MAX): at most `arenas` malloc arenas for this process's
     threads, so that blocks freed by one thread are not stranded in an arena of its own and
-    trimming hands more of them back (bench/README.md, "Dropped targets"). Call it before
-    threads start; False where the C library has no such option (musl, macOS)."""
+    trimming hands more of them back; and a fixed M_MMAP_THRESHOLD, so that glibc does not
+    raise it as large blocks are freed and then carve them from the heap, where they strand
+    pages (bench/README.md, "Dropped targets"). Call it before threads start; False where
+    the C library has no such option (musl, macOS)."""
     import ctypes
     import ctypes.util
 
@@ -163,7 +186,8 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_ARENA_MAX, arenas))
+    return bool(mallopt(M_ARENA_MAX, arenas)) and bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 @dataclass(frozen=True)

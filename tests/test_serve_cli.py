@@ -258,3 +258,42 @@ def test_a_bad_config_makes_serve_exit_2_naming_the_setting(
     assert code == 2
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"forecaster: error: {where}: ")
+
+
+def _environment(pid: int) -> dict[str, str]:
+    """The environment a process was executed with."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().partition("=")[::2] for entry in entries if entry)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+@pytest.mark.parametrize(("given", "engine"), [(None, "malloc"), ("pymalloc", "pymalloc")])
+def test_the_serving_process_runs_on_the_c_allocator_unless_told_otherwise(
+    prometheus: PrometheusServer, tmp_path: Path, given: str | None, engine: str
+) -> None:
+    config = tmp_path / "forecaster.yaml"
+    config.write_text(yaml.safe_dump({"host": "127.0.0.1",
+                                      "prometheus": [{"url": prometheus.url}]}))
+    env = {key: value for key, value in _env().items() if key != "PYTHONMALLOC"}
+    if given is not None:
+        env["PYTHONMALLOC"] = given
+    grpc_port, http_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*_command(), "serve", "--config", str(config), "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(lambda: _serving(process, health, http_port), STARTUP_SECONDS,
+                     what="serve ready", every=0.2)
+        # The same process (executed again in place), on the allocator asked for.
+        assert _environment(process.pid).get("PYTHONMALLOC") == engine
+        (front,) = [int(pid) for task in Path(f"/proc/{process.pid}/task").glob("*")
+                    for pid in (task / "children").read_text().split()]
+        # Its gRPC front keeps CPython's allocator, or the one the caller chose.
+        assert _environment(front).get("PYTHONMALLOC") == given
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
