@@ -474,4 +474,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from forecaster.fitting import limit_malloc_arenas, use_system_allocator
+
+    # The engine's process as `forecaster serve` runs it: on the C allocator (unless
+    # PYTHONMALLOC is set), with its malloc arenas and mmap threshold fixed.
+    use_system_allocator()
+    limit_malloc_arenas()
     main()
