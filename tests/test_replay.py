@@ -83,6 +83,16 @@ def test_unknown_query_names_the_bundled_traces() -> None:
         source.query_instant("sum(rate(http_requests_total[5m]))")
 
 
+def test_an_unknown_long_query_is_quoted_by_its_ends() -> None:
+    source = ReplaySource({AWS: _raw()})
+    query = "sum(rate(http_requests_total[5m]))" + " or vector(0)" * 600  # 7.8 KiB
+    with pytest.raises(SourceError) as raised:
+        source.query_instant(query)
+    message = str(raised.value)
+    assert len(message) < 400, message
+    assert query[:50] in message and query[-50:] in message and AWS in message
+
+
 def test_from_folder_skips_daily_traces() -> None:
     source = ReplaySource.from_folder(DATA)
     assert AWS in source.queries

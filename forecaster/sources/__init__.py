@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import reprlib
 from datetime import datetime
 from typing import Protocol
 
 import pandas as pd
+
+_QUERY_REPR = reprlib.Repr()
+_QUERY_REPR.maxstring = 200
+
+
+def quoted_query(query: str) -> str:
+    """A query as errors and logs show it: whole up to 200 characters, else its two ends
+    (a query may be 8 KiB, too long for a gRPC status or a log line)."""
+    return _QUERY_REPR.repr(query)
 
 
 class HistorySource(Protocol):

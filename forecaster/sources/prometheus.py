@@ -29,6 +29,7 @@ from requests.auth import AuthBase, HTTPBasicAuth
 from urllib3.util.retry import Retry
 
 from forecaster.errors import InvalidInputError, SourceError, SourceUnavailableError
+from forecaster.sources import quoted_query
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENT_QUERIES",
@@ -60,12 +61,6 @@ _short.maxstring = 200
 _short.maxother = 200
 _short.maxlist = 5
 _short.maxdict = 8
-
-
-def _quoted(query: str) -> str:
-    """A query as errors and logs show it: whole up to 200 characters, else its two ends
-    (a query may be 8 KiB, too long for a gRPC status or a log line)."""
-    return _short.repr(query)
 
 
 @dataclass(frozen=True)
@@ -246,7 +241,9 @@ def _iso(seconds: float) -> str:
 
 def _check_query(query: str) -> str:
     if not isinstance(query, str) or not query.strip():
-        raise InvalidInputError("query", f"must be a non-empty PromQL string, got {_quoted(query)}")
+        raise InvalidInputError(
+            "query", f"must be a non-empty PromQL string, got {quoted_query(query)}"
+        )
     return query
 
 
@@ -262,7 +259,7 @@ def _numbers(query: str, values: list[str]) -> np.ndarray:
         return np.asarray(values, dtype="float64")
     except (TypeError, ValueError) as exc:
         raise SourceError(
-            f"query {_quoted(query)} returned a non-numeric value: {_short.repr(values)}",
+            f"query {quoted_query(query)} returned a non-numeric value: {_short.repr(values)}",
             query=query,
         ) from exc
 
@@ -276,10 +273,10 @@ def _refusals(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _why(query: str, value: float, stamp: float, count: int, reason: str) -> str:
     """One refused value explained: the query, the value, its time and what to change."""
     if reason == "not_finite":
-        return (f"query {_quoted(query)} returned {_format_number(value)} at {_iso(stamp)} "
+        return (f"query {quoted_query(query)} returned {_format_number(value)} at {_iso(stamp)} "
                 f"({count} non-finite value(s) in all); a scaler must not act on NaN or Inf: "
                 f"guard the query, e.g. divide with a non-zero denominator")
-    return (f"query {_quoted(query)} returned {_format_number(value)} at {_iso(stamp)} "
+    return (f"query {quoted_query(query)} returned {_format_number(value)} at {_iso(stamp)} "
             f"({count} negative value(s) in all); a load cannot be negative: check the query, "
             f"or clamp it with clamp_min(..., 0)")
 
@@ -466,7 +463,7 @@ class PrometheusSource:
         if not (series.index.is_monotonic_increasing and series.index.is_unique):
             raise SourceError(
                 f"Prometheus at {self.server.url} returned timestamps out of order or repeated "
-                f"for query {_quoted(query)}",
+                f"for query {quoted_query(query)}",
                 query=query,
             )
         not_finite, negative = _refusals(array)
@@ -506,7 +503,7 @@ class PrometheusSource:
                 stamp, value = items[0]["value"]
             except (KeyError, TypeError, ValueError) as exc:
                 raise SourceError(
-                    f"Prometheus at {self.server.url} answered query {_quoted(query)} with a "
+                    f"Prometheus at {self.server.url} answered query {quoted_query(query)} with a "
                     f"{'range' if 'values' in items[0] else 'malformed'} result, not an instant "
                     f"vector: {_short.repr(items[0])}",
                     query=query,
@@ -530,7 +527,7 @@ class PrometheusSource:
                 message = _prometheus_message(exc.body)
                 if exc.status not in _RETRYABLE_STATUS:
                     raise SourceError(
-                        f"Prometheus at {self.server.url} rejected query {_quoted(query)} "
+                        f"Prometheus at {self.server.url} rejected query {quoted_query(query)} "
                         f"(HTTP {exc.status}): {message}",
                         query=query,
                     ) from exc
@@ -538,7 +535,7 @@ class PrometheusSource:
                 last_exc: Exception = exc
             except _TooLarge as exc:
                 raise SourceError(
-                    f"Prometheus at {self.server.url} answered query {_quoted(query)} with "
+                    f"Prometheus at {self.server.url} answered query {quoted_query(query)} with "
                     f"more than {self.server.max_reply_bytes:,} bytes (the server's "
                     f"maxReplyBytes); aggregate the query to one series, or raise maxReplyBytes",
                     query=query,
@@ -548,7 +545,7 @@ class PrometheusSource:
                 last_exc = exc
             except requests.TooManyRedirects as exc:
                 raise SourceError(
-                    f"Prometheus at {self.server.url} answered query {_quoted(query)} with a "
+                    f"Prometheus at {self.server.url} answered query {quoted_query(query)} with a "
                     f"redirect to {_redirect_target(exc)}; redirects are not followed, so that "
                     f"credentials and headers stay with the configured server: configure the "
                     f"URL it redirects to",
@@ -556,7 +553,7 @@ class PrometheusSource:
                 ) from exc
             except requests.JSONDecodeError as exc:
                 raise SourceError(
-                    f"{self.server.url} did not answer query {_quoted(query)} like a "
+                    f"{self.server.url} did not answer query {quoted_query(query)} like a "
                     f"Prometheus API (a 200 without JSON); check the URL and its path prefix",
                     query=query,
                 ) from exc
@@ -565,7 +562,7 @@ class PrometheusSource:
                 last_exc = exc
             except (KeyError, TypeError) as exc:
                 raise SourceError(
-                    f"{self.server.url} answered query {_quoted(query)} without data.result; "
+                    f"{self.server.url} answered query {quoted_query(query)} without data.result; "
                     f"check the URL and its path prefix",
                     query=query,
                 ) from exc
@@ -589,7 +586,7 @@ class PrometheusSource:
     def _as_series_list(self, query: str, result: Any) -> list[dict[str, Any]]:
         if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
             raise SourceError(
-                f"Prometheus at {self.server.url} answered query {_quoted(query)} with an "
+                f"Prometheus at {self.server.url} answered query {quoted_query(query)} with an "
                 f"unexpected result: {_short.repr(result)}",
                 query=query,
             )
@@ -598,7 +595,7 @@ class PrometheusSource:
     def _one_series(self, query: str, metrics: list[Mapping[str, str]]) -> None:
         if not metrics:
             raise SourceError(
-                f"query {_quoted(query)} returned no data from Prometheus at "
+                f"query {quoted_query(query)} returned no data from Prometheus at "
                 f"{self.server.url}: check the metric name and label matchers, and that the "
                 f"window holds samples",
                 query=query,
@@ -606,7 +603,7 @@ class PrometheusSource:
         if len(metrics) > 1:
             labels = _short.repr([_label_set(m) for m in metrics])
             raise SourceError(
-                f"query {_quoted(query)} returned {len(metrics)} series, expected one: "
+                f"query {quoted_query(query)} returned {len(metrics)} series, expected one: "
                 f"aggregate it, e.g. sum(...) or sum by (...) with a matcher; series: {labels}",
                 query=query,
             )

@@ -20,6 +20,7 @@ import pandas as pd
 
 from forecaster.errors import SourceError
 from forecaster.series import read_csv
+from forecaster.sources import quoted_query
 
 WEEK_SECONDS = 7 * 86_400
 LEAD_BEFORE_END = pd.Timedelta(days=2)
@@ -103,7 +104,7 @@ class ReplaySource:
         name = query.strip()
         if name not in self._traces:
             raise SourceError(
-                f"the demo replays bundled traces only; query {query!r} names none of "
+                f"the demo replays bundled traces only; query {quoted_query(query)} names none of "
                 f"{', '.join(self.queries)}",
                 query=query,
             )
@@ -139,5 +140,7 @@ class ReplaySource:
             trace.wrap(np.array([now - offset])), INSTANT_WINDOW_SECONDS
         )[0]
         if not np.isfinite(value):
-            raise SourceError(f"the replayed trace {query!r} has no sample near now", query=query)
+            raise SourceError(
+                f"the replayed trace {quoted_query(query)} has no sample near now", query=query
+            )
         return datetime.fromtimestamp(now, UTC), float(value)
