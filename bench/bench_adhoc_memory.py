@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,8 +33,8 @@ import requests
 
 from accounting import children, rss_mb
 from repo import ROOT
+from serving import start_serve, wait_answering
 from tests.support.prometheus import free_port
-from tests.support.waiting import poll
 
 GOAL = 0.10
 HORIZON = 2016
@@ -82,30 +80,14 @@ def main() -> int:
     bodies = [body(args.points, models[i % len(models)], i) for i in range(args.forecasts)]
 
     http, grpc = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": str(args.source.resolve()),
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(json.dumps({"host": "127.0.0.1", "httpPort": http, "grpcPort": grpc,
                                       "fitWorkers": 1}))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "forecaster.cli", "serve", "--config", str(config),
-             "--log-level", "WARNING"],
-            cwd=args.source, env=env,
-        )
+        server = start_serve(config, args.source)
         base = f"http://127.0.0.1:{http}"
         try:
-
-            def healthy() -> bool:
-                if server.poll() is not None:
-                    raise SystemExit("the service exited as it started")
-                try:
-                    return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-                except requests.ConnectionError:
-                    return False
-
-            if not poll(healthy, 60, every=0.2):
-                raise SystemExit("the service did not start")
+            wait_answering(server, f"{base}/healthz")
             time.sleep(2)  # settled before the first reading
             before = rss_mb(server.pid)
             sampler = Sampler(server.pid, set(children(server.pid)))

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +42,7 @@ from forecaster.durations import parse_duration
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from repo import ROOT
+from serving import start_serve, wait_answering
 from tests.support.prometheus import (
     PrometheusServer,
     backfill,
@@ -119,26 +118,11 @@ def main() -> int:
             "targetIdleTimeout": f"{idle}s", "maxTargets": args.targets + 10,
             "prometheus": [{"url": prometheus.url}],
         }))
-        env = {**os.environ, "PYTHONPATH": str(args.source.resolve()),
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "forecaster.cli", "serve", "--config", str(config),
-             "--log-level", "WARNING"],
-            cwd=args.source, env=env,
-        )
+        server = start_serve(config, args.source)
         base = f"http://127.0.0.1:{http}"
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         try:
-            def ready() -> bool:
-                if server.poll() is not None:
-                    raise SystemExit("the service exited before it was ready")
-                try:
-                    return requests.get(f"{base}/readyz", timeout=2).status_code == 200
-                except requests.ConnectionError:
-                    return False
-
-            if not poll(ready, 60, every=0.2):
-                raise SystemExit("the service was not ready within 60 s")
+            wait_answering(server, f"{base}/readyz")
             (front,) = children(server.pid)
             stub = pb_grpc.ExternalScalerStub(channel)
             codes: dict[str, int] = {}
