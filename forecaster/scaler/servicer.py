@@ -8,7 +8,7 @@ from the trigger's metadata alone: KEDA's fallback counts only GetMetrics and Is
 and a failed GetMetricSpec leaves the HPA without a metric. GetMetrics and IsActive look up the
 trigger (resolved once by the engine's process, then cached) and the target's latest answer,
 which the engine's process pushes as it changes. A call about a known target with an answer
-ready is answered without awaiting anything, from caches keyed by the ref's deterministic
+ready is answered without suspending the call, from caches keyed by the ref's deterministic
 serialization, and with a response built once per answer: the front is CPU-bound at 2,000
 calls/s, so what a call costs beyond the gRPC framework queues every other call. Any other
 call takes the full path, which says why it cannot be answered or waits. The one wait, for
@@ -242,24 +242,27 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                     f"metricName: {asked!r} is not this trigger's metric; "
                     f"GetMetricSpec named it {name!r}",
                 ))
-            answer = self._ready(key)
-            if answer is None:
-                trigger = await self._trigger(key, ref, context)
-                answer = await self._answer(trigger.target_id, context)
-            response = known.metrics_for(answer)
+            response = known.metrics_for(await self._current(key, ref, context))
         except Exception as exc:
             await self._abort("GetMetrics", context, exc)
         self.board.count("GetMetrics", "OK")
         return response
 
+    async def _current(
+        self, key: bytes, ref: pb.ScaledObjectRef, context: aio.ServicerContext
+    ) -> Answer:
+        """The target's answer: at once when it is ready (`_ready`), else the full way, which
+        resolves the trigger (keeping the target from idling) and says why not or waits."""
+        answer = self._ready(key)
+        if answer is None:
+            trigger = await self._trigger(key, ref, context)
+            answer = await self._answer(trigger.target_id, context)
+        return answer
+
     async def _is_active(
         self, key: bytes, request: pb.ScaledObjectRef, context: aio.ServicerContext
     ) -> bool:
-        answer = self._ready(key)
-        if answer is None:
-            trigger = await self._trigger(key, request, context)  # keeps the target from idling
-            answer = await self._answer(trigger.target_id, context)
-        return answer.active
+        return (await self._current(key, request, context)).active
 
     async def IsActive(
         self, request: pb.ScaledObjectRef, context: aio.ServicerContext
