@@ -1,5 +1,9 @@
 """The load generators: h2load or Python callers in processes of their own, closed or open
-loop, each window measured with every party's CPU and this process's GC pauses."""
+loop, each window measured with every party's CPU and this process's GC pauses.
+
+This process may host the service whose memory a bench reports, so a window keeps only its
+latencies' summary, and h2load's logs (up to 200,000 calls a window) are read in a process
+of their own."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from tests.support.waiting import poll
 
 OPEN_LOOP_CONNECTION_RATE = 50.0  # calls/s per h2load connection (see open_loop_layout)
 REPORTS_WAIT_SECONDS = 5.0  # for the front's call counts after a window: ten of its reports
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)  # what a window keeps of its latencies
 
 log = logging.getLogger("bench").info
 
@@ -170,13 +176,31 @@ def _aio_callers(
     return latencies, codes, cpu, elapsed
 
 
+@dataclass(frozen=True)
+class Latency:
+    """A window's latencies, summarised: the calls answered and PERCENTILES and worst, in ms."""
+
+    calls: int
+    percentiles_ms: dict[float, float]
+    worst_ms: float
+
+    @classmethod
+    def of(cls, latencies_ns: np.ndarray) -> Latency:
+        if not latencies_ns.size:
+            return cls(0, dict.fromkeys(PERCENTILES, math.nan), math.nan)
+        found = np.percentile(latencies_ns, PERCENTILES) / 1e6
+        return cls(int(latencies_ns.size), dict(zip(PERCENTILES, map(float, found),
+                                                    strict=True)),
+                   float(latencies_ns.max()) / 1e6)
+
+
 @dataclass
 class Window:
     """One load window's figures."""
 
     label: str
     seconds: float  # from the start until the last answer (open loop: the late ones too)
-    latencies_ns: np.ndarray  # of every answered call, errors included
+    latency: Latency  # of every answered call, errors included
     codes: dict[str, int]
     cpu: dict[str, float]  # CPU seconds per party in the window
     capacity: float  # CPU seconds the machine had in the window
@@ -188,7 +212,7 @@ class Window:
 
     @property
     def calls(self) -> int:
-        return int(self.latencies_ns.size)
+        return self.latency.calls
 
     @property
     def throughput(self) -> float:
@@ -196,13 +220,12 @@ class Window:
         return self.codes.get("OK", 0) / self.seconds
 
     def ms(self, q: float) -> float:
-        if not self.calls:
-            return float("nan")
-        return float(np.percentile(self.latencies_ns, q)) / 1e6
+        """The q-th percentile of the latencies in ms; q is one of PERCENTILES."""
+        return self.latency.percentiles_ms[q]
 
     @property
     def worst_ms(self) -> float:
-        return float(self.latencies_ns.max()) / 1e6 if self.calls else float("nan")
+        return self.latency.worst_ms
 
     @property
     def errors(self) -> dict[str, int]:
@@ -334,12 +357,14 @@ class LoadGenerator:
         for process in processes:
             process.join(timeout=30)
         path = self._finish_profile(profile)
-        latencies = np.concatenate([np.frombuffer(c[0], dtype=np.int64) for c in collected])
+        latency = Latency.of(
+            np.concatenate([np.frombuffer(c[0], dtype=np.int64) for c in collected])
+        )
         codes: Counter[str] = Counter()
         for _, seen, _, _ in collected:
             codes.update(seen)
         elapsed = max(c[3] for c in collected)
-        return Window(label, elapsed, latencies, dict(codes), cpu, capacity, load, rate, done,
+        return Window(label, elapsed, latency, dict(codes), cpu, capacity, load, rate, done,
                       profile=path, gc_pauses=pauses.pauses)
 
     def _h2load(
@@ -425,11 +450,11 @@ class LoadGenerator:
             codes["OK"] = answered  # HTTP 200 with a response; its gRPC status unseen
         if lost:
             codes["h2load: failed, errored or timed out"] += lost
-        latencies = np.concatenate([
-            h2load_latencies_ns(log_path, rate * share)
-            for log_path, share in zip(logs, shares, strict=True)
-        ])
-        return Window(label, min(elapsed, shape.seconds), latencies, dict(codes), cpu,
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as reader:
+            latency = reader.submit(
+                h2load_latency, logs, [rate * share for share in shares]
+            ).result()
+        return Window(label, min(elapsed, shape.seconds), latency, dict(codes), cpu,
                       capacity, load, rate, done, profile=path, gc_pauses=pauses.pauses)
 
 
@@ -445,6 +470,14 @@ def open_loop_layout(rate: float, max_procs: int) -> tuple[int, int, float]:
     procs = max(1, min(max_procs, connections))
     per_proc = math.ceil(connections / procs)
     return procs, per_proc, 1.0 / (rate / (procs * per_proc))
+
+
+def h2load_latency(logs: list[Path], rates: list[float]) -> Latency:
+    """The summary of h2load logs, each from a process sending at its rate (0: closed loop);
+    see h2load_latencies_ns."""
+    return Latency.of(np.concatenate([
+        h2load_latencies_ns(path, rate) for path, rate in zip(logs, rates, strict=True)
+    ]))
 
 
 def h2load_latencies_ns(path: Path, rate: float) -> np.ndarray:
