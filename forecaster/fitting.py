@@ -48,7 +48,7 @@ FIT_TRIES = 2  # a fit whose worker dies is tried once more: twice, it may be wh
 PARENT_POLL_SECONDS = 0.5  # how often a worker without PR_SET_PDEATHSIG looks for its parent
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 EXIT_STATUS_WAIT_SECONDS = 1.0  # for the exit status of a worker found dead
-MALLOC_ARENAS = 2  # the serving process's glibc malloc arenas: see limit_malloc_arenas
+MALLOC_ARENAS = 1  # the serving process's glibc malloc arenas: see limit_malloc_arenas
 M_ARENA_MAX = -8  # from <malloc.h>
 M_MMAP_THRESHOLD = -3  # from <malloc.h>
 MMAP_THRESHOLD_BYTES = 64 * 1024  # blocks this large get pages of their own: limit_malloc_arenas
@@ -173,7 +173,9 @@ def use_system_allocator() -> None:
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """glibc's mallopt(M_ARENA_MAX): at most `arenas` malloc arenas for this process's
     threads, so that blocks freed by one thread are not stranded in an arena of its own and
-    trimming hands more of them back; and a fixed M_MMAP_THRESHOLD, so that glibc does not
+    trimming hands more of them back (one: a model a refresh thread updated and the fit
+    thread replaced leaves holes in neither's arena; bench/README.md, "Target memory"); and
+    a fixed M_MMAP_THRESHOLD, so that glibc does not
     raise it as large blocks are freed and then carve them from the heap, where they strand
     pages (bench/README.md, "Dropped targets"). Call it before threads start; False where
     the C library has no such option (musl, macOS)."""
