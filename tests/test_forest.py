@@ -73,17 +73,47 @@ def test_what_it_cannot_hold_is_refused() -> None:
         CompactForest.from_sklearn(poisson)
 
 
-def test_a_forest_saved_with_both_children_of_each_node_loads_and_predicts_the_same() -> None:
-    model, test = _fitted("squared_error", 4)
-    forest = CompactForest.from_sklearn(model)
-    # The layout saved before: both children of each node, a leaf pointing at itself twice,
-    # reading feature 0, with whatever missing-left flag scikit-learn gave it.
+def _feature_layout(forest: CompactForest) -> tuple[np.ndarray, ...]:
+    """The arrays of the layout saved before: a feature per node (-1 for a leaf), the right
+    child's index (a leaf's own), and each split's missing-left flag."""
     here = np.arange(forest.value.size)
-    leaf = forest.feature == -1
-    children = np.column_stack([np.where(leaf, here, here + 1), forest.right]).astype(np.int16)
-    saved = [forest.baseline, forest.roots, np.where(leaf, 0, forest.feature).astype(np.int8),
-             forest.value, children, forest.missing_left | leaf, forest.depth]
+    column = forest.column.astype(np.int64)
+    leaf = column == forest.features
+    missing_left = column > forest.features
+    feature = np.where(leaf, -1, np.where(missing_left, column - forest.features - 1, column))
+    return feature, (here + forest.skip).astype(np.int16), missing_left, leaf
+
+
+def test_a_forest_saved_with_a_feature_per_node_loads_and_predicts_the_same() -> None:
+    model, test = _fitted("squared_error", 5)
+    forest = CompactForest.from_sklearn(model)
+    feature, right, missing_left, _ = _feature_layout(forest)
+    assert missing_left.any() and (~missing_left & (feature >= 0)).any()
+    saved = [forest.baseline, forest.roots, feature.astype(np.int8), forest.value, right,
+             missing_left, forest.depth]
     loaded = CompactForest.__new__(CompactForest)
     loaded.__setstate__(saved)
     np.testing.assert_array_equal(loaded.predict(test), model.predict(test))
-    assert loaded.right.ndim == 1 and loaded.nbytes == forest.nbytes
+    assert loaded.nbytes <= forest.nbytes
+
+
+def test_a_forest_saved_with_both_children_of_each_node_loads_and_predicts_the_same() -> None:
+    model, test = _fitted("squared_error", 4)
+    forest = CompactForest.from_sklearn(model)
+    # The layout saved before that: both children of each node, a leaf pointing at itself
+    # twice, reading feature 0, with whatever missing-left flag scikit-learn gave it.
+    feature, right, missing_left, leaf = _feature_layout(forest)
+    here = np.arange(forest.value.size)
+    children = np.column_stack([np.where(leaf, here, here + 1), right]).astype(np.int16)
+    saved = [forest.baseline, forest.roots, np.where(leaf, 0, feature).astype(np.int8),
+             forest.value, children, missing_left | leaf, forest.depth]
+    loaded = CompactForest.__new__(CompactForest)
+    loaded.__setstate__(saved)
+    np.testing.assert_array_equal(loaded.predict(test), model.predict(test))
+    assert loaded.skip.ndim == 1 and loaded.nbytes <= forest.nbytes
+
+
+def test_a_node_takes_ten_bytes() -> None:
+    model, _ = _fitted("squared_error", 6)
+    forest = CompactForest.from_sklearn(model)
+    assert forest.nbytes == 10 * forest.value.size + 2 * forest.roots.size
