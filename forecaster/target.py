@@ -425,18 +425,27 @@ class ShareKeeper:
         self.controller = controller
         self.step_seconds = step_seconds
         # 1 per judged interval that ran short, 0 per interval served: the last week, with
-        # each interval's start beside it for the page's plot, in seconds after
-        # `judged_origin` (the first one's epoch seconds): a byte and four a week's interval
-        # rather than sixteen.
+        # each interval's start beside it for the page's plot, as the steps from the judged
+        # interval before (0 for the first; 1 but where a gap left bins unjudged), and the
+        # newest start in epoch seconds: a byte and two a week's interval rather than sixteen.
         week = max(1, SHARE_WINDOWS["7d"] // step_seconds)
         self.shortfalls = ScoreWindow(week, np.uint8)
-        self.judged_times = ScoreWindow(week, np.int32)
-        self.judged_origin: float | None = None
+        self.judged_gaps = ScoreWindow(week, np.uint16)
+        self.judged_last: float | None = None
         self.decided_at: pd.Timestamp | None = None
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        # Saved before the times were kept as offsets: they are epoch seconds, from 0.
-        self.__dict__.update({"judged_origin": 0.0, **state})
+        # Saved with each start as seconds after `judged_origin` (or, before that, as epoch
+        # seconds): the same starts, as steps between them.
+        times = state.pop("judged_times", None)
+        origin = state.pop("judged_origin", 0.0)
+        self.__dict__.update(state)
+        if isinstance(times, ScoreWindow):
+            starts = times.values() + (origin or 0.0)
+            week = max(1, SHARE_WINDOWS["7d"] // self.step_seconds)
+            self.judged_gaps = ScoreWindow(week, np.uint16)
+            self.judged_gaps.extend(np.diff(starts, prepend=starts[:1]) / self.step_seconds)
+            self.judged_last = float(starts[-1]) if starts.size else None
 
     def judge(self, added: pd.Series) -> None:
         """Tell the controller each new interval's demand, in order, so that it judges the
@@ -455,9 +464,9 @@ class ShareKeeper:
             if controller.intervals > judged:
                 self.shortfalls.append(float(controller.misses > short))
                 start = pd.Timestamp(starts[position]).timestamp()
-                if self.judged_origin is None:
-                    self.judged_origin = start
-                self.judged_times.append(start - self.judged_origin)
+                last, self.judged_last = self.judged_last, start
+                steps = 0.0 if last is None else (start - last) / self.step_seconds
+                self.judged_gaps.append(steps)
 
     def hold(self, planned: PlannedLoad, origin: pd.Timestamp) -> PlannedLoad:
         """The plan the controller serves, and counts as its decision for the interval it
@@ -473,8 +482,10 @@ class ShareKeeper:
     def history(self) -> tuple[np.ndarray, np.ndarray]:
         """The judged intervals of the last week, oldest first: their starts (epoch seconds)
         and 1.0 for each that ran short, 0.0 for each served; copies."""
-        origin = self.judged_origin if self.judged_origin is not None else 0.0
-        return self.judged_times.values() + origin, self.shortfalls.values()
+        gaps = self.judged_gaps.values()
+        steps_after = np.cumsum(gaps[::-1])[::-1] - gaps  # from each start to the newest
+        newest = self.judged_last if self.judged_last is not None else 0.0
+        return newest - steps_after * self.step_seconds, self.shortfalls.values()
 
     def status(self) -> ShareHeld:
         shortfalls = self.shortfalls.values()
