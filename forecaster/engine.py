@@ -277,7 +277,7 @@ class Engine:
         now = self.clock()
         for target in self.registry.targets():
             if self.registry.drop_if_idle(target, now):
-                self.fits.memory_freed()  # its history and model go back to the system
+                self.fits.memory_freed(dropped=True)  # its history and model go back
                 continue
             if not target.refreshing and now >= target.next_refresh:
                 self._refreshes.submit(target)

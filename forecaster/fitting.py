@@ -9,6 +9,7 @@ targets back to the system (`FitPool.trim_if_due`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import heapq
 import itertools
 import logging
@@ -136,12 +137,18 @@ def spawn_workers(workers: int, *, priority: Priority = "idle") -> ProcessPoolEx
     )
 
 
-def release_free_memory() -> bool:
-    """glibc's malloc_trim(0): free pages in every arena go back to the system. False where
-    the C library has none (musl, macOS). ctypes lets go of the GIL for the call."""
+def release_free_memory(*, collect: bool = False) -> bool:
+    """glibc's malloc_trim(0): free pages in every arena go back to the system. With
+    `collect`, a full collection first: it empties CPython's free lists (tuples, floats,
+    lists, dicts kept for reuse) and frees garbage in cycles, whose blocks, left from a
+    burst of targets, would each keep a page of the heap; it walks every live object, so it
+    is for after drops, not every trim. False where the C library has no trim (musl,
+    macOS). ctypes lets go of the GIL for the call."""
     import ctypes
     import ctypes.util
 
+    if collect:
+        gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim
@@ -266,6 +273,7 @@ class FitPool:
         self.trim_interval_seconds = trim_interval_seconds
         self._monotonic = monotonic
         self._freed_since_trim = 0  # models let go since memory was last trimmed
+        self._collect_at_trim = False  # targets dropped since: collect before the trim
         self._last_trim = monotonic()
         self._lock = threading.Lock()
         self._executor = executor  # built by the factory on the first fit, and after a death
@@ -325,10 +333,12 @@ class FitPool:
         """A fitted model replaced an older one: its memory is worth trimming."""
         self.memory_freed()
 
-    def memory_freed(self) -> None:
+    def memory_freed(self, *, dropped: bool = False) -> None:
         """Models were let go (replaced, or their targets dropped): trim at the next due
-        trim_if_due."""
+        trim_if_due, after a full collection when targets were `dropped` (see
+        release_free_memory)."""
         self._freed_since_trim += 1
+        self._collect_at_trim |= dropped
 
     def trim_if_due(self) -> bool:
         """Hand the memory of replaced models and dropped targets back to the system, at most
@@ -340,7 +350,8 @@ class FitPool:
             return False
         self._freed_since_trim = 0
         self._last_trim = now
-        release_free_memory()
+        collect, self._collect_at_trim = self._collect_at_trim, False
+        release_free_memory(collect=collect)
         return True
 
     def shutdown(self) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -127,12 +129,25 @@ def test_a_dropped_targets_memory_is_handed_back_at_the_next_trim(
         assert fits.trim_if_due()  # the fit that landed
         engine.tick()
         assert not fits.trim_if_due()  # nothing let go since
+        gc.disable()  # no automatic collection: only the trim after the drop may free it
+        cycle = Cycle()
+        freed = weakref.ref(cycle)
+        del cycle
         clock.ahead = 120
         engine.tick()
         assert len(engine) == 0
         assert fits.trim_if_due()  # the dropped target's model and history
+        assert freed() is None  # collected first, so that its blocks keep no page
     finally:
+        gc.enable()
         engine.stop()
+
+
+class Cycle:
+    """An object that refers to itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
 
 
 def test_a_forecast_from_history_that_stopped_advancing_is_not_served(

@@ -3,11 +3,13 @@ with the engine's process, replaced when one dies; the trimming schedule."""
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import queue
 import signal
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -228,6 +230,34 @@ def test_a_thread_pool_stands_in_and_fits_what_a_worker_would() -> None:
     pd.testing.assert_series_equal(
         pd.Series(fit.model.predict(2, (0.9,)).mean), pd.Series(alone.mean)
     )
+
+
+class Cycle:
+    """An object that refers to itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_trim_after_drops_collects_garbage_first() -> None:
+    """What only a full collection frees (garbage in cycles, CPython's free lists) goes before
+    the trim after targets were dropped, so that its blocks do not keep the pages the trim
+    would hand back; a trim after fits alone does not walk every object."""
+    pool = FitPool(1, executor=ThreadPoolExecutor(1), trim_interval_seconds=0.0)
+    gc.disable()  # no automatic collection: only the trim's may free the cycle
+    try:
+        cycle = Cycle()
+        freed = weakref.ref(cycle)
+        del cycle
+        pool.fit_landed()
+        assert pool.trim_if_due()
+        assert freed() is not None
+        pool.memory_freed(dropped=True)
+        assert pool.trim_if_due()
+        assert freed() is None
+    finally:
+        gc.enable()
+        pool.shutdown()
 
 
 def test_memory_is_trimmed_after_fits_land_at_most_once_per_interval() -> None:
