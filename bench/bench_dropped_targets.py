@@ -13,7 +13,8 @@ A first round of `--warm` targets goes through this, so that what a process star
 for its first targets (fit workers, refresh threads, the HTTP client's pool) is in place;
 then the engine process's RSS (VmRSS) is read before, the `--targets` round runs, and RSS is
 read after (and every 50 ms between, for the peak). The gRPC front process's RSS is printed
-beside it. The goal: after is within 10% of before.
+beside it, and the engine's CPU seconds with the load average. The goal: after is within 10%
+of before.
 
 `--source DIR` serves from another checkout (e.g. a worktree of an older commit), to measure
 the same load before a change: its directory goes first on PYTHONPATH.
@@ -37,7 +38,7 @@ import pandas as pd
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from accounting import children, rss_mb
+from accounting import children, cpu_seconds, loadavg, rss_mb
 from forecaster.durations import parse_duration
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
@@ -151,23 +152,26 @@ def main() -> int:
                         time.sleep(KEEP_ALIVE_SECONDS)  # KEDA polls every 30 s by default
                         list(pool.map(ask, refs))
                 fitted = time.monotonic() - began
-                nonlocal with_targets, front_with
+                nonlocal with_targets, front_with, cpu_with
                 with_targets, front_with = rss_mb(server.pid), rss_mb(front)
+                cpu_with = cpu_seconds(server.pid)
                 last_ask = time.monotonic()
                 poll(lambda: metrics(base).get("forecaster_targets", 1) == 0, idle + 600,
                      every=2)
                 time.sleep(args.settle)
                 return registered, fitted, time.monotonic() - last_ask - args.settle
 
-            with_targets = front_with = 0.0
+            with_targets = front_with = cpu_with = 0.0
             if args.warm:
                 burst("warm", args.warm)
             before, front_before = rss_mb(server.pid), rss_mb(front)
+            cpu_before = cpu_seconds(server.pid)
             sampler = Sampler(server.pid)
             sampler.start()
             codes.clear()
             registered, fitted, dropped = burst("app", args.targets)
             after, front_after = rss_mb(server.pid), rss_mb(front)
+            cpu_after = cpu_seconds(server.pid)
             final = metrics(base)
             sampler.stopping.set()
             sampler.join()
@@ -186,6 +190,9 @@ def main() -> int:
     print(f"engine process RSS: before {before:.0f} MiB, with the targets {with_targets:.0f} "
           f"MiB, peak {sampler.peak:.0f} MiB, after {after:.0f} MiB ({change:+.1%}; goal "
           f"within {GOAL:.0%}), {args.settle:.0f} s after the last drop")
+    print(f"engine process CPU: {cpu_with - cpu_before:.1f} s from before until every target "
+          f"was fitted, {cpu_after - cpu_with:.1f} s from then until after; load average "
+          f"{loadavg()}")
     print(f"gRPC front process RSS: before {front_before:.0f} MiB, with the targets "
           f"{front_with:.0f} MiB, after {front_after:.0f} MiB")
     return 0 if abs(change) <= GOAL else 1
