@@ -54,6 +54,7 @@ M_ARENA_MAX = -8  # from <malloc.h>
 M_MMAP_THRESHOLD = -3  # from <malloc.h>
 MMAP_THRESHOLD_BYTES = 64 * 1024  # blocks this large get pages of their own: limit_malloc_arenas
 SYSTEM_ALLOCATOR_MARK = "FORECASTER_SYSTEM_ALLOCATOR"  # set for the re-executed serving process
+NO_THREAD_CACHE = "glibc.malloc.tcache_count=0"  # GLIBC_TUNABLES of the serving process
 
 Priority = Literal["idle", "nice"]
 
@@ -163,18 +164,24 @@ def use_system_allocator() -> None:
     """Run the serving process on the C allocator (PYTHONMALLOC=malloc) by executing it again
     with that set, unless PYTHONMALLOC is set already: CPython's own allocator keeps a whole
     1 MiB arena for a few small objects that outlive a burst of targets, where glibc's trim
-    hands the freed pages back (bench/README.md, "Dropped targets"). The re-executed process
-    takes the variable out of its environment, so that the fit workers and the gRPC front
-    it starts keep CPython's allocator. Call it first thing: the process is replaced."""
+    hands the freed pages back (bench/README.md, "Dropped targets"). Unless GLIBC_TUNABLES
+    is set, glibc's per-thread caches go too (NO_THREAD_CACHE): each thread's cache keeps
+    up to seven freed blocks of every small size, which the trim sees as in use, and which
+    keep their pages. The re-executed process takes both variables out of its environment,
+    so that the fit workers and the gRPC front it starts keep CPython's allocator and
+    glibc's defaults. Call it first thing: the process is replaced."""
     if os.environ.pop(SYSTEM_ALLOCATOR_MARK, None) is not None:
         os.environ.pop("PYTHONMALLOC", None)
+        if os.environ.get("GLIBC_TUNABLES") == NO_THREAD_CACHE:
+            del os.environ["GLIBC_TUNABLES"]
         return
     if "PYTHONMALLOC" in os.environ or not sys.orig_argv:
         return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-              {**os.environ, "PYTHONMALLOC": "malloc", SYSTEM_ALLOCATOR_MARK: "1"})
+              {"GLIBC_TUNABLES": NO_THREAD_CACHE, **os.environ, "PYTHONMALLOC": "malloc",
+               SYSTEM_ALLOCATOR_MARK: "1"})
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:

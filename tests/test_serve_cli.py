@@ -267,14 +267,17 @@ def _environment(pid: int) -> dict[str, str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
-@pytest.mark.parametrize(("given", "engine"), [(None, "malloc"), ("pymalloc", "pymalloc")])
+@pytest.mark.parametrize(("given", "engine", "tunables"), [
+    (None, "malloc", "glibc.malloc.tcache_count=0"), ("pymalloc", "pymalloc", None)])
 def test_the_serving_process_runs_on_the_c_allocator_unless_told_otherwise(
-    prometheus: PrometheusServer, tmp_path: Path, given: str | None, engine: str
+    prometheus: PrometheusServer, tmp_path: Path, given: str | None, engine: str,
+    tunables: str | None,
 ) -> None:
     config = tmp_path / "forecaster.yaml"
     config.write_text(yaml.safe_dump({"host": "127.0.0.1",
                                       "prometheus": [{"url": prometheus.url}]}))
-    env = {key: value for key, value in _env().items() if key != "PYTHONMALLOC"}
+    env = {key: value for key, value in _env().items()
+           if key not in ("PYTHONMALLOC", "GLIBC_TUNABLES")}
     if given is not None:
         env["PYTHONMALLOC"] = given
     grpc_port, http_port = free_port(), free_port()
@@ -290,10 +293,13 @@ def test_the_serving_process_runs_on_the_c_allocator_unless_told_otherwise(
                      what="serve ready", every=0.2)
         # The same process (executed again in place), on the allocator asked for.
         assert _environment(process.pid).get("PYTHONMALLOC") == engine
+        # Without glibc's per-thread caches, when it set the C allocator itself.
+        assert _environment(process.pid).get("GLIBC_TUNABLES") == tunables
         (front,) = [int(pid) for task in Path(f"/proc/{process.pid}/task").glob("*")
                     for pid in (task / "children").read_text().split()]
         # Its gRPC front keeps CPython's allocator, or the one the caller chose.
         assert _environment(front).get("PYTHONMALLOC") == given
+        assert _environment(front).get("GLIBC_TUNABLES") is None
     finally:
         process.terminate()
         process.wait(timeout=30)
