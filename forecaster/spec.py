@@ -31,6 +31,7 @@ import reprlib
 import zoneinfo
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,16 +41,19 @@ from forecaster.windows import Window, parse_windows
 
 __all__ = [
     "AUTO_MODEL",
+    "DEFAULT_LIMITS",
     "DEFAULT_OUTAGE_HORIZON_SECONDS",
     "DEFAULT_PLAN_HALF_LIFE_SECONDS",
     "DEFAULT_TARGET_MEMORY_BYTES",
     "IGNORED_KEDA_KEYS",
+    "LIMIT_CEILINGS",
     "MAX_OUTAGE_HORIZON_SECONDS",
     "MAX_TARGET_VALUE",
     "METADATA_KEYS",
     "MIN_TARGET_VALUE",
     "MemoryEstimate",
     "MetricSpec",
+    "TriggerLimits",
     "TriggerSpec",
     "changed_keys",
     "check_memory",
@@ -110,7 +114,8 @@ MIN_STEPS_IN_HISTORY = 10
 DEFAULT_MAX_UNDER_PROVISIONED = 0.05
 MAX_STABILIZATION_SECONDS = 3_600
 # Bounds on what one trigger may ask for: each keeps a target's memory and its queries to
-# Prometheus within what one service of many targets can hold.
+# Prometheus within what one service of many targets can hold. Startup, outage horizon,
+# history, points and query bytes are TriggerLimits' defaults, which the operator may raise.
 MAX_STARTUP_SECONDS = 6 * 3_600
 MAX_OUTAGE_HORIZON_SECONDS = 6 * 3_600
 MAX_HISTORY_SECONDS = 90 * 86_400
@@ -120,6 +125,14 @@ MAX_POINTS = 50_000
 MAX_QUERY_BYTES = 8 * 1_024
 MAX_METRIC_NAME = 128
 MIN_QUANTILE = 0.5
+# How far an operator may raise those five bounds (TriggerLimits): past them a trigger's
+# queries or its forecasts stop being a sane request whatever memory it is given. A query goes
+# in a GET's URL (prometheus-api-client's default), up to three times longer once encoded.
+CEILING_STARTUP_SECONDS = 24 * 3_600
+CEILING_OUTAGE_HORIZON_SECONDS = 24 * 3_600
+CEILING_HISTORY_SECONDS = 730 * 86_400
+CEILING_POINTS = 1_000_000
+CEILING_QUERY_BYTES = 64 * 1_024
 # What one target may hold in memory unless targetMemoryBytes says otherwise.
 DEFAULT_TARGET_MEMORY_BYTES = 32 * 2**20
 # The memory estimate's model, fitted from above to what bench/bench_target_memory.py
@@ -153,6 +166,40 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _CREDENTIALS = re.compile(r"(?<=//)[^/@]*@")
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TriggerLimits:
+    """The bounds on one trigger that an operator may raise (the config's maxStartup,
+    maxOutageHorizon, maxHistoryWindow, maxPointsPerTarget and maxQueryBytes); the defaults
+    are the built-in bounds, and targetMemoryBytes still holds every trigger they let through.
+
+    >>> spec, _ = parse_trigger_metadata(
+    ...     {"serverAddress": "http://prometheus:9090", "query": "up", "targetValue": "10",
+    ...      "startupSeconds": "28800"},
+    ...     known_models=[], limits=TriggerLimits(max_startup_seconds=8 * 3600),
+    ... )
+    >>> spec.startup_seconds
+    28800
+    """
+
+    max_startup_seconds: int = MAX_STARTUP_SECONDS
+    max_outage_horizon_seconds: int = MAX_OUTAGE_HORIZON_SECONDS
+    max_history_seconds: int = MAX_HISTORY_SECONDS
+    max_points: int = MAX_POINTS
+    max_query_bytes: int = MAX_QUERY_BYTES
+
+
+LIMIT_CEILINGS = TriggerLimits(
+    max_startup_seconds=CEILING_STARTUP_SECONDS,
+    max_outage_horizon_seconds=CEILING_OUTAGE_HORIZON_SECONDS,
+    max_history_seconds=CEILING_HISTORY_SECONDS,
+    max_points=CEILING_POINTS,
+    max_query_bytes=CEILING_QUERY_BYTES,
+)
+"""The most each bound may be raised to."""
+DEFAULT_LIMITS = TriggerLimits()
+"""The bounds a trigger is held to unless the config raises them."""
 
 
 @dataclass(frozen=True)
@@ -418,9 +465,10 @@ def parse_trigger_metadata(
     *,
     known_models: Collection[str],
     defaults: Mapping[str, str] | None = None,
+    limits: TriggerLimits = DEFAULT_LIMITS,
 ) -> tuple[TriggerSpec, list[str]]:
-    """Validate KEDA trigger metadata, with the config's `defaults` under it; return the spec
-    and the sorted keys nobody reads.
+    """Validate KEDA trigger metadata, with the config's `defaults` under it, within the
+    operator's `limits`; return the spec and the sorted keys nobody reads.
 
     Raises InvalidInputError naming the metadata key at the first rule broken.
     """
@@ -444,18 +492,21 @@ def parse_trigger_metadata(
     )
 
     server_address = _server_address(_required(values, metadata, "serverAddress"))
-    query = _query(_required(values, metadata, "query"))
+    query = _query(_required(values, metadata, "query"), limits.max_query_bytes)
     target_value = _target_value(_required(values, metadata, "targetValue"))
     history = _optional(
-        values, "historyWindow", _history_window, TriggerSpec.history_window_seconds
+        values, "historyWindow", partial(_history_window, limit=limits.max_history_seconds),
+        TriggerSpec.history_window_seconds,
     )
     step = _optional(values, "step", _step, TriggerSpec.step_seconds)
-    if history > MAX_POINTS * step:
+    points = limits.max_points
+    if history > points * step:
         raise InvalidInputError(
             "historyWindow",
-            f"must hold at most {MAX_POINTS:,} steps: historyWindow is "
-            f"{format_duration(history)!r} and step is {format_duration(step)!r}, so lower "
-            f"historyWindow to at most {format_duration(MAX_POINTS * step)!r} or raise step",
+            f"must hold at most {points:,} steps (the maxPointsPerTarget setting): "
+            f"historyWindow is {format_duration(history)!r} and step is "
+            f"{format_duration(step)!r}, so lower historyWindow to at most "
+            f"{format_duration(points * step)!r} or raise step",
         )
     if history < MIN_STEPS_IN_HISTORY * step:
         raise InvalidInputError(
@@ -471,7 +522,8 @@ def parse_trigger_metadata(
         query=query,
         target_value=target_value,
         startup_seconds=_optional(
-            values, "startupSeconds", _startup_seconds, TriggerSpec.startup_seconds
+            values, "startupSeconds", partial(_startup_seconds, limit=limits.max_startup_seconds),
+            TriggerSpec.startup_seconds,
         ),
         quantile=_optional(values, "quantile", _quantile, TriggerSpec.quantile),
         max_under_provisioned=(
@@ -506,7 +558,9 @@ def parse_trigger_metadata(
             with_replicas=True,
         ),
         outage_horizon_seconds=_optional(
-            values, "outageHorizon", _outage_horizon, TriggerSpec.outage_horizon_seconds
+            values, "outageHorizon",
+            partial(_outage_horizon, limit=limits.max_outage_horizon_seconds),
+            TriggerSpec.outage_horizon_seconds,
         ),
     )
     return spec, unknown
@@ -594,7 +648,7 @@ def _target_value(text: str) -> float:
     return value
 
 
-def _startup_seconds(text: str, key: str) -> int:
+def _startup_seconds(text: str, key: str, *, limit: int) -> int:
     if not _WHOLE_NUMBER.fullmatch(text):
         raise InvalidInputError(
             key,
@@ -606,21 +660,22 @@ def _startup_seconds(text: str, key: str) -> int:
         raise InvalidInputError(
             key, f"must be >= 0: the seconds a new replica needs to serve; got {reprlib.repr(text)}"
         )
-    if value > MAX_STARTUP_SECONDS:
+    if value > limit:
         raise InvalidInputError(
             key,
-            f"must be at most {MAX_STARTUP_SECONDS} (6h): how far ahead to plan; "
-            f"got {reprlib.repr(text)}",
+            f"must be at most {limit} ({format_duration(limit)}, the maxStartup setting): how "
+            f"far ahead to plan; got {reprlib.repr(text)}",
         )
     return value
 
 
-def _query(text: str) -> str:
-    if len(text.encode()) > MAX_QUERY_BYTES:
+def _query(text: str, limit: int) -> str:
+    if len(text.encode()) > limit:
         raise InvalidInputError(
             "query",
-            f"must be at most {MAX_QUERY_BYTES} bytes; got {len(text.encode()):,} bytes "
-            f"starting {quoted(text)}: record it as a rule and query that",
+            f"must be at most {limit} bytes (the maxQueryBytes setting); got "
+            f"{len(text.encode()):,} bytes starting {quoted(text)}: record it as a rule and "
+            f"query that",
         )
     return text
 
@@ -678,15 +733,16 @@ def _positive_duration(text: str, key: str) -> int:
     return seconds
 
 
-def _history_window(text: str, key: str) -> int:
-    return _at_most(_positive_duration(text, key), MAX_HISTORY_SECONDS, text, key)
+def _history_window(text: str, key: str, *, limit: int) -> int:
+    return _at_most(_positive_duration(text, key), limit, text, key,
+                    " (the maxHistoryWindow setting)")
 
 
-def _outage_horizon(text: str, key: str) -> int:
+def _outage_horizon(text: str, key: str, *, limit: int) -> int:
     return _at_most(
-        parse_duration(text, key), MAX_OUTAGE_HORIZON_SECONDS, text, key,
-        ": how long to plan from the model's forecast while Prometheus cannot be reached, "
-        "'0' for not at all",
+        parse_duration(text, key), limit, text, key,
+        " (the maxOutageHorizon setting): how long to plan from the model's forecast while "
+        "Prometheus cannot be reached, '0' for not at all",
     )
 
 
@@ -747,17 +803,19 @@ def _metric_name(text: str, key: str) -> str:
 
 
 # The parsers that give a setting's canonical value for the default metric name, and the
-# built-in defaults in the same spelling.
+# built-in defaults in the same spelling. The bounds an operator may raise are read at their
+# ceilings, so that a metric's name does not change with the config's limits (GetMetricSpec
+# names it from the metadata alone).
 _CANONICAL: dict[str, Callable[[str, str], object]] = {
-    "startupSeconds": _startup_seconds,
+    "startupSeconds": partial(_startup_seconds, limit=LIMIT_CEILINGS.max_startup_seconds),
     "quantile": _quantile,
     "planHalfLife": parse_duration,
-    "historyWindow": _history_window,
+    "historyWindow": partial(_history_window, limit=LIMIT_CEILINGS.max_history_seconds),
     "step": _step,
     "activationValue": _activation_value,
     "maxUnderProvisioned": _share,
     "scaleDownStabilization": _stabilization,
-    "outageHorizon": _outage_horizon,
+    "outageHorizon": partial(_outage_horizon, limit=LIMIT_CEILINGS.max_outage_horizon_seconds),
 }
 _BUILT_IN: dict[str, str] = {
     "startupSeconds": str(TriggerSpec.startup_seconds),

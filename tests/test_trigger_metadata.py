@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
 from forecaster.spec import (
+    LIMIT_CEILINGS,
+    TriggerLimits,
     TriggerSpec,
     check_object_ref,
     default_metric_name,
@@ -402,13 +404,16 @@ def test_the_metric_spec_needs_only_a_readable_target_value() -> None:
 @pytest.mark.parametrize(
     ("overrides", "key", "words"),
     [
-        ({"startupSeconds": "21601"}, "startupSeconds", "at most 21600 (6h)"),
-        ({"historyWindow": "91d"}, "historyWindow", "at most '90d'"),
+        ({"startupSeconds": "21601"}, "startupSeconds",
+         "at most 21600 (6h, the maxStartup setting)"),
+        ({"historyWindow": "91d"}, "historyWindow", "at most '90d' (the maxHistoryWindow setting)"),
         ({"historyWindow": "999999999999w"}, "historyWindow", "at most '90d'"),
         ({"step": "9s"}, "step", "from '10s' to '1h'"),
         ({"step": "2h"}, "step", "from '10s' to '1h'"),
-        ({"historyWindow": "60d", "step": "10s"}, "historyWindow", "at most 50,000 steps"),
-        ({"query": "x" * 8193}, "query", "at most 8192 bytes"),
+        ({"historyWindow": "60d", "step": "10s"}, "historyWindow",
+         "at most 50,000 steps (the maxPointsPerTarget setting)"),
+        ({"outageHorizon": "7h"}, "outageHorizon", "at most '6h' (the maxOutageHorizon setting)"),
+        ({"query": "x" * 8193}, "query", "at most 8192 bytes (the maxQueryBytes setting)"),
         ({"metricName": "m" * 129}, "metricName", "at most 128 characters"),
         ({"timeZone": "x" * 9000}, "timeZone", "IANA time zone"),
     ],
@@ -428,6 +433,53 @@ def test_the_bounds_themselves_are_accepted() -> None:
     assert (spec.startup_seconds, spec.history_window_seconds) == (21_600, 90 * 86_400)
     spec, _ = parse(step="10s", historyWindow=f"{50_000 * 10}s")
     assert spec.step_seconds == 10
+
+
+# Each raisable bound: a trigger just over its default, the limits raised to let it through,
+# and what the raised bound's error says just past it.
+RAISED = [
+    ({"startupSeconds": "21601"}, TriggerLimits(max_startup_seconds=8 * 3_600),
+     {"startupSeconds": "28801"}, "startupSeconds", "at most 28800 (8h, the maxStartup setting)"),
+    ({"outageHorizon": "7h"}, TriggerLimits(max_outage_horizon_seconds=12 * 3_600),
+     {"outageHorizon": "13h"}, "outageHorizon", "at most '12h' (the maxOutageHorizon setting)"),
+    ({"historyWindow": "91d", "step": "1h"}, TriggerLimits(max_history_seconds=400 * 86_400),
+     {"historyWindow": "401d", "step": "1h"}, "historyWindow",
+     "at most '400d' (the maxHistoryWindow setting)"),
+    ({"historyWindow": f"{50_001 * 60}s", "step": "1m"}, TriggerLimits(max_points=60_000),
+     {"historyWindow": f"{60_001 * 60}s", "step": "1m"}, "historyWindow",
+     "at most 60,000 steps (the maxPointsPerTarget setting)"),
+    ({"query": "x" * 8193}, TriggerLimits(max_query_bytes=16 * 1_024),
+     {"query": "x" * (16 * 1_024 + 1)}, "query", "at most 16384 bytes (the maxQueryBytes setting)"),
+]
+
+
+@pytest.mark.parametrize(("over", "limits", "beyond", "key", "words"), RAISED,
+                         ids=[case[3] + "-" + str(i) for i, case in enumerate(RAISED)])
+def test_a_raised_bound_lets_the_trigger_through_and_names_itself_past_it(
+    over: dict[str, str], limits: TriggerLimits, beyond: dict[str, str], key: str, words: str
+) -> None:
+    assert error_for({**REQUIRED, **over}).field == key  # over the default bound
+    spec, _ = parse_trigger_metadata({**REQUIRED, **over}, known_models=KNOWN_MODELS,
+                                     limits=limits)
+    assert spec == parse_trigger_metadata({**REQUIRED, **over}, known_models=KNOWN_MODELS,
+                                          limits=LIMIT_CEILINGS)[0]
+    with pytest.raises(InvalidInputError) as caught:
+        parse_trigger_metadata({**REQUIRED, **beyond}, known_models=KNOWN_MODELS, limits=limits)
+    assert caught.value.field == key and words in caught.value.reason
+
+
+@pytest.mark.parametrize(("key", "one", "other"), [
+    ("startupSeconds", "21601", "021601"), ("outageHorizon", "7h", "420m"),
+    ("historyWindow", "91d", "13w"),
+])
+def test_a_value_over_a_default_bound_names_one_metric_in_any_spelling(
+    key: str, one: str, other: str
+) -> None:
+    names = {metric_spec({**REQUIRED, key: value}).metric_name for value in (one, other)}
+    assert len(names) == 1  # GetMetricSpec's name, whatever the config's limits
+    spec, _ = parse_trigger_metadata({**REQUIRED, key: other}, known_models=KNOWN_MODELS,
+                                     limits=LIMIT_CEILINGS)
+    assert names == {spec.metric_name}
 
 
 @pytest.mark.parametrize(
