@@ -9,6 +9,12 @@ A config file (every key optional)::
     targetIdleTimeout: 1h       # drop targets no scaler request asked about for this long
     maxTargets: 5000            # refuse new targets from scaler requests beyond this many
     targetMemoryBytes: 32Mi     # refuse a trigger estimated to hold more (bytes, or Ki/Mi/Gi)
+    maxStartup: 6h              # the most a trigger's startupSeconds may be (up to 1d)
+    maxOutageHorizon: 6h        # the most its outageHorizon may be (up to 1d)
+    maxHistoryWindow: 90d       # the most its historyWindow may be (up to 730d)
+    maxPointsPerTarget: 50000   # the most its historyWindow / step may be (up to 1000000)
+    maxQueryBytes: 8Ki          # the most its query's bytes may be (up to 64Ki); raising these
+                                # is safe: targetMemoryBytes still refuses a trigger over it
     fitWorkers: 2               # processes that fit models
     dryRun: false               # true: forecast and publish decisions, serve KEDA the current load
     stateDir: /var/lib/forecaster   # keep each target's model and state here across restarts
@@ -33,14 +39,14 @@ from __future__ import annotations
 
 import os
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from forecaster.durations import parse_duration
+from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import InvalidInputError
 from forecaster.sources.prometheus import (
     DEFAULT_MAX_CONCURRENT_QUERIES,
@@ -48,7 +54,13 @@ from forecaster.sources.prometheus import (
     MAX_CONCURRENT_QUERIES_LIMIT,
     PrometheusServerConfig,
 )
-from forecaster.spec import DEFAULT_TARGET_MEMORY_BYTES, check_memory
+from forecaster.spec import (
+    DEFAULT_LIMITS,
+    DEFAULT_TARGET_MEMORY_BYTES,
+    LIMIT_CEILINGS,
+    TriggerLimits,
+    check_memory,
+)
 
 ENV_PREFIX = "FORECASTER_"
 MIN_TARGET_MEMORY_BYTES = 2**20
@@ -66,6 +78,8 @@ class EngineSettings:
     max_targets: int = 5000  # request-created targets beyond it are refused (memory, fit time)
     # A trigger whose memory estimate (forecaster.spec.memory_estimate) exceeds it is refused.
     target_memory_bytes: int = DEFAULT_TARGET_MEMORY_BYTES
+    # The bounds a trigger's metadata is held to; raised, they stay under target_memory_bytes.
+    trigger_limits: TriggerLimits = DEFAULT_LIMITS
     fit_workers: int = 2
     io_workers: int = 8
     first_value_wait_seconds: float = 3.0
@@ -144,6 +158,11 @@ def load_settings(
         ("targetIdleTimeout", "TARGET_IDLE_TIMEOUT"),
         ("maxTargets", "MAX_TARGETS"),
         ("targetMemoryBytes", "TARGET_MEMORY_BYTES"),
+        ("maxStartup", "MAX_STARTUP"),
+        ("maxOutageHorizon", "MAX_OUTAGE_HORIZON"),
+        ("maxHistoryWindow", "MAX_HISTORY_WINDOW"),
+        ("maxPointsPerTarget", "MAX_POINTS_PER_TARGET"),
+        ("maxQueryBytes", "MAX_QUERY_BYTES"),
         ("fitWorkers", "FIT_WORKERS"),
         ("dryRun", "DRY_RUN"),
         ("stateDir", "STATE_DIR"),
@@ -184,7 +203,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 KNOWN_KEYS = {
     "grpcPort", "httpPort", "host", "refreshInterval", "refitInterval", "targetIdleTimeout",
-    "maxTargets", "targetMemoryBytes",
+    "maxTargets", "targetMemoryBytes", "maxStartup", "maxOutageHorizon", "maxHistoryWindow",
+    "maxPointsPerTarget", "maxQueryBytes",
     "fitWorkers", "prometheus", "defaults", "targets", "tls", "apiToken", "demo", "dryRun",
     "metricsToken", "api", "stateDir",
 }
@@ -204,6 +224,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         max_targets=_int(raw, "maxTargets", 5000, low=1, high=1_000_000),
         target_memory_bytes=_bytes(raw, "targetMemoryBytes", DEFAULT_TARGET_MEMORY_BYTES,
                                    low=MIN_TARGET_MEMORY_BYTES, high=MAX_TARGET_MEMORY_BYTES),
+        trigger_limits=_trigger_limits(raw),
         fit_workers=_int(raw, "fitWorkers", 2, low=1, high=64),
         dry_run=_bool(raw.get("dryRun", False), "dryRun"),
     )
@@ -222,7 +243,7 @@ def _build(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     defaults = _string_map(raw.get("defaults") or {}, "defaults")
     targets = tuple(_target(item, f"targets[{i}]") for i, item in enumerate(_list(raw, "targets")))
     for i, target in enumerate(targets):
-        _check_target(target, f"targets[{i}]", defaults, servers, engine.target_memory_bytes)
+        _check_target(target, f"targets[{i}]", defaults, servers, engine)
     settings = Settings(
         engine=engine,
         servers=servers,
@@ -290,6 +311,15 @@ def _bytes(raw: Mapping[str, Any], key: str, default: int, *, low: int, high: in
     """A size in bytes: a whole number, or one with a binary unit (Ki, Mi, Gi) as Kubernetes
     writes memory, such as 32Mi."""
     value = raw.get(key, default)
+    size = _size(value, key)
+    if not low <= size <= high:
+        raise InvalidInputError(
+            key, f"must be from {low // 2**20}Mi to {high // 2**30}Gi; got {reprlib.repr(value)}"
+        )
+    return size
+
+
+def _size(value: Any, key: str) -> int:
     text = str(value).strip()
     unit = _BINARY_UNITS.get(text[-2:], 1)
     digits = text[:-2] if unit > 1 else text
@@ -298,12 +328,58 @@ def _bytes(raw: Mapping[str, Any], key: str, default: int, *, low: int, high: in
             key, f"must be a whole number of bytes, or one with Ki, Mi or Gi such as '32Mi'; "
             f"got {reprlib.repr(value)}",
         )
-    size = int(digits) * unit
-    if not low <= size <= high:
-        raise InvalidInputError(
-            key, f"must be from {low // 2**20}Mi to {high // 2**30}Gi; got {reprlib.repr(value)}"
-        )
-    return size
+    return int(digits) * unit
+
+
+def _show_size(size: int) -> str:
+    """A size in the largest binary unit that divides it: 8192 -> '8Ki'."""
+    for unit, factor in reversed(_BINARY_UNITS.items()):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit() or len(str(value)) > 15:
+        raise InvalidInputError(key, f"must be a whole number, got {reprlib.repr(value)}")
+    return int(str(value).strip())
+
+
+def _seconds_value(value: Any, key: str) -> int:
+    return parse_duration(str(value), key)
+
+
+# The bounds on a trigger that an operator may raise: the setting, the TriggerLimits field,
+# what it bounds in a trigger, how its values are read and shown.
+_LIMIT_SETTINGS: tuple[
+    tuple[str, str, str, Callable[[Any, str], int], Callable[[int], str]], ...
+] = (
+    ("maxStartup", "max_startup_seconds", "startupSeconds", _seconds_value, format_duration),
+    ("maxOutageHorizon", "max_outage_horizon_seconds", "outageHorizon", _seconds_value,
+     format_duration),
+    ("maxHistoryWindow", "max_history_seconds", "historyWindow", _seconds_value,
+     format_duration),
+    ("maxPointsPerTarget", "max_points", "historyWindow / step", _count, "{:,}".format),
+    ("maxQueryBytes", "max_query_bytes", "query size in bytes", _size, _show_size),
+)
+
+
+def _trigger_limits(raw: Mapping[str, Any]) -> TriggerLimits:
+    """The trigger bounds, each from its built-in value (not lower: the built-in defaults of
+    a trigger's keys must stay within it) to its ceiling."""
+    values: dict[str, int] = {}
+    for key, name, bounds, parse, show in _LIMIT_SETTINGS:
+        low, high = getattr(DEFAULT_LIMITS, name), getattr(LIMIT_CEILINGS, name)
+        value = low if raw.get(key) is None else parse(raw[key], key)
+        if not low <= value <= high:
+            raise InvalidInputError(
+                key,
+                f"must be from {show(low)!r}, the built-in bound, to {show(high)!r}: the most "
+                f"a trigger's {bounds} may be (targetMemoryBytes still holds each trigger); "
+                f"got {reprlib.repr(raw[key])}",
+            )
+        values[name] = value
+    return TriggerLimits(**values)
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -356,7 +432,7 @@ def _check_target(
     where: str,
     defaults: Mapping[str, str],
     servers: tuple[PrometheusServerConfig, ...],
-    memory_budget: int,
+    engine: EngineSettings,
 ) -> None:
     """Parse a configured target as start-up will, so a bad one fails here, naming its path."""
     from forecaster.models import MODEL_FACTORIES
@@ -367,8 +443,8 @@ def _check_target(
             raise InvalidInputError(f"{where}.{key}", "must not be empty")
     try:
         spec, _ = parse_trigger_metadata(target.metadata, known_models=MODEL_FACTORIES,
-                                         defaults=defaults)
-        check_memory(spec, memory_budget)
+                                         defaults=defaults, limits=engine.trigger_limits)
+        check_memory(spec, engine.target_memory_bytes)
     except InvalidInputError as exc:
         from_defaults = exc.field in defaults and exc.field not in target.metadata
         origin = "defaults" if from_defaults else f"{where}.metadata"

@@ -123,7 +123,8 @@ class TargetResolver:
         if not name:
             raise InvalidInputError("scaledObjectRef.name", "is required")
         spec, unknown = parse_trigger_metadata(
-            metadata, known_models=MODEL_FACTORIES, defaults=self.settings.defaults
+            metadata, known_models=MODEL_FACTORIES, defaults=self.settings.defaults,
+            limits=self.settings.engine.trigger_limits,
         )
         check_memory(spec, self.settings.engine.target_memory_bytes)
         tid = target_id(namespace, name, spec.effective_metric_name)

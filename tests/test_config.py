@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from forecaster.cli import main
 from forecaster.config import (
     ConfiguredTarget,
     EngineSettings,
@@ -17,6 +18,7 @@ from forecaster.config import (
     load_settings,
 )
 from forecaster.errors import InvalidInputError
+from forecaster.spec import TriggerLimits
 
 BEARER = "bearer-from-file-0x1"
 ENV_BEARER = "bearer-from-env-0x2"
@@ -198,6 +200,72 @@ def test_the_target_memory_budget_is_bytes_or_a_binary_unit(value: object, size:
     assert load_settings(env=env).engine.target_memory_bytes == size
 
 
+LIMITS_SET = {"maxStartup": "8h", "maxOutageHorizon": "12h", "maxHistoryWindow": "400d",
+              "maxPointsPerTarget": 200000, "maxQueryBytes": "16Ki"}
+LIMITS_READ = TriggerLimits(max_startup_seconds=8 * 3600, max_outage_horizon_seconds=12 * 3600,
+                            max_history_seconds=400 * 86400, max_points=200_000,
+                            max_query_bytes=16 * 1024)
+LIMITS_ENV = {"FORECASTER_MAX_STARTUP": "28800", "FORECASTER_MAX_OUTAGE_HORIZON": "720m",
+              "FORECASTER_MAX_HISTORY_WINDOW": "400d",
+              "FORECASTER_MAX_POINTS_PER_TARGET": "200000",
+              "FORECASTER_MAX_QUERY_BYTES": "16384"}
+
+
+def test_the_trigger_limits_default_to_the_built_in_bounds_and_are_read_from_file_and_env(
+    tmp_path: Path,
+) -> None:
+    assert load_settings(env={}).engine.trigger_limits == TriggerLimits()
+    path = _write(tmp_path / "config.yaml", LIMITS_SET)
+    assert load_settings(path, env={}).engine.trigger_limits == LIMITS_READ
+    assert load_settings(env=LIMITS_ENV).engine.trigger_limits == LIMITS_READ
+    ceilings = {"maxStartup": "24h", "maxOutageHorizon": "1d", "maxHistoryWindow": "730d",
+                "maxPointsPerTarget": "1000000", "maxQueryBytes": "64Ki"}
+    assert load_settings(env={}, overrides=ceilings).engine.trigger_limits == TriggerLimits(
+        24 * 3600, 24 * 3600, 730 * 86400, 1_000_000, 64 * 1024)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("maxStartup", "25h", "must be from '6h', the built-in bound, to '1d'"),
+    ("maxStartup", "1h", "must be from '6h', the built-in bound, to '1d'"),
+    ("maxStartup", "soon", "must be a duration"),
+    ("maxOutageHorizon", "2d", "to '1d'"),
+    ("maxHistoryWindow", "731d", "must be from '90d', the built-in bound, to '730d'"),
+    ("maxPointsPerTarget", "1000001", "must be from '50,000', the built-in bound, to '1,000,000'"),
+    ("maxPointsPerTarget", True, "must be a whole number"),
+    ("maxPointsPerTarget", "lots", "must be a whole number"),
+    ("maxQueryBytes", "65Ki", "must be from '8Ki', the built-in bound, to '64Ki'"),
+    ("maxQueryBytes", "16KB", "Ki, Mi or Gi"),
+])
+def test_a_bad_trigger_limit_names_the_setting_and_its_bounds(
+    key: str, value: object, words: str, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(_write(tmp_path / "config.yaml", {key: value}), env={})
+    assert caught.value.field == key
+    assert words in caught.value.reason and repr(value) in caught.value.reason
+    env_name = "FORECASTER_" + "".join(f"_{c}" if c.isupper() else c.upper() for c in key)
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(env={env_name: str(value)})
+    assert caught.value.field == key
+
+
+def test_a_bad_trigger_limit_makes_serve_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def serve(service: object) -> None:
+        raise AssertionError("a bad config must stop serve before it serves")
+
+    monkeypatch.setattr("forecaster.service.run_until_signalled", serve)
+    path = _write(tmp_path / "config.yaml", {"maxStartup": "2d"})
+    code = main(["serve", "--config", str(path), "--grpc-port", "0", "--http-port", "0",
+                 "--host", "127.0.0.1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines == ["forecaster: error: maxStartup: must be from '6h', the built-in bound, to "
+                     "'1d': the most a trigger's startupSeconds may be (targetMemoryBytes still "
+                     "holds each trigger); got '2d'"]
+
+
 def test_a_bad_environment_value_names_the_setting() -> None:
     with pytest.raises(InvalidInputError) as caught:
         load_settings(env={"FORECASTER_GRPC_PORT": "fifty"})
@@ -286,6 +354,16 @@ BAD_SETTINGS: list[tuple[dict[str, Any], str | None]] = [
     ({"targetMemoryBytes": "2Gi",
       "targets": [_target(step="10s", historyWindow="1d", startupSeconds="3600")]}, None),
     ({"defaults": {"step": "soon"}, "targets": [_target(step="5m")]}, None),  # the target wins
+    ({"targets": [_target(startupSeconds="28800", model="holt_winters")]},
+     "targets[0].metadata.startupSeconds"),
+    ({"maxStartup": "8h", "targets": [_target(startupSeconds="28800", model="holt_winters")]},
+     None),  # raised
+    ({"defaults": {"outageHorizon": "12h"}, "targets": [_target()]}, "defaults.outageHorizon"),
+    ({"maxOutageHorizon": "12h", "defaults": {"outageHorizon": "12h"}, "targets": [_target()]},
+     None),
+    ({"maxHistoryWindow": "730d", "maxPointsPerTarget": 1000000,
+      "targets": [_target(step="1m", historyWindow="600d")]},
+     "targets[0].metadata.historyWindow"),  # raised bounds, still held by the memory budget
     ({"prometheus": [{"url": "http://p:9090"}],
       "targets": [_target(serverAddress="http://elsewhere:9090")]},
      "targets[0].metadata.serverAddress"),

@@ -1,10 +1,14 @@
 """A trigger's memory estimate and the per-target budget: what the estimate follows, the one
-key its refusal names, and that its windows are the models' own."""
+key its refusal names, that its windows are the models' own, and that it still holds a trigger
+once the operator raises the bounds on its metadata (a real service, over real gRPC)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,9 +17,13 @@ from forecaster.errors import InvalidInputError
 from forecaster.models import MODEL_FACTORIES, ets, gbm, mstl, naive
 from forecaster.models.calibration import CALIBRATION_WINDOW
 from forecaster.models.selection import VALIDATION
+from forecaster.scaler.generated import externalscaler_pb2 as pb
+from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
+from forecaster.service import Service
 from forecaster.spec import (
     CALIBRATION_SECONDS,
     DEFAULT_TARGET_MEMORY_BYTES,
+    LIMIT_CEILINGS,
     MAX_HISTORY_SECONDS,
     MAX_OUTAGE_HORIZON_SECONDS,
     MAX_POINTS,
@@ -27,10 +35,14 @@ from forecaster.spec import (
     RESIDUAL_SAMPLES,
     RESIDUAL_SECONDS,
     VALIDATION_SECONDS,
+    TriggerLimits,
     TriggerSpec,
     check_memory,
     memory_estimate,
 )
+from tests.support.prometheus import PrometheusServer
+from tests.support.rest import make_blocks
+from tests.support.scaler import refusals, scaled_object_ref, scaler_settings
 
 MIB = 2**20
 DEFAULT = TriggerSpec(server_address="http://p:9090", query="up", target_value=10.0)
@@ -124,3 +136,99 @@ def test_the_largest_triggers_the_bounds_allow_are_left_to_the_estimate() -> Non
     with pytest.raises(InvalidInputError) as caught:
         check_memory(largest, DEFAULT_TARGET_MEMORY_BYTES)
     assert caught.value.field == "startupSeconds"
+
+
+def test_the_largest_triggers_the_raised_bounds_allow_are_left_to_the_estimate() -> None:
+    ceiling = LIMIT_CEILINGS
+    largest = replace(DEFAULT, step_seconds=MIN_STEP_SECONDS,
+                      startup_seconds=ceiling.max_startup_seconds,
+                      outage_horizon_seconds=ceiling.max_outage_horizon_seconds,
+                      history_window_seconds=ceiling.max_points * MIN_STEP_SECONDS)
+    for model in ("auto", "holt_winters"):
+        with pytest.raises(InvalidInputError) as caught:
+            check_memory(replace(largest, model=model), DEFAULT_TARGET_MEMORY_BYTES)
+        assert "(targetMemoryBytes)" in caught.value.reason
+
+
+# --- the bounds in a running service ---------------------------------------------------------
+
+# Each over a default bound: 8h of start-up (6h), and 100 days at 10 s (90 days, 50,000 points).
+OVER_STARTUP = {"startupSeconds": "28800", "historyWindow": "1d"}
+OVER_HISTORY = {"step": "10s", "historyWindow": "100d", "outageHorizon": "0"}
+RAISED = TriggerLimits(max_startup_seconds=8 * 3_600, max_history_seconds=100 * 86_400,
+                       max_points=864_000)
+
+
+@pytest.fixture(scope="module")
+def live_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    root = tmp_path_factory.mktemp("budget")
+    with PrometheusServer(blocks_dir=make_blocks(root), workdir=root / "prom") as server:
+        yield server
+
+
+@pytest.fixture
+def serve(
+    live_prometheus: PrometheusServer,
+) -> Iterator[Callable[[TriggerLimits], tuple[Service, pb_grpc.ExternalScalerStub]]]:
+    started: list[tuple[Service, grpc.Channel]] = []
+
+    def start(limits: TriggerLimits) -> tuple[Service, pb_grpc.ExternalScalerStub]:
+        settings = scaler_settings(live_prometheus.url)
+        settings = replace(settings, engine=replace(settings.engine, trigger_limits=limits))
+        service = Service(settings, fit_pool=ThreadPoolExecutor(1))
+        service.start()
+        channel = grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}")
+        started.append((service, channel))
+        return service, pb_grpc.ExternalScalerStub(channel)
+
+    yield start
+    for service, channel in started:
+        channel.close()
+        service.stop()
+
+
+def _refused_with(
+    stub: pb_grpc.ExternalScalerStub, ref: pb.ScaledObjectRef, start: str
+) -> list[str]:
+    """GetMetricSpec served, then GetMetrics and IsActive refused: their details, each
+    checked to be INVALID_ARGUMENT beginning with `start`."""
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    details = []
+    for error in refusals(stub, ref, name):
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert error.details().startswith(start), error.details()
+        details.append(error.details())
+    return details
+
+
+def test_with_the_default_limits_a_trigger_over_a_bound_is_refused_naming_key_and_bound(
+    serve: Callable[[TriggerLimits], tuple[Service, pb_grpc.ExternalScalerStub]],
+    live_prometheus: PrometheusServer,
+) -> None:
+    service, stub = serve(TriggerLimits())
+    _refused_with(stub, scaled_object_ref(live_prometheus.url, **OVER_STARTUP),
+                  "startupSeconds: must be at most 21600 (6h, the maxStartup setting): ")
+    _refused_with(stub, scaled_object_ref(live_prometheus.url, **OVER_HISTORY),
+                  "historyWindow: must be at most '90d' (the maxHistoryWindow setting); ")
+    assert len(service.engine) == 0
+
+
+def test_with_the_limits_raised_the_trigger_is_served_and_the_budget_still_holds(
+    serve: Callable[[TriggerLimits], tuple[Service, pb_grpc.ExternalScalerStub]],
+    live_prometheus: PrometheusServer,
+) -> None:
+    service, stub = serve(RAISED)
+    ref = scaled_object_ref(live_prometheus.url, **OVER_STARTUP)
+    name = stub.GetMetricSpec(ref, timeout=10).metricSpecs[0].metricName
+    response = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName=name),
+                               timeout=15)
+    (value,) = response.metricValues
+    assert value.metricName == name and value.metricValueFloat > 0
+    (target,) = service.engine.targets()
+    assert target.spec.startup_seconds == 8 * 3_600
+    # Within every raised bound, and held by targetMemoryBytes with its own message.
+    (details, _) = _refused_with(stub, scaled_object_ref(live_prometheus.url, **OVER_HISTORY),
+                                 "historyWindow: this trigger would hold about ")
+    assert "over the 32 MiB a target may hold (targetMemoryBytes)" in details
+    assert "864,000 history points" in details
+    assert len(service.engine) == 1
