@@ -105,7 +105,8 @@ class Engine:
                      else FitPool(settings.fit_workers, executor=fit_pool))
         self._refits = Refits(self.fits, settings, clock=clock, listener=self.listener,
                               saver=saver)
-        self._refreshes = Refreshes(settings, self._refits, clock=clock, listener=self.listener)
+        self._refreshes = Refreshes(settings, self._refits, clock=clock, listener=self.listener,
+                                    read_failed=self.fits.memory_freed)
         self.registry = Registry(settings, self._refreshes, clock=clock, listener=self.listener,
                                  saver=saver)
         self._stop = threading.Event()

@@ -91,11 +91,15 @@ class Refreshes:
         *,
         clock: Callable[[], float],
         listener: RefreshListener,
+        read_failed: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.refits = refits
         self.clock = clock
         self.listener = listener
+        # Called after a failed read: a refused reply was read (up to maxReplyBytes) and
+        # perhaps parsed, and the engine hands that memory back at its next trim.
+        self.read_failed = read_failed
         self._lanes: dict[int, tuple[HistorySource, _Lane]] = {}  # by id(source); keeps it alive
         self._lanes_lock = threading.Lock()
         self._closed = False
@@ -183,6 +187,7 @@ class Refreshes:
                                       self.clock() + self.settings.refresh_seconds)
             log.warning("refresh of %s failed: %s", target.target_id, exc)
             self.listener.refresh_finished(target.target_id, False)
+            self.read_failed()
             target.mark_first_value()  # a request waiting for the first value gets this error now
             return None
         self.listener.refresh_finished(target.target_id, True)

@@ -143,6 +143,25 @@ def test_a_dropped_targets_memory_is_handed_back_at_the_next_trim(
         engine.stop()
 
 
+def test_a_failed_read_is_handed_back_at_the_next_trim(
+    clock: Clock, source: ReplaySource
+) -> None:
+    """A refused reply may have been read and parsed whole (up to maxReplyBytes) by a target
+    that never fits, so no model is let go to trigger the trim."""
+    fits = FitPool(1, executor=ThreadPoolExecutor(1), trim_interval_seconds=0.0)
+    engine = Engine(EngineSettings(refresh_seconds=3600), clock=clock, fit_pool=fits)
+    try:
+        assert not fits.trim_if_due()  # nothing let go yet
+        target = engine.ensure_target("demo/aws/unknown", replace(SPEC, query="no_such_series"),
+                                      source)
+        wait_for(lambda: target.refresh_failures > 0 and not target.refreshing, timeout=30)
+        assert target.model is None and not target.fit_pending
+        assert fits.trim_if_due()  # the refused read's memory
+        assert not fits.trim_if_due()  # once
+    finally:
+        engine.stop()
+
+
 class Cycle:
     """An object that refers to itself: only the cyclic collector frees it."""
 
