@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -43,7 +42,7 @@ from forecaster.durations import parse_duration
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from repo import ROOT
-from serving import start_serve, wait_answering
+from serving import RssSampler, start_serve, wait_answering
 from tests.support.prometheus import (
     PrometheusServer,
     backfill,
@@ -55,20 +54,6 @@ from tests.support.waiting import poll
 GOAL = 0.10
 QUERY = 'sum(bench_requests{job="bench"})'
 KEEP_ALIVE_SECONDS = 20.0
-
-
-class Sampler(threading.Thread):
-    """The engine process's RSS every 50 ms, and its peak."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = 0.0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.wait(0.05):
-            self.peak = max(self.peak, rss_mb(self.pid))
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -166,7 +151,7 @@ def main() -> int:
                 burst("warm", args.warm)
             before, front_before = rss_mb(server.pid), rss_mb(front)
             cpu_before = cpu_seconds(server.pid)
-            sampler = Sampler(server.pid)
+            sampler = RssSampler(server.pid)
             sampler.start()
             codes.clear()
             registered, fitted, dropped = burst("app", args.targets)

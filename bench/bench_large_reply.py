@@ -30,7 +30,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,7 +41,7 @@ from forecaster.durations import parse_duration
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from repo import ROOT
-from serving import start_serve, wait_answering
+from serving import RssSampler, start_serve, wait_answering
 from tests.support.faulty import EMPTY, LARGE, FaultyPrometheus
 from tests.support.prometheus import free_port
 from tests.support.waiting import poll
@@ -51,20 +50,6 @@ GOAL = 0.10
 MB = 1_000_000
 ASK_EVERY_SECONDS = 1.0
 MESSAGE_CHARS = 400
-
-
-class Sampler(threading.Thread):
-    """The engine process's RSS every 50 ms, and its peak."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = 0.0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.wait(0.05):
-            self.peak = max(self.peak, rss_mb(self.pid))
 
 
 class Caller:
@@ -134,7 +119,7 @@ def main() -> int:
             (front,) = children(server.pid)
             before, front_before = rss_mb(server.pid), rss_mb(front)
             hwm_before = rss_mb(server.pid, "VmHWM")  # the start-up's own peak
-            sampler = Sampler(server.pid)
+            sampler = RssSampler(server.pid)
             sampler.start()
             caller = Caller(pb_grpc.ExternalScalerStub(channel))
             refs = [pb.ScaledObjectRef(namespace="bench", name=f"app-{i}", scalerMetadata={

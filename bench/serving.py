@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import requests
 
+from accounting import rss_mb
 from tests.support.waiting import poll
 
 
@@ -38,3 +40,17 @@ def wait_answering(server: subprocess.Popen[bytes], url: str, timeout: float = 6
 
     if not poll(answering, timeout, every=0.2):
         raise SystemExit(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+class RssSampler(threading.Thread):
+    """A process's RSS every 50 ms, and its peak: what a bench reads between its readings."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0.0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.05):
+            self.peak = max(self.peak, rss_mb(self.pid))
