@@ -18,21 +18,13 @@ from forecaster.slo import ShareScorer
 from forecaster.sources.replay import ReplaySource
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
+from tests.support.sources import NoSource
 from tests.support.waiting import wait_for
 
 DATA = Path(__file__).parent.parent / "data"
 STEP = 300
 START = pd.Timestamp("2026-11-01T00:00Z")
 
-
-class NoSource:
-    """The target here is fed by fold_in: a source that is never read."""
-
-    def query_range(self, *args: object) -> pd.Series:
-        raise AssertionError("not read")
-
-    def query_instant(self, *args: object) -> tuple[object, float]:
-        raise AssertionError("not read")
 
 
 def _spec(**changes: object) -> TriggerSpec:

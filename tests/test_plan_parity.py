@@ -28,21 +28,13 @@ from forecaster.series import read_csv, to_grid
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
 from tests.support.models import FAST_CANDIDATES, FAST_VALIDATION, fast_auto
+from tests.support.sources import NoSource
 
 TRACE = Path(__file__).parent.parent / "data" / "twitter_volume_aapl.csv"  # no gaps
 STEP = pd.Timedelta("5min")
 TARGET_VALUE = 26.98
 TARGET_ID = "t/t/m"  # its second of the day falls inside the compared half day
 
-
-class NoSource:
-    """The target is fed by fold_in: a source that is never read."""
-
-    def query_range(self, *args: object) -> pd.Series:
-        raise AssertionError("not read")
-
-    def query_instant(self, *args: object) -> tuple[object, float]:
-        raise AssertionError("not read")
 
 
 def calibrated_fast_auto(

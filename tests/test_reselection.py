@@ -24,6 +24,7 @@ from forecaster.series import RegularSeries, to_grid
 from forecaster.spec import TriggerSpec
 from forecaster.target import Target
 from tests.support.models import fast_auto
+from tests.support.sources import NoSource
 
 STEP = pd.Timedelta("5min")
 ADOPTED = pd.Timestamp("2026-11-01T07:23Z")  # every target's first fit, in the same minute
@@ -34,15 +35,6 @@ ROUNDS_A_DAY = 24  # hourly refits: refitInterval's default
 SHARE = TARGETS / ROUNDS_A_DAY
 MARGIN = 3 * math.sqrt(TARGETS * (1 / ROUNDS_A_DAY) * (1 - 1 / ROUNDS_A_DAY))
 
-
-class NoSource:
-    """The target here is filled by hand: a source that is never read."""
-
-    def query_range(self, *args: object) -> pd.Series:
-        raise AssertionError("not read")
-
-    def query_instant(self, *args: object) -> tuple[object, float]:
-        raise AssertionError("not read")
 
 
 def test_a_thousand_targets_fitted_together_reselect_spread_over_the_day() -> None:

@@ -8,19 +8,11 @@ import pandas as pd
 from forecaster.models.calibration import ScoreWindow
 from forecaster.spec import TriggerSpec
 from forecaster.target import SHARE_WINDOWS, ShareKeeper, Target
+from tests.support.sources import NoSource
 
 STEP = 300
 START = pd.Timestamp("2026-11-01T00:00Z")
 
-
-class NoSource:
-    """The target here is fed by fold_in: a source that is never read."""
-
-    def query_range(self, *args: object) -> pd.Series:
-        raise AssertionError("not read")
-
-    def query_instant(self, *args: object) -> tuple[object, float]:
-        raise AssertionError("not read")
 
 
 def _fed(demand: np.ndarray) -> tuple[ShareKeeper, list[float]]:
