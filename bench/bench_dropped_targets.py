@@ -158,8 +158,7 @@ def main() -> int:
             after, front_after = rss_mb(server.pid), rss_mb(front)
             cpu_after = cpu_seconds(server.pid)
             final = metrics(base)
-            sampler.stopping.set()
-            sampler.join()
+            sampler.stop()
         finally:
             channel.close()
             server.terminate()

@@ -152,8 +152,7 @@ def main() -> int:
             time.sleep(args.settle)
             after, front_after = rss_mb(server.pid), rss_mb(front)
             hwm = rss_mb(server.pid, "VmHWM")
-            sampler.stopping.set()
-            sampler.join()
+            sampler.stop()
         finally:
             channel.close()
             server.terminate()

@@ -54,3 +54,7 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.stopping.wait(0.05):
             self.peak = max(self.peak, rss_mb(self.pid))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
