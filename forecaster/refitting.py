@@ -90,7 +90,7 @@ class Refits:
             target.fit_seconds = [*target.fit_seconds[-19:], seconds]
             if fit.fell_back:
                 target.fallbacks += 1
-                log.info("target %s fell back to %s: %s", target.target_id, fit.model.name,
+                log.warning("target %s fell back to %s: %s", target.target_id, fit.model.name,
                          "; ".join(f"{m}: {why}" for m, why in fit.failures))
             model = fit.model
             try:
