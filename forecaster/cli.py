@@ -16,8 +16,8 @@ from forecaster.durations import format_duration, parse_duration
 from forecaster.errors import ForecasterError, InsufficientHistoryError, InvalidInputError
 from forecaster.fitting import pin_math_threads
 from forecaster.spec import (
+    CEILING_STARTUP_SECONDS,
     DEFAULT_PLAN_HALF_LIFE_SECONDS,
-    MAX_STARTUP_SECONDS,
     MAX_STEP_SECONDS,
     MAX_TARGET_VALUE,
     MIN_STEP_SECONDS,
@@ -221,9 +221,10 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="load one replica handles (the HPA target value)")
     p.add_argument("--step", type=_duration("step", MIN_STEP_SECONDS, MAX_STEP_SECONDS),
                    default=pd.Timedelta("5min"), help="grid step (default 5m)")
-    p.add_argument("--startup", type=_duration("startup", 0, MAX_STARTUP_SECONDS),
+    p.add_argument("--startup", type=_duration("startup", 0, CEILING_STARTUP_SECONDS),
                    default=pd.Timedelta("5min"),
-                   help="pod start-up time, the lead time (default 5m)")
+                   help="pod start-up time, the lead time (default 5m; at most 1d, "
+                   "the most a service's maxStartup allows)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--eval-start", type=_timestamp, default=None,
                       help="first evaluated interval (ISO-8601); off-grid rounds up")

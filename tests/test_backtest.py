@@ -199,6 +199,19 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, printed.getvalue()
 
 
+def test_a_startup_past_the_services_default_bound_backtests(tmp_path: Path) -> None:
+    """8h is over a trigger's default maxStartup (6h) and within what a service may be set to
+    allow (1d), so a backtest can show what such a workload would get."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main([
+            "backtest", str(AWS), "--target", str(AWS_TARGET), "--eval-days", "0.5",
+            "--model", "naive", "--startup", "8h", "--out", str(tmp_path),
+        ])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["startup_seconds"], summary["lead_steps"]) == (28_800, 96)
+
+
 @pytest.fixture(scope="module")
 def aws_grid(aws: pd.Series) -> RegularSeries:
     return to_grid(aws, STEP)

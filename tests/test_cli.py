@@ -213,7 +213,7 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
     "target-nan": ([*BACKTEST, "--target", "nan"], ["--target", "'nan'"]),
     "target-empty": ([*BACKTEST, "--target", ""], ["--target", "''"]),
     "startup-huge": ([*BACKTEST, "--startup", "999999999999w"],
-                     ["--startup", "'999999999999w'", "'6h'"]),
+                     ["--startup", "'999999999999w'", "'1d'"]),
     "step-huge": ([*BACKTEST, "--step", "999999999999w"], ["--step", "'999999999999w'", "'1h'"]),
     "step-below-10s": ([*BACKTEST, "--step", "5s"], ["--step", "'5s'", "'10s'"]),
     "refit-huge": ([*BACKTEST, "--refit", "999999999999w"], ["--refit", "'999999999999w'"]),
