@@ -31,6 +31,9 @@ class Service:
 
     >>> service = Service(settings)     # doctest: +SKIP
     >>> service.start(); service.grpc_port, service.http_port   # doctest: +SKIP
+
+    `resolver` builds the trigger resolver both interfaces share from the engine, the settings
+    and the sources: TargetResolver, or a subclass that a test makes misbehave on purpose.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class Service:
         fit_pool: Executor | FitPool | None = None,
         front_silence_seconds: float = FRONT_SILENCE_SECONDS,
         state_store: StateStore | None = None,
+        resolver: Callable[[Engine, Settings, SourceRegistry], TargetResolver] = TargetResolver,
     ) -> None:
         from forecaster.api import HttpServer, create_app
 
@@ -61,7 +65,7 @@ class Service:
         self.telemetry.track(self.engine)
         self.sources = SourceRegistry(settings.servers, fixed=source,
                                       refused=self.telemetry.points_refused)
-        self.resolver = TargetResolver(self.engine, settings, self.sources)
+        self.resolver = resolver(self.engine, settings, self.sources)
         self.stopped = threading.Event()  # set by a signal, or when the scaler front exits
         self.started = threading.Event()  # set once start() is done: for readiness
         self.failed = False

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import requests
@@ -58,10 +59,11 @@ def prometheus_now(root: Path) -> Iterator[PrometheusServer]:
 
 
 @contextmanager
-def live_service(prometheus: PrometheusServer) -> Iterator[Live]:
-    """The service, once its one target has a forecast and its front has counted the call."""
+def live_service(prometheus: PrometheusServer, **options: Any) -> Iterator[Live]:
+    """The service (with Service's `options`, such as a resolver), once its one target has a
+    forecast and its front has counted the call."""
     fits = ThreadPoolExecutor(1, thread_name_prefix="test-fit")  # no process spawn: faster
-    service = Service(scaler_settings(prometheus.url), fit_pool=fits)
+    service = Service(scaler_settings(prometheus.url), fit_pool=fits, **options)
     service.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
