@@ -71,7 +71,8 @@ class Service:
         self.failed = False
         self.scaler = ScalerBridge(
             settings, self.engine, self.resolver,
-            on_request=self.telemetry.grpc_request, on_exit=self._scaler_exited,
+            on_request=self.telemetry.grpc_request,
+            on_unexpected=self.telemetry.grpc_unexpected, on_exit=self._scaler_exited,
             front_silence_seconds=front_silence_seconds,
         )
         self.grpc_port = self.scaler.port

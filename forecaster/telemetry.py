@@ -102,6 +102,14 @@ class Telemetry:
             ["interface", "method", "code"],
             registry=registry,
         )
+        self.unexpected_errors = Counter(
+            "forecaster_scaler_unexpected_errors",
+            "gRPC scaler calls ended by an unexpected error in forecaster (a bug, logged at "
+            "ERROR with its traceback), by method. They answer UNAVAILABLE, as an outage does, "
+            "and are also counted in forecaster_requests.",
+            ["method"],
+            registry=registry,
+        )
         self.state_saves = Counter(
             "forecaster_state_saves",
             "Writes of a target's saved state (after a refit, and at shutdown), by outcome; "
@@ -137,6 +145,7 @@ class Telemetry:
             self.refused_points.labels(reason)
         for method in GRPC_METHODS:
             self.requests.labels("grpc", method, "OK")
+            self.unexpected_errors.labels(method)
 
     def track(self, engine: Engine) -> None:
         """Export the per-target gauges of `engine`, read at each scrape."""
@@ -179,6 +188,10 @@ class Telemetry:
     def grpc_request(self, method: str, code: str, calls: int = 1) -> None:
         """Count gRPC calls (the scaler front reports them in batches)."""
         self.requests.labels("grpc", method, code).inc(calls)
+
+    def grpc_unexpected(self, method: str, calls: int = 1) -> None:
+        """Count gRPC calls that an unexpected error ended (already counted by grpc_request)."""
+        self.unexpected_errors.labels(method).inc(calls)
 
     def http_request(self, verb: str, route: str | None, status: int) -> None:
         """Count one HTTP request by verb, route *rule* (not the path: bounded label values)

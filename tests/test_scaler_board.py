@@ -141,16 +141,19 @@ def test_reports_name_the_asked_about_targets_and_count_the_calls() -> None:
         await engine.next_report()
         heartbeats = engine.of(REPORT)
         assert heartbeats  # sent empty too: the engine's sign that the front's loop turns
-        assert all(r[1:] == ((), {}) for r in heartbeats)  # resolving registered it
+        assert all(r[1:] == ((), {}, {}) for r in heartbeats)  # resolving registered it
         await board.trigger("shop", "web", META)
         await board.trigger("shop", "web", META)
         board.count("GetMetrics", "OK")
         board.count("GetMetrics", "OK")
         board.count("IsActive", "UNAVAILABLE")
+        board.count("IsActive", "UNAVAILABLE")
+        board.count_unexpected("IsActive")
         await engine.next_report()
         (report,) = [r for r in engine.of(REPORT)[len(heartbeats):] if r[1] or r[2]]
         assert report[1] == (TRIGGER.target_id,)
-        assert report[2] == {("GetMetrics", "OK"): 2, ("IsActive", "UNAVAILABLE"): 1}
+        assert report[2] == {("GetMetrics", "OK"): 2, ("IsActive", "UNAVAILABLE"): 2}
+        assert report[3] == {"IsActive": 1}  # of those, ended by an unexpected error
 
     asyncio.run(scenario())
 

@@ -63,6 +63,7 @@ class Board:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._touched: set[str] = set()
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._unexpected: Counter[str] = Counter()
         self._closed = False
         self._heard = 0.0  # loop time of the engine's last message
 
@@ -124,6 +125,11 @@ class Board:
     def count(self, method: str, code: str) -> None:
         """One finished call, reported to the engine's process (for its /metrics)."""
         self._counts[method, code] += 1
+
+    def count_unexpected(self, method: str) -> None:
+        """One of the finished calls ended by an unexpected error (a bug), reported apart so
+        that /metrics tells a bug from an outage (both answer UNAVAILABLE)."""
+        self._unexpected[method] += 1
 
     # -- resolving -----------------------------------------------------------------------------
 
@@ -232,10 +238,12 @@ class Board:
         assert self._loop is not None
         if not self._closed:
             touched, counts = tuple(self._touched), dict(self._counts)
+            unexpected = dict(self._unexpected)
             self._touched.clear()
             self._counts.clear()
+            self._unexpected.clear()
             try:
-                self._send((REPORT, touched, counts))
+                self._send((REPORT, touched, counts, unexpected))
             except OSError:  # the engine's process is gone; the front is about to stop
                 self._closed = True
         self._loop.call_later(REPORT_SECONDS, self._report)

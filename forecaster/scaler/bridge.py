@@ -6,7 +6,8 @@ TargetResolver the REST API uses), and each asked-about target's answer (planned
 activity, or the reason there is none), pushed whenever it changes. The answer is computed
 here by `Engine.serve` and `Engine.is_active`, so freshness, dry-run and activation follow
 one rule on every interface. The front reports back which targets were asked about (so
-that they are not dropped as idle) and how many calls ended with which code.
+that they are not dropped as idle), how many calls ended with which code, and how many of
+them an unexpected error ended.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from forecaster.scaler.messages import (
     Failure,
     FrontSettings,
     Trigger,
+    unexpected_failure,
 )
 from forecaster.target import Snapshot, Target, freshness_limit
 from forecaster.targets import TargetResolver
@@ -68,8 +70,9 @@ STALE_AGE_STEP_SECONDS = 10  # a stale answer's age is restated in steps of this
 FRONT_SILENCE_SECONDS = 10.0
 
 
-def status_for(exc: Exception) -> grpc.StatusCode:
-    """Our errors to gRPC codes, in one place. UNAVAILABLE lets KEDA's `fallback` apply."""
+def status_for(exc: Exception) -> grpc.StatusCode | None:
+    """Our errors to gRPC codes, in one place; None for any other exception, a bug, which
+    `failure_for` answers as unexpected. UNAVAILABLE lets KEDA's `fallback` apply."""
     if isinstance(exc, InvalidInputError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, TooManyTargetsError):
@@ -78,15 +81,16 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, NotReadyError | SourceUnavailableError | SourceError |
                   InsufficientHistoryError | UnknownTargetError):
         return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INTERNAL
+    return None
 
 
 def failure_for(exc: Exception, doing: str) -> Failure:
-    """What a caller is told; an unexpected error is logged here and not detailed to it."""
+    """What a caller is told. An unexpected error is logged here with its traceback and
+    answered UNAVAILABLE without its text (`unexpected_failure`), so KEDA's fallback applies."""
     code = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed", doing, exc_info=exc)
-        return Failure(code.name, f"internal error {doing}; see the forecaster logs")
+    if code is None:
+        log.error("unexpected error %s", doing, exc_info=exc)
+        return unexpected_failure(doing)
     return Failure(code.name, str(exc))
 
 
@@ -112,7 +116,8 @@ class ScalerBridge:
     `start` lets it answer calls. If the front exits on its own, `on_exit` is called: the
     service then stops, so that Kubernetes restarts the pod rather than leave it serving HTTP
     with no scaler. Silent for longer than `front_silence_seconds`, the front is reported
-    stuck by `problem`.
+    stuck by `problem`. The front's call counts go to `on_request(method, code, calls)`, and
+    those of them that an unexpected error (a bug) ended to `on_unexpected(method, calls)`.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class ScalerBridge:
         resolver: TargetResolver,
         *,
         on_request: Callable[[str, str, int], None],
+        on_unexpected: Callable[[str, int], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         front_silence_seconds: float = FRONT_SILENCE_SECONDS,
     ) -> None:
@@ -129,6 +135,7 @@ class ScalerBridge:
         self.front_silence_seconds = front_silence_seconds
         self.resolver = resolver
         self.on_request = on_request
+        self.on_unexpected = on_unexpected or (lambda method, calls: None)
         self.on_exit = on_exit or (lambda: None)
         self._sent: dict[str, AnswerBasis] = {}
         self._heard = time.monotonic()  # when the front last sent anything
@@ -257,7 +264,7 @@ class ScalerBridge:
         if tag == RESOLVE:
             self._resolve(*message[1:])
         elif tag == REPORT:
-            self._report(message[1], message[2])
+            self._report(message[1], message[2], message[3])
         else:
             log.error("unexpected message %r from the gRPC front process", tag)
 
@@ -283,12 +290,17 @@ class ScalerBridge:
             target.when_first_value(self._wake.set)  # sent on the next pass, not in 0.25 s
         self._connection.send((RESOLVED, request_id, trigger, answer))
 
-    def _report(self, touched: tuple[str, ...], counts: dict[tuple[str, str], int]) -> None:
+    def _report(
+        self, touched: tuple[str, ...], counts: dict[tuple[str, str], int],
+        unexpected: dict[str, int],
+    ) -> None:
         for target_id in touched:
             with contextlib.suppress(UnknownTargetError):  # dropped: the next push forgets it
                 self.engine.touch(target_id)
         for (method, code), calls in counts.items():
             self.on_request(method, code, calls)
+        for method, calls in unexpected.items():
+            self.on_unexpected(method, calls)
 
     def _push(self, heartbeat: bool) -> bool:
         """Send the answers that changed (an empty message too, for a heartbeat); forget

@@ -29,15 +29,26 @@ READY = "ready"  # (READY, port): bound; waiting for SERVE
 FAILED = "failed"  # (FAILED, message, setting | None): could not bind; the setting to change
 # ("grpcPort") when the port is taken, None otherwise (unreadable TLS files)
 RESOLVE = "resolve"  # (RESOLVE, request_id, namespace, name, metadata)
-REPORT = "report"  # (REPORT, (target_id, ...), {(method, code): calls}): asked-about targets
+REPORT = "report"  # (REPORT, (target_id, ...), {(method, code): calls}, {method: calls}):
+# asked-about targets, finished calls, and those of them that ended in an unexpected error
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A call's failure: a gRPC status code's name and a message for the caller."""
+    """A call's failure: a gRPC status code's name and a message for the caller; `unexpected`
+    when a bug caused it (see `unexpected_failure`), so that the front counts it apart."""
 
     code: str
     message: str
+    unexpected: bool = False
+
+
+def unexpected_failure(doing: str) -> Failure:
+    """What a caller is told of an exception that is none of forecaster's own errors (a bug,
+    logged with its traceback where it happened): UNAVAILABLE, which KEDA takes for transient,
+    so its fallback applies; the exception's own text stays in the log."""
+    return Failure("UNAVAILABLE", f"unexpected error {doing}; see the forecaster logs",
+                   unexpected=True)
 
 
 class FailedCall(Exception):

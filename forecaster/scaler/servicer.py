@@ -41,6 +41,7 @@ from forecaster.scaler.messages import (
     FailedCall,
     Failure,
     Trigger,
+    unexpected_failure,
 )
 from forecaster.spec import MetricSpec, metric_spec
 
@@ -128,14 +129,18 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             stopped.cancel()
 
     async def _abort(self, method: str, context: aio.ServicerContext, exc: Exception) -> NoReturn:
+        """End the call with the failure's status. Any other exception is a bug: logged with
+        its traceback and answered UNAVAILABLE (KEDA's fallback applies) without its text.
+        An unexpected error is counted apart, whichever process it happened in."""
         if isinstance(exc, FailedCall):
-            code, message = grpc.StatusCode[exc.failure.code], exc.failure.message
+            failure = exc.failure
         else:
-            log.error("%s failed", method, exc_info=exc)
-            code = grpc.StatusCode.INTERNAL
-            message = f"internal error in {method}; see the forecaster logs"
-        self.board.count(method, code.name)
-        await context.abort(code, message)
+            log.error("unexpected error in %s", method, exc_info=exc)
+            failure = unexpected_failure(f"in {method}")
+        if failure.unexpected:
+            self.board.count_unexpected(method)
+        self.board.count(method, failure.code)
+        await context.abort(grpc.StatusCode[failure.code], failure.message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     def _metric_spec(self, key: bytes, ref: pb.ScaledObjectRef) -> _Known:
@@ -291,7 +296,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                 try:
                     active = await self._is_active(key, request, context)
                 except Exception as exc:
-                    if not (isinstance(exc, FailedCall) and exc.failure.code == "UNAVAILABLE"):
+                    if not _transient(exc):
                         failed = True
                         await self._abort("StreamIsActive", context, exc)
                     log.info("StreamIsActive: %s", exc)  # transient: keep the stream, retry
@@ -303,6 +308,13 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         finally:
             if not failed:
                 self.board.count("StreamIsActive", "OK")
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether an open stream outlives `exc`: an UNAVAILABLE the next check may clear, but not
+    an unexpected error (a bug), which ends the stream as it ends a unary call."""
+    return (isinstance(exc, FailedCall) and exc.failure.code == "UNAVAILABLE"
+            and not exc.failure.unexpected)
 
 
 def _time_left(context: aio.ServicerContext) -> float | None:
