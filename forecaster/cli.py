@@ -18,6 +18,8 @@ from forecaster.fitting import pin_math_threads
 from forecaster.spec import (
     CEILING_STARTUP_SECONDS,
     DEFAULT_PLAN_HALF_LIFE_SECONDS,
+    DEFAULT_STABILIZATION_SECONDS,
+    MAX_STABILIZATION_SECONDS,
     MAX_STEP_SECONDS,
     MAX_TARGET_VALUE,
     MIN_STEP_SECONDS,
@@ -249,6 +251,11 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    default=pd.Timedelta(seconds=DEFAULT_PLAN_HALF_LIFE_SECONDS),
                    help="half-life of the moving average of quantile forecasts that the plan "
                    "follows (default 10m; 0 plans each forecast as it is)")
+    p.add_argument("--stabilization", type=_duration("stabilization", 0,
+                                                     MAX_STABILIZATION_SECONDS),
+                   default=pd.Timedelta(seconds=DEFAULT_STABILIZATION_SECONDS),
+                   help="the HPA's scale-down stabilization window, as the ScaledObject sets "
+                   "it (default 5m, the HPA's own; at most 1h)")
     p.add_argument("--min-replicas", type=_replicas(0), default=1)
     p.add_argument("--max-replicas", type=_replicas(1), default=None)
     p.add_argument("--out", type=_path, default=None,
@@ -285,6 +292,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         time_zone=args.time_zone,
         reactive_floor=not args.no_floor,
         plan_half_life=args.plan_half_life,
+        stabilization=args.stabilization,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
     )

@@ -112,6 +112,7 @@ DEFAULT_PLAN_HALF_LIFE_SECONDS = 600
 DEFAULT_OUTAGE_HORIZON_SECONDS = 30 * 60
 MIN_STEPS_IN_HISTORY = 10
 DEFAULT_MAX_UNDER_PROVISIONED = 0.05
+DEFAULT_STABILIZATION_SECONDS = 300  # the HPA's own default scale-down window
 MAX_STABILIZATION_SECONDS = 3_600
 # Bounds on what one trigger may ask for: each keeps a target's memory and its queries to
 # Prometheus within what one service of many targets can hold. Startup, outage horizon,
@@ -224,7 +225,7 @@ class TriggerSpec:
     max_under_provisioned: float | None = DEFAULT_MAX_UNDER_PROVISIONED
     # The ScaledObject's scale-down stabilization window, for the HPA arithmetic the
     # controller replays from its own plans.
-    scale_down_stabilization_seconds: int = 300
+    scale_down_stabilization_seconds: int = DEFAULT_STABILIZATION_SECONDS
     # The plan follows an average of recent quantile forecasts with this half-life; 0: none.
     plan_half_life_seconds: int = DEFAULT_PLAN_HALF_LIFE_SECONDS
     history_window_seconds: int = 14 * 86_400

@@ -212,6 +212,28 @@ def test_a_startup_past_the_services_default_bound_backtests(tmp_path: Path) -> 
     assert (summary["startup_seconds"], summary["lead_steps"]) == (28_800, 96)
 
 
+def test_the_stabilization_window_holds_replicas_up_and_is_recorded(tmp_path: Path) -> None:
+    """The same plans (a fixed quantile) through a 30-minute scale-down window cost more
+    replica-hours than through the HPA's default 5 minutes, and each summary says which."""
+    runs = {}
+    for window in ("5m", "30m"):
+        out = tmp_path / window
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = main([
+                "backtest", str(AWS), "--target", str(AWS_TARGET), "--eval-days", "1",
+                "--model", "naive", "--quantile", "0.9", "--stabilization", window,
+                "--out", str(out),
+            ])
+        assert code == 0
+        runs[window] = (json.loads((out / "summary.json").read_text()),
+                        pd.read_csv(out / "decisions.csv"))
+    (short, short_rows), (long, long_rows) = runs["5m"], runs["30m"]
+    assert (short["stabilization_seconds"], long["stabilization_seconds"]) == (300, 1800)
+    assert (long["min_replicas"], long["max_replicas"]) == (1, None)
+    np.testing.assert_array_equal(short_rows["forecast"], long_rows["forecast"])
+    assert long_rows["replicas"].sum() > short_rows["replicas"].sum()
+
+
 @pytest.fixture(scope="module")
 def aws_grid(aws: pd.Series) -> RegularSeries:
     return to_grid(aws, STEP)

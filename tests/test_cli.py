@@ -214,6 +214,8 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
     "target-empty": ([*BACKTEST, "--target", ""], ["--target", "''"]),
     "startup-huge": ([*BACKTEST, "--startup", "999999999999w"],
                      ["--startup", "'999999999999w'", "'1d'"]),
+    "stabilization-huge": ([*BACKTEST, "--stabilization", "2h"],
+                           ["--stabilization", "'2h'", "'1h'"]),
     "step-huge": ([*BACKTEST, "--step", "999999999999w"], ["--step", "'999999999999w'", "'1h'"]),
     "step-below-10s": ([*BACKTEST, "--step", "5s"], ["--step", "'5s'", "'10s'"]),
     "refit-huge": ([*BACKTEST, "--refit", "999999999999w"], ["--refit", "'999999999999w'"]),

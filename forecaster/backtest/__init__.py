@@ -93,6 +93,9 @@ def run_backtest(
             float(sim.controller.level) if sim.controller is not None else None
         ),
         "reactive_floor": config.reactive_floor,
+        "stabilization_seconds": int(config.stabilization.total_seconds()),
+        "min_replicas": config.min_replicas,
+        "max_replicas": config.max_replicas,
         "plan_half_life_seconds": int(config.plan_half_life.total_seconds()),
         "eval_start": sim.eval_start.isoformat(),
         "eval_end": d["timestamp"].iloc[-1].isoformat(),

@@ -34,7 +34,7 @@ from forecaster.policy import (
 )
 from forecaster.series import RegularSeries, known_at_end
 from forecaster.slo import ShareScorer, SloController
-from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
+from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS, DEFAULT_STABILIZATION_SECONDS
 
 BAND_QUANTILES = (0.1, 0.9)
 
@@ -56,7 +56,7 @@ class BacktestConfig:
     plan_half_life: pd.Timedelta = pd.Timedelta(seconds=DEFAULT_PLAN_HALF_LIFE_SECONDS)
     min_replicas: int = 1
     max_replicas: int | None = None
-    stabilization: pd.Timedelta = pd.Timedelta("5min")
+    stabilization: pd.Timedelta = pd.Timedelta(seconds=DEFAULT_STABILIZATION_SECONDS)
     # The share of intervals allowed short: a controller moves a level on the plan to hold
     # it (forecaster.slo). None plans the quantile as it is.
     max_under_provisioned: float | None = 0.05
