@@ -9,9 +9,9 @@ A ScaledObject trigger looks like::
     triggers:
       - type: external
         metadata:
-          scalerAddress: forecaster.autoscaling:9090
+          scalerAddress: forecaster.autoscaling:50051
           serverAddress: http://prometheus.monitoring:9090
-          query: sum(rate(http_requests_total{service="web"}[2m]))
+          query: sum(rate(http_requests_total{service="web"}[5m]))
           targetValue: "50"
           historyWindow: 14d
           step: 5m
@@ -607,8 +607,9 @@ def _server_address(text: str) -> str:
     if "@" in parts.netloc:
         raise InvalidInputError(
             "serverAddress",
-            f"must not carry user:password@ credentials; got {shown}: "
-            f"put credentials in a TriggerAuthentication instead",
+            f"must not carry user:password@ credentials; got {shown}: KEDA passes none "
+            f"to an external scaler, so give them to the server's entry in forecaster's "
+            f"config (prometheus: bearerTokenFile or basicAuth)",
         )
     if parts.query or parts.fragment or any(char.isspace() for char in text):
         raise InvalidInputError(

@@ -164,6 +164,9 @@ def test_credentials_in_server_address_are_never_echoed() -> None:
         assert error.field == "serverAddress"
         assert "s3cret" not in str(error)
         assert "***@" in error.reason
+    # Where credentials go instead: KEDA gives an external scaler none of its own.
+    error = error_for({**REQUIRED, "serverAddress": "http://admin:s3cret@prometheus:9090"})
+    assert "prometheus: bearerTokenFile or basicAuth" in error.reason
 
 
 def test_long_values_are_length_capped_in_errors() -> None:
