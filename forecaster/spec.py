@@ -388,6 +388,11 @@ def resolve_from_env(metadata: Mapping[str, str]) -> dict[str, str]:
     return resolved
 
 
+def target_id(namespace: str, name: str, metric_name: str) -> str:
+    """`namespace/name/metricName`, the id a ScaledObject's trigger maps to."""
+    return f"{namespace}/{name}/{metric_name}"
+
+
 def metric_spec(
     metadata: Mapping[str, str], defaults: Mapping[str, str] | None = None
 ) -> MetricSpec:

@@ -53,11 +53,6 @@ OUTAGE_QUANTILE = 0.95
 OUTAGE_MARGIN = 0.1
 
 
-def target_id(namespace: str, name: str, metric_name: str) -> str:
-    """`namespace/name/metricName`, the id a ScaledObject's trigger maps to."""
-    return f"{namespace}/{name}/{metric_name}"
-
-
 def target_labels(target_id: str) -> tuple[str, str, str]:
     """(namespace, name, metric) of a `namespace/name/metric` id.
 

@@ -24,9 +24,10 @@ from forecaster.spec import (
     check_memory,
     check_object_ref,
     parse_trigger_metadata,
+    target_id,
 )
 from forecaster.state import Refused, SavedTarget
-from forecaster.target import Target, target_id
+from forecaster.target import Target
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from forecaster.engine import Engine
 from forecaster.errors import InvalidInputError, UnknownTargetError
 from forecaster.plots import PlotCache, plot_share, share_fingerprint
 from forecaster.policy import planned_replicas
-from forecaster.target import ShareHeld, Target, freshness_limit, target_id, target_labels
+from forecaster.spec import target_id
+from forecaster.target import ShareHeld, Target, freshness_limit, target_labels
 from forecaster.telemetry import Telemetry
 
 blueprint = Blueprint("pages", __name__)

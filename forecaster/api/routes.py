@@ -35,7 +35,8 @@ from forecaster.fitting import release_free_memory
 from forecaster.models import Forecast
 from forecaster.policy import HpaState, ScalingPolicy, hpa_step, recommend
 from forecaster.sources import HistorySource
-from forecaster.target import Snapshot, Target, freshness_limit, target_id
+from forecaster.spec import target_id
+from forecaster.target import Snapshot, Target, freshness_limit
 from forecaster.targets import TargetResolver
 
 blueprint = Blueprint("api", __name__)
