@@ -60,6 +60,8 @@ from forecaster.spec import (
     LIMIT_CEILINGS,
     TriggerLimits,
     check_memory,
+    metric_spec,
+    target_id,
 )
 
 ENV_PREFIX = "FORECASTER_"
@@ -138,6 +140,15 @@ class Settings:
             f"http_port={self.http_port}, tls={self.tls is not None}, api_token={token!r}, "
             f"metrics_token={metrics!r}, api={self.api!r}, state_dir={self.state_dir!r})"
         )
+
+    def configured_target_values(self) -> tuple[tuple[str, float], ...]:
+        """(target id, targetValue) of each listed target, named as the engine names it."""
+        found = []
+        for target in self.targets:
+            spec = metric_spec(target.metadata, self.defaults)
+            found.append((target_id(target.namespace, target.name, spec.metric_name),
+                          spec.target_value))
+        return tuple(found)
 
 
 def load_settings(

@@ -190,6 +190,45 @@ def test_a_trigger_that_differs_from_a_configured_target_is_served_the_config_an
     assert "forecaster_spec_conflicts_total 1.0" in metrics
 
 
+def test_a_trigger_landing_on_a_configured_target_gets_the_configs_target_value(
+    prometheus: PrometheusServer,
+    make_service: Callable[..., Service],
+    stub_for: Callable[[Service], pb_grpc.ExternalScalerStub],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The config's spec is the one planned for (its controller replays the HPA at its
+    targetValue), so the HPA must divide by that value too, not by the trigger's."""
+    metadata = _metadata(prometheus.url, metricName="web-load")
+    configured = ConfiguredTarget("shop", "web", metadata)
+    service = make_service(
+        _settings((PrometheusServerConfig(url=prometheus.url),), targets=(configured,))
+    )
+    stub = stub_for(service)
+    differing = _ref(_keda({**metadata, "targetValue": "50"}))
+    (spec,) = stub.GetMetricSpec(differing, timeout=10).metricSpecs
+    assert (spec.metricName, spec.targetSizeFloat, spec.targetSize) == ("web-load", 16.7, 17)
+    # The front process logs it, once: KEDA repeats GetMetricSpec, the answer is cached.
+    assert stub.GetMetricSpec(differing, timeout=10).metricSpecs[0].targetSizeFloat == 16.7
+    warnings = [line for line in capfd.readouterr().err.splitlines()
+                if "asks targetValue 50" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0] and "16.7" in warnings[0]
+    # Another ScaledObject's trigger with the same metric name is not that target.
+    (other,) = stub.GetMetricSpec(
+        _ref(_keda({**metadata, "targetValue": "50"}), name="shop-api"), timeout=10
+    ).metricSpecs
+    assert (other.metricName, other.targetSizeFloat) == ("web-load", 50.0)
+    # And the planned load served is the configured target's.
+    (target,) = service.engine.targets()
+    wait_for(lambda: target.snapshot.forecast is not None, timeout=30)
+    request = pb.GetMetricsRequest(scaledObjectRef=differing, metricName="web-load")
+    for _ in range(3):  # a refresh may land between the reads: retry
+        before = service.engine.serve(target.target_id).value
+        value = stub.GetMetrics(request, timeout=15).metricValues[0].metricValueFloat
+        if value == pytest.approx(before) == service.engine.serve(target.target_id).value:
+            break
+    assert value == pytest.approx(service.engine.serve(target.target_id).value)
+
+
 def test_configured_target_is_fitted_at_start_up_and_requests_map_to_it(
     prometheus: PrometheusServer,
     make_service: Callable[..., Service],

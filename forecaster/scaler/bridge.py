@@ -357,6 +357,7 @@ def front_settings(settings: Settings) -> FrontSettings:
         client_ca_file=tls.client_ca_file if tls else None,
         log_level=logging.getLogger().getEffectiveLevel(),
         defaults=tuple(settings.defaults.items()),
+        configured_target_values=settings.configured_target_values(),
     )
 
 

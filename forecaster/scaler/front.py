@@ -48,6 +48,7 @@ def serve(connection: Connection) -> int:
         board,
         first_value_wait_seconds=settings.first_value_wait_seconds,
         defaults=dict(settings.defaults),
+        configured_target_values=dict(settings.configured_target_values),
         stream_check_seconds=settings.stream_check_seconds,
         engine_silence_seconds=settings.engine_silence_seconds,
     )

@@ -94,5 +94,8 @@ class FrontSettings:
     max_concurrent_rpcs: int = 4096
     # The config's trigger metadata defaults: GetMetricSpec names a metric as the engine does.
     defaults: tuple[tuple[str, str], ...] = ()
+    # (target id, targetValue) of each target the config lists: its spec wins over a trigger
+    # that lands on it, so GetMetricSpec gives the HPA the targetValue the plan is made for.
+    configured_target_values: tuple[tuple[str, float], ...] = ()
     log_level: int = 20
     log_format: str = FRONT_LOG_FORMAT

@@ -24,7 +24,7 @@ import math
 import re
 import threading
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import grpc
@@ -43,7 +43,7 @@ from forecaster.scaler.messages import (
     Trigger,
     unexpected_failure,
 )
-from forecaster.spec import MetricSpec, metric_spec
+from forecaster.spec import MetricSpec, metric_spec, target_id
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,11 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         stream_check_seconds: float = STREAM_CHECK_SECONDS,
         engine_silence_seconds: float = ENGINE_SILENCE_SECONDS,
         defaults: Mapping[str, str] | None = None,
+        configured_target_values: Mapping[str, float] | None = None,
     ) -> None:
         self.board = board
         self.defaults = dict(defaults or {})
+        self.configured_target_values = dict(configured_target_values or {})
         self._known: dict[bytes, _Known] = {}  # by ref_key
         self.first_value_wait_seconds = first_value_wait_seconds
         self.stream_check_seconds = stream_check_seconds
@@ -144,11 +146,12 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     def _metric_spec(self, key: bytes, ref: pb.ScaledObjectRef) -> _Known:
-        """The metric's name and target from the metadata alone; cached, as KEDA repeats it."""
+        """The metric's name and target from the metadata alone (and the config's targets);
+        cached, as KEDA repeats it."""
         found = self._known.get(key)
         if found is None:
             try:
-                spec = metric_spec(dict(ref.scalerMetadata), self.defaults)
+                spec = self._configured(ref, metric_spec(dict(ref.scalerMetadata), self.defaults))
             except InvalidInputError as exc:
                 raise FailedCall(Failure("INVALID_ARGUMENT", str(exc))) from None
             value = spec.target_value
@@ -159,6 +162,19 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
                 del self._known[next(iter(self._known))]  # the oldest
             found = self._known[key] = _Known(spec, response)
         return found
+
+    def _configured(self, ref: pb.ScaledObjectRef, spec: MetricSpec) -> MetricSpec:
+        """A trigger that lands on a target the config lists is planned with the config's
+        spec, so the HPA must divide by the config's targetValue too."""
+        listed = self.configured_target_values.get(
+            target_id(ref.namespace, ref.name, spec.metric_name)
+        )
+        if listed is None or listed == spec.target_value:
+            return spec
+        log.warning("trigger %s/%s asks targetValue %g for metric %s; the config lists %g "
+                    "for it, which the HPA is given", ref.namespace, ref.name,
+                    spec.target_value, spec.metric_name, listed)
+        return replace(spec, target_value=listed)
 
     def _ready(self, key: bytes) -> Answer | None:
         """The answer for a ref whose trigger is known, when the call can have it at once:
