@@ -4,6 +4,7 @@ A config file (every key optional)::
 
     grpcPort: 50051
     httpPort: 8080
+    host: 0.0.0.0               # the address both ports bind
     refreshInterval: 30s        # pull new points this often
     refitInterval: 1h           # refit each target's model this often
     targetIdleTimeout: 1h       # drop targets no scaler request asked about for this long
@@ -20,10 +21,15 @@ A config file (every key optional)::
     stateDir: /var/lib/forecaster   # keep each target's model and state here across restarts
     prometheus:                 # the servers scaler requests may name, with their credentials
       - url: http://prometheus.monitoring:9090
-        bearerTokenFile: /var/run/secrets/prometheus/token   # or bearerTokenEnv, basicAuth
+        bearerTokenFile: /var/run/secrets/prometheus/token   # or bearerTokenEnv: VARIABLE,
+                                # or basicAuth: {username: NAME, passwordFile: PATH}
+                                # (or passwordEnv: VARIABLE)
         headers: {X-Scope-OrgID: team-a}
         caFile: /etc/prometheus-ca/ca.crt                     # or insecureSkipVerify: true
         timeout: 10s
+        retries: 2              # a query sent again after a transport error, timeout or 5xx
+        maxReplyBytes: 16777216 # a larger reply is refused while it arrives
+        maxConcurrentQueries: 4 # this server's refreshes in flight at once
     defaults: {step: 5m, historyWindow: 14d}                  # trigger metadata defaults
     targets:                                                  # forecast before KEDA first asks
       - {namespace: shop, name: web, metadata: {serverAddress: ..., query: ..., targetValue: "50"}}
@@ -33,6 +39,9 @@ A config file (every key optional)::
     metricsToken: {file: /var/run/secrets/metrics/token}      # or env: NAME; /metrics only
     api:
       allowQueries: false       # true: POST /api/v1/forecast may query Prometheus (needs apiToken)
+
+Most keys are also read from a FORECASTER_* variable (see `load_settings`; docs/deploy.md,
+"Every setting", lists each with its variable and flag).
 """
 
 from __future__ import annotations
