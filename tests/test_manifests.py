@@ -247,6 +247,52 @@ def test_configured_target_is_the_one_the_trigger_asks_about(tmp_path: Path) -> 
     assert _spec(settings, dict(target.metadata)) == _spec(settings, TRIGGER["metadata"])
 
 
+EXAMPLES = {"default": KEDA, "tls": TLS, "metrics-api": METRICS_API}
+METRIC_ROUTE = r"/api/v1/targets/([^/]+)/([^/]+)/([^/]+)/metric"
+
+
+def _example_settings(example: str, folder: Path) -> Settings:
+    """The config an example deploys, its tls block left out (its files exist in a pod only)."""
+    config = _config_patch() if example == "tls" else CONFIGMAP
+    raw = yaml.safe_load(_config_text(config))
+    raw.pop("tls", None)
+    return load_settings(_write(folder, yaml.safe_dump(raw)), env={})
+
+
+def _landing_target(settings: Settings, scaled_object: dict[str, Any]) -> dict[str, str]:
+    """The metadata of the configured target a ScaledObject's trigger resolves to."""
+    trigger = _trigger(scaled_object)
+    key: tuple[str, ...]
+    if trigger["type"] == "external":
+        key = (scaled_object["metadata"]["namespace"], scaled_object["metadata"]["name"],
+               trigger["metadata"]["metricName"])
+    else:
+        route = re.fullmatch(METRIC_ROUTE, urlsplit(trigger["metadata"]["url"]).path)
+        assert route, trigger["metadata"]["url"]
+        key = route.groups()
+    (target,) = [t for t in settings.targets
+                 if (t.namespace, t.name, t.metadata.get("metricName")) == key]
+    return dict(target.metadata)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_the_controller_replays_each_scaled_objects_own_stabilization_window(
+    example: str, tmp_path: Path
+) -> None:
+    """forecaster's SLO controller replays the HPA with the trigger's scaleDownStabilization
+    (300s unless given); it must be the ScaledObject's window, on the trigger KEDA sends and
+    on the configured target the trigger lands on (all a metrics-api trigger has)."""
+    scaled_object = _one(_docs(EXAMPLES[example] / "scaledobject.yaml"), "ScaledObject")
+    behavior = scaled_object["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    window = behavior["scaleDown"]["stabilizationWindowSeconds"]
+    settings = _example_settings(example, tmp_path)
+    target = _landing_target(settings, scaled_object)
+    assert _spec(settings, target).scale_down_stabilization_seconds == window
+    trigger = _trigger(scaled_object)
+    if trigger["type"] == "external":
+        assert _spec(settings, trigger["metadata"]).scale_down_stabilization_seconds == window
+
+
 # -- the StatefulSet against the image and the config ------------------------------------------
 
 
@@ -552,7 +598,7 @@ def test_metrics_api_value_location_resolves_in_the_real_answer(
     url = urlsplit(metadata["url"])
     assert (url.hostname, url.port) == ("forecaster.forecaster.svc", 8080)
     # The URL names a configured target, with the trigger's targetValue.
-    route = re.fullmatch(r"/api/v1/targets/([^/]+)/([^/]+)/([^/]+)/metric", url.path)
+    route = re.fullmatch(METRIC_ROUTE, url.path)
     assert route, url.path
     namespace, name, metric = route.groups()
     (target,) = [t for t in service.settings.targets if (t.namespace, t.name) == (namespace, name)]
