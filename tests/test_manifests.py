@@ -324,6 +324,34 @@ def test_statefulset_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_pa
     assert resources["limits"] == {"memory": "1Gi"}
 
 
+# Measured with `auto` targets of 14 days at 5 minutes (bench/README.md): the service idle and
+# what 1,000 targets add to it at the peak of a refit round (bench_scaler_load.py, 2026-12-02),
+# a fit worker's RSS (the same run), one target's saved state (bench_restart.py).
+SERVICE_IDLE_MB = 269.8
+SERVICE_MB_PER_1000_TARGETS = 232.0
+FIT_WORKER_MB = 212.0
+STATE_KB_PER_TARGET = 143.0
+
+
+def _quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory or storage quantity in the binary units these manifests use."""
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * {"Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def test_max_targets_fits_the_replicas_memory_and_volume(tmp_path: Path) -> None:
+    """maxTargets is what one replica is sized for: that many targets at their peak, with the
+    fit workers, within the memory limit; their saved state twice over on the volume."""
+    engine = load_settings(_write(tmp_path, _config_text(CONFIGMAP)), env={}).engine
+    limit = _quantity_bytes(_container(STATEFULSET)["resources"]["limits"]["memory"])
+    peak_mb = (SERVICE_IDLE_MB + SERVICE_MB_PER_1000_TARGETS * engine.max_targets / 1000
+               + FIT_WORKER_MB * engine.fit_workers)
+    assert peak_mb * 1e6 <= limit, (engine.max_targets, peak_mb)
+    (claim,) = STATEFULSET["spec"]["volumeClaimTemplates"]
+    storage = _quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    assert 2 * STATE_KB_PER_TARGET * 1e3 * engine.max_targets <= storage
+
+
 def test_ports_and_probes_point_where_the_config_serves(tmp_path: Path) -> None:
     settings = load_settings(_write(tmp_path, _config_text(CONFIGMAP)), env={})
     container = _container(STATEFULSET)
