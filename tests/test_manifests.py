@@ -247,6 +247,39 @@ def test_configured_target_is_the_one_the_trigger_asks_about(tmp_path: Path) -> 
     assert _spec(settings, dict(target.metadata)) == _spec(settings, TRIGGER["metadata"])
 
 
+# The KEDA release that added a ScaledObject field (KEDA's changelog and versioned docs): the
+# newest of those the manifests set is the KEDA they need.
+KEDA_FIELD_SINCE = {
+    "useCachedMetrics": (2, 9),  # trigger: cache the poll's value for the HPA's reads
+    "activationTargetValue": (2, 8),  # metrics-api trigger metadata
+    "fallback": (2, 4),
+}
+KEDA_MINIMUM = re.compile(r"need KEDA (\d+)\.(\d+) or later")
+
+
+def _keys(node: Any) -> Iterator[str]:
+    """Every mapping key in a document, at any depth."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from _keys(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _keys(item)
+
+
+def test_one_keda_minimum_is_stated_and_it_is_what_the_fields_need() -> None:
+    """The newest field a shipped ScaledObject sets decides the KEDA it needs; the manifests,
+    the guide and the README state that one version."""
+    sources = [folder / "scaledobject.yaml" for folder in (KEDA, TLS, METRICS_API)]
+    used = {key for path in sources for doc in _docs(path) if doc["kind"] == "ScaledObject"
+            for key in _keys(doc) if key in KEDA_FIELD_SINCE}
+    needed = max(KEDA_FIELD_SINCE[key] for key in used)
+    for path in [*sources, ROOT / "docs" / "deploy.md", ROOT / "README.md"]:
+        stated = {tuple(map(int, found)) for found in KEDA_MINIMUM.findall(path.read_text())}
+        assert stated == {needed}, (path.relative_to(ROOT), stated, needed)
+
+
 EXAMPLES = {"default": KEDA, "tls": TLS, "metrics-api": METRICS_API}
 METRIC_ROUTE = r"/api/v1/targets/([^/]+)/([^/]+)/([^/]+)/metric"
 
