@@ -3,8 +3,9 @@
 No cluster runs here, so each promise a manifest makes is checked where it can be: the example
 trigger's metadata goes through the real gRPC scaler (started from the ConfigMap's own config,
 over a real Prometheus), the probes' paths and ports are asked of the real HTTP and gRPC
-servers, the metrics-api example's valueLocation is resolved in the real REST answer, the TLS
-example's certificates (made by its own script) carry a real mutual-TLS call, and the TLS and
+servers, the metrics-api example's valueLocation is resolved in the real REST answer and its
+token (made by its own script) is required by the real service, the TLS example's
+certificates (made by its own script) carry a real mutual-TLS call, and the TLS and
 metrics-api variants are checked to differ from the default set only where they mean to.
 What keeps KEDA answered through a rollout or a crash (two replicas, one replaced at a time,
 a disruption budget, spread over nodes, a volume each, a pause before SIGTERM) and who may
@@ -14,6 +15,7 @@ the manifests; tests/test_two_replicas.py runs the replicas themselves.
 
 from __future__ import annotations
 
+import base64
 import copy
 import inspect
 import json
@@ -169,15 +171,23 @@ def test_the_default_set_is_forecaster_the_demo_workload_and_its_scaled_object()
 KUSTOMIZATIONS = sorted(p.parent for p in KEDA.rglob("kustomization.yaml"))
 
 
+def _secret_data(secret: dict[str, Any]) -> dict[str, bytes]:
+    return {key: base64.b64decode(value) for key, value in secret["data"].items()}
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize built in)")
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
-    # On a copy: the TLS example needs the certificates its script makes, kept out of the tree.
+    # On a copy: the TLS example needs the certificates its script makes, and the metrics-api
+    # example the token its script makes, both kept out of the tree.
     copy_root = tmp_path / "keda"
-    shutil.copytree(KEDA, copy_root, ignore=shutil.ignore_patterns("certs"))
+    shutil.copytree(KEDA, copy_root, ignore=shutil.ignore_patterns("certs", "api-token"))
     target = copy_root / folder.relative_to(KEDA)
     if folder == TLS:
         subprocess.run([str(target / "gen-certs.sh")], check=True, capture_output=True,
+                       timeout=60)
+    if folder == METRICS_API:
+        subprocess.run([str(target / "gen-token.sh")], check=True, capture_output=True,
                        timeout=60)
     built = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True,
                            text=True, timeout=60, check=False)
@@ -194,6 +204,34 @@ def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
         }
         config = _config_text(_one(docs, "ConfigMap", "forecaster-config"))
         assert yaml.safe_load(config)["tls"]["clientCAFile"]
+    if folder == METRICS_API:
+        _check_built_api_token(docs, (target / "api-token").read_bytes())
+
+
+def _check_built_api_token(docs: list[dict[str, Any]], token: bytes) -> None:
+    """One token, in a Secret forecaster mounts as its apiToken file and in the Secret the
+    TriggerAuthentication hands KEDA, in the ScaledObject's namespace."""
+    assert token and token == token.strip()  # KEDA's header would carry a newline
+    workload = _one(docs, "StatefulSet", "forecaster")
+    container = _container(workload)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    token_file = Path(env["FORECASTER_API_TOKEN_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == token_file.parent]
+    (volume,) = [v for v in workload["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == mount["name"]]
+    secrets = {(d["metadata"]["namespace"], d["metadata"]["name"]): _secret_data(d)
+               for d in docs if d["kind"] == "Secret"}
+    ours = secrets[(workload["metadata"]["namespace"], volume["secret"]["secretName"])]
+    assert ours[token_file.name] == token
+    scaled_object = _one(docs, "ScaledObject", "web")
+    trigger = _trigger(scaled_object)
+    assert trigger["metadata"]["authMode"] == "bearer"
+    auth = _one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "token"  # the metrics-api trigger's bearer token
+    namespace = scaled_object["metadata"]["namespace"]
+    assert auth["metadata"]["namespace"] == namespace
+    assert secrets[(namespace, ref["name"])][ref["key"]] == token
 
 
 # -- the trigger ---------------------------------------------------------------------------------
@@ -771,6 +809,63 @@ def test_tls_example_carries_a_mutual_tls_call(
         ):
             pb_grpc.ExternalScalerStub(channel).GetMetricSpec(ref, timeout=10)
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        service.stop()
+
+
+def test_metrics_api_example_sends_the_token_forecaster_requires(
+    prometheus: PrometheusServer, tmp_path: Path
+) -> None:
+    """The example's own script makes the token; the kustomization puts that one file in the
+    Secret forecaster mounts and in the one the TriggerAuthentication reads; forecaster,
+    started with the patch's environment, refuses the trigger's URL without the token and
+    answers it with the token KEDA sends."""
+    token_file = tmp_path / "api-token"
+    subprocess.run([str(METRICS_API / "gen-token.sh"), str(token_file)], check=True,
+                   capture_output=True, timeout=60)
+    token = token_file.read_text(encoding="utf-8")
+    assert len(token) == 64 and token == token.strip()
+    kustomization = _docs(METRICS_API / "kustomization.yaml")[0]
+    secrets = {(s["namespace"], s["name"]): dict(f.split("=") for f in s["files"])
+               for s in kustomization["secretGenerator"]}
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # names as written
+    # KEDA's side: the trigger's TriggerAuthentication reads a key made from the token file.
+    docs = _docs(METRICS_API / "scaledobject.yaml")
+    trigger = _trigger(_one(docs, "ScaledObject"))
+    auth = _one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (ref,) = auth["spec"]["secretTargetRef"]
+    assert (ref["parameter"], trigger["metadata"]["authMode"]) == ("token", "bearer")
+    keda_file = secrets[(auth["metadata"]["namespace"], ref["name"])][ref["key"]]
+    # forecaster's side: the patch names a file of the mounted Secret, made from the same file.
+    (patch,) = kustomization["patches"]
+    workload = _one(_docs(METRICS_API / patch["path"]), "StatefulSet", "forecaster")
+    container = _container(workload)
+    (mount,) = container["volumeMounts"]
+    (volume,) = workload["spec"]["template"]["spec"]["volumes"]
+    assert mount["name"] == volume["name"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounted = Path(env["FORECASTER_API_TOKEN_FILE"])
+    assert mounted.parent == Path(mount["mountPath"])
+    secret = secrets[(STATEFULSET["metadata"]["namespace"], volume["secret"]["secretName"])]
+    assert secret[mounted.name] == keda_file
+    # The real service, with that environment and the token file where the pod has it.
+    env["FORECASTER_API_TOKEN_FILE"] = str(token_file)
+    text = _test_config(_config_text(CONFIGMAP), prometheus.url)
+    service = _start(load_settings(_write(tmp_path, text), env=env))
+    try:
+        url = f"http://127.0.0.1:{service.http_port}{urlsplit(trigger['metadata']['url']).path}"
+        assert requests.get(url, timeout=10).status_code == 401
+        wrong = {"Authorization": f"Bearer {token[::-1]}"}
+        assert requests.get(url, headers=wrong, timeout=10).status_code == 401
+        keda = {"Authorization": f"Bearer {token}"}
+
+        def answered() -> tuple[requests.Response] | None:  # a tuple: a 4xx response is falsy
+            answer = requests.get(url, headers=keda, timeout=10)
+            return None if answer.status_code == 503 else (answer,)
+
+        (answer,) = wait_for(answered, timeout=30, what="the metric past its first 503s")
+        assert answer.status_code == 200, answer.text
+        assert math.isfinite(answer.json()[trigger["metadata"]["valueLocation"]])
     finally:
         service.stop()
 
