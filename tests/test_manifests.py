@@ -152,7 +152,7 @@ def test_every_document_names_its_api_version_kind_and_name(path: Path) -> None:
     for doc in docs:
         assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], doc
         assert isinstance(doc.get("kind"), str) and doc["kind"], doc
-        if doc["kind"] != "Kustomization":  # a kustomization file needs no name
+        if doc["kind"] not in ("Kustomization", "Component"):  # these need no name
             assert isinstance(doc["metadata"]["name"], str) and doc["metadata"]["name"], doc
 
 
@@ -169,6 +169,13 @@ def test_the_default_set_is_forecaster_the_demo_workload_and_its_scaled_object()
 
 
 KUSTOMIZATIONS = sorted(p.parent for p in KEDA.rglob("kustomization.yaml"))
+MONITORING = KEDA / "examples" / "monitoring"
+METRICS_TOKEN = MONITORING / "metrics-token"
+
+
+def _is_component(folder: Path) -> bool:
+    """A kustomize Component: a part another kustomization adds, never built alone."""
+    return bool(_docs(folder / "kustomization.yaml")[0]["kind"] == "Component")
 
 
 def _secret_data(secret: dict[str, Any]) -> dict[str, bytes]:
@@ -189,6 +196,12 @@ def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
     if folder == METRICS_API:
         subprocess.run([str(target / "gen-token.sh")], check=True, capture_output=True,
                        timeout=60)
+    if _is_component(folder):  # added, as its comment says, to the default set
+        base = copy_root / "kustomization.yaml"
+        kustomization = _docs(base)[0]
+        kustomization["components"] = [str(folder.relative_to(KEDA))]
+        base.write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+        target = copy_root
     built = subprocess.run(["kubectl", "kustomize", str(target)], capture_output=True,
                            text=True, timeout=60, check=False)
     assert built.returncode == 0, built.stderr
@@ -206,6 +219,8 @@ def test_every_kustomization_builds(folder: Path, tmp_path: Path) -> None:
         assert yaml.safe_load(config)["tls"]["clientCAFile"]
     if folder == METRICS_API:
         _check_built_api_token(docs, (target / "api-token").read_bytes())
+    if folder == METRICS_TOKEN:
+        _check_built_metrics_token(docs)
 
 
 def _check_built_api_token(docs: list[dict[str, Any]], token: bytes) -> None:
@@ -232,6 +247,28 @@ def _check_built_api_token(docs: list[dict[str, Any]], token: bytes) -> None:
     namespace = scaled_object["metadata"]["namespace"]
     assert auth["metadata"]["namespace"] == namespace
     assert secrets[(namespace, ref["name"])][ref["key"]] == token
+
+
+def _check_built_metrics_token(docs: list[dict[str, Any]]) -> None:
+    """forecaster's metricsToken comes from the Secret the ServiceMonitor sends, in the
+    namespace both live in."""
+    monitor = _one(_docs(MONITORING / "servicemonitors.yaml"), "ServiceMonitor", "forecaster")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    credentials = endpoint["authorization"]["credentials"]
+    workload = _one(docs, "StatefulSet", "forecaster")
+    (entry,) = [e for e in _container(workload)["env"] if e["name"] == "FORECASTER_METRICS_TOKEN"]
+    assert entry["valueFrom"]["secretKeyRef"] == credentials
+    assert monitor["metadata"]["namespace"] == workload["metadata"]["namespace"]
+    assert load_settings(None, env={entry["name"]: "a-token"}).metrics_token == "a-token"
+
+
+def test_the_metrics_token_component_reads_the_secret_the_service_monitor_sends() -> None:
+    """The same check as on the built set, on the component's patch as written."""
+    component = _docs(METRICS_TOKEN / "kustomization.yaml")[0]
+    assert component["kind"] == "Component"
+    _check_built_metrics_token(
+        [doc for patch in component["patches"] for doc in _docs(METRICS_TOKEN / patch["path"])]
+    )
 
 
 # -- the trigger ---------------------------------------------------------------------------------
