@@ -10,13 +10,14 @@ mock, so what passes here is what a cluster's Prometheus does. Example::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -190,7 +191,10 @@ class PrometheusServer:
         ready_timeout_seconds: float = 30.0,
         retention: str = "3650d",
         port: int | None = None,
+        scrape_configs: Sequence[Mapping[str, object]] = (),
     ) -> None:
+        """`scrape_configs` are Prometheus `scrape_configs` entries, for a server that also
+        scrapes live targets (none by default: the history is backfilled)."""
         self._prometheus = _require_binary("prometheus")
         self._promtool = _require_binary("promtool")
         self._files = [Path(f) for f in openmetrics_files]
@@ -202,6 +206,7 @@ class PrometheusServer:
         self._port: int | None = port  # None: a free one at the first start
         self._process: subprocess.Popen[bytes] | None = None
         self._backfilled = False
+        self._scrape_configs = [dict(c) for c in scrape_configs]
 
     @property
     def workdir(self) -> Path:
@@ -248,7 +253,8 @@ class PrometheusServer:
             return
         self.backfill()
         config = self.workdir / "prometheus.yml"
-        config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n", encoding="utf-8")
+        settings = {"global": {"scrape_interval": "1m"}, "scrape_configs": self._scrape_configs}
+        config.write_text(json.dumps(settings), encoding="utf-8")  # JSON is YAML
         if self._port is None:
             self._port = free_port()
         with self.log_path.open("ab") as log:
