@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -23,7 +24,7 @@ from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.service import Service
 from forecaster.target import AccuracyKeeper, Target, freshness_limit, target_labels
-from tests.support.live import MODEL, Live, scrape
+from tests.support.live import MODEL, Live, live_service, scrape
 from tests.support.prometheus import PrometheusServer
 from tests.support.scaler import scaled_object_ref, scaler_settings
 from tests.support.waiting import wait_for
@@ -248,7 +249,8 @@ _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\]]*\]")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENTIFIER = re.compile(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()")
-_LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*\w+\s*\)\s*$")
+_LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*(\w+)\s*\)\s*$")
+_QUERY_RESULT = re.compile(r"^\s*query_result\((.*)\)\s*$")
 
 
 def metric_names(expr: str) -> set[str]:
@@ -286,8 +288,9 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]["query"]
-            match = _LABEL_VALUES.match(query)
-            assert match, f"variable {variable['name']}: {query!r} is not label_values(...)"
+            match = _LABEL_VALUES.match(query) or _QUERY_RESULT.match(query)
+            assert match, (f"variable {variable['name']}: {query!r} is not label_values(...) "
+                           "or query_result(...)")
             found.append((f"variable {variable['name']}", match.group(1)))
     return found
 
@@ -316,13 +319,133 @@ def test_dashboard_uses_only_exported_metrics_in_valid_promql(live: Live) -> Non
     assert not missing, f"metrics the service does not export: {missing}"
 
     # Syntax: the real Prometheus parses each expression, variables given example values.
-    examples = {"namespace": "shop", "name": "web", "quantile": "0.9", "horizon": "10m",
+    examples = {"namespace": "shop", "name": "web", "quantile": "0.9", "horizon": "600",
                 "__rate_interval": "1m"}
     for where, expr in queries:
         concrete = re.sub(r"\$\{?(\w+)\}?", lambda m: examples[m.group(1)], expr)
         response = requests.get(f"{live.prometheus.url}/api/v1/query",
                                 params={"query": concrete}, timeout=10)
         assert response.status_code == 200, f"{where}: {concrete!r}: {response.text}"
+
+
+SERVICE_MONITORS = DASHBOARD.parent / "examples" / "monitoring" / "servicemonitors.yaml"
+_REPLICA_LABELS = ("pod", "instance")
+_TARGET_DIMENSIONS = ("quantile", "interval", "window")  # a target's gauges' own labels
+_OFFSET = re.compile(r"\s+offset\s+\$\{horizon\}s")
+
+
+def _operator_scrape_config(services: list[Service]) -> dict[str, object]:
+    """The scrape job the Prometheus Operator makes of the `forecaster` ServiceMonitor, with
+    each service as one StatefulSet pod: its target labels and the endpoint's honorLabels."""
+    monitors = yaml.safe_load_all(SERVICE_MONITORS.read_text(encoding="utf-8"))
+    (monitor,) = [m for m in monitors if m and m["metadata"]["name"] == "forecaster"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    pods = [{"targets": [f"127.0.0.1:{service.http_port}"],
+             "labels": {"namespace": monitor["metadata"]["namespace"], "service": "forecaster",
+                        "endpoint": endpoint["port"], "pod": f"forecaster-{i}"}}
+            for i, service in enumerate(services)]
+    return {"job_name": "forecaster", "scrape_interval": "1s", "metrics_path": endpoint["path"],
+            "honor_labels": bool(endpoint.get("honorLabels", False)), "static_configs": pods}
+
+
+def _instant(url: str, query: str) -> list[dict]:
+    response = requests.get(f"{url}/api/v1/query", params={"query": query}, timeout=10)
+    assert response.status_code == 200, f"{query!r}: {response.text}"
+    return list(response.json()["data"]["result"])
+
+
+def _substitute(expr: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], expr)
+
+
+def _variable_options(url: str, variable: dict, values: dict[str, str]) -> list[str]:
+    """A query variable's options, found as Grafana's Prometheus data source finds them."""
+    assert variable["type"] == "query", f"variable {variable['name']}: not a query variable"
+    query = _substitute(variable["query"]["query"], values)
+    if match := _LABEL_VALUES.match(query):
+        response = requests.get(f"{url}/api/v1/label/{match.group(2)}/values",
+                                params={"match[]": match.group(1)}, timeout=10)
+        assert response.status_code == 200, f"{query!r}: {response.text}"
+        texts = list(response.json()["data"])
+    else:  # query_result(...): "name{k="v",...} value millis" per series
+        match = _QUERY_RESULT.match(query)
+        assert match, query
+        texts = [
+            series["metric"].pop("__name__", "") + "{" + ",".join(
+                f'{k}="{v}"' for k, v in series["metric"].items()) + "} "
+            + f"{series['value'][1]} {int(series['value'][0] * 1000)}"
+            for series in _instant(url, match.group(1))]
+    regex = variable.get("regex", "")
+    if regex:  # Grafana keeps the first group of each text that matches
+        pattern = re.compile(regex.strip("/"))
+        texts = [m.group(1) for m in map(pattern.search, texts) if m]
+    return sorted(set(texts))
+
+
+def test_dashboard_shows_each_target_once_across_two_replicas(
+    live: Live, tmp_path: Path
+) -> None:
+    # Two replicas forecast the same target; Prometheus scrapes both as the operator would.
+    with live_service(live.prometheus) as second, scored(live.target), scored(second.target):
+        services = [live.service, second.service]
+        for service in services:  # an error for the error panels to show
+            requests.get(f"http://127.0.0.1:{service.http_port}/no-such-page", timeout=10)
+        with PrometheusServer(workdir=tmp_path / "scraper",
+                              scrape_configs=[_operator_scrape_config(services)]) as scraper:
+            wait_for(lambda: _instant(
+                scraper.url, 'count(count_over_time(up{job="forecaster"}[1m]) >= 3) == 2'),
+                timeout=30, what="three scrapes of each replica")
+            ids = {"namespace": "shop", "name": "web",
+                   "metric": live.target.spec.effective_metric_name}
+            per_replica = _instant(scraper.url, "count by (namespace, name, metric, pod) "
+                                   f'(forecaster_actual_load{{name="{ids["name"]}"}})')
+            assert len(per_replica) == 2, per_replica  # each replica's own series, as scraped
+            assert {s["metric"]["namespace"] for s in per_replica} == {ids["namespace"]}
+
+            dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+            variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+            values = {"namespace": ".*", "name": ".*", "__rate_interval": "1m"}
+            assert variables["namespace"]["allValue"] == variables["name"]["allValue"] == ".*"
+            options = {name: _variable_options(scraper.url, variables[name], values)
+                       for name in ("namespace", "name", "quantile", "horizon")}
+            # The target's own namespace (honorLabels), not the namespace forecaster runs in.
+            assert options["namespace"] == [ids["namespace"]]
+            assert ids["name"] in options["name"]
+            assert variables["quantile"]["current"]["value"] in options["quantile"]
+            horizons = {str(int(t.snapshot.planned.horizon_steps * t.spec.step_seconds))
+                        for t in (live.target, second.target) if t.snapshot.planned}
+            assert options["horizon"] == sorted(horizons) == ["600"]
+            values |= {"quantile": variables["quantile"]["current"]["value"],
+                       "horizon": options["horizon"][0]}
+
+            for panel in dashboard["panels"]:
+                for target in panel.get("targets", []):
+                    where = f"panel {panel['title']!r} {target['refId']}"
+                    if re.search(r"\$\{?horizon\b", target["expr"]):  # one value per copy
+                        assert panel.get("repeat") == "horizon", where
+                    expr = _substitute(target["expr"], values)
+                    _instant(scraper.url, expr)  # parses, with its offset
+                    # Predictions made a horizon ago predate these services: the same query
+                    # without the offset has the same series.
+                    result = _instant(scraper.url, _substitute(_OFFSET.sub("", target["expr"]),
+                                                               values))
+                    assert result, f"{where}: no series"
+                    for series in result:
+                        labels = series["metric"]
+                        assert not set(_REPLICA_LABELS) & set(labels), f"{where}: {labels}"
+                    if panel["type"] == "stat":
+                        assert len(result) == 1, f"{where}: {result}"
+                    elif "$name" in target["expr"]:
+                        # Labels unique per answer: one series per target (and quantile...).
+                        ours = [s["metric"] for s in result
+                                if ids.items() <= s["metric"].items()]
+                        assert ours, f"{where}: nothing for {ids}"
+                        assert {k for m in ours for k in m} <= {*ids, *_TARGET_DIMENSIONS}, (
+                            f"{where}: {ours}")
+            (targets,) = _instant(scraper.url, _substitute(
+                next(p for p in dashboard["panels"] if p["title"] == "Targets")
+                ["targets"][0]["expr"], values))
+            assert float(targets["value"][1]) == max(len(s.engine) for s in services)
 
 
 def test_metric_names_follow_prometheus_conventions(live: Live) -> None:
