@@ -428,8 +428,8 @@ def test_statefulset_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_pa
     (cmd,) = re.findall(r"^CMD\s+(\[.*\])\s*$", dockerfile, flags=re.MULTILINE)
     assert json.loads(cmd) == args  # the same as the image's default command
     resources = container["resources"]
-    assert resources["requests"] == {"cpu": "500m", "memory": "512Mi"}
-    assert resources["limits"] == {"memory": "1Gi"}
+    assert resources["requests"] == {"cpu": "500m", "memory": "1Gi"}
+    assert resources["limits"] == {"memory": "1536Mi"}
 
 
 # Measured with `auto` targets of 14 days at 5 minutes (bench/README.md): the service idle and
@@ -437,6 +437,7 @@ def test_statefulset_runs_the_image_as_its_user_with_the_config_it_mounts(tmp_pa
 # a fit worker's RSS (the same run), one target's saved state (bench_restart.py).
 SERVICE_IDLE_MB = 269.8
 SERVICE_MB_PER_1000_TARGETS = 232.0
+STEADY_MB_PER_1000_TARGETS = 183.6  # above idle at every point of the 2026-12-05 run
 FIT_WORKER_MB = 212.0
 STATE_KB_PER_TARGET = 143.0
 
@@ -451,10 +452,17 @@ def test_max_targets_fits_the_replicas_memory_and_volume(tmp_path: Path) -> None
     """maxTargets is what one replica is sized for: that many targets at their peak, with the
     fit workers, within the memory limit; their saved state twice over on the volume."""
     engine = load_settings(_write(tmp_path, _config_text(CONFIGMAP)), env={}).engine
-    limit = _quantity_bytes(_container(STATEFULSET)["resources"]["limits"]["memory"])
+    resources = _container(STATEFULSET)["resources"]
+    limit = _quantity_bytes(resources["limits"]["memory"])
+    request = _quantity_bytes(resources["requests"]["memory"])
     peak_mb = (SERVICE_IDLE_MB + SERVICE_MB_PER_1000_TARGETS * engine.max_targets / 1000
                + FIT_WORKER_MB * engine.fit_workers)
     assert peak_mb * 1e6 <= limit, (engine.max_targets, peak_mb)
+    # Steady state (the targets forecast, the workers idle) within the request: a pod above
+    # its request is among the first evicted when the node runs short of memory.
+    steady_mb = (SERVICE_IDLE_MB + STEADY_MB_PER_1000_TARGETS * engine.max_targets / 1000
+                 + FIT_WORKER_MB * engine.fit_workers)
+    assert steady_mb * 1e6 <= request, (engine.max_targets, steady_mb)
     (claim,) = STATEFULSET["spec"]["volumeClaimTemplates"]
     storage = _quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
     assert 2 * STATE_KB_PER_TARGET * 1e3 * engine.max_targets <= storage
