@@ -294,7 +294,7 @@ class Target:
         self.model = model
         self.restored = False
         self.unsaved = True
-        self.snapshot = replace(self.snapshot, fitted_at=now, model=model.name)
+        self.snapshot = replace(self.snapshot, fitted_at=now, model=model.chosen_name)
         current = self.snapshot.current_value
         if current is not None and self.snapshot.current_time is not None:
             self.publish((self.snapshot.current_time, current), freshness)

@@ -18,6 +18,7 @@ import grpc
 import pytest
 import requests
 
+from forecaster.models.selection import DEFAULT_CANDIDATES
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from tests.support.prometheus import free_port
@@ -99,6 +100,22 @@ def test_every_curl_in_the_readme_answers(demo: tuple[str, str]) -> None:
             kind = response.headers["Content-Type"]
             assert kind.startswith("image/png" if path.endswith(".png") else
                                    "application/json"), (path, kind)
+
+
+def test_each_demo_target_names_the_model_auto_chose(demo: tuple[str, str]) -> None:
+    """The demo's targets ask for `auto`; the API, the page and /metrics say what serves."""
+    base, _ = demo
+    wait_for(lambda: _forecasting(base), timeout=FIRST_FIT_SECONDS,
+             what="every demo target to forecast")
+    targets = requests.get(f"{base}/api/v1/targets", timeout=5).json()["targets"]
+    metrics = requests.get(f"{base}/metrics", timeout=5).text
+    page = requests.get(f"{base}/", timeout=30).text
+    for target in targets:
+        assert target["requestedModel"] == "auto"
+        assert target["model"] in DEFAULT_CANDIDATES, target["model"]
+        assert (f'model="{target["model"]}"' in metrics
+                and 'requested_model="auto"' in metrics)
+    assert "asked: auto" in page
 
 
 def test_the_readme_grpc_request_gets_keda_its_metric(demo: tuple[str, str]) -> None:

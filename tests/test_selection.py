@@ -124,6 +124,13 @@ def test_the_forecast_names_auto_and_notes_the_chosen_model() -> None:
     assert (forecast.quantile(0.1) <= forecast.quantile(0.9)).all()
 
 
+def test_auto_names_the_model_it_chose_for_operators() -> None:
+    model = Auto(STEP, candidates=FAST).fit(grid_series(daily_cycle(4 * DAY)))
+    assert model.chosen_name == model.selection_.chosen == model.model_.name
+    assert model.chosen_name in FAST and model.name == "auto"
+    assert Auto(STEP, candidates=FAST).chosen_name == "auto"  # nothing chosen before a fit
+
+
 def test_short_history_skips_validation_and_falls_back_by_preference() -> None:
     model = Auto(STEP, candidates=FAST).fit(grid_series(daily_cycle(40)))
     assert model.selection_.scores == ()

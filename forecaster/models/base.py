@@ -73,6 +73,12 @@ class ForecastModel(ABC):
     def __init__(self, step: pd.Timedelta) -> None:
         self.step = pd.Timedelta(step)
 
+    @property
+    def chosen_name(self) -> str:
+        """The model whose forecasts these are: this one, or the one a selecting model chose,
+        so that an operator sees what serves a target that asked for `auto`."""
+        return self.name
+
     @abstractmethod
     def min_history(self) -> int:
         """Observed steps of history the model needs to fit."""

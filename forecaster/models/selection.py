@@ -301,6 +301,11 @@ class Auto(ForecastModel):
         self.fit_end_: pd.Timestamp | None = end
         return super().fit(history)
 
+    @property
+    def chosen_name(self) -> str:
+        chosen = getattr(self, "model_", None)
+        return self.name if chosen is None else chosen.chosen_name
+
     def predict(self, horizon: int, quantiles: Sequence[float] = ()) -> Forecast:
         forecast = super().predict(horizon, quantiles)
         notes = (
