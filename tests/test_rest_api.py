@@ -598,6 +598,7 @@ def test_unknown_routes_and_methods_are_json(call: Callable[..., requests.Respon
     assert "GET" in response.headers["Allow"]
     assert_error(call("GET", "/api/v1/forecast"), 405, "method_not_allowed")
     assert_error(call("POST", "/readyz"), 405, "method_not_allowed")
+    assert_error(call("GET", "/static/forecaster.css"), 404, "not_found")
 
 
 def test_an_unexpected_error_is_a_generic_500_and_logged(
@@ -619,10 +620,11 @@ def test_an_unexpected_error_is_a_generic_500_and_logged(
 # -- the OpenAPI document -------------------------------------------------------------------
 
 
-def _flask_operations(service: Service, pages: bool) -> set[tuple[str, str]]:
+def _flask_operations(service: Service, pages: bool | None) -> set[tuple[str, str]]:
+    """The app's (path, method) pairs: of the page routes, of the others, or (None) of all."""
     operations = set()
     for rule in service.app.url_map.iter_rules():
-        if rule.endpoint == "static" or rule.endpoint.startswith("pages.") != pages:
+        if pages is not None and rule.endpoint.startswith("pages.") != pages:
             continue
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         operations |= {(path, method) for method in rule.methods or () if
@@ -643,6 +645,13 @@ def test_openapi_document_is_valid_and_served(call: Callable[..., requests.Respo
     served = strict_json(call("GET", "/openapi.json"))
     assert served == openapi_document()
     validate_spec(served)
+
+
+def test_every_route_of_the_app_is_in_the_openapi_document(service: Service) -> None:
+    document = openapi_document()
+    documented = {(path, method.upper()) for path, item in document["paths"].items()
+                  for method in item}
+    assert _flask_operations(service, pages=None) == documented
 
 
 def test_openapi_document_matches_the_routes_exactly(service: Service) -> None:

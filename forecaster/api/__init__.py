@@ -39,7 +39,7 @@ def create_app(
     says why the process cannot serve (None when it can), for /healthz; `readiness` why it
     should get no new connections, for /readyz.
     """
-    app = Flask("forecaster")
+    app = Flask("forecaster", static_folder=None)  # every route is in /openapi.json
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies: 413
     app.extensions["forecaster.engine"] = engine
