@@ -456,6 +456,36 @@ def test_adhoc_forecast_falls_back_and_says_why(call: Callable[..., requests.Res
     assert "history" in answer["failures"][0]["reason"]
 
 
+@pytest.mark.parametrize(
+    ("stamps", "step"),
+    [
+        # Five one-minute points in each 5-minute step: averaged into one value per step.
+        (pd.date_range("2024-05-01", periods=400, freq="1min", tz="UTC"), "5m"),
+        # Every 5 minutes, with two single steps missing: each holds the value before it.
+        (pd.date_range("2024-05-01", periods=300, freq="5min", tz="UTC").delete([100, 200]),
+         "5m"),
+    ],
+)
+def test_adhoc_forecast_counts_the_points_received_averaged_and_filled(
+    call: Callable[..., requests.Response], stamps: pd.DatetimeIndex, step: str
+) -> None:
+    values = np.arange(len(stamps), dtype=float)
+    body = {"series": [{"timestamp": _iso(t), "value": v} for t, v in zip(stamps, values,
+                                                                          strict=True)],
+            "step": step, "model": "naive", "horizon": 2}
+    answer = strict_json(call("POST", "/api/v1/forecast", json=body))
+    _conforms(answer, "AdhocForecast")
+    step_delta = pd.Timedelta(step.replace("m", "min"))
+    steps = (stamps[-1] - stamps[0]) // step_delta + 1
+    occupied = len(set(stamps.floor(step_delta)))
+    assert answer["pointsReceived"] == len(stamps)
+    assert answer["historyPoints"] == steps
+    assert answer["pointsFilled"] == steps - occupied
+    description = openapi_document()["components"]["schemas"]["SeriesForecastRequest"][
+        "properties"]["series"]["description"]
+    assert "averaged" in description and "last value" in description
+
+
 def test_adhoc_forecast_of_a_query_on_a_configured_server(
     call: Callable[..., requests.Response], rest_prometheus: PrometheusServer
 ) -> None:

@@ -108,6 +108,8 @@ def run_adhoc(job: AdhocJob) -> AdhocAnswer:
         "fellBack": fit.fell_back,
         "failures": [{"model": model, "reason": reason} for model, reason in fit.failures],
         "historyPoints": int(grid.filled.notna().sum()),
+        "pointsReceived": int(history.notna().sum()),
+        "pointsFilled": grid.held_steps,
         **forecast_json(forecast, wanted.horizon, wanted.quantiles),
     }
     return AdhocAnswer(json=json.dumps(answer, allow_nan=False).encode(),

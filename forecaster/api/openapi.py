@@ -20,6 +20,7 @@ from forecaster.api.inputs import (
     MAX_VALUE,
 )
 from forecaster.models import MODEL_FACTORIES
+from forecaster.series import DEFAULT_MAX_FILL_STEPS as MAX_FILL_STEPS
 
 API_VERSION = "1.0.0"
 TARGET = "/api/v1/targets/{namespace}/{name}/{metric}"
@@ -292,7 +293,8 @@ _SCHEMAS: dict[str, Any] = {
             _ref("Forecast"),
             {
                 "type": "object",
-                "required": ["requestedModel", "fellBack", "failures", "historyPoints"],
+                "required": ["requestedModel", "fellBack", "failures", "historyPoints",
+                             "pointsReceived", "pointsFilled"],
                 "properties": {
                     "requestedModel": {"type": "string"},
                     "fellBack": {"type": "boolean",
@@ -303,7 +305,16 @@ _SCHEMAS: dict[str, Any] = {
                                   "properties": {"model": {"type": "string"},
                                                  "reason": {"type": "string"}}},
                     },
-                    "historyPoints": {"type": "integer", "minimum": 0},
+                    "historyPoints": {"type": "integer", "minimum": 0,
+                                      "description": "steps of the grid the model was fitted "
+                                      "to that hold a value (received or filled)"},
+                    "pointsReceived": {"type": "integer", "minimum": 0,
+                                       "description": "points sent inline, or returned by "
+                                       "the query, before they were put on the grid"},
+                    "pointsFilled": {"type": "integer", "minimum": 0,
+                                     "description": "steps without a point that were given "
+                                     "the last value before them (gaps of at most "
+                                     f"{MAX_FILL_STEPS} steps)"},
                 },
             },
         ]
@@ -414,7 +425,12 @@ _SCHEMAS: dict[str, Any] = {
                 "minItems": 1,
                 "maxItems": MAX_POINTS,
                 "description": f"points in strictly increasing time; at most {MAX_POINTS} "
-                "(413 past that), spanning at most as many steps",
+                "(413 past that), spanning at most as many steps. They are put on a grid of "
+                "`step` aligned to the Unix epoch: the points within one step are averaged "
+                "into one value, and a gap of at most "
+                f"{MAX_FILL_STEPS} steps holds the last value before it (a longer gap stays "
+                "empty); the answer counts them (pointsReceived, historyPoints, "
+                "pointsFilled)",
                 "items": {
                     "type": "object",
                     "required": ["timestamp", "value"],
