@@ -631,6 +631,28 @@ def test_unknown_routes_and_methods_are_json(call: Callable[..., requests.Respon
     assert_error(call("GET", "/static/forecaster.css"), 404, "not_found")
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("DELETE", "/api/v1/targets"), ("GET", "/api/v1/forecast"), ("PUT", "/login"),
+    ("POST", _path(WEB, "/decision")),
+])
+def test_a_wrong_method_is_405_naming_the_methods_the_path_takes(
+    call: Callable[..., requests.Response], method: str, path: str
+) -> None:
+    response = call(method, path)
+    error = assert_error(response, 405, "method_not_allowed")
+    allowed = [name.strip() for name in response.headers["Allow"].split(",")]
+    assert f"{method} is not allowed on {path}" in error["message"], error
+    assert error["message"].endswith(", ".join(allowed)), (error, allowed)
+    document = openapi_document()
+    assert document["paths"][_documented_path(path)][
+        "post" if "POST" in allowed else "get"]["responses"]["405"] == {
+        "$ref": "#/components/responses/MethodNotAllowed"}
+
+
+def _documented_path(path: str) -> str:
+    return path.replace(f"/{WEB}/", "/{namespace}/{name}/{metric}/")
+
+
 def test_an_unexpected_error_is_a_generic_500_and_logged(
     call: Callable[..., requests.Response], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from forecaster.errors import (
@@ -166,12 +166,14 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Any:
         if exc.code is None or exc.code < 400:  # redirects (e.g. a trailing slash) stay as they are
             return exc
+        methods = getattr(exc, "valid_methods", None) or []
         message = {
             404: "no such route; see /openapi.json for the API",
+            405: f"{request.method} is not allowed on {request.path}; it takes "
+                 f"{', '.join(methods)}",
             413: "the request body is too large",
         }.get(exc.code, exc.description or exc.name)
         response = error_response(exc.code, message, field="body" if exc.code == 413 else None)
-        methods = getattr(exc, "valid_methods", None)
         if exc.code == 405 and methods:
             response.headers["Allow"] = ", ".join(methods)
         return response

@@ -72,6 +72,7 @@ _UNAUTHENTICATED = {"$ref": "#/components/responses/Unauthenticated"}
 _NOT_FOUND = {"$ref": "#/components/responses/NotFound"}
 _INVALID = {"$ref": "#/components/responses/InvalidArgument"}
 _UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
+_NOT_ALLOWED = {"$ref": "#/components/responses/MethodNotAllowed"}
 # A token is needed only when apiToken is configured (`{}`: nothing, when it is not). The
 # session cookie reads (GET) but never writes; /metrics also takes the scrape token.
 _OPEN: list[dict[str, list[str]]] = []
@@ -702,6 +703,18 @@ _PATHS: dict[str, Any] = {
     },
 }
 
+
+def _every_operation_refuses(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation: 405 for another method on its path (each answer says which methods
+    the path takes)."""
+    for item in paths.values():
+        for operation in item.values():
+            operation["responses"]["405"] = _NOT_ALLOWED
+    return paths
+
+
+_every_operation_refuses(_PATHS)
+
 _DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -721,6 +734,12 @@ _DOCUMENT: dict[str, Any] = {
         "schemas": _SCHEMAS,
         "responses": {
             "InvalidArgument": _error("a parameter breaks a rule; `field` names it"),
+            "MethodNotAllowed": {
+                **_error("the path does not take this method; the message and the Allow "
+                         "header name the methods it takes"),
+                "headers": {"Allow": {"description": "the methods the path takes",
+                                      "schema": {"type": "string"}}},
+            },
             "Unauthenticated": _error("a token is configured and the request carries none "
                                       "that this route accepts (bearer token or, for GET, "
                                       "the session cookie)"),
