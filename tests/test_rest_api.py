@@ -365,6 +365,42 @@ def test_bad_decision_parameters_are_400_naming_the_parameter(
                  field)
 
 
+@pytest.mark.parametrize(
+    ("suffix", "query", "field", "says"),
+    [
+        ("/forecast", "quantile=0.5&Horizon=50", "quantile", "it takes horizon, quantiles"),
+        ("/decision", "maxReplica=2", "maxReplica",
+         "it takes currentReplicas, maxReplicas, minReplicas"),
+        ("/decision", "maxReplicas=2&maxReplicas=100", "maxReplicas", "given 2 times"),
+        ("/forecast", "quantiles=0.5&quantiles=0.9", "quantiles", "quantiles=0.5,0.9"),
+        ("", "verbose=1", "verbose", "it takes no query parameters"),
+        ("/metric", "value=1", "value", "it takes no query parameters"),
+        ("/plot.png", "t=1", "t", "it takes no query parameters"),
+    ],
+)
+def test_unknown_and_repeated_query_parameters_are_400_naming_them(
+    call: Callable[..., requests.Response], suffix: str, query: str, field: str, says: str
+) -> None:
+    response = call("GET", f"{_path(WEB, suffix)}?{query}")
+    error = assert_error(response, 400, "invalid_argument", field)
+    assert says in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/api/v1/targets"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"),
+     ("GET", "/metrics"), ("GET", "/openapi.json"), ("POST", "/api/v1/forecast"),
+     ("HEAD", "/api/v1/targets")],
+)
+def test_every_route_refuses_a_query_parameter_it_does_not_take(
+    call: Callable[..., requests.Response], method: str, path: str
+) -> None:
+    response = call(method, f"{path}?horizn=5", json={"series": _points(_daily(50))})
+    assert response.status_code == 400, (response.status_code, response.text)
+    if method != "HEAD":
+        assert_error(response, 400, "invalid_argument", "horizn")
+
+
 def test_metric_is_the_planned_load_for_keda_metrics_api(
     call: Callable[..., requests.Response], service: Service
 ) -> None:

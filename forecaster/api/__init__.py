@@ -6,12 +6,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from waitress.channel import HTTPChannel
 
 from forecaster.api.adhoc import AdhocRunner
 from forecaster.api.auth import require_tokens
 from forecaster.api.errors import error_response, register_error_handlers
+from forecaster.api.inputs import check_query_keys
+from forecaster.api.openapi import openapi_path, query_parameters
 from forecaster.api.server import IdleEvictingServer
 from forecaster.config import Settings
 from forecaster.engine import Engine
@@ -67,7 +69,18 @@ def create_app(
     app.register_blueprint(pages.blueprint)
     register_error_handlers(app)
     require_tokens(app, settings.api_token, settings.metrics_token)
+    app.before_request(_only_documented_query_parameters)  # after the token check
     return app
+
+
+def _only_documented_query_parameters() -> None:
+    """400 for a query parameter the route does not take, or one given twice, before the route
+    reads any: a misspelt or repeated one would otherwise be silently ignored."""
+    rule = request.url_rule
+    if rule is None or request.method == "OPTIONS":  # no route (404, 405), or CORS preflight
+        return
+    allowed = query_parameters(openapi_path(rule.rule), request.method) or frozenset()
+    check_query_keys([key for key, _ in request.args.items(multi=True)], allowed)
 
 
 class HttpServer:

@@ -10,7 +10,8 @@ import json
 import math
 import re
 import reprlib
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,21 @@ QUERY_KEYS = frozenset({"serverAddress", "query", "historyWindow", "step", "hori
 
 _WHOLE = re.compile(r"[0-9]{1,9}")
 _DECIMAL = re.compile(r"(?:0?\.[0-9]{1,12}|0|1)")
+
+
+def check_query_keys(given: Iterable[str], allowed: frozenset[str]) -> None:
+    """Refuse a query parameter the route does not take, or one given more than once: either
+    would be silently ignored (a misspelt `maxReplica`, a second `maxReplicas`)."""
+    counts = Counter(given)
+    for key, times in counts.items():
+        if key not in allowed:
+            takes = (f"it takes {', '.join(sorted(allowed))}" if allowed
+                     else "it takes no query parameters")
+            raise InvalidInputError(key, f"is not a query parameter of this route; {takes}")
+        if times > 1:
+            hint = " (a list is comma-separated, as in quantiles=0.5,0.9)" if (
+                key == "quantiles") else ""
+            raise InvalidInputError(key, f"is given {times} times; give it once{hint}")
 
 
 def max_horizon_steps(step_seconds: int) -> int:

@@ -2,13 +2,15 @@
 
 Written out by hand, next to the routes it describes; tests/test_rest_api.py checks that its
 paths and methods are exactly the app's routes, and tests/test_rest_fuzz.py fuzzes the app
-from it. The page routes (/, /metrics, plot.png, share.png, /login) live in
-forecaster/api/pages.py; who may call what is forecaster/api/auth.py.
+from it. The query parameters it lists are the only ones each route accepts
+(`query_parameters`, checked before every request). The page routes (/, /metrics, plot.png,
+share.png, /login) live in forecaster/api/pages.py; who may call what is forecaster/api/auth.py.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from forecaster.api.inputs import (
@@ -705,10 +707,11 @@ _PATHS: dict[str, Any] = {
 
 
 def _every_operation_refuses(paths: dict[str, Any]) -> dict[str, Any]:
-    """Every operation: 405 for another method on its path (each answer says which methods
-    the path takes)."""
+    """Every operation: 400 for a query parameter it does not take or one given twice, and 405
+    for another method on its path (each answer says which methods the path takes)."""
     for item in paths.values():
         for operation in item.values():
+            operation["responses"].setdefault("400", _INVALID)
             operation["responses"]["405"] = _NOT_ALLOWED
     return paths
 
@@ -733,7 +736,9 @@ _DOCUMENT: dict[str, Any] = {
     "components": {
         "schemas": _SCHEMAS,
         "responses": {
-            "InvalidArgument": _error("a parameter breaks a rule; `field` names it"),
+            "InvalidArgument": _error("a parameter breaks a rule, or a query parameter is "
+                                      "unknown to the route or given more than once; `field` "
+                                      "names it"),
             "MethodNotAllowed": {
                 **_error("the path does not take this method; the message and the Allow "
                          "header name the methods it takes"),
@@ -763,3 +768,26 @@ _DOCUMENT: dict[str, Any] = {
 def openapi_document() -> dict[str, Any]:
     """The document (a fresh copy: callers may change theirs)."""
     return copy.deepcopy(_DOCUMENT)
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule (`/a/<namespace>/<path:name>`) as the document's path
+    (`/a/{namespace}/{name}`)."""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+_QUERY_PARAMETERS: dict[tuple[str, str], frozenset[str]] = {
+    (path, method.upper()): frozenset(
+        parameter["name"] for parameter in operation.get("parameters", ())
+        if parameter["in"] == "query"
+    )
+    for path, item in _PATHS.items()
+    for method, operation in item.items()
+}
+
+
+def query_parameters(path: str, method: str) -> frozenset[str] | None:
+    """The query parameters the document gives the operation (HEAD: GET's); None when the
+    document has no such operation."""
+    method = "GET" if method == "HEAD" else method
+    return _QUERY_PARAMETERS.get((path, method))
