@@ -689,6 +689,19 @@ def _documented_path(path: str) -> str:
     return path.replace(f"/{WEB}/", "/{namespace}/{name}/{metric}/")
 
 
+def test_a_mistyped_subresource_of_a_known_target_is_named_as_such(
+    call: Callable[..., requests.Response],
+) -> None:
+    error = assert_error(call("GET", _path(WEB, "/forecasts")), 404, "not_found")
+    assert f"no such route: target {WEB} has no 'forecasts'" in error["message"], error
+    for known in ("forecast", "decision", "metric", "plot.png", "share.png"):
+        assert known in error["message"], error
+    # A name with a slash that does not end in a known target's id stays an unknown target.
+    error = assert_error(call("GET", "/api/v1/targets/shop/nothing/web-rps/forecasts"), 404,
+                         "not_found")
+    assert "unknown target" in error["message"], error
+
+
 def test_an_unexpected_error_is_a_generic_500_and_logged(
     call: Callable[..., requests.Response], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -77,6 +77,10 @@ class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
 class Unprocessable(ApiError):
     """Well-formed input that cannot be used (e.g. a series no model can be fitted to)."""
 

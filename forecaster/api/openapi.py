@@ -791,3 +791,9 @@ def query_parameters(path: str, method: str) -> frozenset[str] | None:
     document has no such operation."""
     method = "GET" if method == "HEAD" else method
     return _QUERY_PARAMETERS.get((path, method))
+
+
+def target_subresources() -> tuple[str, ...]:
+    """What follows a target's id in its routes (`forecast`, `decision`, ...)."""
+    prefix = f"{TARGET}/"
+    return tuple(path.removeprefix(prefix) for path in _PATHS if path.startswith(prefix))

@@ -23,13 +23,14 @@ from flask.blueprints import BlueprintSetupState
 
 from forecaster.api import inputs, render
 from forecaster.api.adhoc import AdhocJob, AdhocRunner
-from forecaster.api.errors import Busy, PayloadTooLarge, PermissionDenied, Unprocessable
-from forecaster.api.openapi import openapi_document
+from forecaster.api.errors import Busy, NotFound, PayloadTooLarge, PermissionDenied, Unprocessable
+from forecaster.api.openapi import openapi_document, target_subresources
 from forecaster.config import Settings
 from forecaster.engine import Engine
 from forecaster.errors import (
     InvalidInputError,
     NotReadyError,
+    UnknownTargetError,
 )
 from forecaster.fitting import release_free_memory
 from forecaster.models import Forecast
@@ -160,7 +161,29 @@ def list_targets() -> Response:
 @blueprint.get(TARGET)
 def get_target(namespace: str, name: str, metric: str) -> Response:
     """One target's status, as in the list."""
-    return jsonify(render.target_status(_engine(), _target(namespace, name, metric)))
+    try:
+        target = _target(namespace, name, metric)
+    except UnknownTargetError:
+        _refuse_unknown_subresource(namespace, name, metric)
+        raise
+    return jsonify(render.target_status(_engine(), target))
+
+
+def _refuse_unknown_subresource(namespace: str, name: str, metric: str) -> None:
+    """A name may hold slashes, so `.../<id>/forecasts` reads as a target whose name ends in
+    the id's metric; when that id is a known target, say the route is unknown instead."""
+    head, slash, tail = name.rpartition("/")
+    if not slash:
+        return
+    known = target_id(namespace, head, tail)
+    try:
+        _engine().get(known)
+    except UnknownTargetError:
+        return
+    raise NotFound(
+        f"no such route: target {known} has no {metric!r}; it has "
+        f"{', '.join(target_subresources())} (see /openapi.json)"
+    )
 
 
 @blueprint.get(f"{TARGET}/forecast")
