@@ -590,7 +590,9 @@ def test_adhoc_body_that_is_not_json_is_400(call: Callable[..., requests.Respons
 
 def test_adhoc_limits_are_413(call: Callable[..., requests.Response]) -> None:
     huge = b'{"series": [' + b'{"timestamp": "2024-05-01T00:00:00Z", "value": 1},' * 50_000
-    assert_error(call("POST", "/api/v1/forecast", data=huge), 413, "payload_too_large", "body")
+    assert_error(call("POST", "/api/v1/forecast", data=huge,
+                      headers={"Content-Type": "application/json"}),
+                 413, "payload_too_large", "body")
     many = {"series": [{"timestamp": "2024-05-01T00:00:00Z", "value": 1}] * (MAX_POINTS + 1)}
     assert_error(call("POST", "/api/v1/forecast", json=many), 413, "payload_too_large", "series")
     wide = {"series": _points(np.ones(2), step="365D"), "step": "1m"}  # 2 points, 525,601 steps
@@ -700,6 +702,22 @@ def test_a_mistyped_subresource_of_a_known_target_is_named_as_such(
     error = assert_error(call("GET", "/api/v1/targets/shop/nothing/web-rps/forecasts"), 404,
                          "not_found")
     assert "unknown target" in error["message"], error
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          None])
+def test_an_adhoc_body_not_sent_as_json_is_415(
+    call: Callable[..., requests.Response], content_type: str | None
+) -> None:
+    body = b'{"series": [{"timestamp": "2024-05-01T00:00:00Z", "value": 1}]}'
+    request = requests.Request("POST", "http://x/", data=body,
+                               headers={"Content-Type": content_type} if content_type else {})
+    assert ("Content-Type" in request.prepare().headers) == (content_type is not None)
+    response = call("POST", "/api/v1/forecast", data=body,
+                    headers={"Content-Type": content_type} if content_type else {})
+    error = assert_error(response, 415, "unsupported_media_type", "Content-Type")
+    assert "application/json" in error["message"], error
+    assert "415" in openapi_document()["paths"]["/api/v1/forecast"]["post"]["responses"]
 
 
 def test_an_unexpected_error_is_a_generic_500_and_logged(

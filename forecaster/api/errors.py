@@ -10,6 +10,7 @@
 | UnknownTargetError, an unknown route     | 404    | not_found           |
 | a known route with another method        | 405    | method_not_allowed  |
 | a body over MAX_CONTENT_LENGTH, too many points | 413 | payload_too_large |
+| UnsupportedMediaType (a body not sent as JSON) | 415 | unsupported_media_type |
 | InsufficientHistoryError, SourceError, other ForecasterError | 422 | unprocessable |
 | NotReadyError, SourceUnavailableError, busy | 503 | unavailable (with Retry-After) |
 | NotFittedError (a bug here), anything else | 500  | internal (logged; no details leave) |
@@ -79,6 +80,10 @@ class PayloadTooLarge(ApiError):
 
 class NotFound(ApiError):
     status, code = 404, "not_found"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
 
 
 class Unprocessable(ApiError):

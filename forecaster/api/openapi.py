@@ -698,6 +698,7 @@ _PATHS: dict[str, Any] = {
                 "403": _error("a query, and the config does not allow queries "
                               "(api.allowQueries) or sets no apiToken"),
                 "413": _error("the body, or the points in it, are over the limits"),
+                "415": _error("the body is not sent as `Content-Type: application/json`"),
                 "422": _error("no model could be fitted, or the query's answer is unusable"),
                 "503": _UNAVAILABLE,
             },

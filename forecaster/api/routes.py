@@ -23,7 +23,14 @@ from flask.blueprints import BlueprintSetupState
 
 from forecaster.api import inputs, render
 from forecaster.api.adhoc import AdhocJob, AdhocRunner
-from forecaster.api.errors import Busy, NotFound, PayloadTooLarge, PermissionDenied, Unprocessable
+from forecaster.api.errors import (
+    Busy,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from forecaster.api.openapi import openapi_document, target_subresources
 from forecaster.config import Settings
 from forecaster.engine import Engine
@@ -336,6 +343,13 @@ def post_forecast() -> Response:
     bounded: at most MAX_POINTS points, and at most adhoc.SLOTS forecasts at once (503 with
     Retry-After past that).
     """
+    if request.mimetype != "application/json":
+        given = request.headers.get("Content-Type")
+        raise UnsupportedMediaType(
+            f"the body must be JSON, sent with 'Content-Type: application/json'; got "
+            f"{repr(given) if given else 'no Content-Type'}",
+            field="Content-Type",
+        )
     data = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413 from Flask
     wanted = _small_request(data)
     runner: AdhocRunner = current_app.extensions[ADHOC_KEY]
