@@ -720,6 +720,24 @@ def test_an_adhoc_body_not_sent_as_json_is_415(
     assert "415" in openapi_document()["paths"]["/api/v1/forecast"]["post"]["responses"]
 
 
+@pytest.mark.parametrize(("body", "field", "shown"), [
+    ({"series": [{"timestamp": "2024-05-01T00:00:00Z", "value": 1}], "horizon": True},
+     "horizon", "got true"),
+    ({"series": [{"timestamp": "2024-05-01T00:00:00Z", "value": None}]}, "series[0].value",
+     "got null"),
+    ({"series": {"timestamp": "2024-05-01T00:00:00Z"}}, "series", "got object"),
+    ({"series": [{"timestamp": "2024-05-01T00:00:00Z", "value": 1}], "model": "arima"},
+     "model", 'got "arima"'),
+    ([1, False], "body", "got array [1, false]"),
+])
+def test_adhoc_refusals_show_values_as_json_spells_them(
+    call: Callable[..., requests.Response], body: Any, field: str, shown: str
+) -> None:
+    error = assert_error(call("POST", "/api/v1/forecast", json=body), 400, "invalid_argument",
+                         field)
+    assert shown in error["message"], error
+
+
 def test_an_unexpected_error_is_a_generic_500_and_logged(
     call: Callable[..., requests.Response], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

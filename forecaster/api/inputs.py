@@ -64,6 +64,26 @@ def check_query_keys(given: Iterable[str], allowed: frozenset[str]) -> None:
             raise InvalidInputError(key, f"is given {times} times; give it once{hint}")
 
 
+_JSON_TYPES = ((bool, "boolean"), (int | float, "number"), (str, "string"), (list, "array"),
+               (dict, "object"))
+SHOWN_CHARS = 60
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed JSON value's type (`object`, not Python's `dict`)."""
+    if value is None:
+        return "null"
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)),
+                type(value).__name__)
+
+
+def shown(value: Any) -> str:
+    """A value from a JSON body in JSON's spelling (true, null, "text"), cut short for a
+    message."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS - 3]}..."
+
+
 def max_horizon_steps(step_seconds: int) -> int:
     """The longest horizon served: 7 days of steps, and never more than 2016 steps."""
     return max(1, min(MAX_HORIZON_STEPS, MAX_HORIZON_SECONDS // step_seconds))
@@ -161,7 +181,7 @@ def adhoc_request(body: Any) -> AdhocRequest:
     """Validate the body of an ad-hoc forecast; see the OpenAPI document for its schema."""
     if not isinstance(body, dict):
         raise InvalidInputError(
-            "body", f"must be a JSON object, got {type(body).__name__} {reprlib.repr(body)}"
+            "body", f"must be a JSON object, got {json_type(body)} {shown(body)}"
         )
     inline = "series" in body
     if not inline and not ({"query", "serverAddress"} & set(body)):
@@ -207,7 +227,7 @@ def _text(value: Any, field: str, limit: int) -> str:
     if value is None:
         raise InvalidInputError(field, "is required")
     if not isinstance(value, str) or not value.strip():
-        raise InvalidInputError(field, f"must be a non-empty string; got {reprlib.repr(value)}")
+        raise InvalidInputError(field, f"must be a non-empty string; got {shown(value)}")
     if len(value) > limit:
         raise InvalidInputError(field, f"must be at most {limit} characters; got {len(value)}")
     return value.strip()
@@ -216,11 +236,11 @@ def _text(value: Any, field: str, limit: int) -> str:
 def _duration(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise InvalidInputError(
-            field, f"must be a duration, {ACCEPTED_DURATION_FORMS}; got {reprlib.repr(value)}"
+            field, f"must be a duration, {ACCEPTED_DURATION_FORMS}; got {shown(value)}"
         )
     seconds = value if isinstance(value, int) else parse_duration(value, field)
     if seconds < 1:
-        raise InvalidInputError(field, f"must be at least 1s; got {reprlib.repr(value)}")
+        raise InvalidInputError(field, f"must be at least 1s; got {shown(value)}")
     return seconds
 
 
@@ -236,7 +256,7 @@ def _horizon(value: Any, step: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInputError(
             "horizon", f"must be a whole number of steps from 1 to {high}; got "
-            f"{reprlib.repr(value)}"
+            f"{shown(value)}"
         )
     if not 1 <= value <= high:
         raise InvalidInputError(
@@ -251,7 +271,7 @@ def _quantile_list(value: Any) -> tuple[float, ...]:
         isinstance(q, int | float) and not isinstance(q, bool) for q in value
     ):
         raise InvalidInputError(
-            "quantiles", f"must be a list of numbers in (0, 1); got {reprlib.repr(value)}"
+            "quantiles", f"must be a list of numbers in (0, 1); got {shown(value)}"
         )
     return _quantiles([float(q) for q in value])
 
@@ -259,7 +279,7 @@ def _quantile_list(value: Any) -> tuple[float, ...]:
 def _model(value: Any) -> str:
     if not isinstance(value, str) or value not in MODEL_FACTORIES:
         known = ", ".join(sorted(MODEL_FACTORIES))
-        raise InvalidInputError("model", f"must be one of {known}; got {reprlib.repr(value)}")
+        raise InvalidInputError("model", f"must be one of {known}; got {shown(value)}")
     return value
 
 
@@ -267,7 +287,7 @@ def _series(value: Any, step: int) -> pd.Series:
     """Inline points into a UTC series: strictly increasing ISO times, finite values >= 0."""
     if not isinstance(value, list):
         raise InvalidInputError(
-            "series", f"must be a list of {{timestamp, value}} objects; got {type(value).__name__}"
+            "series", f"must be a list of {{timestamp, value}} objects; got {json_type(value)}"
         )
     if len(value) > MAX_POINTS:
         raise PayloadTooLarge(
@@ -282,18 +302,18 @@ def _series(value: Any, step: int) -> pd.Series:
             raise InvalidInputError(
                 f"series[{i}]",
                 f"must be an object with exactly 'timestamp' and 'value'; got "
-                f"{reprlib.repr(point)}",
+                f"{shown(point)}",
             )
         stamp, number = point["timestamp"], point["value"]
         if not isinstance(stamp, str):
             raise InvalidInputError(
                 f"series[{i}].timestamp",
                 f"must be an ISO-8601 string such as '2024-05-01T12:00:00Z'; got "
-                f"{reprlib.repr(stamp)}",
+                f"{shown(stamp)}",
             )
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise InvalidInputError(
-                f"series[{i}].value", f"must be a number; got {reprlib.repr(number)}"
+                f"series[{i}].value", f"must be a number; got {shown(number)}"
             )
         stamps.append(stamp)
         numbers.append(float(number))
@@ -303,7 +323,7 @@ def _series(value: Any, step: int) -> pd.Series:
         i = int(bad[0])
         raise InvalidInputError(
             f"series[{i}].timestamp",
-            f"cannot parse {reprlib.repr(stamps[i])} as an ISO-8601 time such as "
+            f"cannot parse {shown(stamps[i])} as an ISO-8601 time such as "
             f"'2024-05-01T12:00:00Z'",
         )
     outside = np.flatnonzero(((times < EARLIEST) | (times >= LATEST)).to_numpy())
@@ -311,7 +331,7 @@ def _series(value: Any, step: int) -> pd.Series:
         i = int(outside[0])
         raise InvalidInputError(
             f"series[{i}].timestamp",
-            f"{stamps[i]!r} is outside {EARLIEST.year}..{LATEST.year - 1}",
+            f"{shown(stamps[i])} is outside {EARLIEST.year}..{LATEST.year - 1}",
         )
     index = pd.DatetimeIndex(times).as_unit("ns")
     values = np.asarray(numbers)
@@ -320,15 +340,16 @@ def _series(value: Any, step: int) -> pd.Series:
         i = int(wrong[0])
         raise InvalidInputError(
             f"series[{i}].value",
-            f"must be a finite number from 0 to {MAX_VALUE:g} (a rate); got {numbers[i]!r}",
+            f"must be a finite number from 0 to {MAX_VALUE:g} (a rate); got "
+            f"{shown(value[i]['value'])}",
         )
     order = np.flatnonzero(np.diff(index.asi8) <= 0)
     if order.size:
         i = int(order[0]) + 1
         raise InvalidInputError(
             f"series[{i}].timestamp",
-            f"{stamps[i]!r} is not after the previous point's {stamps[i - 1]!r}; points must be "
-            f"in strictly increasing time",
+            f"{shown(stamps[i])} is not after the previous point's {shown(stamps[i - 1])}; "
+            f"points must be in strictly increasing time",
         )
     span = (index[-1] - index[0]) // pd.Timedelta(seconds=step) + 1
     if span > MAX_POINTS:
