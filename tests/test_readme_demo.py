@@ -113,6 +113,9 @@ def test_each_demo_target_names_the_model_auto_chose(demo: tuple[str, str]) -> N
     for target in targets:
         assert target["requestedModel"] == "auto"
         assert target["model"] in DEFAULT_CANDIDATES, target["model"]
+        path = f"{target['namespace']}/{target['name']}/{target['metric']}"
+        forecast = requests.get(f"{base}/api/v1/targets/{path}/forecast", timeout=30).json()
+        assert forecast["model"] == target["model"]
         assert (f'model="{target["model"]}"' in metrics
                 and 'requested_model="auto"' in metrics)
     assert "asked: auto" in page

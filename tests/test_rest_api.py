@@ -33,6 +33,7 @@ from forecaster.api.openapi import PAGE_PATHS, openapi_document
 from forecaster.api.routes import ADHOC_KEY
 from forecaster.config import ConfiguredTarget
 from forecaster.models import fit_with_fallback
+from forecaster.models.selection import DEFAULT_CANDIDATES
 from forecaster.scaler.generated import externalscaler_pb2 as pb
 from forecaster.scaler.generated import externalscaler_pb2_grpc as pb_grpc
 from forecaster.series import to_grid
@@ -490,6 +491,15 @@ def test_adhoc_forecast_falls_back_and_says_why(call: Callable[..., requests.Res
     assert answer["fellBack"] is True and answer["model"] == "naive"
     assert [f["model"] for f in answer["failures"]] == ["holt_winters", "seasonal_naive"]
     assert "history" in answer["failures"][0]["reason"]
+
+
+def test_adhoc_auto_forecast_names_the_model_it_chose(
+    call: Callable[..., requests.Response],
+) -> None:
+    body = {"series": _points(_daily(3 * 288)), "model": "auto", "horizon": 3}
+    answer = strict_json(call("POST", "/api/v1/forecast", json=body))
+    assert answer["requestedModel"] == "auto" and answer["fellBack"] is False
+    assert answer["model"] in DEFAULT_CANDIDATES, answer["model"]
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def run_adhoc(job: AdhocJob) -> AdhocAnswer:
         "historyPoints": int(grid.filled.notna().sum()),
         "pointsReceived": int(history.notna().sum()),
         "pointsFilled": grid.held_steps,
-        **forecast_json(forecast, wanted.horizon, wanted.quantiles),
+        **forecast_json(forecast, wanted.horizon, wanted.quantiles, fit.model.chosen_name),
     }
     return AdhocAnswer(json=json.dumps(answer, allow_nan=False).encode(),
                        worker_pid=os.getpid())

@@ -268,7 +268,8 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["model", "origin", "stepSeconds", "horizon", "quantiles", "points"],
         "properties": {
-            "model": {"type": "string"},
+            "model": {"type": "string",
+                      "description": "the model that made it (for auto, the one it chose)"},
             "origin": {"type": "string", "format": "date-time",
                        "description": "start of the last observed interval"},
             "stepSeconds": {"type": "integer", "minimum": 1},

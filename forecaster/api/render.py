@@ -93,8 +93,11 @@ def target_status(engine: Engine, target: Target) -> dict[str, Any]:
     }
 
 
-def forecast_json(forecast: Forecast, horizon: int, quantiles: Sequence[float]) -> dict[str, Any]:
-    """The first `horizon` steps of `forecast`, with the mean and each of `quantiles`."""
+def forecast_json(
+    forecast: Forecast, horizon: int, quantiles: Sequence[float], model: str
+) -> dict[str, Any]:
+    """The first `horizon` steps of `forecast`, with the mean and each of `quantiles`, named
+    as made by `model` (for `auto`, the model it chose)."""
     # origin + k steps by arithmetic: pandas' date_range costs more than the rest together.
     origin, step = forecast.origin.timestamp(), forecast.step.total_seconds()
     stamps = [origin + k * step for k in range(1, horizon + 1)]
@@ -108,7 +111,7 @@ def forecast_json(forecast: Forecast, horizon: int, quantiles: Sequence[float]) 
         for i, stamp in enumerate(stamps)
     ]
     return {
-        "model": forecast.model,
+        "model": model,
         "origin": iso(forecast.origin),
         "stepSeconds": int(forecast.step.total_seconds()),
         "horizon": horizon,

@@ -217,7 +217,7 @@ def get_forecast(namespace: str, name: str, metric: str) -> Response:
         forecast = published
     else:
         snapshot, forecast = _longer_forecast(target, horizon, quantiles)
-    body = render.forecast_json(forecast, horizon, quantiles)
+    body = render.forecast_json(forecast, horizon, quantiles, snapshot.model or forecast.model)
     engine = _engine()
     return jsonify(
         target=target.target_id,
