@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import pandas as pd
 
@@ -25,9 +25,6 @@ from forecaster.spec import (
     MIN_STEP_SECONDS,
     MIN_TARGET_VALUE,
 )
-
-if TYPE_CHECKING:
-    from forecaster.series import RegularSeries
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -271,6 +268,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         write_outputs,
     )
     from forecaster.backtest.report import format_table
+    from forecaster.backtest.simulate import evaluation_start
     from forecaster.series import read_csv, to_grid
 
     if args.quantile is not None and args.max_under_provisioned is not None:
@@ -297,8 +295,7 @@ def _run_backtest(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
     )
     grid = to_grid(read_csv(args.input), config.step)
-    if args.eval_start is None:
-        _check_eval_days(args.eval_days, grid)
+    evaluation_start(grid, config)  # a bad --eval-start or --eval-days fails before any output
     out = args.out or Path("out") / "backtest" / args.input.stem
     check_output_folder(out)
     result = run_backtest(grid, config, name=args.input.stem, progress=ProgressBar("backtest"))
@@ -306,20 +303,6 @@ def _run_backtest(args: argparse.Namespace) -> int:
     print(format_table([result.summary]))
     print(f"\nwrote {out}/decisions.csv, forecasts.csv, summary.json, report.png")
     return 0
-
-
-def _check_eval_days(days: float, grid: RegularSeries) -> None:
-    """--eval-days must fit in the trace, from one step to all of it but its first step."""
-    index = grid.demand.index
-    span = (index[-1] - index[0]).total_seconds()
-    step = grid.step.total_seconds()
-    if not step <= days * 86_400 <= span:
-        raise InvalidInputError(
-            "--eval-days",
-            f"must be from one step ({step / 86_400:.4g}) to the trace's "
-            f"{span / 86_400:.4g} days ({index[0].isoformat()} .. {index[-1].isoformat()}); "
-            f"got {days:g}",
-        )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -60,7 +60,7 @@ BAD_INPUTS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "eval-start-after-end": (
         [str(AWS), "--target", "16.7", "--eval-start", "2014-05-01T00:00Z"],
-        ["eval-start", "2014-05-01T00:00:00+00:00", "last interval"],
+        ["--eval-start", "2014-05-01T00:00:00+00:00", "last interval"],
     ),
     "missing-file": ([str(DATA / "no_such_trace.csv"), *GOOD], ["input", "no_such_trace.csv"]),
     "negative-value": (["{negative}", "--target", "1"],
@@ -145,8 +145,9 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(
         (["--step", "0"], ["--step", "'10s'", "'1h'", "'0'"]),
         (["--eval-start="], ["--eval-start", "''"]),
         (["--eval-start", "NaT"], ["--eval-start", "'NaT'"]),
-        (["--eval-days", "14.02"], ["history before the evaluation start"]),
-        (["--min-replicas", "3", "--max-replicas", "2"], ["max_replicas"]),
+        (["--eval-days", "14.02"], ["--eval-days", "14.02", "3 steps of history"]),
+        (["--min-replicas", "3", "--max-replicas", "2"],
+         ["--max-replicas", "--min-replicas (3)", "got 2"]),
         (["--time-zone", "Mars/Base"], ["--time-zone", "IANA time zone", "'Mars/Base'"]),
     ],
     ids=["step-zero", "eval-start-empty", "eval-start-nat", "eval-days-too-many", "max-below-min",
@@ -229,6 +230,17 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
                           ["--min-replicas", "2,147,483,647"]),
     "min-replicas-negative": ([*BACKTEST, "--min-replicas", "-1"], ["--min-replicas", "'-1'"]),
     "max-replicas-zero": ([*BACKTEST, "--max-replicas", "0"], ["--max-replicas", "'0'"]),
+    "max-replicas-below-min": ([*BACKTEST, "--min-replicas", "5", "--max-replicas", "3"],
+                               ["--max-replicas", "--min-replicas (5)", "got 3"]),
+    # before the trace's first step plus the history the first decision needs (--startup 12m
+    # is a lead of 3 steps of 5m: 2 + 3 steps)
+    "eval-start-before-history": ([*BACKTEST, "--eval-start", "1990-01-01"],
+                                  ["--eval-start", "1990-01-01T00:00:00+00:00",
+                                   "earliest allowed is {earliest[5m]}"]),
+    "eval-start-before-history-long-startup": (
+        [*BACKTEST, "--startup", "12m", "--eval-start", "{first}"],
+        ["--eval-start", "--startup 12m", "earliest allowed is {earliest[12m]}"],
+    ),
     # backtest's output folder
     "out-unwritable": ([*BACKTEST, "--eval-days", "0.5", "--out", "/proc/forbidden"],
                        ["--out", "'/proc'"]),
@@ -271,6 +283,22 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+def _earliest_starts() -> dict[str, str]:
+    """The earliest --eval-start on AWS's grid, worked out here from its first timestamp: the
+    first interval is the step that holds it, and the first decision, made 1 + lead steps
+    before the evaluation start, reads the step before its own."""
+    first = pd.Timestamp(pd.read_csv(AWS, nrows=1)["timestamp"].iloc[0]).floor("5min")
+    return {"{first}": first.isoformat(),
+            **{f"{{earliest[{startup}]}}": (first + (2 + lead) * pd.Timedelta("5min")).isoformat()
+               for startup, lead in (("5m", 1), ("12m", 3))}}
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
 def _run_forecaster(arguments: list[str], folder: Path) -> Run:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
@@ -283,15 +311,9 @@ def _run_forecaster(arguments: list[str], folder: Path) -> Run:
 
 @pytest.fixture(scope="module")
 def flag_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    files = _files(tmp_path_factory.mktemp("files"))
-    jobs = {}
-    for case, (arguments, _) in EVERY_FLAG.items():
-        filled = []
-        for argument in arguments:
-            for placeholder, path in files.items():
-                argument = argument.replace(placeholder, path)
-            filled.append(argument)
-        jobs[case] = filled
+    files = {**_files(tmp_path_factory.mktemp("files")), **_earliest_starts()}
+    jobs = {case: [_fill(argument, files) for argument in arguments]
+            for case, (arguments, _) in EVERY_FLAG.items()}
     folders = {case: tmp_path_factory.mktemp(case) for case in jobs}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {case: pool.submit(_run_forecaster, args, folders[case])
@@ -310,6 +332,7 @@ def test_every_flag_mistake_exits_2_with_one_line_naming_it(
     assert len(lines) == 1, run.stderr[-2000:]
     assert lines[0].startswith("forecaster") and "error:" in lines[0]
     for word in EVERY_FLAG[case][1]:
+        word = _fill(word, _earliest_starts())
         assert word in lines[0], (word, lines[0])
     assert list(run.out.parent.iterdir()) == [], "nothing written where the command ran"
 
@@ -320,3 +343,4 @@ def test_help_still_prints_usage_and_exits_0() -> None:
     assert completed.returncode == 0
     assert completed.stdout.startswith("usage: forecaster backtest")
     assert "--eval-days" in completed.stdout and completed.stderr == ""
+

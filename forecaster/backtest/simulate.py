@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from forecaster.errors import InsufficientHistoryError, InvalidInputError
+from forecaster.durations import format_duration
+from forecaster.errors import InvalidInputError
 from forecaster.models import fit_with_fallback
 from forecaster.models.reselection import RESELECT_SECONDS, reselection_due
 from forecaster.policy import (
@@ -69,23 +70,23 @@ class BacktestConfig:
 
     def __post_init__(self) -> None:
         if self.step <= pd.Timedelta(0):
-            raise InvalidInputError("step", f"must be positive, got {self.step}")
+            raise InvalidInputError("--step", f"must be positive, got {self.step}")
         if not 0.0 < self.quantile < 1.0:
-            raise InvalidInputError("quantile", f"must be in (0, 1), got {self.quantile}")
+            raise InvalidInputError("--quantile", f"must be in (0, 1), got {self.quantile}")
         if self.startup < pd.Timedelta(0):
-            raise InvalidInputError("startup", f"must not be negative, got {self.startup}")
+            raise InvalidInputError("--startup", f"must not be negative, got {self.startup}")
         if self.refit < self.step or self.refit % self.step != pd.Timedelta(0):
             raise InvalidInputError(
-                "refit", f"must be a whole number of steps ({self.step}), got {self.refit}"
+                "--refit", f"must be a whole number of steps ({self.step}), got {self.refit}"
             )
         if self.plan_half_life < pd.Timedelta(0):
             raise InvalidInputError(
-                "plan-half-life", f"must not be negative, got {self.plan_half_life}"
+                "--plan-half-life", f"must not be negative, got {self.plan_half_life}"
             )
         share = self.max_under_provisioned
         if share is not None and not 0.0 < share < 0.5:
             raise InvalidInputError(
-                "max-under-provisioned", f"must be in (0, 0.5), got {share!r}"
+                "--max-under-provisioned", f"must be in (0, 0.5), got {share!r}"
             )
         if self.warmup < pd.Timedelta(0):
             raise InvalidInputError("warmup", f"must not be negative, got {self.warmup}")
@@ -95,7 +96,15 @@ class BacktestConfig:
                 "reselection-phase", f"must be in [0, {RESELECT_SECONDS}) seconds, got {phase}"
             )
         if self.eval_start is None and not self.eval_days > 0:
-            raise InvalidInputError("eval-days", f"must be positive, got {self.eval_days}")
+            raise InvalidInputError("--eval-days", f"must be positive, got {self.eval_days}")
+        if self.min_replicas < 0:
+            raise InvalidInputError("--min-replicas", f"must be 0 or more, got {self.min_replicas}")
+        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas):
+            raise InvalidInputError(
+                "--max-replicas",
+                f"must be at least 1 and at least --min-replicas ({self.min_replicas}); "
+                f"got {self.max_replicas}",
+            )
 
     @property
     def lead_steps(self) -> int:
@@ -140,22 +149,58 @@ class Simulation:
     controller: SloController | None = None
 
 
+def earliest_start(config: BacktestConfig) -> int:
+    """Position of the earliest evaluation start: the first decision, 1 + L steps before it,
+    needs the step before its own (the floor reads the last two)."""
+    return 2 + config.lead_steps
+
+
 def evaluation_start(grid: RegularSeries, config: BacktestConfig) -> int:
-    """Position of the first evaluated interval; an off-grid --eval-start rounds up."""
+    """Position of the first evaluated interval; an off-grid --eval-start rounds up. Refuses a
+    start or a number of days that leaves too little history before it or nothing after."""
     index = grid.demand.index
+    earliest = earliest_start(config)
+    step, startup = _shown(config.step), _shown(config.startup)
+    if earliest >= len(index):
+        raise InvalidInputError(
+            "input",
+            f"holds {len(index)} steps of {step}; a backtest with --startup {startup} needs at "
+            f"least {earliest + 1} ({earliest} before the first evaluated one)",
+        )
     if config.eval_start is not None:
-        start = pd.Timestamp(config.eval_start)
-        start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
-        start = start.ceil(config.step)
+        given = pd.Timestamp(config.eval_start)
+        given = given.tz_localize("UTC") if given.tzinfo is None else given.tz_convert("UTC")
+        start = given.ceil(config.step)
         position = int(index.searchsorted(start))
         if position >= len(index):
             raise InvalidInputError(
-                "eval-start",
+                "--eval-start",
                 f"{start.isoformat()} is after the trace's last interval {index[-1].isoformat()}",
             )
+        if position < earliest:
+            raise InvalidInputError(
+                "--eval-start",
+                f"{given.isoformat()} leaves {position} of the {earliest} steps of history the "
+                f"first decision needs (with --step {step} and --startup {startup}); the "
+                f"earliest allowed is {index[earliest].isoformat()}, as the trace begins at "
+                f"{index[0].isoformat()}",
+            )
         return position
-    steps = math.ceil(pd.Timedelta(days=config.eval_days) / config.step)
-    return max(0, len(index) - steps)
+    steps = config.eval_days * 86_400 / config.step.total_seconds()
+    if not 1 <= steps <= len(index) - earliest:  # NaN and infinity fail too
+        step_days = config.step / pd.Timedelta(days=1)
+        raise InvalidInputError(
+            "--eval-days",
+            f"must be from one step ({step_days:.6g}) to {(len(index) - earliest) * step_days:.6g}"
+            f": the trace's {(len(index) - 1) * step_days:.4g} days ({index[0].isoformat()} .. "
+            f"{index[-1].isoformat()}) less the {earliest} steps of history the first decision "
+            f"needs; got {config.eval_days:g}",
+        )
+    return len(index) - math.ceil(steps)
+
+
+def _shown(duration: pd.Timedelta) -> str:
+    return format_duration(int(duration.total_seconds()))
 
 
 def simulate(
@@ -167,17 +212,11 @@ def simulate(
     lead = config.lead_steps
     start = evaluation_start(grid, config)
     first = start - 1 - lead
-    if first < 1:
-        raise InsufficientHistoryError(
-            "the backtest (history before the evaluation start)", needed=2 + lead, available=start
-        )
     index = grid.demand.index
     live = known_at_end(grid)
     filled = live.to_numpy()
     n = len(index)
     last = n - 2 - lead
-    if last < start - 1 - lead:
-        raise InvalidInputError("eval-start", "leaves no interval to evaluate")
     refit_steps = int(config.refit / config.step)
     policy = config.policy()
     controller = config.controller()
