@@ -122,12 +122,12 @@ def _target(text: str) -> float:
 
 
 def _whole_number(text: str) -> int:
+    from forecaster.config import whole_number
+
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number, got {reprlib.repr(text)}"
-        ) from None
+        return whole_number(text, "")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
 
 
 def _replicas(low: int) -> argparse._ActionType:
@@ -253,8 +253,10 @@ def _add_backtest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    default=pd.Timedelta(seconds=DEFAULT_STABILIZATION_SECONDS),
                    help="the HPA's scale-down stabilization window, as the ScaledObject sets "
                    "it (default 5m, the HPA's own; at most 1h)")
-    p.add_argument("--min-replicas", type=_replicas(0), default=1)
-    p.add_argument("--max-replicas", type=_replicas(1), default=None)
+    p.add_argument("--min-replicas", type=_replicas(0), default=1,
+                   help="the fewest replicas, as minReplicaCount sets it (default 1)")
+    p.add_argument("--max-replicas", type=_replicas(1), default=None,
+                   help="the most replicas, as maxReplicaCount sets it (default: no maximum)")
     p.add_argument("--out", type=_path, default=None,
                    help="output folder (default out/backtest/<input name>)")
     p.set_defaults(handler=_run_backtest)
@@ -320,7 +322,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--state-dir", type=_path, default=None,
                    help="directory to keep each target's fitted model and state in, to serve "
                    "from at a restart (created if missing; only forecaster may write it)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the least severe log records written to stderr (default INFO)")
     p.add_argument("--demo", action="store_true",
                    help="serve the bundled traces, replayed as live targets (no Prometheus)")
     p.add_argument("--demo-data", type=_path, default=None,

@@ -47,6 +47,7 @@ Most keys are also read from a FORECASTER_* variable (see `load_settings`; docs/
 from __future__ import annotations
 
 import os
+import re
 import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -308,14 +309,22 @@ def _int(
 ) -> int:
     value = raw.get(key, default)
     name = f"{where}.{key}" if where else key
-    try:
-        number = int(str(value))
-    except ValueError:
-        reason = f"must be a whole number, got {reprlib.repr(value)}"
-        raise InvalidInputError(name, reason) from None
+    number = whole_number(value, name)
     if not low <= number <= high:
         raise InvalidInputError(name, f"must be between {low} and {high}, got {number}")
     return number
+
+
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,4000}")  # int() reads at most 4300 digits
+
+
+def whole_number(value: Any, where: str) -> int:
+    """A whole number in ASCII digits with an optional sign, the one reading of every whole
+    setting and flag: int() alone also takes '1_0' as 10 and other scripts' digits."""
+    text = str(value).strip() if isinstance(value, str | int) else ""
+    if isinstance(value, bool) or not _WHOLE_NUMBER.fullmatch(text):
+        raise InvalidInputError(where, f"must be a whole number, got {reprlib.repr(value)}")
+    return int(text)
 
 
 def _directory(value: Any, where: str) -> Path | None:
@@ -343,7 +352,8 @@ def _size(value: Any, key: str) -> int:
     text = str(value).strip()
     unit = _BINARY_UNITS.get(text[-2:], 1)
     digits = text[:-2] if unit > 1 else text
-    if isinstance(value, bool) or not digits.isdigit() or len(digits) > 15:
+    ascii_digits = digits.isascii() and digits.isdigit()  # not '²': int() refuses it
+    if isinstance(value, bool) or not ascii_digits or len(digits) > 15:
         raise InvalidInputError(
             key, f"must be a whole number of bytes, or one with Ki, Mi or Gi such as '32Mi'; "
             f"got {reprlib.repr(value)}",
@@ -357,12 +367,6 @@ def _show_size(size: int) -> str:
         if size % factor == 0:
             return f"{size // factor}{unit}"
     return str(size)
-
-
-def _count(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not str(value).strip().isdigit() or len(str(value)) > 15:
-        raise InvalidInputError(key, f"must be a whole number, got {reprlib.repr(value)}")
-    return int(str(value).strip())
 
 
 def _seconds_value(value: Any, key: str) -> int:
@@ -379,7 +383,8 @@ _LIMIT_SETTINGS: tuple[
      format_duration),
     ("maxHistoryWindow", "max_history_seconds", "historyWindow", _seconds_value,
      format_duration),
-    ("maxPointsPerTarget", "max_points", "historyWindow / step", _count, "{:,}".format),
+    ("maxPointsPerTarget", "max_points", "historyWindow / step", whole_number,
+     "{:,}".format),
     ("maxQueryBytes", "max_query_bytes", "query size in bytes", _size, _show_size),
 )
 

@@ -232,6 +232,10 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
     "max-replicas-zero": ([*BACKTEST, "--max-replicas", "0"], ["--max-replicas", "'0'"]),
     "max-replicas-below-min": ([*BACKTEST, "--min-replicas", "5", "--max-replicas", "3"],
                                ["--max-replicas", "--min-replicas (5)", "got 3"]),
+    "min-replicas-underscore": ([*BACKTEST, "--min-replicas", "1_0"],
+                                ["--min-replicas", "whole number", "'1_0'"]),
+    "max-replicas-other-digits": ([*BACKTEST, "--max-replicas", "١٠"],
+                                  ["--max-replicas", "whole number", "'١٠'"]),
     # before the trace's first step plus the history the first decision needs (--startup 12m
     # is a lead of 3 steps of 5m: 2 + 3 steps)
     "eval-start-before-history": ([*BACKTEST, "--eval-start", "1990-01-01"],
@@ -272,6 +276,8 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
     "serve-config-empty": (["serve", "--config", ""], ["--config", "empty"]),
     "serve-port-huge": (["serve", "--grpc-port", "99999999"], ["--grpc-port", "'99999999'"]),
     "serve-port-negative": (["serve", "--http-port", "-1"], ["--http-port", "'-1'"]),
+    "serve-port-underscore": (["serve", "--grpc-port", "5_0051"],
+                              ["--grpc-port", "whole number", "'5_0051'"]),
     "serve-host-empty": (["serve", "--host", ""], ["--host", "empty"]),
     "serve-host-unresolvable": (["serve", "--host", "no such host", "--grpc-port", "0",
                                  "--http-port", "0"], ["--host", "'no such host'"]),
@@ -344,3 +350,37 @@ def test_help_still_prints_usage_and_exits_0() -> None:
     assert completed.stdout.startswith("usage: forecaster backtest")
     assert "--eval-days" in completed.stdout and completed.stderr == ""
 
+
+def _help(command: str) -> str:
+    completed = subprocess.run([str(FORECASTER), command, "--help"], capture_output=True,
+                               text=True, timeout=60, check=True, env={**os.environ,
+                                                                       "COLUMNS": "100"})
+    return completed.stdout
+
+
+@pytest.mark.parametrize("command", ["backtest", "serve", "export"])
+def test_every_flag_has_help_text(command: str) -> None:
+    """In --help, each option's line carries text or is followed by an indented one."""
+    lines = _help(command).split("options:\n", 1)[1].splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        words = line.split()
+        # "-h, --help  show ..." or "--flag METAVAR  text": text after a run of two spaces
+        described = "  " in line.strip()
+        continued = i + 1 < len(lines) and lines[i + 1].startswith(" " * 10)
+        if not described and not continued:
+            bare.append(words[0])
+    assert bare == []
+
+
+@pytest.mark.parametrize(("command", "flag", "words"), [
+    ("backtest", "--min-replicas", "default 1"),
+    ("backtest", "--max-replicas", "no maximum"),
+    ("serve", "--log-level", "default INFO"),
+])
+def test_a_flag_s_help_states_its_default(command: str, flag: str, words: str) -> None:
+    text = " ".join(_help(command).split())
+    described = text[text.index(f" {flag} ", text.index("options:")):]
+    assert words in described.split(" --")[1], described[:200]

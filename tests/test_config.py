@@ -16,6 +16,7 @@ from forecaster.config import (
     Settings,
     TlsSettings,
     load_settings,
+    whole_number,
 )
 from forecaster.errors import InvalidInputError
 from forecaster.spec import TriggerLimits
@@ -271,6 +272,24 @@ def test_a_bad_environment_value_names_the_setting() -> None:
         load_settings(env={"FORECASTER_GRPC_PORT": "fifty"})
     assert caught.value.field == "grpcPort"
     assert "'fifty'" in caught.value.reason
+
+
+@pytest.mark.parametrize("text", ["1_0", "١٠", "10.0", "0x10", "", "1e3", "²"])
+def test_a_whole_number_is_ascii_digits_only(text: str) -> None:
+    """int() reads '1_0' as 10 and '١٠' (Arabic-Indic digits) as 10: neither is what a
+    setting or a flag should take silently."""
+    for key in ("httpPort", "maxTargets", "maxPointsPerTarget"):
+        with pytest.raises(InvalidInputError, match="must be a whole number") as caught:
+            load_settings(env={}, overrides={key: text})
+        assert caught.value.field == key
+    with pytest.raises(InvalidInputError, match="whole number"):
+        whole_number(text, "n")
+
+
+@pytest.mark.parametrize(("value", "number"), [("10", 10), (" 10\n", 10), ("-3", -3),
+                                               ("+7", 7), (8080, 8080), ("007", 7)])
+def test_a_whole_number_reads_signed_ascii_digits(value: object, number: int) -> None:
+    assert whole_number(value, "n") == number
 
 
 def _server(**extra: Any) -> dict[str, Any]:
