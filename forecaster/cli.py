@@ -337,6 +337,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from forecaster.logs import configure_logging
     from forecaster.service import Service, run_until_signalled
 
+    if args.demo_data is not None and not args.demo:
+        raise InvalidInputError(
+            "--demo-data", "names the traces --demo replays and is ignored without it; "
+            "add --demo, or drop --demo-data to serve the configured targets"
+        )
     limit_malloc_arenas()  # before the service's threads start
     configure_logging(args.log_level)
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host,

@@ -278,6 +278,8 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
     "serve-port-negative": (["serve", "--http-port", "-1"], ["--http-port", "'-1'"]),
     "serve-port-underscore": (["serve", "--grpc-port", "5_0051"],
                               ["--grpc-port", "whole number", "'5_0051'"]),
+    "serve-demo-data-without-demo": (["serve", "--demo-data", "{traces}"],
+                                     ["--demo-data", "add --demo"]),
     "serve-host-empty": (["serve", "--host", ""], ["--host", "empty"]),
     "serve-host-unresolvable": (["serve", "--host", "no such host", "--grpc-port", "0",
                                  "--http-port", "0"], ["--host", "'no such host'"]),
