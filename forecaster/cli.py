@@ -332,7 +332,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from forecaster.config import load_settings
+    from forecaster.config import load_settings, setting_name
     from forecaster.fitting import limit_malloc_arenas
     from forecaster.logs import configure_logging
     from forecaster.service import Service, run_until_signalled
@@ -347,26 +347,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host,
                  "stateDir": args.state_dir}
     settings = load_settings(args.config, overrides=overrides)
-    _check_host(settings.host, "--host" if args.host is not None else "host")
+    _check_host(settings.host, "--host" if args.host is not None else setting_name("host"))
     if settings.state_dir is not None:
         from forecaster.state import check_directory
 
-        check_directory(settings.state_dir, _state_dir_origin(args))
+        origin = "--state-dir" if args.state_dir is not None else setting_name("stateDir")
+        check_directory(settings.state_dir, origin)
     source = None
     if args.demo:
         from forecaster.demo import demo_setup
 
         settings, source = demo_setup(settings, args.demo_data)
     return run_until_signalled(Service(settings, source=source))
-
-
-def _state_dir_origin(args: argparse.Namespace) -> str:
-    """The setting that gave the state directory, to name in an error."""
-    import os
-
-    if args.state_dir is not None:
-        return "--state-dir"
-    return "FORECASTER_STATE_DIR" if "FORECASTER_STATE_DIR" in os.environ else "stateDir"
 
 
 def _check_host(host: str, field: str) -> None:

@@ -169,56 +169,91 @@ def load_settings(
     """Settings from a YAML file, then FORECASTER_* environment variables, then `overrides`
     (the command line's flags, which win); every value validated here."""
     env = os.environ if env is None else env
-    path = path or (Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None)
-    raw: dict[str, Any] = _read_yaml(path) if path else {}
-    for key, env_name in (
-        ("grpcPort", "GRPC_PORT"),
-        ("httpPort", "HTTP_PORT"),
-        ("refreshInterval", "REFRESH_INTERVAL"),
-        ("refitInterval", "REFIT_INTERVAL"),
-        ("targetIdleTimeout", "TARGET_IDLE_TIMEOUT"),
-        ("maxTargets", "MAX_TARGETS"),
-        ("targetMemoryBytes", "TARGET_MEMORY_BYTES"),
-        ("maxStartup", "MAX_STARTUP"),
-        ("maxOutageHorizon", "MAX_OUTAGE_HORIZON"),
-        ("maxHistoryWindow", "MAX_HISTORY_WINDOW"),
-        ("maxPointsPerTarget", "MAX_POINTS_PER_TARGET"),
-        ("maxQueryBytes", "MAX_QUERY_BYTES"),
-        ("fitWorkers", "FIT_WORKERS"),
-        ("dryRun", "DRY_RUN"),
-        ("stateDir", "STATE_DIR"),
-    ):
-        if f"{ENV_PREFIX}{env_name}" in env:
-            raw[key] = env[f"{ENV_PREFIX}{env_name}"]
+    # Where a value came from, by the setting it sets: an error names the variable.
+    sources: dict[str, str] = {}
+    if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+        path = Path(env[f"{ENV_PREFIX}CONFIG"])
+        sources["config"] = f"{ENV_PREFIX}CONFIG"
+    raw: dict[str, Any] = _read_yaml(path, _named("config", sources)) if path else {}
+    for key, variable in ENV_VARIABLES.items():
+        if variable in env:
+            raw[key] = env[variable]
+            sources[key] = variable
     if env.get(f"{ENV_PREFIX}PROMETHEUS_URL"):  # one server without a file: the quick start
         servers = list(raw.get("prometheus") or [])
         raw["prometheus"] = [*servers, {"url": env[f"{ENV_PREFIX}PROMETHEUS_URL"]}]
+        sources[f"prometheus[{len(servers)}]"] = f"{ENV_PREFIX}PROMETHEUS_URL"
     if f"{ENV_PREFIX}API_TOKEN_FILE" in env:
         raw["apiToken"] = {"file": env[f"{ENV_PREFIX}API_TOKEN_FILE"]}
+        sources["apiToken"] = f"{ENV_PREFIX}API_TOKEN_FILE"
     # The scrape token as a value (a Secret's key in the pod's env) or as a file.
     if f"{ENV_PREFIX}METRICS_TOKEN" in env:
         raw["metricsToken"] = {"env": f"{ENV_PREFIX}METRICS_TOKEN"}
+        sources["metricsToken"] = f"{ENV_PREFIX}METRICS_TOKEN"
     if f"{ENV_PREFIX}METRICS_TOKEN_FILE" in env:
         raw["metricsToken"] = {"file": env[f"{ENV_PREFIX}METRICS_TOKEN_FILE"]}
+        sources["metricsToken"] = f"{ENV_PREFIX}METRICS_TOKEN_FILE"
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
-    return _build(raw, env)
+            sources.pop(key, None)
+    try:
+        return _build(raw, env)
+    except InvalidInputError as exc:
+        named = _named(exc.field, sources)
+        if named == exc.field:
+            raise
+        raise InvalidInputError(named, exc.reason) from exc
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+# The settings a FORECASTER_* variable sets on its own, by key.
+ENV_VARIABLES = {
+    "grpcPort": "FORECASTER_GRPC_PORT",
+    "httpPort": "FORECASTER_HTTP_PORT",
+    "refreshInterval": "FORECASTER_REFRESH_INTERVAL",
+    "refitInterval": "FORECASTER_REFIT_INTERVAL",
+    "targetIdleTimeout": "FORECASTER_TARGET_IDLE_TIMEOUT",
+    "maxTargets": "FORECASTER_MAX_TARGETS",
+    "targetMemoryBytes": "FORECASTER_TARGET_MEMORY_BYTES",
+    "maxStartup": "FORECASTER_MAX_STARTUP",
+    "maxOutageHorizon": "FORECASTER_MAX_OUTAGE_HORIZON",
+    "maxHistoryWindow": "FORECASTER_MAX_HISTORY_WINDOW",
+    "maxPointsPerTarget": "FORECASTER_MAX_POINTS_PER_TARGET",
+    "maxQueryBytes": "FORECASTER_MAX_QUERY_BYTES",
+    "fitWorkers": "FORECASTER_FIT_WORKERS",
+    "dryRun": "FORECASTER_DRY_RUN",
+    "stateDir": "FORECASTER_STATE_DIR",
+}
+
+
+def setting_name(key: str, env: Mapping[str, str] | None = None) -> str:
+    """What an error calls a setting: its variable and key when the environment set it (as
+    load_settings reads it), else its key."""
+    env = os.environ if env is None else env
+    return _named(key, {k: variable for k, variable in ENV_VARIABLES.items() if variable in env})
+
+
+def _named(field_name: str, sources: Mapping[str, str]) -> str:
+    """A field under a setting a variable gave, named by the variable and the field."""
+    for key, variable in sources.items():
+        if field_name == key or field_name.startswith((f"{key}.", f"{key}[")):
+            return variable if field_name == "config" else f"{variable} ({field_name})"
+    return field_name
+
+
+def _read_yaml(path: Path, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise InvalidInputError("config", f"cannot read {str(path)!r}: {exc.strerror}") from exc
+        raise InvalidInputError(where, f"cannot read {str(path)!r}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise InvalidInputError("config", f"{str(path)!r} is not UTF-8 text") from exc
+        raise InvalidInputError(where, f"{str(path)!r} is not UTF-8 text") from exc
     except yaml.YAMLError as exc:
-        raise InvalidInputError("config", f"{str(path)!r} is not valid YAML: {exc}") from exc
+        raise InvalidInputError(where, f"{str(path)!r} is not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise InvalidInputError("config", f"{str(path)!r} must hold a mapping at the top level")
+        raise InvalidInputError(where, f"{str(path)!r} must hold a mapping at the top level")
     return data
 
 

@@ -386,7 +386,8 @@ def test_tokens_and_the_api_section_are_read_from_file_and_environment(tmp_path:
         ({"metricsToken": SCRAPE}, {}, "metricsToken"),  # never inline
         ({"metricsToken": {"env": "EMPTY"}}, {"EMPTY": " \n"}, "metricsToken.env"),
         ({"apiToken": {"env": "EMPTY"}}, {"EMPTY": ""}, "apiToken.env"),
-        ({}, {"FORECASTER_METRICS_TOKEN": ""}, "metricsToken.env"),
+        # From the environment: the variable is named, with the setting it gives.
+        ({}, {"FORECASTER_METRICS_TOKEN": ""}, "FORECASTER_METRICS_TOKEN (metricsToken.env)"),
     ],
 )
 def test_bad_security_settings_name_their_field(

@@ -285,9 +285,24 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
                                  "--http-port", "0"], ["--host", "'no such host'"]),
     "serve-demo-not-utf8": (["serve", "--demo", "--demo-data", "{traces}", "--grpc-port", "0",
                              "--http-port", "0"], ["latin1.csv", "line 3", "UTF-8"]),
+    # serve's settings from FORECASTER_* variables (ENVIRONMENT below)
+    "serve-env-port": (["serve"], ["FORECASTER_HTTP_PORT (httpPort)", "'abc'"]),
+    "serve-env-port-underscore": (["serve"], ["FORECASTER_GRPC_PORT (grpcPort)", "'1_0'"]),
+    "serve-env-state-dir": (["serve", "--grpc-port", "0", "--http-port", "0"],
+                            ["FORECASTER_STATE_DIR (stateDir)", "latin1.csv"]),
+    "serve-env-config": (["serve"], ["FORECASTER_CONFIG", "binary.dat", "UTF-8"]),
     # argparse's own errors
     "no-command": ([], ["command", "forecaster --help"]),
     "unknown-flag": ([*BACKTEST, "--bogus"], ["--bogus", "forecaster --help"]),
+}
+
+
+# case -> the variables its run sets (placeholders as in EVERY_FLAG)
+ENVIRONMENT: dict[str, dict[str, str]] = {
+    "serve-env-port": {"FORECASTER_HTTP_PORT": "abc"},
+    "serve-env-port-underscore": {"FORECASTER_GRPC_PORT": "1_0"},
+    "serve-env-state-dir": {"FORECASTER_STATE_DIR": "{latin1}/state"},  # under a file
+    "serve-env-config": {"FORECASTER_CONFIG": "{binary}"},
 }
 
 
@@ -307,9 +322,10 @@ def _fill(text: str, values: dict[str, str]) -> str:
     return text
 
 
-def _run_forecaster(arguments: list[str], folder: Path) -> Run:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1"}
+def _run_forecaster(arguments: list[str], folder: Path, variables: dict[str, str]) -> Run:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")},
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           **variables}
     completed = subprocess.run(
         [str(FORECASTER), *arguments], capture_output=True, text=True, timeout=120, cwd=folder,
         env=env, check=False,
@@ -322,9 +338,12 @@ def flag_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     files = {**_files(tmp_path_factory.mktemp("files")), **_earliest_starts()}
     jobs = {case: [_fill(argument, files) for argument in arguments]
             for case, (arguments, _) in EVERY_FLAG.items()}
+    variables = {case: {name: _fill(value, files)
+                        for name, value in ENVIRONMENT.get(case, {}).items()}
+                 for case in jobs}
     folders = {case: tmp_path_factory.mktemp(case) for case in jobs}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {case: pool.submit(_run_forecaster, args, folders[case])
+        futures = {case: pool.submit(_run_forecaster, args, folders[case], variables[case])
                    for case, args in jobs.items()}
         return {case: future.result() for case, future in futures.items()}
 

@@ -16,6 +16,7 @@ from forecaster.config import (
     Settings,
     TlsSettings,
     load_settings,
+    setting_name,
     whole_number,
 )
 from forecaster.errors import InvalidInputError
@@ -247,7 +248,7 @@ def test_a_bad_trigger_limit_names_the_setting_and_its_bounds(
     env_name = "FORECASTER_" + "".join(f"_{c}" if c.isupper() else c.upper() for c in key)
     with pytest.raises(InvalidInputError) as caught:
         load_settings(env={env_name: str(value)})
-    assert caught.value.field == key
+    assert caught.value.field == f"{env_name} ({key})"
 
 
 def test_a_bad_trigger_limit_makes_serve_exit_2_with_one_line(
@@ -267,11 +268,61 @@ def test_a_bad_trigger_limit_makes_serve_exit_2_with_one_line(
                      "holds each trigger); got '2d'"]
 
 
-def test_a_bad_environment_value_names_the_setting() -> None:
+# a bad value in each kind of FORECASTER_* variable -> the name its error must give
+BAD_ENVIRONMENT: list[tuple[dict[str, str], str]] = [
+    ({"FORECASTER_GRPC_PORT": "fifty"}, "FORECASTER_GRPC_PORT (grpcPort)"),
+    ({"FORECASTER_HTTP_PORT": "abc"}, "FORECASTER_HTTP_PORT (httpPort)"),
+    ({"FORECASTER_FIT_WORKERS": "0"}, "FORECASTER_FIT_WORKERS (fitWorkers)"),
+    ({"FORECASTER_REFIT_INTERVAL": "soon"}, "FORECASTER_REFIT_INTERVAL (refitInterval)"),
+    ({"FORECASTER_DRY_RUN": "yes"}, "FORECASTER_DRY_RUN (dryRun)"),
+    ({"FORECASTER_STATE_DIR": " "}, "FORECASTER_STATE_DIR (stateDir)"),
+    ({"FORECASTER_PROMETHEUS_URL": "ftp://p"}, "FORECASTER_PROMETHEUS_URL (prometheus[0].url)"),
+    ({"FORECASTER_API_TOKEN_FILE": "/nonexistent/token"},
+     "FORECASTER_API_TOKEN_FILE (apiToken.file)"),
+    ({"FORECASTER_METRICS_TOKEN_FILE": "/nonexistent/token"},
+     "FORECASTER_METRICS_TOKEN_FILE (metricsToken.file)"),
+    ({"FORECASTER_METRICS_TOKEN": " "}, "FORECASTER_METRICS_TOKEN (metricsToken.env)"),
+    ({"FORECASTER_CONFIG": "/nonexistent/forecaster.yaml"}, "FORECASTER_CONFIG"),
+]
+
+
+@pytest.mark.parametrize(("env", "where"), BAD_ENVIRONMENT, ids=[w for _, w in BAD_ENVIRONMENT])
+def test_a_bad_environment_value_names_the_variable_and_the_setting(
+    env: dict[str, str], where: str
+) -> None:
     with pytest.raises(InvalidInputError) as caught:
-        load_settings(env={"FORECASTER_GRPC_PORT": "fifty"})
-    assert caught.value.field == "grpcPort"
-    assert "'fifty'" in caught.value.reason
+        load_settings(env=env)
+    assert caught.value.field == where
+    assert str(caught.value).startswith(f"{where}: ")
+    assert caught.value.reason
+
+
+def test_the_server_a_variable_adds_is_named_after_the_file_s_servers(tmp_path: Path) -> None:
+    path = _write(tmp_path / "config.yaml", {"prometheus": [{"url": "http://p:9090"}]})
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(path, env={"FORECASTER_PROMETHEUS_URL": "http://p:9090/"})
+    assert caught.value.field == "FORECASTER_PROMETHEUS_URL (prometheus[1].url)"
+    assert "already prometheus[0]" in caught.value.reason
+
+
+def test_a_value_a_flag_replaced_is_not_blamed_on_its_variable(tmp_path: Path) -> None:
+    """A flag wins over the variable, so an error in what the flag gave names the setting."""
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(env={"FORECASTER_STATE_DIR": "/var/lib/forecaster"},
+                      overrides={"stateDir": " "})
+    assert caught.value.field == "stateDir"
+    # A bad file value under a good variable elsewhere names the file's key alone.
+    path = _write(tmp_path / "config.yaml", {"httpPort": "abc"})
+    with pytest.raises(InvalidInputError) as caught:
+        load_settings(path, env={"FORECASTER_GRPC_PORT": "9000"})
+    assert caught.value.field == "httpPort"
+
+
+def test_setting_name_gives_the_variable_only_when_the_environment_set_it() -> None:
+    assert setting_name("stateDir", {"FORECASTER_STATE_DIR": "/x"}) == \
+        "FORECASTER_STATE_DIR (stateDir)"
+    assert setting_name("stateDir", {}) == "stateDir"
+    assert setting_name("host", {"FORECASTER_HOST": "x"}) == "host"  # no such variable is read
 
 
 @pytest.mark.parametrize("text", ["1_0", "١٠", "10.0", "0x10", "", "1e3", "²"])

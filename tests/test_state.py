@@ -454,7 +454,7 @@ def test_state_dir_comes_from_the_file_then_the_environment_then_the_flag(
         load_settings(None, env={"FORECASTER_STATE_DIR": " "})
 
 
-@pytest.mark.parametrize("origin", ["--state-dir", "FORECASTER_STATE_DIR"])
+@pytest.mark.parametrize("origin", ["--state-dir", "FORECASTER_STATE_DIR (stateDir)"])
 def test_an_unusable_state_dir_exits_2_with_one_line(
     origin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
