@@ -346,7 +346,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     overrides = {"grpcPort": args.grpc_port, "httpPort": args.http_port, "host": args.host,
                  "stateDir": args.state_dir}
-    settings = load_settings(args.config, overrides=overrides)
+    settings = load_settings(args.config, overrides=overrides, path_name="--config")
     _check_host(settings.host, "--host" if args.host is not None else setting_name("host"))
     if settings.state_dir is not None:
         from forecaster.state import check_directory

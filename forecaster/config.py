@@ -165,12 +165,15 @@ def load_settings(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    path_name: str = "config",
 ) -> Settings:
     """Settings from a YAML file, then FORECASTER_* environment variables, then `overrides`
-    (the command line's flags, which win); every value validated here."""
+    (the command line's flags, which win); every value validated here. An error in the file
+    `path` itself is named `path_name` (the flag that gave it)."""
     env = os.environ if env is None else env
     # Where a value came from, by the setting it sets: an error names the variable.
-    sources: dict[str, str] = {}
+    sources: dict[str, str] = {"config": path_name}
     if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
         path = Path(env[f"{ENV_PREFIX}CONFIG"])
         sources["config"] = f"{ENV_PREFIX}CONFIG"

@@ -271,8 +271,9 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
                               ["--header", "X-Scope-OrgID", "line break"]),
     "export-header-name": ([*EXPORT, "--header", "X Org=a"], ["--header", "'X Org=a'"]),
     # serve
-    "serve-config-not-utf8": (["serve", "--config", "{binary}"], ["config", "binary.dat", "UTF-8"]),
-    "serve-config-folder": (["serve", "--config", "{folder}"], ["config", "Is a directory"]),
+    "serve-config-not-utf8": (["serve", "--config", "{binary}"],
+                              ["--config", "binary.dat", "UTF-8"]),
+    "serve-config-folder": (["serve", "--config", "{folder}"], ["--config", "Is a directory"]),
     "serve-config-empty": (["serve", "--config", ""], ["--config", "empty"]),
     "serve-port-huge": (["serve", "--grpc-port", "99999999"], ["--grpc-port", "'99999999'"]),
     "serve-port-negative": (["serve", "--http-port", "-1"], ["--http-port", "'-1'"]),

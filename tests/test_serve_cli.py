@@ -174,7 +174,7 @@ BAD_CONFIGS: list[tuple[dict[str, object] | None, str]] = [
     ({"targets": [{"namespace": "shop", "name": "web",
                    "metadata": {"serverAddress": "http://p:9090", "targetValue": "5"}}]},
      "targets[0].metadata.query"),
-    (None, "config"),  # no such file
+    (None, "--config"),  # no such file
     ({"targets": [{"namespace": "shop", "name": "web", "metadata": {
         "serverAddress": "http://p:9090", "query": "up", "targetValue": "5", "step": "10s",
         "historyWindow": "1d", "startupSeconds": "3600"}}]},
