@@ -24,8 +24,14 @@ def demo_setup(settings: Settings, data_dir: Path | None = None) -> tuple[Settin
     """Settings with one target per bundled sub-daily trace, and the source replaying them."""
     folder = data_dir or default_data_dir()
     if not folder.is_dir() or not any(folder.glob("*.csv")):
+        if data_dir is not None:  # the operator's folder: name the flag that gave it
+            raise InvalidInputError(
+                "--demo-data", f"must be a folder of timestamp,value *.csv traces; "
+                f"{str(folder)!r} holds none"
+            )
         raise InvalidInputError(
-            "demo", f"no bundled traces in {str(folder)!r}; run from a checkout of the project"
+            "--demo", f"no bundled traces in {str(folder)!r}; run from a checkout of the "
+            f"project, or give a folder of traces with --demo-data"
         )
     source = ReplaySource.from_folder(folder)
     targets = []

@@ -193,8 +193,11 @@ def _files(folder: Path) -> dict[str, str]:
     traces = folder / "traces"
     traces.mkdir()
     (traces / "latin1.csv").write_bytes(not_utf8.read_bytes())
+    no_traces = folder / "no-traces"
+    no_traces.mkdir()
     return {"{latin1}": str(not_utf8), "{year2300}": str(far), "{year1500}": str(early),
-            "{binary}": str(binary), "{traces}": str(traces), "{folder}": str(folder)}
+            "{binary}": str(binary), "{traces}": str(traces), "{folder}": str(folder),
+            "{no-traces}": str(no_traces)}
 
 
 # case -> (the whole command line after `forecaster`, words the one line must contain)
@@ -284,6 +287,9 @@ EVERY_FLAG: dict[str, tuple[list[str], list[str]]] = {
     "serve-host-empty": (["serve", "--host", ""], ["--host", "empty"]),
     "serve-host-unresolvable": (["serve", "--host", "no such host", "--grpc-port", "0",
                                  "--http-port", "0"], ["--host", "'no such host'"]),
+    "serve-demo-data-empty": (["serve", "--demo", "--demo-data", "{no-traces}", "--grpc-port",
+                               "0", "--http-port", "0"],
+                              ["--demo-data", "no-traces", "holds none"]),
     "serve-demo-not-utf8": (["serve", "--demo", "--demo-data", "{traces}", "--grpc-port", "0",
                              "--http-port", "0"], ["latin1.csv", "line 3", "UTF-8"]),
     # serve's settings from FORECASTER_* variables (ENVIRONMENT below)
