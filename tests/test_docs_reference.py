@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -155,3 +156,105 @@ def test_the_guides_scaled_object_shows_the_shipped_trigger() -> None:
     shown = yaml.safe_load(snippet[1])["spec"]["triggers"][0]["metadata"]
     shipped = yaml.safe_load(SCALED_OBJECT.read_text(encoding="utf-8"))["spec"]["triggers"][0]
     assert shown == shipped["metadata"]
+
+
+# -- the operational sections' numbers, read from the code and the manifests ---------------
+
+STATEFULSET = ROOT / "keda" / "forecaster" / "statefulset.yaml"
+GEN_CERTS = ROOT / "keda" / "examples" / "tls" / "gen-certs.sh"
+
+
+def _prose(title: str) -> str:
+    """A section's text with its line breaks and indentation folded into single spaces."""
+    return " ".join(_section(title).split())
+
+
+def _pod_spec() -> dict[str, Any]:
+    return yaml.safe_load(STATEFULSET.read_text(encoding="utf-8"))["spec"]["template"]["spec"]
+
+
+def test_saved_state_names_the_stores_bounds_and_refusals() -> None:
+    from forecaster.state import REFUSAL_REASONS, SHUTDOWN_SECONDS, file_stem
+
+    text = _prose("Saved state")
+    assert f"for at most {SHUTDOWN_SECONDS:g} s" in text
+    assert len(file_stem("shop/web/load")) == 32 and "first 32 hex digits" in text
+    assert "|".join(f'"{reason}"' for reason in REFUSAL_REASONS) in text
+    grace = _pod_spec()["terminationGracePeriodSeconds"]
+    assert f"`terminationGracePeriodSeconds: {grace}`" in text
+
+
+def test_the_shutdown_fits_in_the_grace_period_the_guide_states() -> None:
+    """The pod's grace period holds the preStop pause, the gRPC grace and the state's save."""
+    import inspect
+
+    from forecaster.scaler.bridge import ScalerBridge
+    from forecaster.state import SHUTDOWN_SECONDS
+
+    pod = _pod_spec()
+    container = pod["containers"][0]
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grpc_grace = inspect.signature(ScalerBridge.stop).parameters["grace_seconds"].default
+    assert pause + grpc_grace + SHUTDOWN_SECONDS < pod["terminationGracePeriodSeconds"]
+    text = _prose("Saved state")
+    assert (f"the {pause} s `preStop` pause, the gRPC front's {grpc_grace:g} s grace and these "
+            f"{SHUTDOWN_SECONDS:g} s") in text
+    replicas = _prose("Two replicas")
+    assert f"pauses for {pause} s (`preStop: sleep`)" in replicas
+    assert f"(up to {grpc_grace:g} s)" in replicas
+
+
+def test_two_replicas_states_the_plan_half_life_and_the_rollout_pacing() -> None:
+    from forecaster.spec import DEFAULT_PLAN_HALF_LIFE_SECONDS
+
+    text = _prose("Two replicas")
+    assert f"({DEFAULT_PLAN_HALF_LIFE_SECONDS // 60} minutes by default)" in text
+    manifest = yaml.safe_load(STATEFULSET.read_text(encoding="utf-8"))["spec"]
+    assert f"`minReadySeconds: {manifest['minReadySeconds']}`" in text
+    storage = manifest["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert f"a {storage} volume" in text
+
+
+def test_the_fallback_block_states_the_serving_bounds() -> None:
+    from forecaster.config import EngineSettings, load_settings
+    from forecaster.scaler.servicer import DEADLINE_MARGIN_SECONDS
+    from forecaster.spec import (
+        DEFAULT_OUTAGE_HORIZON_SECONDS,
+        DEFAULT_TARGET_MEMORY_BYTES,
+        MAX_TARGET_VALUE,
+        MIN_TARGET_VALUE,
+    )
+    from forecaster.target import OUTAGE_MARGIN, OUTAGE_QUANTILE
+
+    text = _prose("The fallback block")
+    engine = EngineSettings()
+    assert f"the default {engine.refresh_seconds:g} s refresh" in text
+    assert f"`outageHorizon` ({DEFAULT_OUTAGE_HORIZON_SECONDS // 60}m by default" in text
+    assert f"the {OUTAGE_QUANTILE} quantile" in text and f"e^{OUTAGE_MARGIN}" in text
+    assert f"[{MIN_TARGET_VALUE}, {MAX_TARGET_VALUE:.0e}]".replace("e+", "e") in text
+    assert f"ends {DEADLINE_MARGIN_SECONDS} s before it" in text
+    assert f"`maxTargets` ({engine.max_targets:,} by default" in text
+    assert f"({DEFAULT_TARGET_MEMORY_BYTES // 2**20}Mi by default" in text
+    server = load_settings(None, env={"FORECASTER_PROMETHEUS_URL": "http://p:9090"}).servers[0]
+    assert (f"`retries: {server.retries}` and `timeout: {server.timeout_seconds:g}s` by "
+            "default") in text
+
+
+def test_securing_the_http_side_states_the_api_bounds() -> None:
+    from forecaster.api import adhoc, auth
+    from forecaster.api.server import CONNECTION_LIMIT
+
+    text = _prose("Securing the HTTP side")
+    assert f"`{auth.SESSION_COOKIE}`" in text
+    assert f"{auth.SESSION_SECONDS // 3600} hours" in text
+    assert adhoc.SLOTS == 2 and "up to two worker processes" in text
+    assert adhoc.IDLE_SECONDS == 60 and "after a minute without work" in text
+    assert f"`Retry-After: {adhoc.BUSY_RETRY_AFTER_SECONDS}`" in text
+    assert f"at {CONNECTION_LIMIT} open connections" in text
+    assert all(f"`{path}`" in text for path in auth.OPEN_PATHS)
+
+
+def test_mutual_tls_states_the_certificates_validity() -> None:
+    days = re.search(r'days="\$\{DAYS:-(\d+)\}"', GEN_CERTS.read_text(encoding="utf-8"))
+    assert days, "gen-certs.sh sets no default validity"
+    assert f"valid for {days[1]} days" in _prose("Mutual TLS between KEDA and forecaster")
