@@ -428,13 +428,18 @@ def _run_export(args: argparse.Namespace) -> int:
     )
     if args.out is not None:
         export.check_output_path(args.out)
-    series = export.fetch_series(server, args.query, start, end, step)
+    refused: list[int] = []
+    series = export.fetch_series(
+        server, args.query, start, end, step, refused=lambda _reason, count: refused.append(count)
+    )
     if args.out is None:
         export.write_csv(series, sys.stdout)
         sys.stdout.flush()
     else:
         export.write_csv_file(series, args.out)
-    print(export.summary(series, str(args.out or "stdout")), file=sys.stderr)
+    points = export.grid_points(start, end, step)
+    line = export.summary(series, str(args.out or "stdout"), points=points, refused=sum(refused))
+    print(line, file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ import math
 import re
 import reprlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
@@ -38,6 +38,7 @@ __all__ = [
     "export_window",
     "fetch_series",
     "format_value",
+    "grid_points",
     "parse_header",
     "summary",
     "write_csv",
@@ -186,13 +187,26 @@ def export_window(
 
 
 def fetch_series(
-    server: PrometheusServerConfig, query: str, start: datetime, end: datetime, step_seconds: int
+    server: PrometheusServerConfig,
+    query: str,
+    start: datetime,
+    end: datetime,
+    step_seconds: int,
+    *,
+    refused: Callable[[str, int], None] | None = None,
 ) -> pd.Series:
-    """The query evaluated on start, start + step, ... <= end (one series; see PrometheusSource)."""
+    """The query evaluated on start, start + step, ... <= end (one series; see PrometheusSource);
+    `refused(reason, count)` hears of the NaN, Inf or negative points left out."""
     if not query.strip():
         raise InvalidInputError("--query", "must be a non-empty PromQL expression")
-    with PrometheusSource(server) as source:
+    with PrometheusSource(server, refused=refused) as source:
         return source.query_range(query, start, end, step_seconds)
+
+
+def grid_points(start: datetime, end: datetime, step_seconds: int) -> int:
+    """How many points the range grid holds: start rounded up to a second, then every step."""
+    first = math.ceil(_utc(start).timestamp())
+    return int((_utc(end).timestamp() - first) // step_seconds) + 1
 
 
 def format_value(value: float) -> str:
@@ -242,20 +256,23 @@ def check_output_path(path: Path) -> None:
         path.unlink()
 
 
-def summary(series: pd.Series, destination: str) -> str:
-    """One line for stderr: how many rows, which span, where to, and any caveat for backtest."""
+def summary(series: pd.Series, destination: str, *, points: int, refused: int = 0) -> str:
+    """One line for stderr: how many rows, which span, where to, and how many of the `points`
+    on the grid are missing, so that a gap in the CSV is never a silent one."""
     if series.empty:
-        return f"wrote 0 rows to {destination}"
-    first, last = pd.Timestamp(series.index[0]), pd.Timestamp(series.index[-1])
-    line = (
-        f"wrote {len(series)} rows, {_iso(first.to_pydatetime())} .. "
-        f"{_iso(last.to_pydatetime())}, to {destination}"
-    )
-    negative = int((series < 0).sum())
-    if negative:
+        line = f"wrote 0 rows to {destination}"
+    else:
+        first, last = pd.Timestamp(series.index[0]), pd.Timestamp(series.index[-1])
+        line = (
+            f"wrote {len(series)} rows, {_iso(first.to_pydatetime())} .. "
+            f"{_iso(last.to_pydatetime())}, to {destination}"
+        )
+    missing = points - len(series)
+    if missing > 0:
         line += (
-            f"; note: {negative} negative value(s), which `forecaster backtest` refuses "
-            f"(a request rate is >= 0)"
+            f"; {missing} of {points} points on the grid are missing ({missing - refused} with "
+            f"no sample in Prometheus's lookback, {refused} NaN, Inf or negative and "
+            f"refused), which `forecaster backtest` reads as gaps"
         )
     return line
 

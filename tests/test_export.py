@@ -23,7 +23,7 @@ import pytest
 from forecaster.cli import main
 from forecaster.errors import InvalidInputError
 from forecaster.export import check_output_path, format_value, parse_header, write_csv
-from tests.support.prometheus import PrometheusServer
+from tests.support.prometheus import PrometheusServer, write_openmetrics
 
 QUERY = 'demo_requests{instance="a"}'  # the trace itself; instance "b" holds half of it
 DAYS_TO_EXPORT = 9
@@ -266,3 +266,27 @@ def test_a_header_http_cannot_carry_is_refused(text: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         parse_header(text)
     assert caught.value.field == "--header"
+
+
+def test_missing_and_refused_points_are_counted_not_hidden(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index = pd.date_range("2024-05-01", periods=6 * 60, freq="1min", tz="UTC")
+    values = np.full(len(index), 10.0)
+    values[[100, 200, 300]] = [np.nan, -5.0, np.inf]
+    trace = pd.Series(values, index=index).drop(index[150:170])  # 20 min without samples
+    write_openmetrics(trace, "gappy", tmp_path / "gappy.om", {"job": "x"})
+    out = tmp_path / "gappy.csv"
+    with PrometheusServer([tmp_path / "gappy.om"]) as server:
+        code = main(["export", "--server", server.url, "--query", "gappy", "--start",
+                     _iso(index[0]), "--end", _iso(index[-1]), "--step", "1m", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    written = pd.read_csv(out)
+    assert np.isfinite(written["value"]).all() and (written["value"] >= 0).all()
+    # 20 minutes unsampled less the 5 the lookback holds, and the 3 refused values.
+    missing = len(index) - len(written)
+    assert missing == 15 + 3
+    last = captured.err.strip("\n").split("\n")[-1]
+    assert f"{missing} of {len(index)} points on the grid are missing" in last, last
+    assert "15 with no sample" in last and "3 NaN, Inf or negative and refused" in last, last
