@@ -138,10 +138,11 @@ def test_the_settings_tables_match_the_config_keys() -> None:
     assert set(_first_column(server_table)) == set(SERVER_KEYS)
 
 
-@pytest.mark.parametrize("command", ["serve", "backtest"])
+@pytest.mark.parametrize("command", ["serve", "backtest", "export"])
 def test_every_flag_is_in_the_guide(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     flags = _flags(command, capsys)
-    assert "--max-under-provisioned" in flags or command == "serve"
+    assert "--max-under-provisioned" in flags or command != "backtest"
+    assert "--bearer-token-file" in flags or command != "export"
     guide = _guide()
     missing = sorted(flag for flag in flags if not re.search(rf"`{flag}\b", guide))
     assert not missing, f"{command} flags docs/deploy.md does not name: {missing}"
