@@ -148,13 +148,19 @@ def export_window(
     days: float = 14.0,
 ) -> tuple[datetime, datetime]:
     """The (start, end) to query: `end` defaults to `now` floored to the step, `start` to
-    `days` before `end`; both UTC. Refuses an empty window or one of too many points."""
+    the whole steps within `days` before `end`; both UTC, whole seconds. Refuses an empty
+    window or one of too many points."""
     if step_seconds < 1:
         raise InvalidInputError("--step", f"must be at least 1s, got {step_seconds}s")
     if end is None:
         seconds = math.floor(_utc(now).timestamp() / step_seconds) * step_seconds
         end = datetime.fromtimestamp(seconds, UTC)
     end = _utc(end)
+    for flag, value in (("--start", start), ("--end", end)):
+        if value is not None and value.microsecond:
+            raise InvalidInputError(
+                flag, f"must be a whole second (the grid of a range query), got {_iso(value)}"
+            )
     if start is None:
         if not (days > 0 and math.isfinite(days)):
             raise InvalidInputError("--days", f"must be a positive number, got {days!r}")
@@ -167,9 +173,14 @@ def export_window(
                 f"{points:,} points, more than {MAX_EXPORT_POINTS:,}: give fewer days or "
                 "raise --step",
             )
-        if timedelta(days=days) < timedelta(seconds=1):
-            raise InvalidInputError("--days", f"must cover at least 1 second, got {days:g}")
-        start = end - timedelta(days=days)
+        if points < 2:
+            raise InvalidInputError(
+                "--days",
+                f"{days:g} days holds no whole --step {format_duration(step_seconds)!r}: give "
+                "more days or a shorter --step",
+            )
+        # Whole steps back from --end, so the last row is --end and every row is on its grid.
+        start = end - timedelta(seconds=(points - 1) * step_seconds)
     start = _utc(start)
     if start >= end:
         raise InvalidInputError(

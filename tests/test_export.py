@@ -22,7 +22,13 @@ import pytest
 
 from forecaster.cli import main
 from forecaster.errors import InvalidInputError
-from forecaster.export import check_output_path, format_value, parse_header, write_csv
+from forecaster.export import (
+    check_output_path,
+    export_window,
+    format_value,
+    parse_header,
+    write_csv,
+)
 from tests.support.prometheus import PrometheusServer, write_openmetrics
 
 QUERY = 'demo_requests{instance="a"}'  # the trace itself; instance "b" holds half of it
@@ -156,6 +162,13 @@ BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
     "days-huge": (["--server", "{url}", "--query", "up", "--days", "1e9"],
                   ["--days", "1e+09 days", "give fewer days"]),
     "start-garbage": (["--server", "{url}", "--query", "up", "--start", "soon"], ["--start"]),
+    "start-fraction": (
+        ["--server", "{url}", "--query", "up", "--start", "2024-05-01T00:00:30.5Z", "--end",
+         "2024-05-01T01:00Z"],
+        ["--start", "whole second", "00:00:30.5"],
+    ),
+    "days-under-a-step": (["--server", "{url}", "--query", "up", "--days", "0.0005"],
+                          ["--days", "no whole --step '1m'"]),
     "start-and-days": (
         ["--server", "{url}", "--query", "up", "--start", "2024-05-01T00:00Z", "--days", "1"],
         ["--start", "--days", "not allowed"],
@@ -290,3 +303,12 @@ def test_missing_and_refused_points_are_counted_not_hidden(
     last = captured.err.strip("\n").split("\n")[-1]
     assert f"{missing} of {len(index)} points on the grid are missing" in last, last
     assert "15 with no sample" in last and "3 NaN, Inf or negative and refused" in last, last
+
+
+@pytest.mark.parametrize(("days", "step"), [(0.01, 60), (14, 660), (1.5, 3600), (0.25, 7)])
+def test_days_count_whole_steps_back_from_end(days: float, step: int) -> None:
+    end = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    start, last = export_window(step_seconds=step, now=end, days=days, end=end)
+    assert last == end  # the last row is --end itself
+    span = (end - start).total_seconds()
+    assert span % step == 0 and 0 <= days * 86_400 - span < step
