@@ -296,11 +296,15 @@ def _check_token_file(path: str) -> None:
             "--bearer-token-file", f"cannot read {path!r} ({exc.strerror})"
         ) from exc
     try:
-        token.decode("utf-8")
+        text = token.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError(
             "--bearer-token-file", f"{path!r} is not UTF-8 text; a token is"
         ) from None
+    if not text.strip():  # checked here too, so the message names the flag, before any query
+        raise InvalidInputError(
+            "--bearer-token-file", f"{path!r} is empty; it must hold the token"
+        )
 
 
 def _check_ca_file(path: str) -> None:

@@ -194,6 +194,10 @@ BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
         ["--server", "{url}", "--query", "up", "--bearer-token-file", "{tmp}/no-token"],
         ["--bearer-token-file", "no-token"],
     ),
+    "token-file-blank": (
+        ["--server", "{url}", "--query", "up", "--bearer-token-file", "{tmp}/blank-token"],
+        ["--bearer-token-file", "blank-token", "is empty"],
+    ),
     "ca-and-skip-verify": (
         ["--server", "{url}", "--query", "up", "--ca-file", "{tmp}/ca.crt",
          "--insecure-skip-verify"],
@@ -211,6 +215,7 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(
     case: str, prometheus: PrometheusServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     (tmp_path / "ca.crt").write_text("not checked before the conflict\n")
+    (tmp_path / "blank-token").write_text(" \n")
     arguments, words = BAD_FLAGS[case]
     argv = ["export", *(a.replace("{url}", prometheus.url).replace("{tmp}", str(tmp_path))
                         for a in arguments)]
