@@ -406,6 +406,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    import os
     from datetime import UTC, datetime
 
     from forecaster import export
@@ -433,8 +434,16 @@ def _run_export(args: argparse.Namespace) -> int:
         server, args.query, start, end, step, refused=lambda _reason, count: refused.append(count)
     )
     if args.out is None:
-        export.write_csv(series, sys.stdout)
-        sys.stdout.flush()
+        try:
+            export.write_csv(series, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader left (`| head`): say so once; stdout goes to devnull so that Python's
+            # own flush at exit does not print a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            print("forecaster: error: stdout was closed before the CSV was all written "
+                  f"({len(series)} rows); give --out to write a file", file=sys.stderr)
+            return EXIT_FAILURE
     else:
         export.write_csv_file(series, args.out)
     points = export.grid_points(start, end, step)

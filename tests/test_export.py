@@ -317,3 +317,26 @@ def test_days_count_whole_steps_back_from_end(days: float, step: int) -> None:
     assert last == end  # the last row is --end itself
     span = (end - start).total_seconds()
     assert span % step == 0 and 0 <= days * 86_400 - span < step
+
+
+def test_a_reader_that_leaves_early_gets_one_line_not_a_traceback(
+    prometheus: PrometheusServer, window: tuple[pd.Timestamp, pd.Timestamp], tmp_path: Path
+) -> None:
+    start, end = window
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    with subprocess.Popen(  # `forecaster export ... | head -1`: far more rows than a pipe holds
+        [sys.executable, "-m", "forecaster.cli", "export", "--server", prometheus.url,
+         "--query", QUERY, "--start", _iso(start), "--end", _iso(end), "--step", "1m"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline() == b"timestamp,value\n"
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        code = process.wait(timeout=300)
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    [line] = stderr.splitlines()
+    assert line.startswith("forecaster: error: stdout was closed before the CSV was all "), line
+    assert line.endswith(" rows); give --out to write a file"), line
