@@ -54,19 +54,29 @@ class ScalingPolicy:
             raise InvalidInputError(
                 "target", f"must be a positive number, got {self.target_per_replica!r}"
             )
-        if self.min_replicas < 0:
-            raise InvalidInputError("min_replicas", f"must be >= 0, got {self.min_replicas}")
-        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas):
-            raise InvalidInputError(
-                "max_replicas",
-                f"must be >= max(1, min_replicas={self.min_replicas}), got {self.max_replicas}",
-            )
+        check_replica_bounds(self.min_replicas, self.max_replicas)
         if not 0 <= self.tolerance < 1:
             raise InvalidInputError("tolerance", f"must be in [0, 1), got {self.tolerance}")
         if self.stabilization_steps < 1:
             raise InvalidInputError(
                 "stabilization", f"must cover at least 1 step, got {self.stabilization_steps}"
             )
+
+
+def check_replica_bounds(
+    min_replicas: int, max_replicas: int | None,
+    names: tuple[str, str] = ("min_replicas", "max_replicas"),
+) -> None:
+    """The HPA's bounds as Kubernetes takes them: a minimum of 0 or more, a maximum (if any) of
+    at least 1 and at least the minimum; InvalidInputError names each as `names` call them
+    (the CLI's flags, the REST API's parameters)."""
+    low, high = names
+    if min_replicas < 0:
+        raise InvalidInputError(low, f"must be 0 or more, got {min_replicas}")
+    if max_replicas is not None and max_replicas < max(1, min_replicas):
+        raise InvalidInputError(
+            high, f"must be at least 1 and at least {low} ({min_replicas}); got {max_replicas}"
+        )
 
 
 def planned_load(forecast_at_quantile: float, current_demand: float, reactive_floor: bool) -> float:

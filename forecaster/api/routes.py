@@ -41,7 +41,13 @@ from forecaster.errors import (
 )
 from forecaster.fitting import release_free_memory
 from forecaster.models import Forecast
-from forecaster.policy import HpaState, ScalingPolicy, hpa_step, recommend
+from forecaster.policy import (
+    HpaState,
+    ScalingPolicy,
+    check_replica_bounds,
+    hpa_step,
+    recommend,
+)
 from forecaster.sources import HistorySource
 from forecaster.spec import target_id
 from forecaster.target import Snapshot, Target, freshness_limit
@@ -268,10 +274,7 @@ def get_decision(namespace: str, name: str, metric: str) -> Response:
         args.get("currentReplicas"), "currentReplicas", low=0, high=MAX_REPLICAS
     )
     low = 1 if low is None else low
-    if high is not None and high < max(1, low):
-        raise InvalidInputError(
-            "maxReplicas", f"must be >= max(1, minReplicas={low}); got {high}"
-        )
+    check_replica_bounds(low, high, ("minReplicas", "maxReplicas"))
     planned = _engine().serve(target.target_id)  # 503 unless fresh, as for KEDA
     dry_run = planned.mode == "dry_run"
     if dry_run and target.snapshot.planned is not None:

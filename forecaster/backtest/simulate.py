@@ -28,6 +28,7 @@ from forecaster.policy import (
     ForecastSmoother,
     HpaState,
     ScalingPolicy,
+    check_replica_bounds,
     hpa_step,
     oracle_replicas,
     plan,
@@ -97,14 +98,8 @@ class BacktestConfig:
             )
         if self.eval_start is None and not self.eval_days > 0:
             raise InvalidInputError("--eval-days", f"must be positive, got {self.eval_days}")
-        if self.min_replicas < 0:
-            raise InvalidInputError("--min-replicas", f"must be 0 or more, got {self.min_replicas}")
-        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas):
-            raise InvalidInputError(
-                "--max-replicas",
-                f"must be at least 1 and at least --min-replicas ({self.min_replicas}); "
-                f"got {self.max_replicas}",
-            )
+        check_replica_bounds(self.min_replicas, self.max_replicas,
+                             ("--min-replicas", "--max-replicas"))
 
     @property
     def lead_steps(self) -> int:
